@@ -1,0 +1,286 @@
+"""Capturing per-layer statistics from an unmodified Flax model.
+
+:func:`value_and_grad` runs the user's loss function under
+``flax.linen.intercept_methods``. Every call of a registered layer
+(:mod:`mkor_optax.layers`) is routed through a *tap*: a ``jax.custom_vjp``
+identity on the layer output with one extra input, a zero-valued dummy that
+rides in the ``params`` collection next to the layer's kernel. The dummy does
+not change the output; its cotangent is the statistic. So the statistics come
+out of the backward pass as ordinary gradients, which is why this works
+unchanged under ``jax.jit``, ``nn.remat`` (no Python-side recording, nothing
+to leak) and ``nn.scan``-over-layers (the dummy is stacked like the kernel
+and split per layer by the scan, because the scan splits ``params``), and why a
+layer called several times pools all its calls: the cotangents of a shared
+input add up.
+
+A *statistic kind* (:class:`StatKind`) decides what the dummy holds. The
+rank-1 kind used by MKOR (SPEC 1.1) collects, per layer,
+
+    a = (1/N) sum_rows x_row            (with a trailing 1 when there is a bias)
+    g = s * sum_rows dL/dy_row          (s = 1 dense, 1/P conv)
+
+which for a loss that is a mean over examples is the mean per-example output
+gradient. Other kinds (full covariances for K-FAC) plug in with their own
+``zeros/forward/backward/finalize``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mkor_optax import layers as layers_lib
+from mkor_optax.kronecker import Layout
+
+TAP = '__mkor_tap__'
+
+
+class LayerInfo(NamedTuple):
+  """A captured layer as seen by one trace of the model."""
+
+  path: tuple
+  kernel_shape: tuple  # as the layer saw it (per layer under nn.scan)
+  d_in: int
+  d_out: int
+  out_ndim: int
+  has_bias: bool
+
+
+class StatKind:
+  """What a tap collects. Subclass and override all four methods.
+
+  ``zeros(info)`` gives the dummy (a dict of float32 arrays) for one layer;
+  ``forward(call)`` computes, from a :class:`~mkor_optax.layers.LayerCall`,
+  the forward-pass part as a dict; ``backward(fwd, dy_rows, g_scale)`` returns
+  a dict with the dummy's structure (its cotangent) from the forward part and
+  the output gradient rows ``(rows, d_out)``; ``finalize(ct, info)`` turns
+  the summed cotangent (leading stacking axes possible) into the statistics.
+  """
+
+  def zeros(self, info: LayerInfo) -> dict:
+    raise NotImplementedError
+
+  def forward(self, call: layers_lib.LayerCall) -> dict:
+    raise NotImplementedError
+
+  def backward(self, fwd: dict, dy_rows: jax.Array, g_scale: float) -> dict:
+    raise NotImplementedError
+
+  def finalize(self, ct: dict, info: LayerInfo) -> dict:
+    raise NotImplementedError
+
+
+class Rank1(StatKind):
+  """MKOR's and Eva's statistics: the mean input ``a`` and output gradient ``g``."""
+
+  def zeros(self, info):
+    return {'input_sum': jnp.zeros((info.d_in,), jnp.float32),
+            'rows': jnp.zeros((), jnp.float32),
+            'g': jnp.zeros((info.d_out,), jnp.float32)}
+
+  def forward(self, call):
+    return {'input_sum': call.input_sum, 'rows': jnp.asarray(call.rows, jnp.float32)}
+
+  def backward(self, fwd, dy_rows, g_scale):
+    g = g_scale * jnp.sum(dy_rows.astype(jnp.float32), axis=0)
+    return {'input_sum': fwd['input_sum'], 'rows': fwd['rows'], 'g': g}
+
+  def finalize(self, ct, info):
+    rows = jnp.maximum(ct['rows'], 1.0)[..., None]
+    a = ct['input_sum'] / rows
+    if info.has_bias:
+      a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
+    return {'a': a, 'g': ct['g']}
+
+
+RANK1 = Rank1()
+
+
+def path_str(path) -> str:
+  return '/'.join(str(p) for p in path)
+
+
+def get_at(tree, path):
+  for p in path:
+    if not isinstance(tree, Mapping) or p not in tree:
+      return None
+    tree = tree[p]
+  return tree
+
+
+def _rebuild(node, items):
+  """A copy of mapping ``node`` with ``items`` changed, of the same type."""
+  new = dict(node)
+  new.update(items)
+  for k in [k for k, v in items.items() if v is _DELETE]:
+    del new[k]
+  return new if type(node) is dict else type(node)(new)
+
+
+_DELETE = object()
+
+
+def set_at(tree, path, value):
+  """Copy-on-write ``tree[path] = value`` (``value=_DELETE`` removes it)."""
+  if len(path) == 1:
+    return _rebuild(tree, {path[0]: value})
+  return _rebuild(tree, {path[0]: set_at(tree[path[0]], path[1:], value)})
+
+
+def _make_interceptor(mode: str, record: dict, kind: StatKind):
+  def interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != '__call__' or layers_lib.capture_disabled():
+      return next_fun(*args, **kwargs)
+    adapter = layers_lib.adapter_for(module)
+    if adapter is None or module.scope is None or not module.has_variable('params', 'kernel'):
+      return next_fun(*args, **kwargs)
+    read = adapter(module, args, kwargs)
+    if read is None:
+      return next_fun(*args, **kwargs)
+    y = next_fun(*args, **kwargs)
+    call = read(y)
+    path = tuple(module.scope.path)
+    if mode == 'discover':
+      d_out = int(np.prod(call.kernel_shape[len(call.kernel_shape) - call.out_ndim:]))
+      d_in = int(np.prod(call.kernel_shape)) // d_out
+      info = LayerInfo(path, tuple(call.kernel_shape), d_in, d_out, call.out_ndim, call.has_bias)
+      old = record.get(path)
+      if old is not None and old != info:
+        raise ValueError(f'layer {path_str(path)!r} is called with inconsistent shapes: '
+                         f'{old} vs {info}')
+      record[path] = info
+      return y
+    if not module.has_variable('params', TAP):
+      record.setdefault('missing', set()).add(path_str(path))
+      return y
+    return _tap(module.get_variable('params', TAP), y, kind.forward(call), kind,
+                call.out_ndim, call.g_scale)
+
+  return interceptor
+
+
+def _tap(dummy, y, fwd, kind, out_ndim, g_scale):
+  """Identity on ``y``; the cotangent of ``dummy`` is the layer's statistic."""
+
+  @jax.custom_vjp
+  def tap(dummy, y, fwd):
+    del dummy, fwd
+    return y
+
+  def tap_fwd(dummy, y, fwd):
+    del dummy
+    return y, fwd
+
+  def tap_bwd(fwd, ct_y):
+    d_out = int(np.prod(ct_y.shape[ct_y.ndim - out_ndim:]))
+    ct_dummy = kind.backward(fwd, ct_y.reshape(-1, d_out), g_scale)
+    return ct_dummy, ct_y, jax.tree.map(jnp.zeros_like, fwd)
+
+  tap.defvjp(tap_fwd, tap_bwd)
+  return tap(dummy, y, fwd)
+
+
+def discover(fun: Callable, params, *args, **kwargs) -> dict:
+  """Traces ``fun(params, *args)`` abstractly; returns ``{path: LayerInfo}``.
+
+  Only layers whose kernel is found at the same path in ``params`` (the
+  collection passed to ``apply``) are kept, with ``LayerInfo.kernel_shape``
+  as the layer saw it.
+  """
+  record: dict = {}
+  with nn.intercept_methods(_make_interceptor('discover', record, RANK1)):
+    jax.eval_shape(lambda p: fun(p, *args, **kwargs), params)
+  return record
+
+
+def _stack_shape(params, info: LayerInfo):
+  kernel = get_at(params, info.path + ('kernel',))
+  if kernel is None:
+    return None
+  outer = tuple(np.shape(kernel))
+  n = len(outer) - len(info.kernel_shape)
+  if n < 0 or outer[n:] != info.kernel_shape:
+    raise ValueError(
+        f'layer {path_str(info.path)!r}: its kernel in params has shape {outer}, which is not '
+        f'(stacking axes first) + the shape the layer used, {info.kernel_shape}. Lifted '
+        f'transforms must stack parameters on axis 0 (variable_axes={{"params": 0}}).')
+  return outer[:n]
+
+
+def layer_layouts(fun: Callable, params, *args, **kwargs) -> dict:
+  """The exact :class:`~mkor_optax.kronecker.Layout` of every captured layer.
+
+  Pass the result as ``scale_by_mkor(layouts=...)`` when the layout cannot be
+  told from the parameter shapes alone (bias-free multi-axis kernels, stacked
+  ``nn.scan`` layers without bias); ``init`` says when this is needed.
+  """
+  out = {}
+  for path, info in discover(fun, params, *args, **kwargs).items():
+    stack = _stack_shape(params, info)
+    if stack is not None:
+      out[path_str(path)] = Layout(len(stack), info.out_ndim, info.has_bias)
+  return out
+
+
+def value_and_grad(fun: Callable, has_aux: bool = False, *, kind: StatKind = RANK1):
+  """Like ``jax.value_and_grad``, returning the layer statistics as well.
+
+  Args:
+    fun: ``fun(params, *args)`` returning a scalar loss (or ``(loss, aux)``
+      with ``has_aux``) that calls an unmodified linen model as
+      ``model.apply({'params': params, ...}, ...)``. The loss should be a
+      mean over examples (then ``g`` is the mean per-example gradient).
+    has_aux: as in ``jax.value_and_grad``.
+    kind: the statistic kind (default: MKOR's rank-1 means).
+
+  Returns:
+    A function ``(params, *args, **kwargs) -> (value, grads, stats)`` where
+    ``value`` and ``grads`` are what ``jax.value_and_grad(fun, has_aux)``
+    gives and ``stats`` maps each captured layer's path ``'a/b/c'`` (its
+    module path, where ``params['a']['b']['c']['kernel']`` is its kernel) to
+    ``{'a': (*stack, d_in[+1]), 'g': (*stack, d_out)}``.
+
+  Raises:
+    ValueError: if a captured layer did not receive its tap (its parameters
+      went through a transform that dropped or re-arranged them), naming it.
+  """
+
+  @functools.wraps(fun)
+  def wrapped(params, *args, **kwargs):
+    infos = discover(fun, params, *args, **kwargs)
+    tapped = {}
+    tapped_params = params
+    for path, info in infos.items():
+      stack = _stack_shape(params, info)
+      if stack is None:
+        continue
+      dummy = jax.tree.map(lambda z: jnp.zeros(stack + z.shape, z.dtype), kind.zeros(info))
+      tapped_params = set_at(tapped_params, path + (TAP,), dummy)
+      tapped[path] = info
+
+    record: dict = {}
+
+    def inner(p):
+      with nn.intercept_methods(_make_interceptor('tap', record, kind)):
+        return fun(p, *args, **kwargs)
+
+    value, grads = jax.value_and_grad(inner, has_aux=has_aux)(tapped_params)
+    missing = sorted(p for p in record.get('missing', ()) if tuple(p.split('/')) in tapped)
+    if missing:
+      raise ValueError(
+          f'could not capture statistics for layer(s) {missing}: their parameters did not '
+          'reach the layer with the capture tap. Pass params to apply unchanged as '
+          "{'params': params}; for nn.scan/nn.vmap stack 'params' (variable_axes={'params': 0}).")
+    stats = {}
+    for path, info in tapped.items():
+      stats[path_str(path)] = kind.finalize(get_at(grads, path + (TAP,)), info)
+      grads = set_at(grads, path + (TAP,), _DELETE)
+    return value, grads, stats
+
+  return wrapped

@@ -1,0 +1,181 @@
+"""Which Flax layers are second-order layers, and how each one is a matrix.
+
+Every captured layer is viewed as ``y = x W + b`` with ``W`` of shape
+``(d_in, d_out)`` (MKOR, SPEC section 1.1):
+
+* ``nn.Dense``: the kernel as it is; rows are all leading axes of the input.
+* ``nn.DenseGeneral`` (the q/k/v/out projections of
+  ``nn.MultiHeadDotProductAttention`` included): the contracted input axes
+  flattened into ``d_in`` (in the order of ``axis``, which is the kernel's
+  order), the feature axes into ``d_out``.
+* ``nn.Conv`` with ``P`` output positions per example: ``d_in = prod(kernel
+  window) * c_in`` (im2col patches, zero padding included, ordered like the
+  kernel's ``(*window, c_in)`` axes), ``d_out = c_out``. The sum of the patches
+  over batch and positions is obtained without materialising them, as the
+  kernel gradient of ``sum(conv(x, K))`` for a ones kernel ``K`` with one output
+  channel, computed by a clone of the layer itself so that every padding mode
+  Flax supports (SAME, VALID, explicit, CIRCULAR, CAUSAL, dilations) is honoured.
+
+An adapter reads one call of a layer and returns a :class:`LayerCall`, or
+``None`` to let that call pass through uncaptured (for example a grouped
+convolution). Custom layers opt in with :func:`register_layer`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Callable, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class LayerCall(NamedTuple):
+  """What the capture needs from one call of a second-order layer.
+
+  Attributes:
+    input_sum: float32 ``(d_in,)``, the sum over the call's rows of the layer
+      input (for a convolution, of the im2col patches).
+    rows: the number of rows summed in ``input_sum`` (a Python int).
+    out_ndim: how many trailing axes of the output are feature axes; the
+      output is read as ``(rows_out, d_out)`` by flattening the others.
+    g_scale: factor applied to the sum over rows of ``dL/dy`` (``1/P`` for a
+      convolution with ``P`` output positions per example, 1 for dense).
+    has_bias: whether the layer adds a bias ``b`` of shape ``features`` (its
+      parameter must be called ``'bias'``; the kernel ``'kernel'``).
+    kernel_shape: the shape of the kernel the call used (without any
+      leading stacking axes that ``nn.scan``/``nn.vmap`` split off).
+  """
+
+  input_sum: jax.Array
+  rows: int
+  out_ndim: int
+  g_scale: float
+  has_bias: bool
+  kernel_shape: tuple
+
+
+Adapter = Callable[[nn.Module, tuple, dict], Optional[Callable[[jax.Array], LayerCall]]]
+
+_REGISTRY: dict[type, Adapter] = {}
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def _no_capture():
+  """Calls made inside (the adapters' own helper calls) are not captured."""
+  old = getattr(_local, 'off', False)
+  _local.off = True
+  try:
+    yield
+  finally:
+    _local.off = old
+
+
+def capture_disabled() -> bool:
+  return getattr(_local, 'off', False)
+
+
+def register_layer(module_type: type, adapter: Adapter) -> None:
+  """Lets calls of ``module_type`` (and its subclasses) be preconditioned.
+
+  ``adapter(module, args, kwargs)`` is called with the bound module and the
+  arguments of its ``__call__`` before the call runs. It returns ``None`` to
+  leave that call alone, or a function ``read(y) -> LayerCall`` that is given
+  the call's output. The module's parameters must be named ``'kernel'`` (of
+  shape ``(*in_axes, *out_axes)``, flattening to ``(d_in, d_out)`` in C
+  order) and, if ``LayerCall.has_bias``, ``'bias'`` (of shape ``out_axes``).
+  See :func:`dense_adapter` for a complete example.
+  """
+  if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+    raise TypeError(f'register_layer: {module_type!r} is not a flax.linen.Module subclass')
+  _REGISTRY[module_type] = adapter
+
+
+def adapter_for(module: nn.Module) -> Optional[Adapter]:
+  for cls in type(module).__mro__:
+    if cls in _REGISTRY:
+      return _REGISTRY[cls]
+  return None
+
+
+def _kernel_shape(module: nn.Module) -> tuple:
+  return tuple(module.get_variable('params', 'kernel').shape)
+
+
+def _has_bias(module: nn.Module) -> bool:
+  return bool(getattr(module, 'use_bias', False)) and module.has_variable('params', 'bias')
+
+
+def _f32_row_sum(rows: jax.Array) -> jax.Array:
+  return jnp.sum(rows.astype(jnp.float32), axis=0)
+
+
+def dense_adapter(module, args, kwargs):
+  """``nn.Dense``: rows are all leading axes of the input."""
+  x = args[0] if args else kwargs['inputs']
+  x = jnp.asarray(x)
+  d_in = x.shape[-1]
+  rows = x.reshape(-1, d_in)
+  input_sum = jax.lax.stop_gradient(_f32_row_sum(rows))
+
+  def read(y):
+    return LayerCall(input_sum, rows.shape[0], 1, 1.0, _has_bias(module), _kernel_shape(module))
+
+  return read
+
+
+def _normalize_axes(axes, ndim):
+  if isinstance(axes, int):
+    axes = (axes,)
+  return tuple(a % ndim for a in axes)
+
+
+def dense_general_adapter(module, args, kwargs):
+  """``nn.DenseGeneral`` without ``batch_dims``: contracted axes -> ``d_in``."""
+  if tuple(getattr(module, 'batch_dims', ())):
+    return None  # batched kernels are not a single (d_in, d_out) matrix
+  x = jnp.asarray(args[0] if args else kwargs['inputs'])
+  axis = _normalize_axes(module.axis, x.ndim)
+  features = module.features if isinstance(module.features, (tuple, list)) else (module.features,)
+  d_in = int(np.prod([x.shape[a] for a in axis]))
+  moved = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
+  rows = moved.reshape(-1, d_in)
+  input_sum = jax.lax.stop_gradient(_f32_row_sum(rows))
+
+  def read(y):
+    return LayerCall(input_sum, rows.shape[0], len(features), 1.0, _has_bias(module),
+                     _kernel_shape(module))
+
+  return read
+
+
+def conv_adapter(module, args, kwargs):
+  """``nn.Conv`` (not grouped): im2col patch sums via the layer's own clone."""
+  if getattr(module, 'feature_group_count', 1) != 1:
+    return None
+  x = jnp.asarray(args[0] if args else kwargs['inputs'])
+  kshape = _kernel_shape(module)
+  probe = module.clone(parent=None, features=1, use_bias=False, dtype=jnp.float32,
+                       param_dtype=jnp.float32, mask=None)
+  ones = jnp.ones(kshape[:-1] + (1,), jnp.float32)
+  x32 = jax.lax.stop_gradient(x.astype(jnp.float32))
+  with _no_capture():
+    patch_sum = jax.grad(lambda k: probe.apply({'params': {'kernel': k}}, x32).sum())(ones)
+  input_sum = jax.lax.stop_gradient(patch_sum.reshape(-1))
+
+  def read(y):
+    n_spatial = len(kshape) - 2
+    positions = int(np.prod(y.shape[y.ndim - 1 - n_spatial:-1]))
+    rows = int(np.prod(y.shape[:-1]))
+    return LayerCall(input_sum, rows, 1, 1.0 / positions, _has_bias(module), kshape)
+
+  return read
+
+
+register_layer(nn.Dense, dense_adapter)
+register_layer(nn.DenseGeneral, dense_general_adapter)
+register_layer(nn.Conv, conv_adapter)

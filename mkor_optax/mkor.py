@@ -1,0 +1,318 @@
+"""MKOR: Kronecker-factored preconditioning with rank-1 inverse refreshes.
+
+Mohammadi, Nikdan, Alistarh, Dehnavi (2023), *MKOR: Momentum-Enabled
+Kronecker-Factor-Based Optimizer Using Rank-1 Updates*, NeurIPS 2023,
+arXiv:2306.01685. Mathematics as corrected in ``shared/SPEC.md`` section 1.
+
+Per second-order layer with statistics ``a`` (mean input, bias 1 appended) and
+``g`` (mean output gradient), factor inverses ``R^-1`` (``d_in+1`` square)
+and ``L^-1`` (``d_out`` square) start at the identity and are refreshed at
+step 0 and every ``inv_freq`` steps:
+
+1. stabiliser: if ``max|P| > epsilon``: ``P <- zeta P + (1 - zeta) I``;
+2. ``refresh='ema'`` (default), the exact inverse of
+   ``F_t = gamma F_{t-1} + (1 - gamma) v v^T`` by Sherman-Morrison::
+
+       F_t^-1 = P/gamma - ((1-gamma)/gamma^2) (P v)(P v)^T / (1 + ((1-gamma)/gamma) v^T P v)
+
+   (the paper prints gamma*P, a plus sign and gamma(1-gamma): wrong);
+   ``refresh='blend'``, the authors' code: ``P <- gamma P + (1-gamma) I``
+   then ``P <- P - (P v)(P v)^T / (1 + v^T P v)``;
+   both re-symmetrised, with ``v = a`` for ``R`` and ``v = g`` for ``L``.
+
+Every step: ``U = R^-1 [G; g_b] L^-1``, rescaled to the Frobenius norm of
+``[G; g_b]``, handed on to the next transform of the chain. Everything else
+passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mkor_optax import kronecker as kr
+from mkor_optax.capture import get_at, set_at
+
+Exclude = Union[None, str, Iterable[str], Callable[[str], bool]]
+
+
+class MKORState(NamedTuple):
+  """``count``: updates done. ``r_inv``/``l_inv``: layer path -> stacked
+  factor inverses ``(S, d, d)``; a side larger than ``max_factor_dim`` has
+  no entry (identity)."""
+
+  count: jax.Array
+  r_inv: dict
+  l_inv: dict
+
+
+# ---------------------------------------------------------------- refresh math
+
+def stabilise(p, epsilon: float, zeta: float):
+  """``P <- zeta P + (1-zeta) I`` where ``max|P| > epsilon`` (per stack entry)."""
+  eye = jnp.eye(p.shape[-1], dtype=p.dtype)
+  big = jnp.max(jnp.abs(p), axis=(-2, -1), keepdims=True) > epsilon
+  return jnp.where(big, zeta * p + (1.0 - zeta) * eye, p)
+
+
+def _symmetrise(p):
+  return 0.5 * (p + jnp.swapaxes(p, -1, -2))
+
+
+def sherman_morrison_ema(p, v, gamma: float):
+  """Exact ``(gamma F + (1-gamma) v v^T)^-1`` from ``P = F^-1`` (SPEC 1.4)."""
+  pv = jnp.einsum('...ij,...j->...i', p, v)
+  c = (1.0 - gamma) / gamma
+  denom = 1.0 + c * jnp.sum(v * pv, axis=-1)
+  outer = pv[..., :, None] * pv[..., None, :]
+  return _symmetrise(p / gamma - (c / gamma) * outer / denom[..., None, None])
+
+
+def sherman_morrison_blend(p, v, gamma: float):
+  """The authors' refresh: blend toward I, then ``(F + v v^T)^-1``."""
+  eye = jnp.eye(p.shape[-1], dtype=p.dtype)
+  p = gamma * p + (1.0 - gamma) * eye
+  pv = jnp.einsum('...ij,...j->...i', p, v)
+  denom = 1.0 + jnp.sum(v * pv, axis=-1)
+  return _symmetrise(p - pv[..., :, None] * pv[..., None, :] / denom[..., None, None])
+
+
+_REFRESH = {'ema': sherman_morrison_ema, 'blend': sherman_morrison_blend}
+
+
+def refresh_inverse(p, v, *, gamma: float, zeta: float, epsilon: float, refresh: str = 'ema'):
+  """One factor-inverse refresh in float32: stabiliser, then the rank-1 rule."""
+  dtype = p.dtype
+  p = stabilise(p.astype(jnp.float32), epsilon, zeta)
+  return _REFRESH[refresh](p, v.astype(jnp.float32), gamma).astype(dtype)
+
+
+# ------------------------------------------------------------ layer bookkeeping
+
+def exclude_predicate(exclude: Exclude) -> Callable[[str], bool]:
+  if exclude is None:
+    return lambda path: False
+  if callable(exclude):
+    return exclude
+  patterns = [exclude] if isinstance(exclude, str) else list(exclude)
+  for p in patterns:
+    if not isinstance(p, str):
+      raise ValueError(f'exclude: expected regular expressions (str), got {p!r}')
+  compiled = [re.compile(p) for p in patterns]
+  return lambda path: any(c.search(path) for c in compiled)
+
+
+class LayerPlan(NamedTuple):
+  path: tuple
+  dims: kr.Dims
+  has_r: bool
+  has_l: bool
+
+
+def _module_paths(tree, prefix=()):
+  """Paths of every mapping in ``tree`` that holds a ``'kernel'`` leaf."""
+  if not hasattr(tree, 'items'):
+    return
+  if 'kernel' in tree and not hasattr(tree['kernel'], 'items'):
+    yield prefix
+  for k, v in tree.items():
+    if hasattr(v, 'items'):
+      yield from _module_paths(v, prefix + (k,))
+
+
+def plan_layers(params, *, layouts: Optional[dict], excluded: Callable[[str], bool],
+                max_factor_dim: int) -> dict:
+  """``{path_str: LayerPlan}`` for every second-order layer of ``params``."""
+  plan = {}
+  layouts = layouts or {}
+  for path in _module_paths(params):
+    name = '/'.join(str(p) for p in path)
+    if excluded(name):
+      continue
+    module = get_at(params, path)
+    layout = layouts.get(name) or kr.infer_layout(module)
+    if layout is None:
+      continue
+    d = kr.dims(np.shape(module['kernel']), layout)
+    if d.has_bias and 'bias' not in module:
+      raise ValueError(f'layer {name!r}: layout says it has a bias but params has none')
+    has_r, has_l = d.d_in_aug <= max_factor_dim, d.d_out <= max_factor_dim
+    if has_r or has_l:
+      plan[name] = LayerPlan(path, d, has_r, has_l)
+  return plan
+
+
+def check_stats(stats, plan: dict, params, excluded: Callable[[str], bool], who: str):
+  """Raises ``ValueError`` naming the layer if ``stats`` does not match ``plan``."""
+  if stats is None:
+    raise ValueError(
+        f'{who}.update needs the layer statistics: call it as update(grads, state, params, '
+        'stats=stats) with stats from mkor_optax.value_and_grad.')
+  if not hasattr(stats, 'keys'):
+    raise ValueError(f'{who}: stats must be the dict returned by mkor_optax.value_and_grad')
+  for name in stats:
+    if name not in plan and not excluded(name):
+      kernel = get_at(params, tuple(name.split('/')) + ('kernel',)) if params is not None else None
+      if params is not None and kernel is None:
+        raise ValueError(f'{who}: stats has layer {name!r} but params has no kernel there')
+  for name, lp in plan.items():
+    if name not in stats:
+      raise ValueError(
+          f'{who}: no statistics for layer {name!r}. It has a kernel but was not captured '
+          '(not called in the loss, or not a Dense/DenseGeneral/Conv layer): exclude it with '
+          f'exclude=[{name!r}] or register its class with mkor_optax.register_layer.')
+    d = lp.dims
+    want = {'a': d.stack + (d.d_in_aug,), 'g': d.stack + (d.d_out,)}
+    got = {k: tuple(np.shape(stats[name].get(k))) for k in want}
+    if got != want:
+      raise ValueError(
+          f'{who}: statistics for layer {name!r} have shapes {got}, but its parameters were '
+          f'read as {want} (layout {d}). If the layout was guessed wrongly, pass '
+          'layouts=mkor_optax.layer_layouts(loss_fn, params, *batch) to the optimizer.')
+
+
+def all_finite(*trees) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree.leaves(t)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def layer_grads(updates, lp: LayerPlan):
+  module = get_at(updates, lp.path)
+  g = kr.to_matrix(module['kernel'], module.get('bias'), lp.dims)
+  return module, g
+
+
+def write_layer(updates, lp: LayerPlan, module, u):
+  kernel, bias = kr.from_matrix(u, module['kernel'], module.get('bias'), lp.dims)
+  updates = set_at(updates, lp.path + ('kernel',), kernel)
+  if bias is not None:
+    updates = set_at(updates, lp.path + ('bias',), bias)
+  return updates
+
+
+def _validate(**checks):
+  for name, (ok, msg) in checks.items():
+    if not ok:
+      raise ValueError(f'{name}: {msg}')
+
+
+# ------------------------------------------------------------------- transform
+
+def scale_by_mkor(
+    *,
+    gamma: float = 0.95,
+    zeta: float = 0.9,
+    epsilon: float = 2.0,
+    inv_freq: int = 10,
+    refresh: str = 'ema',
+    axis_name: Optional[str] = None,
+    factor_dtype: Any = jnp.float32,
+    max_factor_dim: int = 4096,
+    exclude: Exclude = None,
+    layouts: Optional[dict] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """MKOR preconditioning of every captured Dense/DenseGeneral/Conv layer.
+
+  Args:
+    gamma: momentum of the factor EMA, in (0, 1).
+    zeta: stabiliser blend ``P <- zeta P + (1-zeta) I``, in [0, 1].
+    epsilon: stabiliser threshold on ``max|P|`` (> 0).
+    inv_freq: refresh the inverses at step 0 and every ``inv_freq`` steps.
+    refresh: ``'ema'`` (exact EMA inverse, default) or ``'blend'`` (authors' code).
+    axis_name: data-parallel axis (``pmap``/``shard_map``): ``a`` and ``g``
+      are ``lax.pmean``-ed over it before the refresh. Gradients are the
+      caller's to average, as with any optax transform.
+    factor_dtype: storage dtype of the inverses (refresh math is float32).
+    max_factor_dim: a side larger than this is preconditioned by the identity.
+    exclude: layers to leave alone: regex(es) searched in the layer path
+      ``'a/b/c'``, or a predicate on it.
+    layouts: ``{path: Layout}`` overriding the layout guessed from parameter
+      shapes (see :func:`mkor_optax.layer_layouts`).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose update is
+    ``update(grads, state, params=None, *, stats)``.
+  """
+  _validate(
+      gamma=(0.0 < gamma < 1.0, f'must be in (0, 1), got {gamma!r}'),
+      zeta=(0.0 <= zeta <= 1.0, f'must be in [0, 1], got {zeta!r}'),
+      epsilon=(epsilon > 0, f'must be > 0, got {epsilon!r}'),
+      inv_freq=(isinstance(inv_freq, (int, np.integer)) and inv_freq >= 1,
+                f'must be an integer >= 1, got {inv_freq!r}'),
+      refresh=(refresh in _REFRESH, f'must be one of {sorted(_REFRESH)}, got {refresh!r}'),
+      max_factor_dim=(isinstance(max_factor_dim, (int, np.integer)) and max_factor_dim >= 1,
+                      f'must be an integer >= 1, got {max_factor_dim!r}'),
+      factor_dtype=(jnp.issubdtype(jnp.dtype(factor_dtype), jnp.floating),
+                    f'must be a floating dtype, got {factor_dtype!r}'),
+  )
+  excluded = exclude_predicate(exclude)
+  plan_of = lambda tree: plan_layers(tree, layouts=layouts, excluded=excluded,
+                                     max_factor_dim=max_factor_dim)
+
+  def init(params):
+    plan = plan_of(params)
+    eye = lambda n, s: jnp.broadcast_to(jnp.eye(n, dtype=factor_dtype), (s, n, n))
+    r_inv = {k: eye(lp.dims.d_in_aug, lp.dims.n_stack) for k, lp in plan.items() if lp.has_r}
+    l_inv = {k: eye(lp.dims.d_out, lp.dims.n_stack) for k, lp in plan.items() if lp.has_l}
+    return MKORState(jnp.zeros([], jnp.int32), r_inv, l_inv)
+
+  def update(updates, state, params=None, *, stats=None, **extra_args):
+    del extra_args
+    plan = plan_of(updates)
+    check_stats(stats, plan, updates, excluded, 'scale_by_mkor')
+    vecs = {k: {'a': stats[k]['a'].reshape(lp.dims.n_stack, -1),
+                'g': stats[k]['g'].reshape(lp.dims.n_stack, -1)} for k, lp in plan.items()}
+    if axis_name is not None:
+      vecs = jax.lax.pmean(vecs, axis_name)
+
+    grads = {k: layer_grads(updates, lp) for k, lp in plan.items()}
+    finite = all_finite(vecs, [g for _, g in grads.values()])
+    do_refresh = jnp.logical_and(state.count % inv_freq == 0, finite)
+
+    def refreshed(factors):
+      r_inv, l_inv = factors
+      kw = dict(gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh)
+      return ({k: refresh_inverse(p, vecs[k]['a'], **kw) for k, p in r_inv.items()},
+              {k: refresh_inverse(p, vecs[k]['g'], **kw) for k, p in l_inv.items()})
+
+    r_inv, l_inv = jax.lax.cond(do_refresh, refreshed, lambda f: f, (state.r_inv, state.l_inv))
+
+    for k, lp in plan.items():
+      module, g = grads[k]
+      u = kr.precondition(g, r_inv.get(k), l_inv.get(k))
+      updates = write_layer(updates, lp, module, kr.rescale_to(u, g))
+    return updates, MKORState(state.count + 1, r_inv, l_inv)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def decay_mask(params):
+  """Weight-decay mask: no decay on biases, norm scales and 1-D leaves."""
+  def keep(path, leaf):
+    name = getattr(path[-1], 'key', None) if path else None
+    return np.ndim(leaf) >= 2 and name not in ('bias', 'scale')
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def mkor(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    weight_decay: float = 0.01,
+    backend: Optional[optax.GradientTransformation] = None,
+    **kwargs,
+) -> optax.GradientTransformationExtraArgs:
+  """``optax.chain(scale_by_mkor(**kwargs), backend)``; LAMB by default.
+
+  The default backend is ``optax.lamb(learning_rate, weight_decay=...)`` with
+  weight decay masked off biases and norm scales (the paper's BERT runs). With
+  an explicit ``backend``, ``learning_rate`` and ``weight_decay`` are unused
+  (the backend carries its own).
+  """
+  if backend is None:
+    backend = optax.lamb(learning_rate, weight_decay=weight_decay, mask=decay_mask)
+  return optax.chain(scale_by_mkor(**kwargs), backend)
