@@ -1,0 +1,96 @@
+"""Shared bits of the examples: bundled data, models, a training loop."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import mkor_optax
+
+
+def load_digits(test_fraction: float = 0.2, seed: int = 0):
+  """scikit-learn's bundled 8x8 digits (1797 images), scaled to [0, 1]."""
+  from sklearn.datasets import load_digits as _load
+  data = _load()
+  x = (data.images / 16.0).astype(np.float32)  # (n, 8, 8)
+  y = data.target.astype(np.int32)
+  perm = np.random.default_rng(seed).permutation(len(y))
+  x, y = x[perm], y[perm]
+  n_test = int(len(y) * test_fraction)
+  return (x[n_test:], y[n_test:]), (x[:n_test], y[:n_test])
+
+
+class MLP(nn.Module):
+  features: Sequence[int] = (128, 128)
+  classes: int = 10
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    for f in self.features:
+      x = nn.tanh(nn.Dense(f)(x))
+    return nn.Dense(self.classes)(x)
+
+
+def batches(x, y, batch_size: int, seed: int):
+  """An endless, seeded stream of shuffled minibatches."""
+  rng = np.random.default_rng(seed)
+  while True:
+    perm = rng.permutation(len(y))
+    for i in range(0, len(y) - batch_size + 1, batch_size):
+      idx = perm[i:i + batch_size]
+      yield x[idx], y[idx]
+
+
+def classification_loss(model):
+  def loss_fn(params, x, y):
+    logits = model.apply({'params': params}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return loss_fn
+
+
+def make_step(loss_fn, opt, second_order: bool):
+  """A jitted train step; the two lines MKOR changes are marked."""
+  if second_order:
+    grad_fn = mkor_optax.value_and_grad(loss_fn)           # changed line 1
+  else:
+    plain = jax.value_and_grad(loss_fn)
+    grad_fn = lambda p, *b: (*plain(p, *b), None)
+
+  @jax.jit
+  def step(params, opt_state, *batch):
+    loss, grads, stats = grad_fn(params, *batch)
+    extra = {'stats': stats} if second_order else {}
+    updates, opt_state = opt.update(grads, opt_state, params, **extra)  # changed line 2
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return step
+
+
+def train(model, params, opt, data_iter, steps: int, second_order: bool, loss_fn=None,
+          progress: bool = False, desc: str = ''):
+  """Runs ``steps`` steps; returns (params, losses, seconds after each step)."""
+  loss_fn = loss_fn or classification_loss(model)
+  step = make_step(loss_fn, opt, second_order)
+  opt_state = opt.init(params)
+  losses, times = [], []
+  it = range(steps)
+  if progress:
+    from tqdm.auto import tqdm
+    it = tqdm(it, desc=desc, leave=False)
+  # compile outside the clock
+  batch = next(data_iter)
+  jax.block_until_ready(step(params, opt_state, *batch))
+  t0 = time.perf_counter()
+  for _ in it:
+    params, opt_state, loss = step(params, opt_state, *batch)
+    losses.append(float(loss))
+    times.append(time.perf_counter() - t0)
+    batch = next(data_iter)
+  return params, np.array(losses), np.array(times)

@@ -1,0 +1,108 @@
+"""The rank-1 refresh against dense float64 linear algebra (SPEC 1.3-1.4)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mkor_optax.mkor import refresh_inverse, sherman_morrison_blend, sherman_morrison_ema, stabilise
+
+
+def random_spd(rng, d, cond=10.0):
+  q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+  return (q * np.geomspace(1.0, cond, d)) @ q.T
+
+
+@pytest.mark.parametrize('gamma', [0.5, 0.95, 0.99])
+def test_ema_refresh_is_exact_inverse_float64(gamma):
+  rng = np.random.default_rng(0)
+  with jax.enable_x64(True):
+    for d in (1, 3, 17):
+      f = random_spd(rng, d)
+      v = rng.normal(size=d)
+      want = np.linalg.inv(gamma * f + (1 - gamma) * np.outer(v, v))
+      got = np.asarray(sherman_morrison_ema(jnp.asarray(np.linalg.inv(f)), jnp.asarray(v), gamma))
+      np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_paper_formula_as_printed_is_not_the_inverse():
+  """Guard against 'fixing' the formula back to the paper's print."""
+  rng = np.random.default_rng(1)
+  d, gamma = 5, 0.9
+  f = random_spd(rng, d)
+  p, v = np.linalg.inv(f), rng.normal(size=d)
+  pv = p @ v
+  printed = gamma * p + ((1 - gamma) / gamma ** 2) * np.outer(pv, pv) / (
+      1 + gamma * (1 - gamma) * v @ pv)
+  want = np.linalg.inv(gamma * f + (1 - gamma) * np.outer(v, v))
+  assert not np.allclose(printed, want, rtol=1e-2)
+
+
+def test_blend_refresh_is_inverse_of_blended_plus_rank1():
+  rng = np.random.default_rng(2)
+  with jax.enable_x64(True):
+    d, gamma = 6, 0.95
+    p = np.linalg.inv(random_spd(rng, d))
+    v = rng.normal(size=d)
+    blended = gamma * p + (1 - gamma) * np.eye(d)
+    want = np.linalg.inv(np.linalg.inv(blended) + np.outer(v, v))
+    got = np.asarray(sherman_morrison_blend(jnp.asarray(p), jnp.asarray(v), gamma))
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_float32_refresh_matches_float64_reference():
+  rng = np.random.default_rng(3)
+  d, gamma = 32, 0.95
+  f = random_spd(rng, d, cond=5.0)
+  v = rng.normal(size=d)
+  want = np.linalg.inv(gamma * f + (1 - gamma) * np.outer(v, v))
+  got = refresh_inverse(jnp.asarray(np.linalg.inv(f), jnp.float32)[None],
+                          jnp.asarray(v, jnp.float32)[None], gamma=gamma, zeta=0.9,
+                          epsilon=1e9)[0]
+  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize('refresh', ['ema', 'blend'])
+def test_200_random_refreshes_stay_symmetric_positive_definite(refresh):
+  rng = np.random.default_rng(4)
+  d = 12
+  p = jnp.eye(d, dtype=jnp.float32)[None]
+  step = jax.jit(lambda p, v: refresh_inverse(p, v, gamma=0.95, zeta=0.9, epsilon=2.0,
+                                               refresh=refresh))
+  for t in range(200):
+    scale = 10.0 ** rng.uniform(-3, 2)
+    p = step(p, jnp.asarray(scale * rng.normal(size=(1, d)), jnp.float32))
+    q = np.asarray(p[0], np.float64)
+    np.testing.assert_array_equal(q, q.T)
+    assert np.linalg.eigvalsh(q).min() > 0, f'not positive definite after {t + 1} refreshes'
+
+
+def test_without_stabiliser_ema_inverse_grows_like_gamma_to_minus_t():
+  gamma, d = 0.95, 4
+  p = jnp.eye(d)[None]
+  v = jnp.zeros((1, d)).at[0, 0].set(1.0)
+  for _ in range(30):
+    p = refresh_inverse(p, v, gamma=gamma, zeta=0.9, epsilon=np.inf)
+  # directions orthogonal to v are never refreshed: (1/gamma)^30
+  np.testing.assert_allclose(float(p[0, 1, 1]), gamma ** -30, rtol=1e-4)
+  q = jnp.eye(d)[None]
+  for _ in range(30):
+    q = refresh_inverse(q, v, gamma=gamma, zeta=0.9, epsilon=2.0)
+  assert float(jnp.max(jnp.abs(q))) < 2.0 / gamma + 1e-6
+
+
+def test_stabiliser_fires_exactly_when_max_abs_exceeds_epsilon():
+  eps, zeta = 2.0, 0.9
+  eye = np.eye(3)
+  for peak, fires in [(1.99, False), (2.0, False), (2.01, True), (-2.5, True)]:
+    p = np.eye(3, dtype=np.float32) * 0.5
+    p[0, 2] = p[2, 0] = peak
+    got = np.asarray(stabilise(jnp.asarray(p)[None], eps, zeta)[0])
+    want = zeta * p + (1 - zeta) * eye if fires else p
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert fires == (not np.array_equal(got, p))
+  # per stack entry: only the large one is blended
+  stack = jnp.stack([jnp.eye(2) * 3.0, jnp.eye(2)])
+  got = stabilise(stack, eps, zeta)
+  np.testing.assert_allclose(got[0], np.eye(2) * (0.9 * 3 + 0.1), rtol=1e-6)
+  np.testing.assert_allclose(got[1], np.eye(2))
