@@ -1,0 +1,271 @@
+"""Captured a and g against hand computations for every supported layer kind.
+
+References never use the capture: inputs are recomputed with numpy (explicit
+im2col loops for convolutions), and output gradients come from perturbing a
+hand-written forward pass (``y + delta``, gradient at ``delta = 0``).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mkor_optax
+
+KEY = jax.random.PRNGKey(0)
+
+
+def head(y, w):
+  """A nonlinear loss head, mean over the leading (example) axis."""
+  return jnp.sum(jnp.tanh(y) * w) / y.shape[0]
+
+
+def stats_of(model, x, variables=None):
+  params = (variables or model.init(KEY, x))['params']
+  w = jax.random.normal(jax.random.PRNGKey(7), model.apply({'params': params}, x).shape)
+  loss = lambda p: head(model.apply({'params': p}, x), w)
+  (val, grads, stats) = mkor_optax.value_and_grad(loss)(params)
+  ref_val, ref_grads = jax.value_and_grad(loss)(params)
+  np.testing.assert_allclose(val, ref_val, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, ref_grads)
+  return params, w, stats
+
+
+def with_one(a, has_bias):
+  return np.concatenate([a, [1.0]]) if has_bias else a
+
+
+@pytest.mark.parametrize('use_bias', [True, False])
+def test_dense_rows_over_batch_and_sequence(use_bias):
+  x = jax.random.normal(KEY, (3, 5, 4))
+  model = nn.Dense(6, use_bias=use_bias)
+  params, w, stats = stats_of(model, x)
+  kernel = np.asarray(params['kernel'])
+  bias = np.asarray(params['bias']) if use_bias else 0.0
+  rows = np.asarray(x).reshape(-1, 4)
+  y = (rows @ kernel + bias).reshape(3, 5, 6)
+  dy = jax.grad(lambda d: head(jnp.asarray(y) + d, w))(jnp.zeros_like(y))
+  s = stats['']  # the top-level module has the empty path
+  np.testing.assert_allclose(s['a'], with_one(rows.mean(0), use_bias), rtol=1e-5)
+  np.testing.assert_allclose(s['g'], np.asarray(dy).reshape(-1, 6).sum(0), rtol=1e-4, atol=1e-7)
+
+
+def test_g_equals_bias_gradient_for_mean_loss():
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(nn.relu(nn.Dense(8)(x)))
+  x = jax.random.normal(KEY, (16, 5))
+  params = Net().init(KEY, x)['params']
+  loss = lambda p: jnp.mean((Net().apply({'params': p}, x) - 1.0) ** 2)
+  _, grads, stats = mkor_optax.value_and_grad(loss)(params)
+  for name in ('Dense_0', 'Dense_1'):
+    np.testing.assert_allclose(stats[name]['g'], grads[name]['bias'], rtol=1e-5, atol=1e-8)
+
+
+def _attention_reference(x, p, w, num_heads):
+  """Hand-written multi-head self-attention with perturbable outputs."""
+  def forward(deltas):
+    proj = lambda name, inp: jnp.einsum('btd,dhk->bthk', inp, p[name]['kernel']) + p[name]['bias']
+    q = proj('query', x) + deltas['query']
+    k = proj('key', x) + deltas['key']
+    v = proj('value', x) + deltas['value']
+    logits = jnp.einsum('bqhk,bshk->bhqs', q / jnp.sqrt(q.shape[-1]), k)
+    o = jnp.einsum('bhqs,bshk->bqhk', jax.nn.softmax(logits, -1), v)
+    out = jnp.einsum('bthk,hkd->btd', o, p['out']['kernel']) + p['out']['bias'] + deltas['out']
+    return head(out, w), o
+  b, t, d = x.shape
+  hd = p['query']['kernel'].shape[-1]
+  zeros = {n: jnp.zeros((b, t, num_heads, hd)) for n in ('query', 'key', 'value')}
+  zeros['out'] = jnp.zeros((b, t, d))
+  dys, o = jax.grad(forward, has_aux=True)(zeros)
+  return dys, o
+
+
+def test_attention_dense_general_kernels():
+  x = jax.random.normal(KEY, (2, 5, 8))
+  model = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=6)
+  params, w, stats = stats_of(model, x)
+  dys, o = _attention_reference(x, params, w, 2)
+  rows_x = np.asarray(x).reshape(-1, 8)
+  for name in ('query', 'key', 'value'):
+    np.testing.assert_allclose(stats[name]['a'], with_one(rows_x.mean(0), True), rtol=1e-5)
+    np.testing.assert_allclose(stats[name]['g'], np.asarray(dys[name]).reshape(-1, 6).sum(0),
+                               rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(stats['out']['a'], with_one(np.asarray(o).reshape(-1, 6).mean(0), True),
+                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(stats['out']['g'], np.asarray(dys['out']).reshape(-1, 8).sum(0),
+                             rtol=1e-4, atol=1e-6)
+
+
+def _pads(padding, x_hw, k_hw, strides):
+  if padding == 'VALID':
+    return [(0, 0), (0, 0)]
+  if padding == 'SAME':
+    out = []
+    for n, k, s in zip(x_hw, k_hw, strides):
+      o = -(-n // s)
+      total = max((o - 1) * s + k - n, 0)
+      out.append((total // 2, total - total // 2))
+    return out
+  return list(padding)
+
+
+def _im2col(x, k_hw, strides, pads):
+  """Explicit loops: patches (B, OH, OW, kh*kw*c) ordered like the kernel."""
+  x = np.pad(np.asarray(x), [(0, 0), pads[0], pads[1], (0, 0)])
+  b, h, w, c = x.shape
+  kh, kw = k_hw
+  oh, ow = (h - kh) // strides[0] + 1, (w - kw) // strides[1] + 1
+  out = np.zeros((b, oh, ow, kh * kw * c))
+  for i in range(oh):
+    for j in range(ow):
+      win = x[:, i * strides[0]:i * strides[0] + kh, j * strides[1]:j * strides[1] + kw, :]
+      out[:, i, j] = win.reshape(b, -1)
+  return out
+
+
+@pytest.mark.parametrize('padding', ['SAME', 'VALID', ((1, 2), (0, 1))])
+@pytest.mark.parametrize('use_bias', [True, False])
+def test_strided_conv_im2col_means(padding, use_bias):
+  x = jax.random.normal(KEY, (2, 7, 6, 3))
+  model = nn.Conv(4, kernel_size=(3, 2), strides=(2, 1), padding=padding, use_bias=use_bias)
+  params, w, stats = stats_of(model, x)
+  patches = _im2col(x, (3, 2), (2, 1), _pads(padding, (7, 6), (3, 2), (2, 1)))
+  kernel = np.asarray(params['kernel']).reshape(-1, 4)
+  y = patches @ kernel + (np.asarray(params['bias']) if use_bias else 0.0)
+  dy = np.asarray(jax.grad(lambda d: head(jnp.asarray(y, jnp.float32) + d, w))(jnp.zeros(y.shape)))
+  positions = y.shape[1] * y.shape[2]
+  np.testing.assert_allclose(stats['']['a'], with_one(patches.reshape(-1, patches.shape[-1]).mean(0),
+                                                      use_bias), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(stats['']['g'], dy.reshape(-1, 4).sum(0) / positions,
+                             rtol=1e-4, atol=1e-7)
+
+
+def test_shared_module_pools_rows_of_all_calls():
+  class Shared(nn.Module):
+    @nn.compact
+    def __call__(self, x1, x2):
+      dense = nn.Dense(3, name='shared')
+      return dense(x1).sum(0) + dense(x2).sum(0)
+
+  x1 = jax.random.normal(KEY, (4, 5))
+  x2 = jax.random.normal(jax.random.PRNGKey(1), (7, 5))
+  model = Shared()
+  params = model.init(KEY, x1, x2)['params']
+  wv = jnp.arange(3.0)
+  loss = lambda p: jnp.sum(jnp.sin(model.apply({'params': p}, x1, x2)) * wv)
+  _, grads, stats = mkor_optax.value_and_grad(loss)(params)
+  k, b = np.asarray(params['shared']['kernel']), np.asarray(params['shared']['bias'])
+  out = (np.asarray(x1) @ k + b).sum(0) + (np.asarray(x2) @ k + b).sum(0)
+  dout = np.cos(out) * np.arange(3.0)  # dL/dy for every row of both calls
+  rows = np.concatenate([x1, x2])
+  np.testing.assert_allclose(stats['shared']['a'], with_one(rows.mean(0), True), rtol=1e-5)
+  np.testing.assert_allclose(stats['shared']['g'], dout * 11, rtol=1e-4)
+  np.testing.assert_allclose(stats['shared']['g'], grads['shared']['bias'], rtol=1e-5)
+
+
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return x + nn.tanh(nn.Dense(x.shape[-1], name='fc')(x))
+
+
+def test_remat_gives_the_same_statistics():
+  class Plain(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for i in range(2):
+        x = Block(name=f'b{i}')(x)
+      return nn.Dense(2, name='head')(x)
+
+  class Remat(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for i in range(2):
+        x = nn.remat(Block)(name=f'b{i}')(x)
+      return nn.Dense(2, name='head')(x)
+
+  x = jax.random.normal(KEY, (6, 4))
+  params = Plain().init(KEY, x)['params']
+  out = []
+  for model in (Plain(), Remat()):
+    loss = lambda p, m=model: jnp.mean(m.apply({'params': p}, x) ** 2)
+    out.append(jax.jit(mkor_optax.value_and_grad(loss))(params))
+  assert set(out[1][2]) == {'b0/fc', 'b1/fc', 'head'}
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), out[0], out[1])
+
+
+def test_scan_over_layers_captures_each_layer():
+  class Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      body = nn.scan(lambda m, c, _: (m(c), None), variable_axes={'params': 0},
+                     split_rngs={'params': True}, length=3)
+      x, _ = body(Block(name='layers'), x, None)
+      return x
+
+  class Unrolled(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for i in range(3):
+        x = Block(name=f'l{i}')(x)
+      return x
+
+  x = jax.random.normal(KEY, (5, 4))
+  scanned = Scanned().init(KEY, x)['params']
+  unrolled = {f'l{i}': jax.tree.map(lambda t: t[i], scanned['layers']) for i in range(3)}
+  loss_s = lambda p: jnp.mean(Scanned().apply({'params': p}, x) ** 3)
+  loss_u = lambda p: jnp.mean(Unrolled().apply({'params': p}, x) ** 3)
+  _, _, s = mkor_optax.value_and_grad(loss_s)(scanned)
+  _, _, u = mkor_optax.value_and_grad(loss_u)(unrolled)
+  assert s['layers/fc']['a'].shape == (3, 5) and s['layers/fc']['g'].shape == (3, 4)
+  for i in range(3):
+    np.testing.assert_allclose(s['layers/fc']['a'][i], u[f'l{i}/fc']['a'], rtol=1e-5)
+    np.testing.assert_allclose(s['layers/fc']['g'][i], u[f'l{i}/fc']['g'], rtol=1e-4, atol=1e-7)
+
+
+def test_has_aux_and_other_layers_pass_through():
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+      h = nn.Embed(11, 4)(tokens)
+      h = nn.LayerNorm()(h)
+      return nn.Dense(3)(h)
+  tokens = jnp.array([[1, 2, 3], [4, 5, 6]])
+  params = Net().init(KEY, tokens)['params']
+  loss = lambda p: (jnp.mean(Net().apply({'params': p}, tokens) ** 2), {'n': 2})
+  (val, aux), grads, stats = mkor_optax.value_and_grad(loss, has_aux=True)(params)
+  assert aux == {'n': 2} and set(stats) == {'Dense_0'}
+  assert jax.tree.structure(grads) == jax.tree.structure(params)
+
+
+def test_custom_layer_opts_in_with_register_layer():
+  class Scaled(nn.Module):
+    """y = 2 * (x @ kernel): a custom linear layer."""
+    @nn.compact
+    def __call__(self, x):
+      kernel = self.param('kernel', nn.initializers.lecun_normal(), (x.shape[-1], 3))
+      return 2.0 * x @ kernel
+
+  def adapter(module, args, kwargs):
+    rows = args[0].reshape(-1, args[0].shape[-1])
+    def read(y):
+      return mkor_optax.LayerCall(jnp.sum(rows, 0), rows.shape[0], 1, 1.0, False,
+                                  tuple(module.get_variable('params', 'kernel').shape))
+    return read
+
+  x = jax.random.normal(KEY, (4, 5))
+  params = Scaled().init(KEY, x)['params']
+  loss = lambda p: jnp.mean(Scaled().apply({'params': p}, x) ** 2)
+  assert mkor_optax.value_and_grad(loss)(params)[2] == {}
+  mkor_optax.register_layer(Scaled, adapter)
+  try:
+    _, _, stats = mkor_optax.value_and_grad(loss)(params)
+  finally:
+    from mkor_optax import layers
+    layers._REGISTRY.pop(Scaled)
+  y = 2.0 * np.asarray(x) @ np.asarray(params['kernel'])
+  np.testing.assert_allclose(stats['']['a'], np.asarray(x).mean(0), rtol=1e-5)
+  np.testing.assert_allclose(stats['']['g'], (2 * y / y.size).sum(0), rtol=1e-5)  # mean over 12 entries
