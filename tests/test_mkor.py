@@ -1,0 +1,293 @@
+"""scale_by_mkor: full updates against a dense float64 reimplementation,
+errors, NaN safety, jit, checkpointing, dtypes and layer selection."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import mkor_optax
+
+KEY = jax.random.PRNGKey(0)
+
+
+class Net(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.tanh(nn.Dense(6, name='hidden')(x))
+    h = nn.LayerNorm(name='norm')(h)
+    return nn.Dense(3, use_bias=False, name='out')(h)
+
+
+def batch(i, n=8):
+  k1, k2 = jax.random.split(jax.random.PRNGKey(100 + i))
+  return jax.random.normal(k1, (n, 4)), jax.random.normal(k2, (n, 3))
+
+
+def loss_fn(params, x, y, model=Net()):
+  return jnp.mean((model.apply({'params': params}, x) - y) ** 2)
+
+
+GRAD = mkor_optax.value_and_grad(loss_fn)
+
+
+def init_params(model=Net()):
+  return model.init(KEY, batch(0)[0])['params']
+
+
+def reference_run(grads_stats, gamma, zeta, epsilon, inv_freq, refresh='ema'):
+  """Dense float64 MKOR: explicit inverses of the factors, no Sherman-Morrison."""
+  def blocks(g):
+    return {'hidden': np.vstack([g['hidden']['kernel'], g['hidden']['bias'][None]]),
+            'out': np.asarray(g['out']['kernel'], np.float64)}
+  rinv = {'hidden': np.eye(5), 'out': np.eye(6)}
+  linv = {'hidden': np.eye(6), 'out': np.eye(3)}
+
+  def refreshed(p, v):
+    if np.abs(p).max() > epsilon:
+      p = zeta * p + (1 - zeta) * np.eye(len(p))
+    if refresh == 'ema':
+      return np.linalg.inv(gamma * np.linalg.inv(p) + (1 - gamma) * np.outer(v, v))
+    blended = gamma * p + (1 - gamma) * np.eye(len(p))
+    return np.linalg.inv(np.linalg.inv(blended) + np.outer(v, v))
+
+  outs = []
+  for t, (grads, stats) in enumerate(grads_stats):
+    grads = jax.tree.map(lambda a: np.asarray(a, np.float64), grads)
+    if t % inv_freq == 0:
+      for k in rinv:
+        rinv[k] = refreshed(rinv[k], np.asarray(stats[k]['a'], np.float64))
+        linv[k] = refreshed(linv[k], np.asarray(stats[k]['g'], np.float64))
+    out = {}
+    for k, g in blocks(grads).items():
+      u = rinv[k] @ g @ linv[k]
+      out[k] = u * np.linalg.norm(g) / np.linalg.norm(u)
+    outs.append({'hidden': {'kernel': out['hidden'][:4], 'bias': out['hidden'][4]},
+                 'out': {'kernel': out['out']}, 'norm': grads['norm']})
+  return outs
+
+
+@pytest.mark.parametrize('refresh', ['ema', 'blend'])
+def test_full_update_equals_dense_float64_reference(refresh):
+  params = init_params()
+  hp = dict(gamma=0.9, zeta=0.8, epsilon=1.5, inv_freq=2)
+  tx = mkor_optax.scale_by_mkor(refresh=refresh, **hp)
+  state = tx.init(params)
+  steps, got = [], []
+  for t in range(7):
+    _, grads, stats = GRAD(params, *batch(t))
+    steps.append((grads, stats))
+    u, state = tx.update(grads, state, params, stats=stats)
+    got.append(u)
+    params = optax.apply_updates(params, jax.tree.map(lambda x: -0.1 * x, u))
+  want = reference_run(steps, refresh=refresh, **hp)
+  for t, (g, w) in enumerate(zip(got, want)):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6,
+                                                         err_msg=f'step {t}'), g, w)
+  assert int(state.count) == 7
+
+
+def test_factor_inverses_refresh_only_every_inv_freq_steps():
+  params = init_params()
+  tx = mkor_optax.scale_by_mkor(inv_freq=3)
+  state = tx.init(params)
+  history = []
+  for t in range(7):
+    _, grads, stats = GRAD(params, *batch(t))
+    _, state = tx.update(grads, state, params, stats=stats)
+    history.append(np.asarray(state.l_inv['hidden']))
+  changed = [not np.array_equal(history[t], history[t - 1]) for t in range(1, 7)]
+  assert not np.array_equal(history[0], np.eye(6)[None])
+  assert changed == [False, False, True, False, False, True]
+
+
+def test_jit_compiles_once_for_a_run_of_steps():
+  params = init_params()
+  opt = mkor_optax.mkor(1e-2)
+  traces = []
+
+  @jax.jit
+  def step(params, state, x, y):
+    traces.append(1)
+    loss, grads, stats = GRAD(params, x, y)
+    updates, state = opt.update(grads, state, params, stats=stats)
+    return optax.apply_updates(params, updates), state, loss
+
+  state = opt.init(params)
+  losses = []
+  for t in range(12):
+    params, state, loss = step(params, state, *batch(t % 2))
+    losses.append(float(loss))
+  assert len(traces) == 1
+  assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize('kwargs, name', [
+    (dict(gamma=1.0), 'gamma'), (dict(gamma=0.0), 'gamma'), (dict(zeta=1.5), 'zeta'),
+    (dict(epsilon=0.0), 'epsilon'), (dict(inv_freq=0), 'inv_freq'), (dict(inv_freq=2.5), 'inv_freq'),
+    (dict(refresh='sm'), 'refresh'), (dict(max_factor_dim=0), 'max_factor_dim'),
+    (dict(factor_dtype=jnp.int32), 'factor_dtype'), (dict(exclude=[3]), 'exclude'),
+])
+def test_invalid_hyperparameters_raise_naming_the_parameter(kwargs, name):
+  with pytest.raises(ValueError, match=name):
+    mkor_optax.scale_by_mkor(**kwargs)
+  with pytest.raises(ValueError, match=name):
+    mkor_optax.mkor(1e-3, **kwargs)
+
+
+def test_missing_or_mismatched_stats_raise_naming_the_layer():
+  params = init_params()
+  tx = mkor_optax.scale_by_mkor()
+  state = tx.init(params)
+  _, grads, stats = GRAD(params, *batch(0))
+  with pytest.raises(ValueError, match='stats='):
+    tx.update(grads, state, params)
+  with pytest.raises(ValueError, match="'out'"):
+    tx.update(grads, state, params, stats={'hidden': stats['hidden']})
+  bad = dict(stats, hidden={'a': stats['hidden']['a'][:3], 'g': stats['hidden']['g']})
+  with pytest.raises(ValueError, match="'hidden'"):
+    tx.update(grads, state, params, stats=bad)
+  with pytest.raises(ValueError, match="'ghost'"):
+    tx.update(grads, state, params, stats=dict(stats, ghost=stats['out']))
+  with pytest.raises(ValueError, match='stats='):  # through the chain too
+    mkor_optax.mkor(1e-3).update(grads, mkor_optax.mkor(1e-3).init(params), params)
+
+
+@pytest.mark.parametrize('where', ['grads', 'stats'])
+def test_non_finite_step_leaves_factor_inverses_unchanged(where):
+  params = init_params()
+  tx = mkor_optax.scale_by_mkor(inv_freq=1)
+  state = tx.init(params)
+  _, grads, stats = GRAD(params, *batch(0))
+  _, state = tx.update(grads, state, params, stats=stats)
+  before = state
+  _, grads, stats = GRAD(params, *batch(1))
+  if where == 'grads':
+    grads = jax.tree.map(lambda x: x, grads)
+    grads['hidden']['kernel'] = grads['hidden']['kernel'].at[0, 0].set(jnp.nan)
+  else:
+    stats = dict(stats, out={'a': stats['out']['a'].at[1].set(jnp.inf), 'g': stats['out']['g']})
+  _, after = jax.jit(tx.update)(grads, state, params, stats=stats)
+  for k in ('r_inv', 'l_inv'):
+    jax.tree.map(np.testing.assert_array_equal, getattr(after, k), getattr(before, k))
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(after))
+  assert int(after.count) == 2
+
+
+def test_checkpoint_round_trip_continues_bit_identically(tmp_path):
+  ocp = pytest.importorskip('orbax.checkpoint')
+  opt = mkor_optax.mkor(1e-2, inv_freq=2)
+
+  @jax.jit
+  def step(params, state, x, y):
+    _, grads, stats = GRAD(params, x, y)
+    updates, state = opt.update(grads, state, params, stats=stats)
+    return optax.apply_updates(params, updates), state
+
+  params = init_params()
+  state = opt.init(params)
+  for t in range(3):
+    params, state = step(params, state, *batch(t))
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(tmp_path / 'ckpt', {'params': params, 'opt_state': state})
+  ckpt.wait_until_finished()
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {'params': params, 'opt_state': state})
+  restored = ckpt.restore(tmp_path / 'ckpt', abstract)
+  assert jax.tree.structure(restored['opt_state']) == jax.tree.structure(state)
+  p1, s1, p2, s2 = params, state, restored['params'], restored['opt_state']
+  for t in range(3, 8):
+    p1, s1 = step(p1, s1, *batch(t))
+    p2, s2 = step(p2, s2, *batch(t))
+  jax.tree.map(np.testing.assert_array_equal, (p1, s1), (p2, s2))
+
+
+def test_bfloat16_factors():
+  params = init_params()
+  tx32 = mkor_optax.scale_by_mkor(inv_freq=1)
+  tx16 = mkor_optax.scale_by_mkor(inv_freq=1, factor_dtype=jnp.bfloat16)
+  s32, s16 = tx32.init(params), tx16.init(params)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves((s16.r_inv, s16.l_inv)))
+  for t in range(4):
+    _, grads, stats = GRAD(params, *batch(t))
+    u32, s32 = tx32.update(grads, s32, params, stats=stats)
+    u16, s16 = tx16.update(grads, s16, params, stats=stats)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves((s16.r_inv, s16.l_inv)))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=5e-2, atol=5e-3), u16, u32)
+
+
+def test_max_factor_dim_makes_large_sides_identity():
+  params = init_params()
+  tx = mkor_optax.scale_by_mkor(max_factor_dim=5, inv_freq=1)
+  state = tx.init(params)
+  assert set(state.r_inv) == {'hidden'} and set(state.l_inv) == {'out'}
+  _, grads, stats = GRAD(params, *batch(0))
+  u, state = tx.update(grads, state, params, stats=stats)
+  g = np.vstack([grads['hidden']['kernel'], grads['hidden']['bias'][None]]).astype(np.float64)
+  p = np.linalg.inv(0.95 * np.eye(5) + 0.05 * np.outer(stats['hidden']['a'], stats['hidden']['a']))
+  want = p @ g
+  want *= np.linalg.norm(g) / np.linalg.norm(want)
+  np.testing.assert_allclose(u['hidden']['kernel'], want[:4], rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(u['hidden']['bias'], want[4], rtol=1e-4, atol=1e-6)
+
+
+def test_exclude_passes_layers_through_unchanged():
+  params = init_params()
+  for exclude in (['^out$'], 'out', lambda path: path == 'out'):
+    tx = mkor_optax.scale_by_mkor(exclude=exclude)
+    state = tx.init(params)
+    assert set(state.r_inv) == {'hidden'}
+    _, grads, stats = GRAD(params, *batch(0))
+    u, _ = tx.update(grads, state, params, stats=stats)
+    np.testing.assert_array_equal(u['out']['kernel'], grads['out']['kernel'])
+    np.testing.assert_array_equal(u['norm']['scale'], grads['norm']['scale'])
+    assert not np.allclose(u['hidden']['kernel'], grads['hidden']['kernel'])
+
+
+def test_mkor_alias_masks_weight_decay_off_biases_and_norms():
+  params = init_params()
+  zero = jax.tree.map(jnp.zeros_like, params)
+  opt = mkor_optax.mkor(1.0, weight_decay=0.5)
+  _, _, stats = GRAD(params, *batch(0))
+  u, _ = opt.update(zero, opt.init(params), params, stats=stats)
+  assert np.all(np.asarray(u['hidden']['bias']) == 0) and np.all(np.asarray(u['norm']['scale']) == 0)
+  assert np.any(np.asarray(u['hidden']['kernel']) != 0)
+
+
+class ScanNet(nn.Module):
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    block = lambda: nn.Dense(4, use_bias=self.use_bias, name='fc')
+    body = nn.scan(lambda m, c, _: (jnp.tanh(m(c)), None), variable_axes={'params': 0},
+                   split_rngs={'params': True}, length=3)
+    x, _ = body(block(), x, None)
+    return x
+
+
+@pytest.mark.parametrize('use_bias', [True, False])
+def test_scanned_layers_are_preconditioned_per_layer(use_bias):
+  model = ScanNet(use_bias)
+  x, y = jax.random.normal(KEY, (6, 4)), jax.random.normal(jax.random.PRNGKey(3), (6, 4))
+  params = model.init(KEY, x)['params']
+  loss = lambda p: jnp.mean((model.apply({'params': p}, x) - y) ** 2)
+  _, grads, stats = mkor_optax.value_and_grad(loss)(params)
+  if not use_bias:  # a bias-free stacked kernel (3, 4, 4) cannot be told apart by shape
+    tx = mkor_optax.scale_by_mkor()
+    with pytest.raises(ValueError, match='layer_layouts'):
+      tx.update(grads, tx.init(params), params, stats=stats)
+  layouts = mkor_optax.layer_layouts(loss, params)
+  assert layouts == {'fc': mkor_optax.Layout(1, 1, use_bias)}
+  tx = mkor_optax.scale_by_mkor(layouts=layouts)
+  u, state = tx.update(grads, tx.init(params), params, stats=stats)
+  assert state.l_inv['fc'].shape == (3, 4, 4)
+  for i in range(3):  # each layer on its own, through the unstacked 2-D path
+    one = jax.tree.map(lambda t: t[i], params['fc'])
+    one_stats = {'': jax.tree.map(lambda t: t[i], stats['fc'])}
+    one_grads = jax.tree.map(lambda t: t[i], grads['fc'])
+    tx1 = mkor_optax.scale_by_mkor()
+    u1, _ = tx1.update(one_grads, tx1.init(one), one, stats=one_stats)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-7),
+                 u['fc'], u1)
