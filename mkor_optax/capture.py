@@ -167,6 +167,8 @@ def _make_interceptor(mode: str, record: dict, kind: StatKind):
 
 def _tap(dummy, y, fwd, kind, out_ndim, g_scale):
   """Identity on ``y``; the cotangent of ``dummy`` is the layer's statistic."""
+  axes = layers_lib.varying_axes(y)
+  dummy, fwd = layers_lib.cast_varying((dummy, fwd), axes)
 
   @jax.custom_vjp
   def tap(dummy, y, fwd):
@@ -180,7 +182,8 @@ def _tap(dummy, y, fwd, kind, out_ndim, g_scale):
   def tap_bwd(fwd, ct_y):
     d_out = int(np.prod(ct_y.shape[ct_y.ndim - out_ndim:]))
     ct_dummy = kind.backward(fwd, ct_y.reshape(-1, d_out), g_scale)
-    return ct_dummy, ct_y, jax.tree.map(jnp.zeros_like, fwd)
+    ct_fwd = jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), fwd)
+    return layers_lib.cast_varying(ct_dummy, axes), ct_y, layers_lib.cast_varying(ct_fwd, axes)
 
   tap.defvjp(tap_fwd, tap_bwd)
   return tap(dummy, y, fwd)

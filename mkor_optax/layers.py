@@ -79,6 +79,23 @@ def capture_disabled() -> bool:
   return getattr(_local, 'off', False)
 
 
+def varying_axes(x) -> frozenset:
+  """The mesh axes ``x`` varies over inside ``shard_map`` (empty elsewhere)."""
+  t = jax.typeof(x)
+  mat = getattr(t, 'manual_axis_type', None)
+  return frozenset(mat.varying) if mat is not None else frozenset(getattr(t, 'vma', ()))
+
+
+def cast_varying(tree, axes: frozenset):
+  """Marks every leaf of ``tree`` as varying over ``axes`` (a no-op outside
+  ``shard_map``); its transpose is the ``psum`` that makes a statistic of a
+  replicated dummy the sum over devices, like any replicated parameter's."""
+  def cast(leaf):
+    missing = tuple(sorted(axes - varying_axes(leaf)))
+    return jax.lax.pcast(leaf, missing, to='varying') if missing else leaf
+  return jax.tree.map(cast, tree) if axes else tree
+
+
 def register_layer(module_type: type, adapter: Adapter) -> None:
   """Lets calls of ``module_type`` (and its subclasses) be preconditioned.
 
@@ -161,8 +178,9 @@ def conv_adapter(module, args, kwargs):
   kshape = _kernel_shape(module)
   probe = module.clone(parent=None, features=1, use_bias=False, dtype=jnp.float32,
                        param_dtype=jnp.float32, mask=None)
-  ones = jnp.ones(kshape[:-1] + (1,), jnp.float32)
   x32 = jax.lax.stop_gradient(x.astype(jnp.float32))
+  # varying like x under shard_map, so that its gradient is this device's sum only
+  ones = cast_varying(jnp.ones(kshape[:-1] + (1,), jnp.float32), varying_axes(x32))
   with _no_capture():
     patch_sum = jax.grad(lambda k: probe.apply({'params': {'kernel': k}}, x32).sum())(ones)
   input_sum = jax.lax.stop_gradient(patch_sum.reshape(-1))
