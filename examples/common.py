@@ -63,6 +63,47 @@ def autoencoder_loss(model):
   return loss_fn
 
 
+class EncoderBlock(nn.Module):
+  """Pre-LayerNorm transformer encoder block (BERT-style, GELU MLP)."""
+  heads: int
+  mlp_ratio: int = 4
+
+  @nn.compact
+  def __call__(self, h):
+    d = h.shape[-1]
+    a = nn.LayerNorm()(h)
+    h = h + nn.MultiHeadDotProductAttention(num_heads=self.heads)(a, a)
+    m = nn.LayerNorm()(h)
+    m = nn.Dense(self.mlp_ratio * d)(m)
+    return h + nn.Dense(d)(nn.gelu(m))
+
+
+class Encoder(nn.Module):
+  """Token embedding + learned positions + encoder blocks + vocabulary head."""
+  vocab: int
+  d: int = 128
+  depth: int = 2
+  heads: int = 4
+  max_len: int = 512
+
+  @nn.compact
+  def __call__(self, tokens):
+    h = nn.Embed(self.vocab, self.d)(tokens)
+    pos = self.param('pos', nn.initializers.normal(0.02), (self.max_len, self.d))
+    h = h + pos[:tokens.shape[-1]]
+    for _ in range(self.depth):
+      h = EncoderBlock(self.heads)(h)
+    return nn.Dense(self.vocab)(nn.LayerNorm()(h))
+
+
+def token_loss(model):
+  """Cross-entropy of predicted tokens (targets given per position)."""
+  def loss_fn(params, tokens, targets):
+    logits = model.apply({'params': params}, tokens)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+  return loss_fn
+
+
 def batches(x, y, batch_size: int, seed: int):
   """An endless, seeded stream of shuffled minibatches."""
   rng = np.random.default_rng(seed)

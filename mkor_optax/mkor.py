@@ -53,43 +53,47 @@ class MKORState(NamedTuple):
 
 # ---------------------------------------------------------------- refresh math
 
-def stabilise(p, epsilon: float, zeta: float):
-  """``P <- zeta P + (1-zeta) I`` where ``max|P| > epsilon`` (per stack entry)."""
-  eye = jnp.eye(p.shape[-1], dtype=p.dtype)
-  big = jnp.max(jnp.abs(p), axis=(-2, -1), keepdims=True) > epsilon
-  return jnp.where(big, zeta * p + (1.0 - zeta) * eye, p)
-
-
-def _symmetrise(p):
-  return 0.5 * (p + jnp.swapaxes(p, -1, -2))
-
-
-def sherman_morrison_ema(p, v, gamma: float):
-  """Exact ``(gamma F + (1-gamma) v v^T)^-1`` from ``P = F^-1`` (SPEC 1.4)."""
-  pv = jnp.einsum('...ij,...j->...i', p, v)
-  c = (1.0 - gamma) / gamma
-  denom = 1.0 + c * jnp.sum(v * pv, axis=-1)
-  outer = pv[..., :, None] * pv[..., None, :]
-  return _symmetrise(p / gamma - (c / gamma) * outer / denom[..., None, None])
-
-
-def sherman_morrison_blend(p, v, gamma: float):
-  """The authors' refresh: blend toward I, then ``(F + v v^T)^-1``."""
-  eye = jnp.eye(p.shape[-1], dtype=p.dtype)
-  p = gamma * p + (1.0 - gamma) * eye
-  pv = jnp.einsum('...ij,...j->...i', p, v)
-  denom = 1.0 + jnp.sum(v * pv, axis=-1)
-  return _symmetrise(p - pv[..., :, None] * pv[..., None, :] / denom[..., None, None])
-
-
-_REFRESH = {'ema': sherman_morrison_ema, 'blend': sherman_morrison_blend}
+_REFRESH = ('ema', 'blend')
 
 
 def refresh_inverse(p, v, *, gamma: float, zeta: float, epsilon: float, refresh: str = 'ema'):
-  """One factor-inverse refresh in float32: stabiliser, then the rank-1 rule."""
+  """One factor-inverse refresh, batched over leading axes of ``p`` and ``v``.
+
+  Stabiliser then rank-1 rule (module docstring), computed in at least
+  float32 and returned in ``p``'s dtype. Both steps are affine in ``P`` up to
+  the rank-1 term, so the whole refresh is one pass over ``P`` for the
+  max-abs test, one for ``P v`` and one fused write::
+
+      P' = alpha P + beta I                       (stabiliser; 'blend' too)
+      u  = P' v = alpha (P v) + beta v
+      P+ = kappa P' - lam u u^T
+
+  ``ema``: ``kappa = 1/gamma``, ``lam = ((1-gamma)/gamma^2) / (1 + ((1-gamma)/gamma) v^T u)``;
+  ``blend``: ``kappa = 1``, ``lam = 1 / (1 + v^T u)``. The result is exactly
+  symmetric whenever ``P`` is (``u_i u_j == u_j u_i`` in floating point), so no
+  re-symmetrisation pass is needed.
+  """
+  if refresh not in _REFRESH:
+    raise ValueError(f'refresh: must be one of {_REFRESH}, got {refresh!r}')
   dtype = p.dtype
-  p = stabilise(p.astype(jnp.float32), epsilon, zeta)
-  return _REFRESH[refresh](p, v.astype(jnp.float32), gamma).astype(dtype)
+  compute = jnp.promote_types(dtype, jnp.float32)
+  p, v = p.astype(compute), v.astype(compute)
+  big = jnp.max(jnp.abs(p), axis=(-2, -1)) > epsilon
+  alpha = jnp.where(big, zeta, 1.0).astype(compute)
+  beta = jnp.where(big, 1.0 - zeta, 0.0).astype(compute)
+  if refresh == 'blend':
+    alpha, beta = gamma * alpha, gamma * beta + (1.0 - gamma)
+  u = alpha[..., None] * jnp.einsum('...ij,...j->...i', p, v) + beta[..., None] * v
+  vu = jnp.sum(v * u, axis=-1)
+  if refresh == 'ema':
+    c = (1.0 - gamma) / gamma
+    kappa, lam = 1.0 / gamma, (c / gamma) / (1.0 + c * vu)
+  else:
+    kappa, lam = 1.0, 1.0 / (1.0 + vu)
+  eye = jnp.eye(p.shape[-1], dtype=compute)
+  new = (kappa * (alpha[..., None, None] * p + beta[..., None, None] * eye)
+         - lam[..., None, None] * (u[..., :, None] * u[..., None, :]))
+  return new.astype(dtype)
 
 
 # ------------------------------------------------------------ layer bookkeeping
@@ -244,7 +248,7 @@ def scale_by_mkor(
       epsilon=(epsilon > 0, f'must be > 0, got {epsilon!r}'),
       inv_freq=(isinstance(inv_freq, (int, np.integer)) and inv_freq >= 1,
                 f'must be an integer >= 1, got {inv_freq!r}'),
-      refresh=(refresh in _REFRESH, f'must be one of {sorted(_REFRESH)}, got {refresh!r}'),
+      refresh=(refresh in _REFRESH, f'must be one of {_REFRESH}, got {refresh!r}'),
       max_factor_dim=(isinstance(max_factor_dim, (int, np.integer)) and max_factor_dim >= 1,
                       f'must be an integer >= 1, got {max_factor_dim!r}'),
       factor_dtype=(jnp.issubdtype(jnp.dtype(factor_dtype), jnp.floating),

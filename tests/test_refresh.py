@@ -5,7 +5,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mkor_optax.mkor import refresh_inverse, sherman_morrison_blend, sherman_morrison_ema, stabilise
+from mkor_optax.mkor import refresh_inverse
+
+NO_STAB = dict(zeta=0.9, epsilon=np.inf)
+
+
+def ema(p, v, gamma):
+  return refresh_inverse(p, v, gamma=gamma, refresh='ema', **NO_STAB)
+
+
+def stabilise(p, epsilon, zeta):
+  """The stabiliser alone: an 'ema' refresh with v = 0 and gamma -> 1 is P itself."""
+  v = jnp.zeros(p.shape[:-1], p.dtype)
+  return refresh_inverse(p, v, gamma=1 - 1e-12, zeta=zeta, epsilon=epsilon)
 
 
 def random_spd(rng, d, cond=10.0):
@@ -21,7 +33,7 @@ def test_ema_refresh_is_exact_inverse_float64(gamma):
       f = random_spd(rng, d)
       v = rng.normal(size=d)
       want = np.linalg.inv(gamma * f + (1 - gamma) * np.outer(v, v))
-      got = np.asarray(sherman_morrison_ema(jnp.asarray(np.linalg.inv(f)), jnp.asarray(v), gamma))
+      got = np.asarray(ema(jnp.asarray(np.linalg.inv(f)), jnp.asarray(v), gamma))
       np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
 
 
@@ -46,7 +58,8 @@ def test_blend_refresh_is_inverse_of_blended_plus_rank1():
     v = rng.normal(size=d)
     blended = gamma * p + (1 - gamma) * np.eye(d)
     want = np.linalg.inv(np.linalg.inv(blended) + np.outer(v, v))
-    got = np.asarray(sherman_morrison_blend(jnp.asarray(p), jnp.asarray(v), gamma))
+    got = np.asarray(refresh_inverse(jnp.asarray(p), jnp.asarray(v), gamma=gamma, refresh='blend',
+                                      **NO_STAB))
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
 
 
