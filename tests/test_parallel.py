@@ -64,6 +64,16 @@ def assert_close(got, want):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
 
 
+def run_on_sharded_batches(step, params, opt, mesh):
+  """STEPS steps with the batch split over the mesh's 'batch' axis."""
+  sharded = NamedSharding(mesh, P('batch'))
+  p, s = params, opt.init(params)
+  for t in range(STEPS):
+    x, y = data(t)
+    p, s = step(p, s, jax.device_put(x, sharded), jax.device_put(y, sharded))
+  return p, s
+
+
 def test_pmap_equals_single_device_full_batch(single_device_run):
   params, want_p, want_s = single_device_run
   opt = make_opt('batch')
@@ -100,12 +110,7 @@ def test_shard_map_equals_single_device_full_batch(single_device_run):
 
   step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P('batch'), P('batch')),
                                out_specs=(P(), P())))
-  sharded = NamedSharding(mesh, P('batch'))
-  p, s = params, opt.init(params)
-  for t in range(STEPS):
-    x, y = data(t)
-    p, s = step(p, s, jax.device_put(x, sharded), jax.device_put(y, sharded))
-  assert_close((p, s), (want_p, want_s))
+  assert_close(run_on_sharded_batches(step, params, opt, mesh), (want_p, want_s))
 
 
 def test_jit_with_sharded_batch_needs_no_axis_name(single_device_run):
@@ -119,9 +124,4 @@ def test_jit_with_sharded_batch_needs_no_axis_name(single_device_run):
     updates, state = opt.update(grads, state, params, stats=stats)
     return optax.apply_updates(params, updates), state
 
-  sharded = NamedSharding(mesh, P('batch'))
-  p, s = params, opt.init(params)
-  for t in range(STEPS):
-    x, y = data(t)
-    p, s = step(p, s, jax.device_put(x, sharded), jax.device_put(y, sharded))
-  assert_close((p, s), (want_p, want_s))
+  assert_close(run_on_sharded_batches(step, params, opt, mesh), (want_p, want_s))
