@@ -269,3 +269,18 @@ def test_custom_layer_opts_in_with_register_layer():
   y = 2.0 * np.asarray(x) @ np.asarray(params['kernel'])
   np.testing.assert_allclose(stats['']['a'], np.asarray(x).mean(0), rtol=1e-5)
   np.testing.assert_allclose(stats['']['g'], (2 * y / y.size).sum(0), rtol=1e-5)  # mean over 12 entries
+
+
+def test_layer_whose_params_lose_the_tap_is_an_error_naming_it():
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(2, name='head')(nn.Dense(3, name='body')(x))
+
+  x = jax.random.normal(KEY, (4, 5))
+  params = Net().init(KEY, x)['params']
+  keep = lambda d: {k: v for k, v in d.items() if k in ('kernel', 'bias')}
+  # rebuilds the 'head' params from a whitelist of names: the capture's dummy is dropped
+  loss = lambda p: jnp.mean(Net().apply({'params': {'body': p['body'], 'head': keep(p['head'])}}, x))
+  with pytest.raises(ValueError, match="'head'"):
+    mkor_optax.value_and_grad(loss)(params)
