@@ -36,6 +36,7 @@ import numpy as np
 
 from mkor_optax import layers as layers_lib
 from mkor_optax.kronecker import Layout
+from mkor_optax.paths import DELETE, get_at, path_str, set_at
 
 TAP = '__mkor_tap__'
 
@@ -84,7 +85,7 @@ class Rank1(StatKind):
             'g': jnp.zeros((info.d_out,), jnp.float32)}
 
   def forward(self, call):
-    return {'input_sum': call.input_sum, 'rows': jnp.asarray(call.rows, jnp.float32)}
+    return {'input_sum': call.sum_of_inputs(), 'rows': jnp.asarray(call.rows, jnp.float32)}
 
   def backward(self, fwd, dy_rows, g_scale):
     g = g_scale * jnp.sum(dy_rows.astype(jnp.float32), axis=0)
@@ -99,37 +100,6 @@ class Rank1(StatKind):
 
 
 RANK1 = Rank1()
-
-
-def path_str(path) -> str:
-  return '/'.join(str(p) for p in path)
-
-
-def get_at(tree, path):
-  for p in path:
-    if not isinstance(tree, Mapping) or p not in tree:
-      return None
-    tree = tree[p]
-  return tree
-
-
-def _rebuild(node, items):
-  """A copy of mapping ``node`` with ``items`` changed, of the same type."""
-  new = dict(node)
-  new.update(items)
-  for k in [k for k, v in items.items() if v is _DELETE]:
-    del new[k]
-  return new if type(node) is dict else type(node)(new)
-
-
-_DELETE = object()
-
-
-def set_at(tree, path, value):
-  """Copy-on-write ``tree[path] = value`` (``value=_DELETE`` removes it)."""
-  if len(path) == 1:
-    return _rebuild(tree, {path[0]: value})
-  return _rebuild(tree, {path[0]: set_at(tree[path[0]], path[1:], value)})
 
 
 def _make_interceptor(mode: str, record: dict, kind: StatKind):
@@ -283,7 +253,45 @@ def value_and_grad(fun: Callable, has_aux: bool = False, *, kind: StatKind = RAN
     stats = {}
     for path, info in tapped.items():
       stats[path_str(path)] = kind.finalize(get_at(grads, path + (TAP,)), info)
-      grads = set_at(grads, path + (TAP,), _DELETE)
+      grads = set_at(grads, path + (TAP,), DELETE)
     return value, grads, stats
 
   return wrapped
+
+
+class Covariance(StatKind):
+  """K-FAC's statistics: full second moments of inputs and output gradients.
+
+      A = (1/R) sum_rows x_aug x_aug^T          (x_aug = [x, 1] with a bias)
+      G = (1/R) sum_rows h h^T,  h = n * dL/dy_row
+
+  ``R`` rows, ``n = R * g_scale`` examples (``R/P`` for a convolution), so
+  ``h`` is the per-example loss gradient for a loss that is a mean over
+  examples. A layer called several times averages ``G`` over its calls.
+  """
+
+  def zeros(self, info):
+    d_in = info.d_in + int(info.has_bias)
+    return {'xx': jnp.zeros((d_in, d_in), jnp.float32), 'rows': jnp.zeros((), jnp.float32),
+            'hh': jnp.zeros((info.d_out, info.d_out), jnp.float32),
+            'calls': jnp.zeros((), jnp.float32)}
+
+  def forward(self, call):
+    x = call.input_rows()
+    if call.has_bias:
+      x = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)
+    return {'xx': x.T @ x, 'rows': jnp.asarray(call.rows, jnp.float32),
+            'n': jnp.asarray(call.rows * call.g_scale, jnp.float32)}
+
+  def backward(self, fwd, dy_rows, g_scale):
+    h = dy_rows.astype(jnp.float32) * fwd['n']
+    return {'xx': fwd['xx'], 'rows': fwd['rows'], 'hh': (h.T @ h) / fwd['rows'],
+            'calls': jnp.ones_like(fwd['rows'])}
+
+  def finalize(self, ct, info):
+    rows = jnp.maximum(ct['rows'], 1.0)[..., None, None]
+    calls = jnp.maximum(ct['calls'], 1.0)[..., None, None]
+    return {'A': ct['xx'] / rows, 'G': ct['hh'] / calls}
+
+
+COVARIANCE = Covariance()

@@ -8,15 +8,25 @@ A second-order layer's kernel of shape ``(*stack, *in_axes, *out_axes)``
 
 and preconditioned as ``U = R^-1 G_aug L^-1`` (SPEC 1.5), then rescaled to the
 Frobenius norm of the raw ``G_aug`` (SPEC 1.6).
+
+Also the bookkeeping every Kronecker-factored transform shares: which
+parameter subtrees are second-order layers (:func:`plan_layers`, honouring
+``exclude``, ``layouts`` and ``max_factor_dim``), and the checks that the
+statistics handed to ``update`` match them (:func:`check_stats`).
 """
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Optional
+import re
+from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mkor_optax.paths import get_at, set_at
+
+Exclude = Union[None, str, Iterable[str], Callable[[str], bool]]
 
 
 class Layout(NamedTuple):
@@ -111,3 +121,127 @@ def rescale_to(u, g_aug):
   gn = jnp.sqrt(jnp.sum(jnp.square(g_aug), axis=(1, 2), keepdims=True))
   scale = jnp.where(un > 0, gn / jnp.where(un > 0, un, 1.0), 0.0)
   return u * scale
+
+
+# ------------------------------------------------------- which layers, checked
+
+def exclude_predicate(exclude: Exclude) -> Callable[[str], bool]:
+  if exclude is None:
+    return lambda path: False
+  if callable(exclude):
+    return exclude
+  patterns = [exclude] if isinstance(exclude, str) else list(exclude)
+  for p in patterns:
+    if not isinstance(p, str):
+      raise ValueError(f'exclude: expected regular expressions (str), got {p!r}')
+  compiled = [re.compile(p) for p in patterns]
+  return lambda path: any(c.search(path) for c in compiled)
+
+
+class LayerPlan(NamedTuple):
+  path: tuple
+  dims: Dims
+  has_r: bool
+  has_l: bool
+
+
+def _module_paths(tree, prefix=()):
+  """Paths of every mapping in ``tree`` that holds a ``'kernel'`` leaf."""
+  if not hasattr(tree, 'items'):
+    return
+  if 'kernel' in tree and not hasattr(tree['kernel'], 'items'):
+    yield prefix
+  for k, v in tree.items():
+    if hasattr(v, 'items'):
+      yield from _module_paths(v, prefix + (k,))
+
+
+def plan_layers(params, *, layouts: Optional[dict], excluded: Callable[[str], bool],
+                max_factor_dim: int) -> dict:
+  """``{path_str: LayerPlan}`` for every second-order layer of ``params``."""
+  plan = {}
+  layouts = layouts or {}
+  for path in _module_paths(params):
+    name = '/'.join(str(p) for p in path)
+    if excluded(name):
+      continue
+    module = get_at(params, path)
+    layout = layouts.get(name) or infer_layout(module)
+    if layout is None:
+      continue
+    d = dims(np.shape(module['kernel']), layout)
+    if d.has_bias and 'bias' not in module:
+      raise ValueError(f'layer {name!r}: layout says it has a bias but params has none')
+    has_r, has_l = d.d_in_aug <= max_factor_dim, d.d_out <= max_factor_dim
+    if has_r or has_l:
+      plan[name] = LayerPlan(path, d, has_r, has_l)
+  return plan
+
+
+def rank1_shapes(d: Dims) -> dict:
+  """Shapes of the rank-1 statistics (``mkor_optax.RANK1``) of one layer."""
+  return {'a': d.stack + (d.d_in_aug,), 'g': d.stack + (d.d_out,)}
+
+
+def check_stats(stats, plan: dict, params, excluded: Callable[[str], bool], who: str,
+                shapes: Callable[[Dims], dict] = rank1_shapes, kind: str = 'RANK1'):
+  """Raises ``ValueError`` naming the layer if ``stats`` does not match ``plan``.
+
+  ``shapes(dims)`` gives the statistics one layer must have; ``kind`` names
+  the ``mkor_optax.value_and_grad(kind=...)`` that produces them.
+  """
+  if stats is None:
+    raise ValueError(
+        f'{who}.update needs the layer statistics: call it as update(grads, state, params, '
+        f'stats=stats) with stats from mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.{kind}).')
+  if not hasattr(stats, 'keys'):
+    raise ValueError(f'{who}: stats must be the dict returned by mkor_optax.value_and_grad')
+  for name in stats:
+    if name not in plan and not excluded(name):
+      kernel = get_at(params, tuple(name.split('/')) + ('kernel',)) if params is not None else None
+      if params is not None and kernel is None:
+        raise ValueError(f'{who}: stats has layer {name!r} but params has no kernel there')
+  for name, lp in plan.items():
+    if name not in stats:
+      raise ValueError(
+          f'{who}: no statistics for layer {name!r}. It has a kernel but was not captured '
+          '(not called in the loss, or not a Dense/DenseGeneral/Conv layer): exclude it with '
+          f'exclude=[{name!r}] or register its class with mkor_optax.register_layer.')
+    d = lp.dims
+    want = shapes(d)
+    if not hasattr(stats[name], 'get') or any(k not in stats[name] for k in want):
+      raise ValueError(
+          f'{who}: statistics for layer {name!r} lack {sorted(want)}: compute them with '
+          f'mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.{kind}).')
+    got = {k: tuple(np.shape(stats[name][k])) for k in want}
+    if got != want:
+      raise ValueError(
+          f'{who}: statistics for layer {name!r} have shapes {got}, but its parameters were '
+          f'read as {want} (layout {d}). If the layout was guessed wrongly, pass '
+          'layouts=mkor_optax.layer_layouts(loss_fn, params, *batch) to the optimizer.')
+
+
+def all_finite(*trees) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree.leaves(t)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def layer_grads(updates, lp: LayerPlan):
+  module = get_at(updates, lp.path)
+  g = to_matrix(module['kernel'], module.get('bias'), lp.dims)
+  return module, g
+
+
+def write_layer(updates, lp: LayerPlan, module, u):
+  kernel, bias = from_matrix(u, module['kernel'], module.get('bias'), lp.dims)
+  updates = set_at(updates, lp.path + ('kernel',), kernel)
+  if bias is not None:
+    updates = set_at(updates, lp.path + ('bias',), bias)
+  return updates
+
+
+def validate(**checks):
+  """Raises ``ValueError('name: message')`` for the first failed ``name=(ok, message)``."""
+  for name, (ok, msg) in checks.items():
+    if not ok:
+      raise ValueError(f'{name}: {msg}')

@@ -37,9 +37,10 @@ class LayerCall(NamedTuple):
   """What the capture needs from one call of a second-order layer.
 
   Attributes:
-    input_sum: float32 ``(d_in,)``, the sum over the call's rows of the layer
-      input (for a convolution, of the im2col patches).
-    rows: the number of rows summed in ``input_sum`` (a Python int).
+    input_rows: ``() -> (rows, d_in)`` float32 rows of the layer input (for a
+      convolution, its im2col patches); called only by statistic kinds that
+      need more than the sum (full covariances).
+    rows: the number of rows (a Python int).
     out_ndim: how many trailing axes of the output are feature axes; the
       output is read as ``(rows_out, d_out)`` by flattening the others.
     g_scale: factor applied to the sum over rows of ``dL/dy`` (``1/P`` for a
@@ -48,14 +49,22 @@ class LayerCall(NamedTuple):
       parameter must be called ``'bias'``; the kernel ``'kernel'``).
     kernel_shape: the shape of the kernel the call used (without any
       leading stacking axes that ``nn.scan``/``nn.vmap`` split off).
+    input_sum: optional ``() -> (d_in,)``, the sum of ``input_rows()`` computed
+      more cheaply; by default the rows are summed.
   """
 
-  input_sum: jax.Array
+  input_rows: Callable[[], jax.Array]
   rows: int
   out_ndim: int
   g_scale: float
   has_bias: bool
   kernel_shape: tuple
+  input_sum: Optional[Callable[[], jax.Array]] = None
+
+  def sum_of_inputs(self) -> jax.Array:
+    if self.input_sum is not None:
+      return self.input_sum()
+    return jnp.sum(self.input_rows(), axis=0)
 
 
 Adapter = Callable[[nn.Module, tuple, dict], Optional[Callable[[jax.Array], LayerCall]]]
@@ -105,7 +114,7 @@ def register_layer(module_type: type, adapter: Adapter) -> None:
   the call's output. The module's parameters must be named ``'kernel'`` (of
   shape ``(*in_axes, *out_axes)``, flattening to ``(d_in, d_out)`` in C
   order) and, if ``LayerCall.has_bias``, ``'bias'`` (of shape ``out_axes``).
-  See :func:`dense_adapter` for a complete example.
+  See :func:`dense_adapter` and :func:`_rows_reader` for a complete example.
   """
   if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
     raise TypeError(f'register_layer: {module_type!r} is not a flax.linen.Module subclass')
@@ -127,22 +136,22 @@ def _has_bias(module: nn.Module) -> bool:
   return bool(getattr(module, 'use_bias', False)) and module.has_variable('params', 'bias')
 
 
-def _f32_row_sum(rows: jax.Array) -> jax.Array:
-  return jnp.sum(rows.astype(jnp.float32), axis=0)
+def _rows_reader(module, rows, out_ndim):
+  """A ``read(y)`` for a dense-like layer whose input rows are ``rows``."""
+  input_rows = lambda: jax.lax.stop_gradient(rows.astype(jnp.float32))
+
+  def read(y):
+    del y
+    return LayerCall(input_rows, int(rows.shape[0]), out_ndim, 1.0, _has_bias(module),
+                     _kernel_shape(module))
+
+  return read
 
 
 def dense_adapter(module, args, kwargs):
   """``nn.Dense``: rows are all leading axes of the input."""
-  x = args[0] if args else kwargs['inputs']
-  x = jnp.asarray(x)
-  d_in = x.shape[-1]
-  rows = x.reshape(-1, d_in)
-  input_sum = jax.lax.stop_gradient(_f32_row_sum(rows))
-
-  def read(y):
-    return LayerCall(input_sum, rows.shape[0], 1, 1.0, _has_bias(module), _kernel_shape(module))
-
-  return read
+  x = jnp.asarray(args[0] if args else kwargs['inputs'])
+  return _rows_reader(module, x.reshape(-1, x.shape[-1]), 1)
 
 
 def _normalize_axes(axes, ndim):
@@ -160,36 +169,45 @@ def dense_general_adapter(module, args, kwargs):
   features = module.features if isinstance(module.features, (tuple, list)) else (module.features,)
   d_in = int(np.prod([x.shape[a] for a in axis]))
   moved = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
-  rows = moved.reshape(-1, d_in)
-  input_sum = jax.lax.stop_gradient(_f32_row_sum(rows))
-
-  def read(y):
-    return LayerCall(input_sum, rows.shape[0], len(features), 1.0, _has_bias(module),
-                     _kernel_shape(module))
-
-  return read
+  return _rows_reader(module, moved.reshape(-1, d_in), len(features))
 
 
 def conv_adapter(module, args, kwargs):
-  """``nn.Conv`` (not grouped): im2col patch sums via the layer's own clone."""
+  """``nn.Conv`` (not grouped): im2col patches through clones of the layer.
+
+  The patch sum is the kernel gradient of ``sum(conv(x, K))`` for a ones
+  kernel with one output channel; the patches themselves (only for kinds that
+  need rows) are the output of a conv whose kernel is the identity on the
+  ``prod(window) * c_in`` patch entries. Both use the layer's own padding code.
+  """
   if getattr(module, 'feature_group_count', 1) != 1:
     return None
   x = jnp.asarray(args[0] if args else kwargs['inputs'])
   kshape = _kernel_shape(module)
-  probe = module.clone(parent=None, features=1, use_bias=False, dtype=jnp.float32,
-                       param_dtype=jnp.float32, mask=None)
+  d_in = int(np.prod(kshape[:-1]))
   x32 = jax.lax.stop_gradient(x.astype(jnp.float32))
-  # varying like x under shard_map, so that its gradient is this device's sum only
-  ones = cast_varying(jnp.ones(kshape[:-1] + (1,), jnp.float32), varying_axes(x32))
-  with _no_capture():
-    patch_sum = jax.grad(lambda k: probe.apply({'params': {'kernel': k}}, x32).sum())(ones)
-  input_sum = jax.lax.stop_gradient(patch_sum.reshape(-1))
+  probe = lambda features: module.clone(parent=None, features=features, use_bias=False,
+                                        dtype=jnp.float32, param_dtype=jnp.float32, mask=None)
+
+  def patch_sum():
+    # varying like x under shard_map, so that its gradient is this device's sum only
+    ones = cast_varying(jnp.ones(kshape[:-1] + (1,), jnp.float32), varying_axes(x32))
+    conv = probe(1)
+    with _no_capture():
+      total = jax.grad(lambda k: conv.apply({'params': {'kernel': k}}, x32).sum())(ones)
+    return jax.lax.stop_gradient(total.reshape(-1))
+
+  def patches():
+    eye = jnp.eye(d_in, dtype=jnp.float32).reshape(kshape[:-1] + (d_in,))
+    with _no_capture():
+      out = probe(d_in).apply({'params': {'kernel': eye}}, x32)
+    return jax.lax.stop_gradient(out.reshape(-1, d_in))
 
   def read(y):
     n_spatial = len(kshape) - 2
     positions = int(np.prod(y.shape[y.ndim - 1 - n_spatial:-1]))
     rows = int(np.prod(y.shape[:-1]))
-    return LayerCall(input_sum, rows, 1, 1.0 / positions, _has_bias(module), kshape)
+    return LayerCall(patches, rows, 1, 1.0 / positions, _has_bias(module), kshape, patch_sum)
 
   return read
 

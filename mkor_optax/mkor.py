@@ -27,8 +27,7 @@ passes through unchanged.
 
 from __future__ import annotations
 
-import re
-from typing import Any, Callable, Iterable, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +35,7 @@ import numpy as np
 import optax
 
 from mkor_optax import kronecker as kr
-from mkor_optax.capture import get_at, set_at
 
-Exclude = Union[None, str, Iterable[str], Callable[[str], bool]]
 
 
 class MKORState(NamedTuple):
@@ -96,115 +93,6 @@ def refresh_inverse(p, v, *, gamma: float, zeta: float, epsilon: float, refresh:
   return new.astype(dtype)
 
 
-# ------------------------------------------------------------ layer bookkeeping
-
-def exclude_predicate(exclude: Exclude) -> Callable[[str], bool]:
-  if exclude is None:
-    return lambda path: False
-  if callable(exclude):
-    return exclude
-  patterns = [exclude] if isinstance(exclude, str) else list(exclude)
-  for p in patterns:
-    if not isinstance(p, str):
-      raise ValueError(f'exclude: expected regular expressions (str), got {p!r}')
-  compiled = [re.compile(p) for p in patterns]
-  return lambda path: any(c.search(path) for c in compiled)
-
-
-class LayerPlan(NamedTuple):
-  path: tuple
-  dims: kr.Dims
-  has_r: bool
-  has_l: bool
-
-
-def _module_paths(tree, prefix=()):
-  """Paths of every mapping in ``tree`` that holds a ``'kernel'`` leaf."""
-  if not hasattr(tree, 'items'):
-    return
-  if 'kernel' in tree and not hasattr(tree['kernel'], 'items'):
-    yield prefix
-  for k, v in tree.items():
-    if hasattr(v, 'items'):
-      yield from _module_paths(v, prefix + (k,))
-
-
-def plan_layers(params, *, layouts: Optional[dict], excluded: Callable[[str], bool],
-                max_factor_dim: int) -> dict:
-  """``{path_str: LayerPlan}`` for every second-order layer of ``params``."""
-  plan = {}
-  layouts = layouts or {}
-  for path in _module_paths(params):
-    name = '/'.join(str(p) for p in path)
-    if excluded(name):
-      continue
-    module = get_at(params, path)
-    layout = layouts.get(name) or kr.infer_layout(module)
-    if layout is None:
-      continue
-    d = kr.dims(np.shape(module['kernel']), layout)
-    if d.has_bias and 'bias' not in module:
-      raise ValueError(f'layer {name!r}: layout says it has a bias but params has none')
-    has_r, has_l = d.d_in_aug <= max_factor_dim, d.d_out <= max_factor_dim
-    if has_r or has_l:
-      plan[name] = LayerPlan(path, d, has_r, has_l)
-  return plan
-
-
-def check_stats(stats, plan: dict, params, excluded: Callable[[str], bool], who: str):
-  """Raises ``ValueError`` naming the layer if ``stats`` does not match ``plan``."""
-  if stats is None:
-    raise ValueError(
-        f'{who}.update needs the layer statistics: call it as update(grads, state, params, '
-        'stats=stats) with stats from mkor_optax.value_and_grad.')
-  if not hasattr(stats, 'keys'):
-    raise ValueError(f'{who}: stats must be the dict returned by mkor_optax.value_and_grad')
-  for name in stats:
-    if name not in plan and not excluded(name):
-      kernel = get_at(params, tuple(name.split('/')) + ('kernel',)) if params is not None else None
-      if params is not None and kernel is None:
-        raise ValueError(f'{who}: stats has layer {name!r} but params has no kernel there')
-  for name, lp in plan.items():
-    if name not in stats:
-      raise ValueError(
-          f'{who}: no statistics for layer {name!r}. It has a kernel but was not captured '
-          '(not called in the loss, or not a Dense/DenseGeneral/Conv layer): exclude it with '
-          f'exclude=[{name!r}] or register its class with mkor_optax.register_layer.')
-    d = lp.dims
-    want = {'a': d.stack + (d.d_in_aug,), 'g': d.stack + (d.d_out,)}
-    got = {k: tuple(np.shape(stats[name].get(k))) for k in want}
-    if got != want:
-      raise ValueError(
-          f'{who}: statistics for layer {name!r} have shapes {got}, but its parameters were '
-          f'read as {want} (layout {d}). If the layout was guessed wrongly, pass '
-          'layouts=mkor_optax.layer_layouts(loss_fn, params, *batch) to the optimizer.')
-
-
-def all_finite(*trees) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree.leaves(t)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
-
-
-def layer_grads(updates, lp: LayerPlan):
-  module = get_at(updates, lp.path)
-  g = kr.to_matrix(module['kernel'], module.get('bias'), lp.dims)
-  return module, g
-
-
-def write_layer(updates, lp: LayerPlan, module, u):
-  kernel, bias = kr.from_matrix(u, module['kernel'], module.get('bias'), lp.dims)
-  updates = set_at(updates, lp.path + ('kernel',), kernel)
-  if bias is not None:
-    updates = set_at(updates, lp.path + ('bias',), bias)
-  return updates
-
-
-def _validate(**checks):
-  for name, (ok, msg) in checks.items():
-    if not ok:
-      raise ValueError(f'{name}: {msg}')
-
-
 # ------------------------------------------------------------------- transform
 
 def scale_by_mkor(
@@ -217,7 +105,7 @@ def scale_by_mkor(
     axis_name: Optional[str] = None,
     factor_dtype: Any = jnp.float32,
     max_factor_dim: int = 4096,
-    exclude: Exclude = None,
+    exclude: kr.Exclude = None,
     layouts: Optional[dict] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """MKOR preconditioning of every captured Dense/DenseGeneral/Conv layer.
@@ -242,7 +130,7 @@ def scale_by_mkor(
     An ``optax.GradientTransformationExtraArgs`` whose update is
     ``update(grads, state, params=None, *, stats)``.
   """
-  _validate(
+  kr.validate(
       gamma=(0.0 < gamma < 1.0, f'must be in (0, 1), got {gamma!r}'),
       zeta=(0.0 <= zeta <= 1.0, f'must be in [0, 1], got {zeta!r}'),
       epsilon=(epsilon > 0, f'must be > 0, got {epsilon!r}'),
@@ -254,8 +142,8 @@ def scale_by_mkor(
       factor_dtype=(jnp.issubdtype(jnp.dtype(factor_dtype), jnp.floating),
                     f'must be a floating dtype, got {factor_dtype!r}'),
   )
-  excluded = exclude_predicate(exclude)
-  plan_of = lambda tree: plan_layers(tree, layouts=layouts, excluded=excluded,
+  excluded = kr.exclude_predicate(exclude)
+  plan_of = lambda tree: kr.plan_layers(tree, layouts=layouts, excluded=excluded,
                                      max_factor_dim=max_factor_dim)
 
   def init(params):
@@ -268,14 +156,14 @@ def scale_by_mkor(
   def update(updates, state, params=None, *, stats=None, **extra_args):
     del extra_args
     plan = plan_of(updates)
-    check_stats(stats, plan, updates, excluded, 'scale_by_mkor')
+    kr.check_stats(stats, plan, updates, excluded, 'scale_by_mkor')
     vecs = {k: {'a': stats[k]['a'].reshape(lp.dims.n_stack, -1),
                 'g': stats[k]['g'].reshape(lp.dims.n_stack, -1)} for k, lp in plan.items()}
     if axis_name is not None:
       vecs = jax.lax.pmean(vecs, axis_name)
 
-    grads = {k: layer_grads(updates, lp) for k, lp in plan.items()}
-    finite = all_finite(vecs, [g for _, g in grads.values()])
+    grads = {k: kr.layer_grads(updates, lp) for k, lp in plan.items()}
+    finite = kr.all_finite(vecs, [g for _, g in grads.values()])
     do_refresh = jnp.logical_and(state.count % inv_freq == 0, finite)
 
     def refreshed(factors):
@@ -289,7 +177,7 @@ def scale_by_mkor(
     for k, lp in plan.items():
       module, g = grads[k]
       u = kr.precondition(g, r_inv.get(k), l_inv.get(k))
-      updates = write_layer(updates, lp, module, kr.rescale_to(u, g))
+      updates = kr.write_layer(updates, lp, module, kr.rescale_to(u, g))
     return updates, MKORState(state.count + 1, r_inv, l_inv)
 
   return optax.GradientTransformationExtraArgs(init, update)
