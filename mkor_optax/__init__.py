@@ -1,6 +1,8 @@
 """mkor_optax: scalable second-order optimizers for Optax and Flax."""
 
-from mkor_optax.capture import RANK1, StatKind, layer_layouts, value_and_grad
+from mkor_optax.capture import COVARIANCE, RANK1, Covariance, StatKind, layer_layouts, value_and_grad
+from mkor_optax.eva import EvaState, eva, scale_by_eva
+from mkor_optax.kfac import KFACState, kfac, scale_by_kfac
 from mkor_optax.kronecker import Layout
 from mkor_optax.layers import LayerCall, register_layer
 from mkor_optax.mkor import MKORState, mkor, scale_by_mkor
@@ -8,6 +10,7 @@ from mkor_optax.mkor import MKORState, mkor, scale_by_mkor
 __version__ = '0.1.0'
 
 __all__ = [
-    'Layout', 'LayerCall', 'MKORState', 'RANK1', 'StatKind', 'layer_layouts', 'mkor',
-    'register_layer', 'scale_by_mkor', 'value_and_grad',
+    'COVARIANCE', 'Covariance', 'EvaState', 'KFACState', 'Layout', 'LayerCall', 'MKORState',
+    'RANK1', 'StatKind', 'eva', 'kfac', 'layer_layouts', 'mkor', 'register_layer',
+    'scale_by_eva', 'scale_by_kfac', 'scale_by_mkor', 'value_and_grad',
 ]

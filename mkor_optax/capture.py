@@ -267,31 +267,56 @@ class Covariance(StatKind):
 
   ``R`` rows, ``n = R * g_scale`` examples (``R/P`` for a convolution), so
   ``h`` is the per-example loss gradient for a loss that is a mean over
-  examples. A layer called several times averages ``G`` over its calls.
+  examples. A layer called several times averages ``G`` over its calls. A
+  side larger than ``max_dim`` is not collected (it is preconditioned by the
+  identity: keep ``max_dim`` equal to the transform's ``max_factor_dim``).
   """
+
+  def __init__(self, max_dim: int = 4096):
+    self.max_dim = max_dim
+
+  def _sides(self, d_in_aug, d_out):
+    return d_in_aug <= self.max_dim, d_out <= self.max_dim
 
   def zeros(self, info):
     d_in = info.d_in + int(info.has_bias)
-    return {'xx': jnp.zeros((d_in, d_in), jnp.float32), 'rows': jnp.zeros((), jnp.float32),
-            'hh': jnp.zeros((info.d_out, info.d_out), jnp.float32),
-            'calls': jnp.zeros((), jnp.float32)}
+    has_a, has_g = self._sides(d_in, info.d_out)
+    out = {'rows': jnp.zeros((), jnp.float32), 'calls': jnp.zeros((), jnp.float32)}
+    if has_a:
+      out['xx'] = jnp.zeros((d_in, d_in), jnp.float32)
+    if has_g:
+      out['hh'] = jnp.zeros((info.d_out, info.d_out), jnp.float32)
+    return out
 
   def forward(self, call):
-    x = call.input_rows()
-    if call.has_bias:
-      x = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)
-    return {'xx': x.T @ x, 'rows': jnp.asarray(call.rows, jnp.float32),
-            'n': jnp.asarray(call.rows * call.g_scale, jnp.float32)}
+    d_out = int(np.prod(call.kernel_shape[len(call.kernel_shape) - call.out_ndim:]))
+    d_in = int(np.prod(call.kernel_shape)) // d_out + int(call.has_bias)
+    has_a, _ = self._sides(d_in, d_out)
+    out = {'rows': jnp.asarray(call.rows, jnp.float32),
+           'n': jnp.asarray(call.rows * call.g_scale, jnp.float32)}
+    if has_a:
+      x = call.input_rows()
+      if call.has_bias:
+        x = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)
+      out['xx'] = x.T @ x
+    return out
 
   def backward(self, fwd, dy_rows, g_scale):
-    h = dy_rows.astype(jnp.float32) * fwd['n']
-    return {'xx': fwd['xx'], 'rows': fwd['rows'], 'hh': (h.T @ h) / fwd['rows'],
-            'calls': jnp.ones_like(fwd['rows'])}
+    out = {'rows': fwd['rows'], 'calls': jnp.ones_like(fwd['rows'])}
+    if 'xx' in fwd:
+      out['xx'] = fwd['xx']
+    if dy_rows.shape[-1] <= self.max_dim:
+      h = dy_rows.astype(jnp.float32) * fwd['n']
+      out['hh'] = (h.T @ h) / fwd['rows']
+    return out
 
   def finalize(self, ct, info):
-    rows = jnp.maximum(ct['rows'], 1.0)[..., None, None]
-    calls = jnp.maximum(ct['calls'], 1.0)[..., None, None]
-    return {'A': ct['xx'] / rows, 'G': ct['hh'] / calls}
+    out = {}
+    if 'xx' in ct:
+      out['A'] = ct['xx'] / jnp.maximum(ct['rows'], 1.0)[..., None, None]
+    if 'hh' in ct:
+      out['G'] = ct['hh'] / jnp.maximum(ct['calls'], 1.0)[..., None, None]
+    return out
 
 
 COVARIANCE = Covariance()

@@ -178,16 +178,24 @@ def plan_layers(params, *, layouts: Optional[dict], excluded: Callable[[str], bo
   return plan
 
 
-def rank1_shapes(d: Dims) -> dict:
+def rank1_shapes(lp: LayerPlan) -> dict:
   """Shapes of the rank-1 statistics (``mkor_optax.RANK1``) of one layer."""
+  d = lp.dims
   return {'a': d.stack + (d.d_in_aug,), 'g': d.stack + (d.d_out,)}
 
 
+def side_sizes(plan: dict):
+  """``({path: (d_in+1, S)}, {path: (d_out, S)})`` of the factored sides."""
+  r = {k: (lp.dims.d_in_aug, lp.dims.n_stack) for k, lp in plan.items() if lp.has_r}
+  l = {k: (lp.dims.d_out, lp.dims.n_stack) for k, lp in plan.items() if lp.has_l}
+  return r, l
+
+
 def check_stats(stats, plan: dict, params, excluded: Callable[[str], bool], who: str,
-                shapes: Callable[[Dims], dict] = rank1_shapes, kind: str = 'RANK1'):
+                shapes: Callable[['LayerPlan'], dict] = rank1_shapes, kind: str = 'RANK1'):
   """Raises ``ValueError`` naming the layer if ``stats`` does not match ``plan``.
 
-  ``shapes(dims)`` gives the statistics one layer must have; ``kind`` names
+  ``shapes(layer_plan)`` gives the statistics one layer must have; ``kind`` names
   the ``mkor_optax.value_and_grad(kind=...)`` that produces them.
   """
   if stats is None:
@@ -208,7 +216,7 @@ def check_stats(stats, plan: dict, params, excluded: Callable[[str], bool], who:
           '(not called in the loss, or not a Dense/DenseGeneral/Conv layer): exclude it with '
           f'exclude=[{name!r}] or register its class with mkor_optax.register_layer.')
     d = lp.dims
-    want = shapes(d)
+    want = shapes(lp)
     if not hasattr(stats[name], 'get') or any(k not in stats[name] for k in want):
       raise ValueError(
           f'{who}: statistics for layer {name!r} lack {sorted(want)}: compute them with '
@@ -245,3 +253,33 @@ def validate(**checks):
   for name, (ok, msg) in checks.items():
     if not ok:
       raise ValueError(f'{name}: {msg}')
+
+
+def common_checks(*, gamma, inv_freq, max_factor_dim, factor_dtype) -> dict:
+  """The ``validate`` checks every Kronecker-factored transform shares."""
+  is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+  return dict(
+      gamma=(0.0 < gamma < 1.0, f'must be in (0, 1), got {gamma!r}'),
+      inv_freq=(is_int(inv_freq) and inv_freq >= 1, f'must be an integer >= 1, got {inv_freq!r}'),
+      max_factor_dim=(is_int(max_factor_dim) and max_factor_dim >= 1,
+                      f'must be an integer >= 1, got {max_factor_dim!r}'),
+      factor_dtype=(jnp.issubdtype(jnp.dtype(factor_dtype), jnp.floating),
+                    f'must be a floating dtype, got {factor_dtype!r}'),
+  )
+
+
+def gather_stats(stats, plan: dict, axis_name: Optional[str],
+                 shapes: Callable[['LayerPlan'], dict] = rank1_shapes) -> dict:
+  """The ``shapes`` statistics of the planned layers, stacking axes flattened
+  to one (``(S, ...)``), averaged over ``axis_name`` when given."""
+  out = {}
+  for name, lp in plan.items():
+    out[name] = {k: stats[name][k].reshape((lp.dims.n_stack,) + stats[name][k].shape[len(lp.dims.stack):])
+                 for k in shapes(lp)}
+  if axis_name is not None:
+    out = jax.lax.pmean(out, axis_name)
+  return out
+
+
+def identity_stack(n: int, s: int, dtype):
+  return jnp.broadcast_to(jnp.eye(n, dtype=dtype), (s, n, n))

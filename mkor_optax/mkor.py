@@ -131,16 +131,11 @@ def scale_by_mkor(
     ``update(grads, state, params=None, *, stats)``.
   """
   kr.validate(
-      gamma=(0.0 < gamma < 1.0, f'must be in (0, 1), got {gamma!r}'),
       zeta=(0.0 <= zeta <= 1.0, f'must be in [0, 1], got {zeta!r}'),
       epsilon=(epsilon > 0, f'must be > 0, got {epsilon!r}'),
-      inv_freq=(isinstance(inv_freq, (int, np.integer)) and inv_freq >= 1,
-                f'must be an integer >= 1, got {inv_freq!r}'),
       refresh=(refresh in _REFRESH, f'must be one of {_REFRESH}, got {refresh!r}'),
-      max_factor_dim=(isinstance(max_factor_dim, (int, np.integer)) and max_factor_dim >= 1,
-                      f'must be an integer >= 1, got {max_factor_dim!r}'),
-      factor_dtype=(jnp.issubdtype(jnp.dtype(factor_dtype), jnp.floating),
-                    f'must be a floating dtype, got {factor_dtype!r}'),
+      **kr.common_checks(gamma=gamma, inv_freq=inv_freq, max_factor_dim=max_factor_dim,
+                         factor_dtype=factor_dtype),
   )
   excluded = kr.exclude_predicate(exclude)
   plan_of = lambda tree: kr.plan_layers(tree, layouts=layouts, excluded=excluded,
@@ -148,19 +143,15 @@ def scale_by_mkor(
 
   def init(params):
     plan = plan_of(params)
-    eye = lambda n, s: jnp.broadcast_to(jnp.eye(n, dtype=factor_dtype), (s, n, n))
-    r_inv = {k: eye(lp.dims.d_in_aug, lp.dims.n_stack) for k, lp in plan.items() if lp.has_r}
-    l_inv = {k: eye(lp.dims.d_out, lp.dims.n_stack) for k, lp in plan.items() if lp.has_l}
-    return MKORState(jnp.zeros([], jnp.int32), r_inv, l_inv)
+    eyes = lambda sizes: {k: kr.identity_stack(n, s, factor_dtype) for k, (n, s) in sizes.items()}
+    r_sizes, l_sizes = kr.side_sizes(plan)
+    return MKORState(jnp.zeros([], jnp.int32), eyes(r_sizes), eyes(l_sizes))
 
   def update(updates, state, params=None, *, stats=None, **extra_args):
     del extra_args
     plan = plan_of(updates)
     kr.check_stats(stats, plan, updates, excluded, 'scale_by_mkor')
-    vecs = {k: {'a': stats[k]['a'].reshape(lp.dims.n_stack, -1),
-                'g': stats[k]['g'].reshape(lp.dims.n_stack, -1)} for k, lp in plan.items()}
-    if axis_name is not None:
-      vecs = jax.lax.pmean(vecs, axis_name)
+    vecs = kr.gather_stats(stats, plan, axis_name)
 
     grads = {k: kr.layer_grads(updates, lp) for k, lp in plan.items()}
     finite = kr.all_finite(vecs, [g for _, g in grads.values()])
@@ -205,6 +196,9 @@ def mkor(
   an explicit ``backend``, ``learning_rate`` and ``weight_decay`` are unused
   (the backend carries its own).
   """
-  if backend is None:
-    backend = optax.lamb(learning_rate, weight_decay=weight_decay, mask=decay_mask)
-  return optax.chain(scale_by_mkor(**kwargs), backend)
+  return optax.chain(scale_by_mkor(**kwargs), backend or default_backend(learning_rate, weight_decay))
+
+
+def default_backend(learning_rate, weight_decay):
+  """LAMB with weight decay masked off biases and norm scales (the paper's BERT runs)."""
+  return optax.lamb(learning_rate, weight_decay=weight_decay, mask=decay_mask)

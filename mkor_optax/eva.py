@@ -1,0 +1,127 @@
+"""Eva: Kronecker-vector preconditioning from the rank-1 statistics only.
+
+Zhang, Li, Chu, Wang (2023), *Eva: A General Vectorized Approximation
+Framework for Second-order Optimization*, ICLR 2023, arXiv:2308.02123
+(SPEC section 3).
+
+Per second-order layer, with the rank-1 ``a`` and ``g`` of
+``mkor_optax.value_and_grad`` (the same statistics as MKOR), keep only their
+EMAs (``a_0 = a``; ``a_t = gamma a_{t-1} + (1 - gamma) a``, likewise ``g``),
+no matrices, and precondition every step with the closed-form inverse of
+``a a^T (x) g g^T + lambda I`` (Sherman-Morrison on a rank-1 Kronecker term),
+in this library's ``(d_in + 1, d_out)`` orientation::
+
+    U = (G - (a^T G g) / (|a|^2 |g|^2 + lambda) * a g^T) / lambda
+
+A side larger than ``max_factor_dim`` is the identity: ``a a^T (x) I`` gives
+``U = (G - a (a^T G) / (|a|^2 + lambda)) / lambda`` (and symmetrically for
+``g``). Then a global rescale: all preconditioned layers together are scaled
+to the joint Frobenius norm of their raw gradients (in place of Eva's KL
+clipping). Memory and communication: 2d numbers per layer.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mkor_optax import kronecker as kr
+
+
+class EvaState(NamedTuple):
+  """``count``; per layer path the EMAs ``a`` ``(S, d_in+1)`` and ``g`` ``(S, d_out)``."""
+
+  count: jax.Array
+  a: dict
+  g: dict
+
+
+def kronecker_vector_precondition(grad, a, g, damping):
+  """``(a a^T (x) g g^T + damping I)^-1 vec(grad)`` for ``grad`` ``(S, d_in, d_out)``;
+  ``a`` or ``g`` ``None`` means that side's factor is the identity."""
+  if a is not None and g is not None:
+    coef = jnp.einsum('si,sij,sj->s', a, grad, g) / (
+        jnp.sum(a * a, -1) * jnp.sum(g * g, -1) + damping)
+    return (grad - coef[:, None, None] * a[:, :, None] * g[:, None, :]) / damping
+  if a is not None:
+    at_g = jnp.einsum('si,sij->sj', a, grad) / (jnp.sum(a * a, -1) + damping)[:, None]
+    return (grad - a[:, :, None] * at_g[:, None, :]) / damping
+  g_g = jnp.einsum('sij,sj->si', grad, g) / (jnp.sum(g * g, -1) + damping)[:, None]
+  return (grad - g_g[:, :, None] * g[:, None, :]) / damping
+
+
+def scale_by_eva(
+    *,
+    damping: float = 0.03,
+    gamma: float = 0.95,
+    axis_name: Optional[str] = None,
+    max_factor_dim: int = 4096,
+    exclude: kr.Exclude = None,
+    layouts: Optional[dict] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Eva preconditioning of every captured Dense/DenseGeneral/Conv layer.
+
+  Args:
+    damping: ``lambda`` (> 0).
+    gamma: decay of the EMAs of ``a`` and ``g``, in (0, 1).
+    axis_name: data-parallel axis over which ``a`` and ``g`` are averaged.
+    max_factor_dim, exclude, layouts: as in :func:`mkor_optax.scale_by_mkor`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update(grads, state,
+    params=None, *, stats)`` with the rank-1 ``stats``.
+  """
+  kr.validate(
+      damping=(damping > 0, f'must be > 0, got {damping!r}'),
+      **kr.common_checks(gamma=gamma, inv_freq=1, max_factor_dim=max_factor_dim,
+                         factor_dtype=jnp.float32),
+  )
+  excluded = kr.exclude_predicate(exclude)
+  plan_of = lambda tree: kr.plan_layers(tree, layouts=layouts, excluded=excluded,
+                                        max_factor_dim=max_factor_dim)
+
+  def init(params):
+    r_sizes, l_sizes = kr.side_sizes(plan_of(params))
+    zeros = lambda sizes: {k: jnp.zeros((s, n), jnp.float32) for k, (n, s) in sizes.items()}
+    return EvaState(jnp.zeros([], jnp.int32), zeros(r_sizes), zeros(l_sizes))
+
+  def update(updates, state, params=None, *, stats=None, **extra_args):
+    del extra_args
+    plan = plan_of(updates)
+    kr.check_stats(stats, plan, updates, excluded, 'scale_by_eva')
+    vecs = kr.gather_stats(stats, plan, axis_name)
+    grads = {k: kr.layer_grads(updates, lp) for k, lp in plan.items()}
+    finite = kr.all_finite(vecs, [g for _, g in grads.values()])
+    first = state.count == 0
+
+    def ema(old, key):
+      new = {k: jnp.where(first, vecs[k][key], gamma * v + (1 - gamma) * vecs[k][key])
+             for k, v in old.items()}
+      return {k: jnp.where(finite, new[k], old[k]) for k in old}
+
+    a, g = ema(state.a, 'a'), ema(state.g, 'g')
+    pre = {k: kronecker_vector_precondition(grads[k][1], a.get(k), g.get(k), damping)
+           for k in plan}
+    raw_sq = sum(jnp.sum(jnp.square(gr)) for _, gr in grads.values())
+    pre_sq = sum(jnp.sum(jnp.square(u)) for u in pre.values())
+    scale = jnp.where(pre_sq > 0, jnp.sqrt(raw_sq / jnp.where(pre_sq > 0, pre_sq, 1.0)), 0.0)
+    for k, lp in plan.items():
+      updates = kr.write_layer(updates, lp, grads[k][0], pre[k] * scale)
+    return updates, EvaState(state.count + 1, a, g)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def eva(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    weight_decay: float = 0.01,
+    backend: Optional[optax.GradientTransformation] = None,
+    **kwargs,
+) -> optax.GradientTransformationExtraArgs:
+  """``optax.chain(scale_by_eva(**kwargs), backend)``; LAMB by default."""
+  from mkor_optax.mkor import default_backend
+  return optax.chain(scale_by_eva(**kwargs), backend or default_backend(learning_rate, weight_decay))
