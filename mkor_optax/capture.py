@@ -57,10 +57,13 @@ class StatKind:
 
   ``zeros(info)`` gives the dummy (a dict of float32 arrays) for one layer;
   ``forward(call)`` computes, from a :class:`~mkor_optax.layers.LayerCall`,
-  the forward-pass part as a dict; ``backward(fwd, dy_rows, g_scale)`` returns
-  a dict with the dummy's structure (its cotangent) from the forward part and
-  the output gradient rows ``(rows, d_out)``; ``finalize(ct, info)`` turns
-  the summed cotangent (leading stacking axes possible) into the statistics.
+  the forward-pass part as a dict; ``backward(fwd, dy_rows, g_scale, devices)``
+  returns a dict with the dummy's structure (its cotangent) from the forward
+  part and the output gradient rows ``(rows, d_out)``; ``devices`` is the
+  number of ``shard_map`` devices the batch is split over (1 elsewhere), whose
+  loss there is the ``pmean`` of the per-device losses; ``finalize(ct, info)``
+  turns the summed cotangent (leading stacking axes possible) into the
+  statistics. Cotangents of a replicated dummy are summed over devices.
   """
 
   def zeros(self, info: LayerInfo) -> dict:
@@ -69,7 +72,7 @@ class StatKind:
   def forward(self, call: layers_lib.LayerCall) -> dict:
     raise NotImplementedError
 
-  def backward(self, fwd: dict, dy_rows: jax.Array, g_scale: float) -> dict:
+  def backward(self, fwd: dict, dy_rows: jax.Array, g_scale: float, devices: int) -> dict:
     raise NotImplementedError
 
   def finalize(self, ct: dict, info: LayerInfo) -> dict:
@@ -87,7 +90,8 @@ class Rank1(StatKind):
   def forward(self, call):
     return {'input_sum': call.sum_of_inputs(), 'rows': jnp.asarray(call.rows, jnp.float32)}
 
-  def backward(self, fwd, dy_rows, g_scale):
+  def backward(self, fwd, dy_rows, g_scale, devices):
+    del devices  # linear in dy: the sum over devices is already the global statistic
     g = g_scale * jnp.sum(dy_rows.astype(jnp.float32), axis=0)
     return {'input_sum': fwd['input_sum'], 'rows': fwd['rows'], 'g': g}
 
@@ -138,6 +142,7 @@ def _make_interceptor(mode: str, record: dict, kind: StatKind):
 def _tap(dummy, y, fwd, kind, out_ndim, g_scale):
   """Identity on ``y``; the cotangent of ``dummy`` is the layer's statistic."""
   axes = layers_lib.varying_axes(y)
+  devices = int(np.prod([jax.lax.axis_size(a) for a in axes]))
   dummy, fwd = layers_lib.cast_varying((dummy, fwd), axes)
 
   @jax.custom_vjp
@@ -151,7 +156,7 @@ def _tap(dummy, y, fwd, kind, out_ndim, g_scale):
 
   def tap_bwd(fwd, ct_y):
     d_out = int(np.prod(ct_y.shape[ct_y.ndim - out_ndim:]))
-    ct_dummy = kind.backward(fwd, ct_y.reshape(-1, d_out), g_scale)
+    ct_dummy = kind.backward(fwd, ct_y.reshape(-1, d_out), g_scale, devices)
     ct_fwd = jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), fwd)
     return layers_lib.cast_varying(ct_dummy, axes), ct_y, layers_lib.cast_varying(ct_fwd, axes)
 
@@ -301,12 +306,15 @@ class Covariance(StatKind):
       out['xx'] = x.T @ x
     return out
 
-  def backward(self, fwd, dy_rows, g_scale):
+  def backward(self, fwd, dy_rows, g_scale, devices):
+    # Under shard_map dL/dy carries the pmean's 1/devices: undo it, so h is the
+    # per-example gradient; the sums over devices of hh and of calls then
+    # average G over devices.
     out = {'rows': fwd['rows'], 'calls': jnp.ones_like(fwd['rows'])}
     if 'xx' in fwd:
       out['xx'] = fwd['xx']
     if dy_rows.shape[-1] <= self.max_dim:
-      h = dy_rows.astype(jnp.float32) * fwd['n']
+      h = dy_rows.astype(jnp.float32) * (fwd['n'] * devices)
       out['hh'] = (h.T @ h) / fwd['rows']
     return out
 
