@@ -10,38 +10,13 @@ import pytest
 
 import mkor_optax
 
-KEY = jax.random.PRNGKey(0)
-
-
-class Net(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    h = nn.tanh(nn.Dense(6, name='hidden')(x))
-    h = nn.LayerNorm(name='norm')(h)
-    return nn.Dense(3, use_bias=False, name='out')(h)
-
-
-def batch(i, n=8):
-  k1, k2 = jax.random.split(jax.random.PRNGKey(100 + i))
-  return jax.random.normal(k1, (n, 4)), jax.random.normal(k2, (n, 3))
-
-
-def loss_fn(params, x, y, model=Net()):
-  return jnp.mean((model.apply({'params': params}, x) - y) ** 2)
-
+from helpers import KEY, Net, assert_tree_close, aug_blocks, batch, from_blocks, init_params, loss_fn
 
 GRAD = mkor_optax.value_and_grad(loss_fn)
 
 
-def init_params(model=Net()):
-  return model.init(KEY, batch(0)[0])['params']
-
-
 def reference_run(grads_stats, gamma, zeta, epsilon, inv_freq, refresh='ema'):
   """Dense float64 MKOR: explicit inverses of the factors, no Sherman-Morrison."""
-  def blocks(g):
-    return {'hidden': np.vstack([g['hidden']['kernel'], g['hidden']['bias'][None]]),
-            'out': np.asarray(g['out']['kernel'], np.float64)}
   rinv = {'hidden': np.eye(5), 'out': np.eye(6)}
   linv = {'hidden': np.eye(6), 'out': np.eye(3)}
 
@@ -61,11 +36,10 @@ def reference_run(grads_stats, gamma, zeta, epsilon, inv_freq, refresh='ema'):
         rinv[k] = refreshed(rinv[k], np.asarray(stats[k]['a'], np.float64))
         linv[k] = refreshed(linv[k], np.asarray(stats[k]['g'], np.float64))
     out = {}
-    for k, g in blocks(grads).items():
+    for k, g in aug_blocks(grads).items():
       u = rinv[k] @ g @ linv[k]
       out[k] = u * np.linalg.norm(g) / np.linalg.norm(u)
-    outs.append({'hidden': {'kernel': out['hidden'][:4], 'bias': out['hidden'][4]},
-                 'out': {'kernel': out['out']}, 'norm': grads['norm']})
+    outs.append(from_blocks(out, grads))
   return outs
 
 
@@ -84,8 +58,7 @@ def test_full_update_equals_dense_float64_reference(refresh):
     params = optax.apply_updates(params, jax.tree.map(lambda x: -0.1 * x, u))
   want = reference_run(steps, refresh=refresh, **hp)
   for t, (g, w) in enumerate(zip(got, want)):
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6,
-                                                         err_msg=f'step {t}'), g, w)
+    assert_tree_close(g, w, msg=f'step {t}')
   assert int(state.count) == 7
 
 
