@@ -2,6 +2,7 @@
 
 from mkor_optax.capture import COVARIANCE, RANK1, Covariance, StatKind, layer_layouts, value_and_grad
 from mkor_optax.eva import EvaState, eva, scale_by_eva
+from mkor_optax.hybrid import MKORHState, mkor_h, scale_by_mkor_h
 from mkor_optax.kfac import KFACState, kfac, scale_by_kfac
 from mkor_optax.kronecker import Layout
 from mkor_optax.layers import LayerCall, register_layer
@@ -10,7 +11,8 @@ from mkor_optax.mkor import MKORState, mkor, scale_by_mkor
 __version__ = '0.1.0'
 
 __all__ = [
-    'COVARIANCE', 'Covariance', 'EvaState', 'KFACState', 'Layout', 'LayerCall', 'MKORState',
-    'RANK1', 'StatKind', 'eva', 'kfac', 'layer_layouts', 'mkor', 'register_layer',
-    'scale_by_eva', 'scale_by_kfac', 'scale_by_mkor', 'value_and_grad',
+    'COVARIANCE', 'Covariance', 'EvaState', 'KFACState', 'Layout', 'LayerCall', 'MKORHState',
+    'MKORState', 'RANK1', 'StatKind', 'eva', 'kfac', 'layer_layouts', 'mkor', 'mkor_h',
+    'register_layer', 'scale_by_eva', 'scale_by_kfac', 'scale_by_mkor', 'scale_by_mkor_h',
+    'value_and_grad',
 ]

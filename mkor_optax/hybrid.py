@@ -1,0 +1,130 @@
+"""MKOR-H: MKOR until second-order steps stop paying, then first-order for good.
+
+SPEC section 2; the MKOR paper (arXiv:2306.01685) switches MKOR off by hand
+once the loss flattens. The rule here, evaluated inside the jitted update
+from the loss passed as optax's extra argument ``value=``:
+
+* keep an EMA of the loss, ``m_t = beta m_{t-1} + (1 - beta) loss_t``,
+  bias-corrected (``m_t / (1 - beta^(t+1))``); non-finite losses are skipped;
+* at the end of every ``window`` steps, the relative decrease per step over
+  that window, ``r = (m_start - m_end) / (window * |m_start|)``, is compared
+  with the largest ``r`` seen so far, ``r_peak``;
+* a window with ``r < threshold * r_peak`` is a strike, any other window
+  clears the strikes; after ``patience`` strikes in a row the switch is
+  made: ``switch_step`` is set to the next step, and from then on the
+  transform passes gradients through unchanged, doing no refresh and no
+  preconditioning (a ``lax.cond``), so the chain runs its backend alone.
+
+Defaults ``window=50, threshold=0.1, patience=2, beta=0.9``: the EMA
+(memory ~10 steps) smooths minibatch noise without lagging a window behind;
+comparing with the peak rate rather than the previous window makes a
+steadily falling loss (constant relative rate) never switch, while a loss
+falling 10x slower than at its fastest for two consecutive windows (100 steps)
+does: the regime where the paper found curvature no longer bought speed.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mkor_optax import kronecker as kr
+from mkor_optax.mkor import MKORState, default_backend, scale_by_mkor
+
+
+class MKORHState(NamedTuple):
+  """``mkor``: the MKOR state (frozen after the switch); ``count``; the loss
+  EMA ``loss_ema`` (not bias-corrected); ``window_start`` (corrected EMA at
+  the current window's start); ``peak_rate``; ``strikes``; ``switch_step``
+  (-1 while MKOR is on, else the first first-order step)."""
+
+  mkor: MKORState
+  count: jax.Array
+  loss_ema: jax.Array
+  window_start: jax.Array
+  peak_rate: jax.Array
+  strikes: jax.Array
+  switch_step: jax.Array
+
+
+def scale_by_mkor_h(
+    *,
+    window: int = 50,
+    threshold: float = 0.1,
+    patience: int = 2,
+    beta: float = 0.9,
+    **mkor_kwargs,
+) -> optax.GradientTransformationExtraArgs:
+  """MKOR preconditioning that switches itself off once it stops paying.
+
+  Args:
+    window: steps per window over which the loss decrease rate is measured.
+    threshold: a window whose relative rate is below ``threshold`` times the
+      peak rate is a strike, in (0, 1).
+    patience: consecutive strikes that trigger the (permanent) switch.
+    beta: decay of the loss EMA, in [0, 1).
+    **mkor_kwargs: passed to :func:`mkor_optax.scale_by_mkor`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose update is
+    ``update(grads, state, params=None, *, stats, value)`` with ``value`` the
+    step's loss.
+  """
+  is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+  kr.validate(
+      window=(is_int(window) and window >= 1, f'must be an integer >= 1, got {window!r}'),
+      threshold=(0.0 < threshold < 1.0, f'must be in (0, 1), got {threshold!r}'),
+      patience=(is_int(patience) and patience >= 1, f'must be an integer >= 1, got {patience!r}'),
+      beta=(0.0 <= beta < 1.0, f'must be in [0, 1), got {beta!r}'),
+  )
+  inner = scale_by_mkor(**mkor_kwargs)
+
+  def init(params):
+    f32 = lambda v: jnp.asarray(v, jnp.float32)
+    i32 = lambda v: jnp.asarray(v, jnp.int32)
+    return MKORHState(inner.init(params), i32(0), f32(0.0), f32(0.0), f32(0.0), i32(0), i32(-1))
+
+  def update(updates, state, params=None, *, stats=None, value=None, **extra_args):
+    if value is None:
+      raise ValueError('scale_by_mkor_h.update needs the loss: update(grads, state, params, '
+                       'stats=stats, value=loss)')
+    switched = state.switch_step >= 0
+    new_updates, mkor_state = jax.lax.cond(
+        switched,
+        lambda: (updates, state.mkor),
+        lambda: inner.update(updates, state.mkor, params, stats=stats, **extra_args))
+
+    loss = jnp.asarray(value, jnp.float32)
+    finite = jnp.isfinite(loss)
+    ema = jnp.where(finite, beta * state.loss_ema + (1 - beta) * loss, state.loss_ema)
+    t = state.count + 1
+    level = ema / (1 - beta ** t.astype(jnp.float32))
+    window_start = jnp.where(state.count == 0, jnp.where(finite, loss, 0.0), state.window_start)
+    at_end = t % window == 0
+    rate = (window_start - level) / (window * jnp.maximum(jnp.abs(window_start), 1e-12))
+    peak = jnp.where(at_end, jnp.maximum(state.peak_rate, rate), state.peak_rate)
+    strike = rate < threshold * peak
+    strikes = jnp.where(at_end, jnp.where(strike, state.strikes + 1, 0), state.strikes)
+    switch_now = jnp.logical_and(~switched, jnp.logical_and(at_end, strikes >= patience))
+    new_state = MKORHState(
+        mkor=mkor_state, count=t, loss_ema=ema,
+        window_start=jnp.where(at_end, level, window_start), peak_rate=peak, strikes=strikes,
+        switch_step=jnp.where(switch_now, t, state.switch_step))
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def mkor_h(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    weight_decay: float = 0.01,
+    backend: Optional[optax.GradientTransformation] = None,
+    **kwargs,
+) -> optax.GradientTransformationExtraArgs:
+  """``optax.chain(scale_by_mkor_h(**kwargs), backend)``; LAMB by default."""
+  return optax.chain(scale_by_mkor_h(**kwargs), backend or default_backend(learning_rate, weight_decay))

@@ -1,0 +1,131 @@
+"""MKOR-H's switching rule on scripted loss sequences, and what it does after."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import mkor_optax
+from helpers import batch, init_params, loss_fn
+
+GRAD = mkor_optax.value_and_grad(loss_fn)
+
+
+def predicted_switch(losses, window=50, threshold=0.1, patience=2, beta=0.9):
+  """The README's rule in plain Python: the first first-order step, or None."""
+  ema, start, peak, strikes = 0.0, losses[0], 0.0, 0
+  for i, loss in enumerate(losses):
+    t = i + 1
+    ema = beta * ema + (1 - beta) * loss
+    level = ema / (1 - beta ** t)
+    if t % window == 0:
+      rate = (start - level) / (window * abs(start))
+      peak = max(peak, rate)
+      strikes = strikes + 1 if rate < threshold * peak else 0
+      if strikes >= patience:
+        return t
+      start = level
+  return None
+
+
+def run_rule(losses, **kw):
+  """Feeds the losses to scale_by_mkor_h (real grads and stats, jitted)."""
+  params = init_params()
+  tx = mkor_optax.scale_by_mkor_h(**kw)
+  _, grads, stats = GRAD(params, *batch(0))
+  upd = jax.jit(lambda s, v: tx.update(grads, s, params, stats=stats, value=v)[1])
+  state = tx.init(params)
+  for loss in losses:
+    state = upd(state, jnp.float32(loss))
+  return state
+
+
+def test_scripted_loss_switches_at_the_predicted_step():
+  t = np.arange(400)
+  losses = np.where(t < 200, np.exp(-0.05 * t), np.exp(-0.05 * 200)).astype(np.float32)
+  state = run_rule(losses)
+  # Exponential decay (constant relative rate, peak r = (1 - e^-2.5)/50 = 0.018)
+  # until 200, then flat. The EMA lags the falling loss by a factor
+  # 0.1 / (1 - 0.9 e^0.05) = 1.85, so the window 200-250 still falls at
+  # r = 0.85/1.85/50 = 0.009 = 0.5 peak (no strike); 250-300 and 300-350 are
+  # flat (strikes 1 and 2), so step 350 is the first first-order step.
+  assert predicted_switch(losses) == 350
+  assert int(state.switch_step) == 350
+
+
+def test_noisy_but_falling_loss_does_not_switch():
+  rng = np.random.default_rng(0)
+  t = np.arange(1000)
+  losses = (np.exp(-0.002 * t) * (1 + 0.1 * rng.normal(size=t.size))).astype(np.float32)
+  assert predicted_switch(losses) is None
+  assert int(run_rule(losses).switch_step) == -1
+
+
+def test_switch_with_other_settings_matches_the_rule():
+  rng = np.random.default_rng(1)
+  t = np.arange(300)
+  losses = (1.0 / (1 + 0.05 * t) * (1 + 0.02 * rng.normal(size=t.size))).astype(np.float32)
+  kw = dict(window=20, threshold=0.3, patience=3, beta=0.8)
+  want = predicted_switch(losses, **kw)
+  assert want is not None
+  assert int(run_rule(losses, **kw).switch_step) == want
+
+
+def test_after_the_switch_gradients_pass_through_and_factors_freeze():
+  params = init_params()
+  opt = mkor_optax.scale_by_mkor_h(window=2, patience=1, threshold=0.5)
+
+  @jax.jit
+  def step(state, value, i):
+    _, grads, stats = GRAD(params, *batch(i))
+    updates, state = opt.update(grads, state, params, stats=stats, value=value)
+    return updates, grads, state
+
+  state = opt.init(params)
+  values = [1.0, 0.5, 0.3, 0.29, 0.29, 0.29, 0.29, 0.29, 0.29, 0.29]  # fast, then flat
+  history = []
+  for i, v in enumerate(values):
+    updates, grads, state = step(state, jnp.float32(v), i)
+    history.append((updates, grads, state))
+  switch = int(state.switch_step)
+  assert switch == predicted_switch(values, window=2, threshold=0.5, patience=1)
+  assert 0 < switch < len(values) - 1
+  for i, (updates, grads, st) in enumerate(history):
+    same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(grads)))
+    assert same == (i >= switch), f'step {i}'
+  frozen = history[switch - 1][2].mkor
+  jax.tree.map(np.testing.assert_array_equal, history[-1][2].mkor, frozen)
+
+
+def test_missing_value_is_a_clear_error():
+  params = init_params()
+  _, grads, stats = GRAD(params, *batch(0))
+  opt = mkor_optax.mkor_h(1e-3)
+  with pytest.raises(ValueError, match='value='):
+    opt.update(grads, opt.init(params), params, stats=stats)
+
+
+@pytest.mark.parametrize('kwargs, name', [(dict(window=0), 'window'), (dict(threshold=1.5), 'threshold'),
+                                          (dict(patience=0), 'patience'), (dict(beta=1.0), 'beta'),
+                                          (dict(gamma=2.0), 'gamma')])
+def test_invalid_hyperparameters(kwargs, name):
+  with pytest.raises(ValueError, match=name):
+    mkor_optax.mkor_h(1e-3, **kwargs)
+
+
+def test_state_checkpoints(tmp_path):
+  ocp = pytest.importorskip('orbax.checkpoint')
+  params = init_params()
+  opt = mkor_optax.mkor_h(1e-2, window=2)
+  state = opt.init(params)
+  for i in range(5):
+    loss, grads, stats = GRAD(params, *batch(i))
+    updates, state = opt.update(grads, state, params, stats=stats, value=loss)
+    params = optax.apply_updates(params, updates)
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(tmp_path / 's', state)
+  ckpt.wait_until_finished()
+  restored = ckpt.restore(tmp_path / 's', jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  jax.tree.map(np.testing.assert_array_equal, restored, state)
