@@ -7,12 +7,14 @@ from mkor_optax.kfac import KFACState, kfac, scale_by_kfac
 from mkor_optax.kronecker import Layout
 from mkor_optax.layers import LayerCall, register_layer
 from mkor_optax.mkor import MKORState, mkor, scale_by_mkor
+from mkor_optax.sonew import SONewState, scale_by_sonew, sonew
 
 __version__ = '0.1.0'
 
 __all__ = [
     'COVARIANCE', 'Covariance', 'EvaState', 'KFACState', 'Layout', 'LayerCall', 'MKORHState',
-    'MKORState', 'RANK1', 'StatKind', 'eva', 'kfac', 'layer_layouts', 'mkor', 'mkor_h',
+    'MKORState', 'RANK1', 'SONewState', 'StatKind', 'eva', 'kfac', 'layer_layouts', 'mkor', 'mkor_h',
     'register_layer', 'scale_by_eva', 'scale_by_kfac', 'scale_by_mkor', 'scale_by_mkor_h',
+    'scale_by_sonew', 'sonew',
     'value_and_grad',
 ]

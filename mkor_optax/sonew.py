@@ -1,0 +1,177 @@
+"""SONew: sparsified online Newton with a tridiagonal or banded preconditioner.
+
+Devvrit, Duvvuri, Anil, Gupta, Hsieh, Dhillon (2023), *A Computationally
+Efficient Sparsified Online Newton Method*, NeurIPS 2023, arXiv:2311.10085
+(SPEC section 4). Needs no capture: it works on every parameter tensor,
+flattened to a vector of ``n`` entries ``g``.
+
+State per tensor: EMAs ``m`` of ``g`` (``b1``), ``d`` of ``g_i^2`` and
+``e_k`` of ``g_i g_{i+k}`` for ``k = 1..band`` (``b2``), bias-corrected, with
+``damping`` added to ``d`` (by default relative: times the largest absolute
+row sum of the band). They are the band of a statistics matrix ``S``;
+the preconditioner ``X`` is the inverse of its maximum-determinant
+positive-definite completion, ``X = L D L^T`` with ``L`` unit lower banded:
+
+    tridiagonal (band = 1), O(n), no n x n matrix:
+        psi_i = e_i / d_{i+1};  c_i = d_i - e_i psi_i  (c_{n-1} = d_{n-1})
+        c_i <= 0: the edge is dropped (psi_i = 0, D_i = 1/d_i), else D_i = 1/c_i
+    banded (band = b), O(n b^3): psi_i solves S[J, J] psi_i = S[J, i] over the
+        next b entries J = i+1..i+b, c_i = d_i - S[i, J] psi_i, same rule;
+    L_{i+k, i} = -psi_i[k-1];  direction u = X m = L (D (L^T m)).
+
+Grafting: ``u`` is rescaled per tensor to the norm of an Adam
+(``m / (sqrt(d) + graft_eps)``, default), SGD (``g``) or momentum (``m``)
+direction. Memory: ``(2 + band) n`` floats per tensor.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mkor_optax import kronecker as kr
+
+_GRAFTS = ('adam', 'sgd', 'momentum')
+
+
+class SONewState(NamedTuple):
+  """``count``; per parameter leaf (flattened, float32): ``m`` ``(n,)``,
+  ``d`` ``(n,)`` and ``e`` ``(n, band)`` (``e[i, k-1] ~ g_i g_{i+k}``)."""
+
+  count: jax.Array
+  m: object
+  d: object
+  e: object
+
+
+def tridiagonal_factors(d, e):
+  """``(psi, D)`` of ``X = L D L^T`` for diagonal ``d`` ``(n,)`` and
+  off-diagonal ``e`` ``(n,)`` (``e[n-1]`` unused), in O(n)."""
+  d_next = jnp.concatenate([d[1:], jnp.ones((1,), d.dtype)])
+  e = e.at[-1].set(0.0)
+  psi = e / d_next
+  c = d - e * psi
+  keep = c > 0
+  return jnp.where(keep, psi, 0.0), jnp.where(keep, 1.0 / jnp.where(keep, c, 1.0), 1.0 / d)
+
+
+def banded_factors(d, e):
+  """``(psi (n, b), D (n,))`` for a band ``b = e.shape[1]`` (n solves of b x b)."""
+  n, b = e.shape
+  idx = np.arange(n)[:, None] + 1 + np.arange(b)[None, :]        # J = i+1..i+b
+  valid = idx < n
+  d_pad = jnp.concatenate([d, jnp.ones((b,), d.dtype)])
+  e_pad = jnp.concatenate([e, jnp.zeros((b, b), e.dtype)])
+  p, q = np.meshgrid(np.arange(b), np.arange(b), indexing='ij')
+  lag = np.abs(p - q)                                              # S[J_p, J_q] = e[J_min, lag-1]
+  first = idx[:, np.minimum(p, q)]                                 # (n, b, b)
+  s_jj = jnp.where(lag == 0, d_pad[first], e_pad[first, np.maximum(lag - 1, 0)])
+  # entries beyond the end of the vector: identity rows, zero right-hand side
+  s_jj = jnp.where(valid[:, :, None] & valid[:, None, :], s_jj, jnp.eye(b, dtype=d.dtype))
+  rhs = jnp.where(valid, e, 0.0)                                   # S[J, i] = e[i, :]
+  psi = jnp.linalg.solve(s_jj, rhs[..., None])[..., 0]
+  c = d - jnp.sum(rhs * psi, axis=-1)
+  keep = c > 0
+  return (jnp.where(keep[:, None], psi, 0.0),
+          jnp.where(keep, 1.0 / jnp.where(keep, c, 1.0), 1.0 / d))
+
+
+def apply_ldl(psi, dinv, m):
+  """``u = L (D (L^T m))`` with ``L_{i+k, i} = -psi[i, k-1]``, in O(n b)."""
+  n, b = psi.shape
+  m_pad = jnp.concatenate([m, jnp.zeros((b,), m.dtype)])
+  ahead = m_pad[np.arange(n)[:, None] + 1 + np.arange(b)[None, :]]   # m_{i+1..i+b}
+  w = dinv * (m - jnp.sum(psi * ahead, axis=-1))
+  # (L w)_j = w_j - sum_k psi[j-k, k-1] w_{j-k}
+  contrib = psi * w[:, None]                                           # at row i + k
+  u = w
+  for k in range(1, b + 1):
+    u = u - jnp.concatenate([jnp.zeros((k,), m.dtype), contrib[:n - k, k - 1]])[:n]
+  return u
+
+
+def scale_by_sonew(
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    damping: float = 1e-3,
+    relative_damping: bool = True,
+    band: int = 1,
+    graft: str = 'adam',
+    graft_eps: float = 1e-8,
+) -> optax.GradientTransformation:
+  """SONew preconditioning of every parameter tensor (no capture needed).
+
+  Args:
+    b1: decay of the gradient EMA ``m``, in [0, 1).
+    b2: decay of the second-moment EMAs ``d`` and ``e``, in [0, 1).
+    damping: added to the diagonal ``d`` (> 0); with ``relative_damping``
+      (default) it is multiplied by the largest absolute row sum of the banded
+      statistics (a Gershgorin bound on their largest eigenvalue), which makes
+      it invariant to the scale of the gradients.
+    band: 1 for tridiagonal (the O(n) path), ``b > 1`` for banded.
+    graft: ``'adam'``, ``'sgd'`` or ``'momentum'``: whose per-tensor norm ``u`` takes.
+    graft_eps: the epsilon of the Adam graft direction.
+  """
+  is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+  kr.validate(
+      b1=(0.0 <= b1 < 1.0, f'must be in [0, 1), got {b1!r}'),
+      b2=(0.0 <= b2 < 1.0, f'must be in [0, 1), got {b2!r}'),
+      damping=(damping > 0, f'must be > 0, got {damping!r}'),
+      band=(is_int(band) and band >= 1, f'must be an integer >= 1, got {band!r}'),
+      graft=(graft in _GRAFTS, f'must be one of {_GRAFTS}, got {graft!r}'),
+      graft_eps=(graft_eps >= 0, f'must be >= 0, got {graft_eps!r}'),
+  )
+
+  def init(params):
+    flat = lambda p, *extra: jnp.zeros((int(np.size(p)),) + extra, jnp.float32)
+    return SONewState(jnp.zeros([], jnp.int32), jax.tree.map(flat, params),
+                      jax.tree.map(flat, params), jax.tree.map(lambda p: flat(p, band), params))
+
+  def one(g, m, d, e, t):
+    gf = g.reshape(-1).astype(jnp.float32)
+    n = gf.shape[0]
+    g_pad = jnp.concatenate([gf, jnp.zeros((band,), jnp.float32)])
+    products = gf[:, None] * g_pad[np.arange(n)[:, None] + 1 + np.arange(band)[None, :]]
+    m = b1 * m + (1 - b1) * gf
+    d = b2 * d + (1 - b2) * gf * gf
+    e = b2 * e + (1 - b2) * products
+    m_hat = m / (1 - b1 ** t)
+    d_raw = d / (1 - b2 ** t)
+    e_hat = e / (1 - b2 ** t)
+    shift = damping
+    if relative_damping:
+      below = sum(jnp.concatenate([jnp.zeros((k,)), jnp.abs(e_hat[:n - k, k - 1])])[:n]
+                  for k in range(1, band + 1))
+      shift = damping * jnp.max(d_raw + jnp.sum(jnp.abs(e_hat), axis=-1) + below)
+    d_hat = d_raw + shift
+    if band == 1:
+      psi, dinv = tridiagonal_factors(d_hat, e_hat[:, 0])
+      psi = psi[:, None]
+    else:
+      psi, dinv = banded_factors(d_hat, e_hat)
+    u = apply_ldl(psi, dinv, m_hat)
+    ref = {'adam': lambda: m_hat / (jnp.sqrt(d_raw) + graft_eps),
+           'sgd': lambda: gf, 'momentum': lambda: m_hat}[graft]()
+    un, rn = jnp.linalg.norm(u), jnp.linalg.norm(ref)
+    u = u * jnp.where(un > 0, rn / jnp.where(un > 0, un, 1.0), 0.0)
+    return u.reshape(g.shape).astype(g.dtype), m, d, e
+
+  def update(updates, state, params=None):
+    del params
+    t = (state.count + 1).astype(jnp.float32)
+    out = jax.tree.map(lambda g, m, d, e: one(g, m, d, e, t), updates, state.m, state.d, state.e)
+    treedef = jax.tree.structure(updates)
+    u, m, d, e = (treedef.unflatten(x) for x in zip(*treedef.flatten_up_to(out)))
+    return u, SONewState(state.count + 1, m, d, e)
+
+  return optax.GradientTransformation(init, update)
+
+
+def sonew(learning_rate: optax.ScalarOrSchedule, **kwargs) -> optax.GradientTransformation:
+  """``optax.chain(scale_by_sonew(**kwargs), scale_by_learning_rate(learning_rate))``."""
+  return optax.chain(scale_by_sonew(**kwargs), optax.scale_by_learning_rate(learning_rate))
