@@ -90,27 +90,22 @@ def scale_by_eva(
 
   def update(updates, state, params=None, *, stats=None, **extra_args):
     del extra_args
-    plan = plan_of(updates)
-    kr.check_stats(stats, plan, updates, excluded, 'scale_by_eva')
-    vecs = kr.gather_stats(stats, plan, axis_name)
-    grads = {k: kr.layer_grads(updates, lp) for k, lp in plan.items()}
-    finite = kr.all_finite(vecs, [g for _, g in grads.values()])
+    prep = kr.prepare(updates, stats, plan_of, excluded, 'scale_by_eva', axis_name)
     first = state.count == 0
 
     def ema(old, key):
-      new = {k: jnp.where(first, vecs[k][key], gamma * v + (1 - gamma) * vecs[k][key])
+      new = {k: jnp.where(first, prep.stats[k][key], gamma * v + (1 - gamma) * prep.stats[k][key])
              for k, v in old.items()}
-      return {k: jnp.where(finite, new[k], old[k]) for k in old}
+      return {k: jnp.where(prep.finite, new[k], old[k]) for k in old}
 
     a, g = ema(state.a, 'a'), ema(state.g, 'g')
-    pre = {k: kronecker_vector_precondition(grads[k][1], a.get(k), g.get(k), damping)
-           for k in plan}
-    raw_sq = sum(jnp.sum(jnp.square(gr)) for _, gr in grads.values())
+    pre = {k: kronecker_vector_precondition(gm, a.get(k), g.get(k), damping)
+           for k, (_, gm) in prep.grads.items()}
+    raw_sq = sum(jnp.sum(jnp.square(gm)) for _, gm in prep.grads.values())
     pre_sq = sum(jnp.sum(jnp.square(u)) for u in pre.values())
     scale = jnp.where(pre_sq > 0, jnp.sqrt(raw_sq / jnp.where(pre_sq > 0, pre_sq, 1.0)), 0.0)
-    for k, lp in plan.items():
-      updates = kr.write_layer(updates, lp, grads[k][0], pre[k] * scale)
-    return updates, EvaState(state.count + 1, a, g)
+    out = {k: u * scale for k, u in pre.items()}
+    return kr.write_layers(updates, prep, out), EvaState(state.count + 1, a, g)
 
   return optax.GradientTransformationExtraArgs(init, update)
 

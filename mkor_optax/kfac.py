@@ -109,19 +109,16 @@ def scale_by_kfac(
 
   def update(updates, state, params=None, *, stats=None, **extra_args):
     del extra_args
-    plan = plan_of(updates)
-    kr.check_stats(stats, plan, updates, excluded, 'scale_by_kfac', covariance_shapes,
-                   'COVARIANCE')
-    covs = kr.gather_stats(stats, plan, axis_name, covariance_shapes)
-    grads = {k: kr.layer_grads(updates, lp) for k, lp in plan.items()}
-    finite = kr.all_finite(covs, [g for _, g in grads.values()])
+    prep = kr.prepare(updates, stats, plan_of, excluded, 'scale_by_kfac', axis_name,
+                      covariance_shapes, 'COVARIANCE')
     first = state.count == 0
 
     def ema(old, key):
       out = {}
       for k, f in old.items():
-        new = jnp.where(first, covs[k][key], gamma * f.astype(jnp.float32) + (1 - gamma) * covs[k][key])
-        out[k] = jnp.where(finite, new, f).astype(f.dtype)
+        stat = prep.stats[k][key]
+        new = jnp.where(first, stat, gamma * f.astype(jnp.float32) + (1 - gamma) * stat)
+        out[k] = jnp.where(prep.finite, new, f).astype(f.dtype)
       return out
 
     a_cov, g_cov = ema(state.a_cov, 'A'), ema(state.g_cov, 'G')
@@ -130,13 +127,11 @@ def scale_by_kfac(
       inv = lambda covs: {k: damped_inverse(f, root).astype(factor_dtype) for k, f in covs.items()}
       return inv(a_cov), inv(g_cov)
 
-    do_refresh = jnp.logical_and(state.count % inv_freq == 0, finite)
+    do_refresh = jnp.logical_and(state.count % inv_freq == 0, prep.finite)
     a_inv, g_inv = jax.lax.cond(do_refresh, inverted, lambda _: (state.a_inv, state.g_inv), None)
-    for k, lp in plan.items():
-      module, g = grads[k]
-      u = kr.precondition(g, a_inv.get(k), g_inv.get(k))
-      updates = kr.write_layer(updates, lp, module, kr.rescale_to(u, g))
-    return updates, KFACState(state.count + 1, a_cov, g_cov, a_inv, g_inv)
+    out = {k: kr.rescale_to(kr.precondition(g, a_inv.get(k), g_inv.get(k)), g)
+           for k, (_, g) in prep.grads.items()}
+    return kr.write_layers(updates, prep, out), KFACState(state.count + 1, a_cov, g_cov, a_inv, g_inv)
 
   return optax.GradientTransformationExtraArgs(init, update)
 

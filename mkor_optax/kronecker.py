@@ -283,3 +283,31 @@ def gather_stats(stats, plan: dict, axis_name: Optional[str],
 
 def identity_stack(n: int, s: int, dtype):
   return jnp.broadcast_to(jnp.eye(n, dtype=dtype), (s, n, n))
+
+
+class Prepared(NamedTuple):
+  """What a Kronecker-factored ``update`` starts from (see :func:`prepare`)."""
+
+  plan: dict      # path -> LayerPlan
+  stats: dict     # path -> {name: (S, ...)}, averaged over the data axis
+  grads: dict     # path -> (module grads mapping, (S, d_in[+1], d_out) float32)
+  finite: jax.Array
+
+
+def prepare(updates, stats, plan_of, excluded, who: str, axis_name: Optional[str],
+            shapes: Callable[['LayerPlan'], dict] = rank1_shapes, kind: str = 'RANK1') -> Prepared:
+  """Plans the layers of ``updates``, checks ``stats`` against them, gathers
+  (and averages) the statistics and the layers' gradient matrices, and says
+  whether all of them are finite."""
+  plan = plan_of(updates)
+  check_stats(stats, plan, updates, excluded, who, shapes, kind)
+  gathered = gather_stats(stats, plan, axis_name, shapes)
+  grads = {k: layer_grads(updates, lp) for k, lp in plan.items()}
+  return Prepared(plan, gathered, grads, all_finite(gathered, [g for _, g in grads.values()]))
+
+
+def write_layers(updates, prep: Prepared, matrices: dict):
+  """``updates`` with each planned layer replaced by its ``(S, d_in[+1], d_out)`` matrix."""
+  for k, lp in prep.plan.items():
+    updates = write_layer(updates, lp, prep.grads[k][0], matrices[k])
+  return updates

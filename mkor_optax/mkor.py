@@ -149,13 +149,9 @@ def scale_by_mkor(
 
   def update(updates, state, params=None, *, stats=None, **extra_args):
     del extra_args
-    plan = plan_of(updates)
-    kr.check_stats(stats, plan, updates, excluded, 'scale_by_mkor')
-    vecs = kr.gather_stats(stats, plan, axis_name)
-
-    grads = {k: kr.layer_grads(updates, lp) for k, lp in plan.items()}
-    finite = kr.all_finite(vecs, [g for _, g in grads.values()])
-    do_refresh = jnp.logical_and(state.count % inv_freq == 0, finite)
+    prep = kr.prepare(updates, stats, plan_of, excluded, 'scale_by_mkor', axis_name)
+    vecs = prep.stats
+    do_refresh = jnp.logical_and(state.count % inv_freq == 0, prep.finite)
 
     def refreshed(factors):
       r_inv, l_inv = factors
@@ -164,12 +160,9 @@ def scale_by_mkor(
               {k: refresh_inverse(p, vecs[k]['g'], **kw) for k, p in l_inv.items()})
 
     r_inv, l_inv = jax.lax.cond(do_refresh, refreshed, lambda f: f, (state.r_inv, state.l_inv))
-
-    for k, lp in plan.items():
-      module, g = grads[k]
-      u = kr.precondition(g, r_inv.get(k), l_inv.get(k))
-      updates = kr.write_layer(updates, lp, module, kr.rescale_to(u, g))
-    return updates, MKORState(state.count + 1, r_inv, l_inv)
+    out = {k: kr.rescale_to(kr.precondition(g, r_inv.get(k), l_inv.get(k)), g)
+           for k, (_, g) in prep.grads.items()}
+    return kr.write_layers(updates, prep, out), MKORState(state.count + 1, r_inv, l_inv)
 
   return optax.GradientTransformationExtraArgs(init, update)
 
