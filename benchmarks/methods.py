@@ -14,44 +14,19 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'examples'))
 import mkor_optax  # noqa: E402
-from common import MLP, Encoder, classification_loss, load_digits, token_loss  # noqa: E402
+from common import METHODS as COMMON_METHODS  # noqa: E402
+from common import MLP, Encoder, Method, classification_loss, load_digits, make_step, token_loss  # noqa: E402
 from step_time import interleaved  # noqa: E402
 
-# name -> (optimizer factory, statistic kind or None, passes the loss as value=)
-METHODS = {
-    'lamb': (lambda lr: optax.lamb(lr), None, False),
-    'adamw': (lambda lr: optax.adamw(lr), None, False),
-    'mkor': (lambda lr: mkor_optax.mkor(lr), mkor_optax.RANK1, False),
-    'mkor_h': (lambda lr: mkor_optax.mkor_h(lr), mkor_optax.RANK1, True),
-    'kfac (inv_freq 10)': (lambda lr: mkor_optax.kfac(lr, inv_freq=10), mkor_optax.COVARIANCE, False),
-    'kfac (inv_freq 100)': (lambda lr: mkor_optax.kfac(lr, inv_freq=100), mkor_optax.COVARIANCE, False),
-    'eva': (lambda lr: mkor_optax.eva(lr), mkor_optax.RANK1, False),
-    'sonew': (lambda lr: mkor_optax.sonew(lr), None, False),
-}
-
-
-def make_step(loss_fn, opt, kind, needs_value):
-  grad_fn = mkor_optax.value_and_grad(loss_fn, kind=kind) if kind is not None else None
-
-  @jax.jit
-  def step(params, state, *batch):
-    if grad_fn is not None:
-      loss, grads, stats = grad_fn(params, *batch)
-      extra = {'stats': stats}
-    else:
-      loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
-      extra = {}
-    if needs_value:
-      extra['value'] = loss
-    updates, state = opt.update(grads, state, params, **extra)
-    return optax.apply_updates(params, updates), state
-
-  return step
+# the examples' registry, with K-FAC at two refresh periods
+METHODS = dict(COMMON_METHODS)
+METHODS['kfac (inv_freq 10)'] = Method(lambda lr: mkor_optax.kfac(lr, inv_freq=10), mkor_optax.COVARIANCE)
+METHODS['kfac (inv_freq 100)'] = Method(lambda lr: mkor_optax.kfac(lr, inv_freq=100), mkor_optax.COVARIANCE)
+del METHODS['kfac']
 
 
 def state_bytes(state) -> int:
@@ -61,10 +36,10 @@ def state_bytes(state) -> int:
 def compare(name, model, loss_fn, batch, lr, n, repeats):
   params = model.init(jax.random.PRNGKey(0), batch[0])['params']
   fns, carries, mem = {}, {}, {}
-  for method, (make, kind, needs_value) in METHODS.items():
-    opt = make(lr)
-    step = make_step(loss_fn, opt, kind, needs_value)
-    fns[method] = lambda c, step=step: step(c[0], c[1], *batch)
+  for method, spec in METHODS.items():
+    opt = spec.make(lr)
+    step = make_step(loss_fn, opt, spec.kind, spec.needs_value)
+    fns[method] = lambda c, step=step: step(c[0], c[1], *batch)[:2]
     carries[method] = (params, opt.init(params))
     mem[method] = state_bytes(carries[method][1])
   med = interleaved(fns, carries, n, repeats)

@@ -16,17 +16,17 @@ import sys
 
 import jax
 import numpy as np
-import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'examples'))
 import mkor_optax  # noqa: E402
-from common import (MLP, Autoencoder, autoencoder_loss, batches, classification_loss,  # noqa: E402
-                    load_digits, train)
+from common import (METHODS, MLP, Autoencoder, Method, autoencoder_loss, batches,  # noqa: E402
+                    classification_loss, load_digits, train)
+from mkor_optax import RANK1  # noqa: E402
 
 OPTIMIZERS = {
-    'lamb': lambda lr: (optax.lamb(lr, weight_decay=0.0), False),
-    'mkor (ema)': lambda lr: (mkor_optax.mkor(lr, weight_decay=0.0, refresh='ema'), True),
-    'mkor (blend)': lambda lr: (mkor_optax.mkor(lr, weight_decay=0.0, refresh='blend'), True),
+    'lamb': METHODS['lamb'],
+    'mkor (ema)': Method(lambda lr: mkor_optax.mkor(lr, weight_decay=0.0, refresh='ema'), RANK1),
+    'mkor (blend)': Method(lambda lr: mkor_optax.mkor(lr, weight_decay=0.0, refresh='blend'), RANK1),
 }
 TASKS = {
     'autoencoder, batch 256, 300 steps': (Autoencoder, autoencoder_loss, 256, 300),
@@ -49,15 +49,14 @@ def main(argv=None):
     loss_fn = make_loss(model)
     full = jax.jit(loss_fn)
     results[task] = {}
-    for name, make in OPTIMIZERS.items():
+    for name, method in OPTIMIZERS.items():
       best = []
       for seed in seeds:
         params0 = model.init(jax.random.PRNGKey(seed), x[:2])['params']
         finals = []
         for lr in lrs:
-          opt, so = make(lr)
-          params, _, _ = train(model, params0, opt, batches(x, y, bs, seed), steps, so,
-                               loss_fn=loss_fn)
+          params, _, _ = train(params0, method.make(lr), batches(x, y, bs, seed), steps, loss_fn,
+                               method.kind, method.needs_value)
           finals.append(float(full(params, x, y)))
         best.append(min(finals))
       results[task][name] = best

@@ -29,24 +29,8 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'examples'))
 import mkor_optax  # noqa: E402
-from common import MLP, Encoder, classification_loss, load_digits, token_loss  # noqa: E402
+from common import METHODS, MLP, Encoder, classification_loss, load_digits, make_step, token_loss  # noqa: E402
 from mkor_optax.mkor import refresh_inverse  # noqa: E402
-
-
-def make_step(loss_fn, opt, second_order):
-  grad_fn = mkor_optax.value_and_grad(loss_fn) if second_order else None
-
-  @jax.jit
-  def step(params, state, *batch):
-    if second_order:
-      loss, grads, stats = grad_fn(params, *batch)
-      updates, state = opt.update(grads, state, params, stats=stats)
-    else:
-      loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
-      updates, state = opt.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, loss
-
-  return step
 
 
 def time_block(fn, carry, n):
@@ -70,10 +54,10 @@ def interleaved(fns: dict, carries: dict, n: int, repeats: int) -> dict:
 
 def step_times(name, model, loss_fn, batch, lr, n, repeats):
   params = model.init(jax.random.PRNGKey(0), batch[0])['params']
-  opts = {'lamb': (optax.lamb(lr), False), 'mkor': (mkor_optax.mkor(lr), True)}
   fns, carries = {}, {}
-  for k, (opt, so) in opts.items():
-    step = make_step(loss_fn, opt, so)
+  for k in ('lamb', 'mkor'):
+    opt = METHODS[k].make(lr)
+    step = make_step(loss_fn, opt, METHODS[k].kind)
     fns[k] = lambda c, step=step: step(c[0], c[1], *batch)[:2]
     carries[k] = (params, opt.init(params))
   med = interleaved(fns, carries, n, repeats)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -121,10 +121,28 @@ def classification_loss(model):
   return loss_fn
 
 
-def make_step(loss_fn, opt, second_order: bool):
+class Method(NamedTuple):
+  """An optimizer as the examples and benchmarks run it."""
+  make: Callable[[float], optax.GradientTransformation]  # learning rate -> optimizer
+  kind: Optional[mkor_optax.StatKind] = None  # statistics it needs (None: plain grads)
+  needs_value: bool = False  # passes the loss as value=
+
+
+METHODS = {
+    'lamb': Method(lambda lr: optax.lamb(lr, weight_decay=0.0)),
+    'adamw': Method(lambda lr: optax.adamw(lr, weight_decay=0.0)),
+    'mkor': Method(lambda lr: mkor_optax.mkor(lr, weight_decay=0.0), mkor_optax.RANK1),
+    'mkor_h': Method(lambda lr: mkor_optax.mkor_h(lr, weight_decay=0.0), mkor_optax.RANK1, True),
+    'kfac': Method(lambda lr: mkor_optax.kfac(lr, weight_decay=0.0), mkor_optax.COVARIANCE),
+    'eva': Method(lambda lr: mkor_optax.eva(lr, weight_decay=0.0), mkor_optax.RANK1),
+    'sonew': Method(lambda lr: mkor_optax.sonew(lr)),
+}
+
+
+def make_step(loss_fn, opt, kind=None, needs_value=False):
   """A jitted train step; the two lines MKOR changes are marked."""
-  if second_order:
-    grad_fn = mkor_optax.value_and_grad(loss_fn)           # changed line 1
+  if kind is not None:
+    grad_fn = mkor_optax.value_and_grad(loss_fn, kind=kind)           # changed line 1
   else:
     plain = jax.value_and_grad(loss_fn)
     grad_fn = lambda p, *b: (*plain(p, *b), None)
@@ -132,21 +150,23 @@ def make_step(loss_fn, opt, second_order: bool):
   @jax.jit
   def step(params, opt_state, *batch):
     loss, grads, stats = grad_fn(params, *batch)
-    extra = {'stats': stats} if second_order else {}
+    extra = {'stats': stats} if kind is not None else {}
+    if needs_value:
+      extra['value'] = loss
     updates, opt_state = opt.update(grads, opt_state, params, **extra)  # changed line 2
     return optax.apply_updates(params, updates), opt_state, loss
 
   return step
 
 
-def train(model, params, opt, data_iter, steps: int, second_order: bool, loss_fn=None,
+def train(params, opt, data_iter, steps: int, loss_fn, kind=None, needs_value=False,
           progress: bool = False, desc: str = ''):
-  """Runs ``steps`` steps; returns (params, losses, seconds after each step)."""
-  loss_fn = loss_fn or classification_loss(model)
-  step = make_step(loss_fn, opt, second_order)
+  """Runs ``steps`` steps; returns (params, losses, seconds after each step).
+
+  The step is compiled (and run once) before the clock starts."""
+  step = make_step(loss_fn, opt, kind, needs_value)
   opt_state = opt.init(params)
   losses, times = [], []
-  # compile outside the clock
   batch = next(data_iter)
   jax.block_until_ready(step(params, opt_state, *batch))
   it = range(steps)
@@ -160,3 +180,8 @@ def train(model, params, opt, data_iter, steps: int, second_order: bool, loss_fn
     times.append(time.perf_counter() - t0)
     batch = next(data_iter)
   return params, np.array(losses), np.array(times)
+
+
+def run_method(name, params, data_iter, steps, loss_fn, lr, **kw):
+  m = METHODS[name]
+  return train(params, m.make(lr), data_iter, steps, loss_fn, m.kind, m.needs_value, **kw)

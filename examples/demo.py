@@ -16,11 +16,9 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 sys.path.insert(0, os.path.dirname(__file__))
-import mkor_optax  # noqa: E402
-from common import MLP, batches, load_digits, train  # noqa: E402
+from common import MLP, batches, classification_loss, load_digits, run_method  # noqa: E402
 
 
 def smooth(losses, beta=0.9):
@@ -50,14 +48,12 @@ def main(argv=None):
   (x, y), (x_test, y_test) = load_digits(seed=args.seed)
   model = MLP((128, 128))
   params0 = model.init(jax.random.PRNGKey(args.seed), x[:2])['params']
-  runs = {
-      'LAMB': (optax.lamb(args.lr, weight_decay=0.0), False),
-      'MKOR+LAMB': (mkor_optax.mkor(args.lr, weight_decay=0.0), True),
-  }
+  runs = {'LAMB': 'lamb', 'MKOR+LAMB': 'mkor'}
   rows, curves = [], {}
-  for name, (opt, second_order) in runs.items():
-    params, losses, times = train(model, params0, opt, batches(x, y, args.batch, args.seed),
-                                  args.steps, second_order, progress=True, desc=name)
+  for name, method in runs.items():
+    params, losses, times = run_method(method, params0, batches(x, y, args.batch, args.seed),
+                                       args.steps, classification_loss(model), args.lr,
+                                       progress=True, desc=name)
     curve = smooth(losses)
     hit = first_below(curve, args.target)
     logits = model.apply({'params': params}, x_test)
