@@ -185,3 +185,77 @@ def train(params, opt, data_iter, steps: int, loss_fn, kind=None, needs_value=Fa
 def run_method(name, params, data_iter, steps, loss_fn, lr, **kw):
   m = METHODS[name]
   return train(params, m.make(lr), data_iter, steps, loss_fn, m.kind, m.needs_value, **kw)
+
+
+def example_args(description, steps, lr, methods, extra=None):
+  """The command line every comparison example shares."""
+  import argparse
+  ap = argparse.ArgumentParser(description=description)
+  ap.add_argument('--steps', type=int, default=steps)
+  ap.add_argument('--lr', type=float, default=lr, help='learning rate of every optimizer')
+  ap.add_argument('--optimizers', default=methods, help=f'comma list of {sorted(METHODS)}')
+  ap.add_argument('--seed', type=int, default=0)
+  ap.add_argument('--smoke', action='store_true', help='a few steps at a tiny size (CI)')
+  for args, kw in (extra or {}).items():
+    ap.add_argument(args, **kw)
+  args = ap.parse_args()
+  if args.smoke:
+    args.steps = 3
+  unknown = set(args.optimizers.split(',')) - set(METHODS)
+  if unknown:
+    ap.error(f'unknown optimizers {sorted(unknown)}; choose from {sorted(METHODS)}')
+  return args
+
+
+def compare(args, params0, make_iter, loss_fn, evaluate=None):
+  """Trains every ``args.optimizers`` from ``params0`` on the same data and
+  prints final loss, an optional evaluation and ms/step as a table."""
+  rows = []
+  for name in args.optimizers.split(','):
+    params, losses, times = run_method(name, params0, make_iter(), args.steps, loss_fn, args.lr,
+                                       progress=not args.smoke, desc=name)
+    tail = losses[-max(1, len(losses) // 10):].mean()
+    ms = 1e3 * (np.median(np.diff(times)) if len(times) > 1 else times[0])
+    rows.append((name, tail, None if evaluate is None else evaluate(params), ms))
+  header = '| optimizer | train loss (last 10% of steps) |' + (' eval |' if evaluate else '') + ' ms/step |'
+  print(header)
+  print('|---' * (header.count('|') - 1) + '|')
+  for name, tail, ev, ms in rows:
+    print(f'| {name} | {tail:.4f} |' + (f' {ev:.4f} |' if evaluate else '') + f' {ms:.2f} |')
+  return rows
+
+
+def load_pydoc_tokens(seq_len: int, vocab_size: int):
+  """The English text of Python's bundled ``pydoc_data.topics`` as word-level
+  token sequences ``(n, seq_len)``. Ids: 0 pad, 1 [MASK], 2 [UNK], then the
+  most frequent words and symbols."""
+  import re
+  from collections import Counter
+  from pydoc_data.topics import topics
+  words = re.findall(r'[a-z]+|[0-9]+|[^\sa-z0-9]', ' '.join(topics[k] for k in sorted(topics)).lower())
+  common = [w for w, _ in Counter(words).most_common(vocab_size - 3)]
+  ids = {w: i + 3 for i, w in enumerate(common)}
+  stream = np.array([ids.get(w, 2) for w in words], np.int32)
+  n = len(stream) // seq_len
+  return stream[:n * seq_len].reshape(n, seq_len), ['<pad>', '<mask>', '<unk>'] + common
+
+
+MASK_ID = 1
+
+
+def mlm_batches(tokens, batch_size: int, seed: int, rate: float = 0.15):
+  """Endless masked-LM batches: (inputs with [MASK], targets, weights on masked positions)."""
+  rng = np.random.default_rng(seed)
+  for x, _ in batches(tokens, np.zeros(len(tokens)), batch_size, seed):
+    mask = rng.random(x.shape) < rate
+    mask[:, 0] |= ~mask.any(axis=1)  # at least one masked position per sequence
+    yield np.where(mask, MASK_ID, x), x, mask.astype(np.float32)
+
+
+def mlm_loss(model):
+  """Cross-entropy on the masked positions (mean over them)."""
+  def loss_fn(params, inputs, targets, weights):
+    logits = model.apply({'params': params}, inputs)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  return loss_fn
