@@ -172,7 +172,7 @@ def train(params, opt, data_iter, steps: int, loss_fn, kind=None, needs_value=Fa
   it = range(steps)
   if progress:
     from tqdm.auto import tqdm
-    it = tqdm(it, desc=desc, leave=False)
+    it = tqdm(it, desc=desc, leave=False, disable=None)  # off when not a terminal
   t0 = time.perf_counter()
   for _ in it:
     params, opt_state, loss = step(params, opt_state, *batch)

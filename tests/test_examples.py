@@ -1,0 +1,42 @@
+"""Every example runs at a smoke size (a few steps), so none of them rots."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EXAMPLES = [
+    ['quickstart.py', '--smoke'],
+    ['autoencoder.py', '--smoke', '--optimizers', 'lamb,mkor,mkor_h,kfac,eva,sonew,adamw'],
+    ['cnn.py', '--smoke'],
+    ['bert_mlm.py', '--smoke'],
+    ['data_parallel.py', '--smoke', '--mode', 'pmap'],
+    ['data_parallel.py', '--smoke', '--mode', 'shard_map'],
+    ['data_parallel.py', '--smoke', '--mode', 'distributed'],
+]
+
+
+def run(args, tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env['MPLBACKEND'] = 'Agg'
+  proc = subprocess.run([sys.executable, str(ROOT / 'examples' / args[0]), *args[1:]],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc.stdout
+
+
+@pytest.mark.parametrize('args', EXAMPLES, ids=lambda a: ' '.join(a[:1] + a[2:3] + a[-1:]))
+def test_example_runs(args, tmp_path):
+  out = run(args, tmp_path)
+  if args[0] == 'data_parallel.py':
+    assert 'max |param difference|' in out
+  elif args[0] != 'quickstart.py':
+    assert '| optimizer |' in out
+
+
+def test_demo_writes_table_and_plot(tmp_path):
+  out = run(['demo.py', '--steps', '5', '--out', str(tmp_path / 'demo')], tmp_path)
+  assert '| MKOR+LAMB |' in out and (tmp_path / 'demo' / 'loss.png').stat().st_size > 1000
