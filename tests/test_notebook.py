@@ -1,0 +1,22 @@
+"""notebooks/quickstart.ipynb executes top to bottom at a tiny size."""
+
+import os
+import pathlib
+
+import pytest
+
+NOTEBOOK = pathlib.Path(__file__).resolve().parent.parent / 'notebooks' / 'quickstart.ipynb'
+
+
+def test_quickstart_notebook_executes(tmp_path, monkeypatch):
+  nbformat = pytest.importorskip('nbformat')
+  nbclient = pytest.importorskip('nbclient')
+  monkeypatch.setenv('QUICKSTART_STEPS', '5')
+  monkeypatch.setenv('MPLBACKEND', 'Agg')
+  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  nbclient.NotebookClient(nb, timeout=600, kernel_name='python3',
+                          resources={'metadata': {'path': str(tmp_path)}}).execute()
+  outputs = ''.join(o.get('text', '') for c in nb.cells if c.cell_type == 'code'
+                    for o in c.get('outputs', []))
+  assert 'MKOR+LAMB' in outputs and 'ms/step' in outputs
