@@ -182,8 +182,8 @@ def train(params, opt, data_iter, steps: int, loss_fn, kind=None, needs_value=Fa
   return params, np.array(losses), np.array(times)
 
 
-def run_method(name, params, data_iter, steps, loss_fn, lr, **kw):
-  m = METHODS[name]
+def run_method(name, params, data_iter, steps, loss_fn, lr, methods=None, **kw):
+  m = (methods or METHODS)[name]
   return train(params, m.make(lr), data_iter, steps, loss_fn, m.kind, m.needs_value, **kw)
 
 
