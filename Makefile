@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench compare clean
+.PHONY: demo test bench compare compare-kfac-jax clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,5 +25,17 @@ bench: $(STAMP)
 compare: $(STAMP)
 	$(PY) benchmarks/compare.py
 
+# kfac-jax 0.0.8 needs jax 0.9.1 (its step fails on >= 0.9.2) and a flax that accepts it
+.venv-kfac/.installed: pyproject.toml
+	$(PYTHON) -m venv .venv-kfac
+	.venv-kfac/bin/python -m pip install --quiet --upgrade pip
+	.venv-kfac/bin/python -m pip install --quiet 'jax==0.9.1' 'jaxlib==0.9.1' 'kfac-jax==0.0.8' \
+	  'flax<0.12.8' optax chex scikit-learn matplotlib tqdm
+	.venv-kfac/bin/python -m pip install --quiet --no-deps -e .
+	touch .venv-kfac/.installed
+
+compare-kfac-jax: .venv-kfac/.installed
+	.venv-kfac/bin/python benchmarks/kfac_jax_compare.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-kfac .pytest_cache
