@@ -96,7 +96,6 @@ def main(argv=None):
                       'losses': losses, 'times': times}
   print(f"kfac-jax: final {runs['kfac-jax']['final']:.4f}", flush=True)
   target = float(smooth(runs['lamb']['losses'])[-1])
-  rows = []
   for name, r in runs.items():
     hit = first_at_or_below(smooth(r['losses']), target)
     r['steps_to_target'] = None if hit is None else hit + 1

@@ -64,7 +64,7 @@ def main(argv=None):
 
   print(f'\nMLP 64-128-128-10 on digits, batch {args.batch}, lr {args.lr}, {args.steps} steps, '
         f'target smoothed train loss {args.target}')
-  print(f'| optimizer | steps to target | seconds to target | final train loss | test accuracy | ms/step |')
+  print('| optimizer | steps to target | seconds to target | final train loss | test accuracy | ms/step |')
   print('|---|---|---|---|---|---|')
   for name, hit, sec, final, acc, ms in rows:
     hit_s = '-' if hit is None else str(hit + 1)

@@ -27,7 +27,7 @@ gradient. Other kinds (full covariances for K-FAC) plug in with their own
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Callable, NamedTuple
 
 import flax.linen as nn
 import jax

@@ -10,7 +10,7 @@ import pytest
 
 import mkor_optax
 
-from helpers import KEY, Net, assert_tree_close, aug_blocks, batch, from_blocks, init_params, loss_fn
+from helpers import KEY, assert_tree_close, aug_blocks, batch, from_blocks, init_params, loss_fn
 
 GRAD = mkor_optax.value_and_grad(loss_fn)
 

@@ -1,6 +1,5 @@
 """notebooks/quickstart.ipynb executes top to bottom at a tiny size."""
 
-import os
 import pathlib
 
 import pytest
