@@ -22,8 +22,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/step_time.py
 	$(PY) benchmarks/methods.py
 
-compare: $(STAMP)
+compare: $(STAMP) .venv-kfac/.installed
 	$(PY) benchmarks/compare.py
+	.venv-kfac/bin/python benchmarks/kfac_jax_compare.py
 
 # kfac-jax 0.0.8 needs jax 0.9.1 (its step fails on >= 0.9.2) and a flax that accepts it
 .venv-kfac/.installed: pyproject.toml

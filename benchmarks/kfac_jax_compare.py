@@ -1,7 +1,8 @@
-"""kfac-jax (practitioners' K-FAC) against LAMB and MKOR on the digits autoencoder.
+"""kfac-jax (practitioners' K-FAC) against every optimizer of this library on
+the digits autoencoder.
 
 kfac-jax 0.0.8 fails at Optimizer.step on jax >= 0.9.2, so this runs in its own
-pinned environment, and LAMB and MKOR run there too (one JAX version measured):
+pinned environment, and all the others run there too (one JAX version measured):
 
     make compare-kfac-jax   # creates .venv-kfac (jax==0.9.1, flax<0.12.8, kfac-jax==0.0.8,
                             # mkor_optax) and runs this script in it
@@ -9,7 +10,7 @@ pinned environment, and LAMB and MKOR run there too (one JAX version measured):
 
 kfac-jax runs as its examples do: adaptive learning rate, momentum and damping
 (no learning-rate grid), `num_burnin_steps=0`, its automatic layer
-registration and a registered sigmoid cross-entropy loss. LAMB and MKOR take
+registration and a registered sigmoid cross-entropy loss. The others take
 the best learning rate of the compare.py grid. Same data order and seed.
 """
 
@@ -29,7 +30,7 @@ import optax
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'examples'))
 from common import Autoencoder, autoencoder_loss, batches, load_digits, run_method  # noqa: E402
-from compare import GRIDS, first_at_or_below, smooth  # noqa: E402
+from compare import GRIDS, ORDER, first_at_or_below, smooth  # noqa: E402
 
 
 def run_kfac_jax(model, params, make_iter, steps):
@@ -75,6 +76,7 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument('--steps', type=int, default=500)
   ap.add_argument('--out', default='results/kfac_jax')
+  ap.add_argument('--optimizers', default=','.join(ORDER))
   args = ap.parse_args(argv)
   (x, y), _ = load_digits()
   model = Autoencoder()
@@ -82,7 +84,8 @@ def main(argv=None):
   make_iter = lambda: batches(x, y, 256, seed=0)
   params0 = model.init(jax.random.PRNGKey(0), x[:2])['params']
   runs = {}
-  for name in ('lamb', 'mkor'):
+  names = args.optimizers.split(',')
+  for name in ['lamb'] + [n for n in names if n != 'lamb']:
     best = None
     for lr in GRIDS['autoencoder']:
       _, losses, times = run_method(name, params0, make_iter(), args.steps, loss_fn, lr)

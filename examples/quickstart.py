@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(__file__))
 import mkor_optax  # noqa: E402
@@ -52,10 +53,11 @@ def main():
     return optax.apply_updates(params, updates), opt_state, loss
 
   data = batches(x, y, 64, seed=0)
-  for step in range(steps):
+  bar = tqdm(range(steps), disable=None)  # a progress bar on a terminal
+  for step in bar:
     params, opt_state, loss = train_step(params, opt_state, *next(data))
-    if step % 50 == 0 or step == steps - 1:
-      print(f'step {step:4d}  loss {float(loss):.4f}')
+    bar.set_postfix(loss=f'{float(loss):.4f}')
+  print(f'final training loss {float(loss):.4f}')
   accuracy = jnp.mean(jnp.argmax(model.apply({'params': params}, x_test), -1) == y_test)
   print(f'test accuracy {float(accuracy):.3f}')
 
