@@ -143,6 +143,7 @@ def _tap(dummy, y, fwd, kind, out_ndim, g_scale):
   """Identity on ``y``; the cotangent of ``dummy`` is the layer's statistic."""
   axes = layers_lib.varying_axes(y)
   devices = int(np.prod([jax.lax.axis_size(a) for a in axes]))
+  dummy = {k: dummy[k] for k in dummy}  # a plain dict even inside FrozenDict params
   dummy, fwd = layers_lib.cast_varying((dummy, fwd), axes)
 
   @jax.custom_vjp

@@ -284,3 +284,46 @@ def test_layer_whose_params_lose_the_tap_is_an_error_naming_it():
   loss = lambda p: jnp.mean(Net().apply({'params': {'body': p['body'], 'head': keep(p['head'])}}, x))
   with pytest.raises(ValueError, match="'head'"):
     mkor_optax.value_and_grad(loss)(params)
+
+
+def test_dropout_rngs_and_mutable_batch_stats_work():
+  """A typical loop: dropout rngs and BatchNorm statistics returned as aux."""
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+      h = nn.Dense(8, name='fc')(x)
+      h = nn.BatchNorm(use_running_average=not train, name='bn')(h)
+      h = nn.Dropout(0.5, deterministic=not train)(nn.relu(h))
+      return nn.Dense(2, name='head')(h)
+
+  x = jax.random.normal(KEY, (16, 5))
+  variables = Net().init({'params': KEY, 'dropout': KEY}, x, train=False)
+
+  def loss(params, batch_stats, x, key):
+    y, updates = Net().apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
+                             rngs={'dropout': key}, mutable=['batch_stats'])
+    return jnp.mean(y ** 2), updates['batch_stats']
+
+  args = (variables['batch_stats'], x, jax.random.PRNGKey(3))
+  (val, new_stats), grads, stats = jax.jit(mkor_optax.value_and_grad(loss, has_aux=True))(
+      variables['params'], *args)
+  (ref_val, ref_stats), ref_grads = jax.value_and_grad(loss, has_aux=True)(variables['params'], *args)
+  np.testing.assert_allclose(val, ref_val, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               (new_stats, grads), (ref_stats, ref_grads))
+  assert set(stats) == {'fc', 'head'}
+  np.testing.assert_allclose(stats['head']['g'], grads['head']['bias'], rtol=1e-5, atol=1e-7)
+
+
+def test_frozen_dict_params_keep_their_type():
+  from flax.core import freeze
+  x = jax.random.normal(KEY, (4, 5))
+  model = nn.Dense(3)
+  params = freeze(model.init(KEY, x)['params'])
+  loss = lambda p: jnp.mean(model.apply({'params': p}, x) ** 2)
+  _, grads, stats = mkor_optax.value_and_grad(loss)(params)
+  _, ref = jax.value_and_grad(loss)(params)
+  assert jax.tree.structure(grads) == jax.tree.structure(ref)
+  tx = mkor_optax.mkor(1e-2)
+  updates, _ = tx.update(grads, tx.init(params), params, stats=stats)
+  assert jax.tree.structure(updates) == jax.tree.structure(params)
