@@ -35,7 +35,7 @@ from common import (METHODS, Autoencoder, Method, Encoder, autoencoder_loss, bat
                     load_pydoc_tokens, mlm_batches, mlm_loss, run_method)
 from mkor_optax.kfac import damped_inverse  # noqa: E402
 from mkor_optax.mkor import refresh_inverse  # noqa: E402
-from step_time import interleaved  # noqa: E402
+from step_time import interleaved, refresh_update_fns  # noqa: E402
 
 GRIDS = {'autoencoder': (3e-3, 1e-2, 3e-2), 'bert': (2e-3, 5e-3, 1e-2)}
 ORDER = ('adamw', 'lamb', 'mkor', 'mkor_h', 'kfac', 'eva', 'sonew')
@@ -150,11 +150,7 @@ def refresh_period_table(task, quick, repeats):
   for name, make, kind in (('mkor', mkor_optax.scale_by_mkor, mkor_optax.RANK1),
                            ('kfac', mkor_optax.scale_by_kfac, mkor_optax.Covariance(max_dim=dim))):
     _, grads, stats = jax.jit(mkor_optax.value_and_grad(loss_fn, kind=kind))(params, *batch)
-    fns, carries = {}, {}
-    for label, f in (('every', 1), ('never', 2 ** 30)):
-      tx = make(inv_freq=f, max_factor_dim=dim)
-      upd = jax.jit(lambda s, tx=tx: tx.update(grads, s, params, stats=stats)[1])
-      fns[label], carries[label] = upd, upd(tx.init(params))
+    fns, carries = refresh_update_fns(make, grads, stats, params, max_factor_dim=dim)
     med = interleaved(fns, carries, 10, repeats)
     every, never = 1e3 * med['every'], 1e3 * med['never']
     out[name] = {str(f): never + (every - never) / f for f in (1, 10, 100, 1000)}

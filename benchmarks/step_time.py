@@ -66,21 +66,30 @@ def step_times(name, model, loss_fn, batch, lr, n, repeats):
           'mkor_ms': 1e3 * med['mkor'], 'ratio': med['mkor'] / med['lamb']}
 
 
+def refresh_update_fns(make, grads, stats, params, **kwargs):
+  """Jitted update-only steps (grads and statistics precomputed) of
+  ``make(inv_freq=1, **kwargs)`` ('every': each step refreshes) and of
+  ``make(inv_freq=2**30, **kwargs)`` ('never'), with states past step 0 (which
+  always refreshes); ready for :func:`interleaved`."""
+  fns, carries = {}, {}
+  for label, inv_freq in (('every', 1), ('never', 2 ** 30)):
+    tx = make(inv_freq=inv_freq, **kwargs)
+    upd = jax.jit(lambda s, tx=tx: tx.update(grads, s, params, stats=stats)[1])
+    fns[label], carries[label] = upd, upd(tx.init(params))
+  return fns, carries
+
+
 def refresh_skip(model, loss_fn, batch, n, repeats):
   """Update-only time (grads and stats precomputed) with and without refresh."""
   params = model.init(jax.random.PRNGKey(0), batch[0])['params']
   _, grads, stats = jax.jit(mkor_optax.value_and_grad(loss_fn))(params, *batch)
-  fns, carries = {}, {}
-  for k, inv_freq in (('refresh_every_step', 1), ('no_refresh', 2 ** 30)):
-    tx = mkor_optax.scale_by_mkor(inv_freq=inv_freq)
-    upd = jax.jit(lambda s, tx=tx: tx.update(grads, s, params, stats=stats)[1])
-    state = upd(tx.init(params))  # past step 0, which always refreshes
-    fns[k], carries[k] = upd, state
+  fns, carries = refresh_update_fns(mkor_optax.scale_by_mkor, grads, stats, params)
   lamb = optax.lamb(1e-3)
   fns['lamb_update'] = jax.jit(lambda s: lamb.update(grads, s, params)[1])
   carries['lamb_update'] = lamb.init(params)
   med = interleaved(fns, carries, n, repeats)
-  return {k: 1e3 * v for k, v in med.items()}
+  return {'refresh_every_step': 1e3 * med['every'], 'no_refresh': 1e3 * med['never'],
+          'lamb_update': 1e3 * med['lamb_update']}
 
 
 def refresh_scaling(dims, repeats):

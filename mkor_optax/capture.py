@@ -131,7 +131,7 @@ def _make_interceptor(mode: str, record: dict, kind: StatKind):
       record[path] = info
       return y
     if not module.has_variable('params', TAP):
-      record.setdefault('missing', set()).add(path_str(path))
+      record.setdefault('missing', set()).add(path)
       return y
     return _tap(module.get_variable('params', TAP), y, kind.forward(call), kind,
                 call.out_ndim, call.g_scale)
@@ -250,7 +250,7 @@ def value_and_grad(fun: Callable, has_aux: bool = False, *, kind: StatKind = RAN
         return fun(p, *args, **kwargs)
 
     value, grads = jax.value_and_grad(inner, has_aux=has_aux)(tapped_params)
-    missing = sorted(p for p in record.get('missing', ()) if tuple(p.split('/')) in tapped)
+    missing = sorted(path_str(p) for p in record.get('missing', ()) if p in tapped)
     if missing:
       raise ValueError(
           f'could not capture statistics for layer(s) {missing}: their parameters did not '
