@@ -46,3 +46,45 @@ def from_blocks(blocks, grads):
 def assert_tree_close(got, want, rtol=2e-4, atol=1e-6, msg=''):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=msg),
                got, want)
+
+
+def head(y, w):
+  """A nonlinear loss head, mean over the leading (example) axis."""
+  return jnp.sum(jnp.tanh(y) * w) / y.shape[0]
+
+
+def conv_pads(padding, x_hw, k_hw, strides):
+  if padding == 'VALID':
+    return [(0, 0), (0, 0)]
+  if padding == 'SAME':
+    out = []
+    for n, k, s in zip(x_hw, k_hw, strides):
+      o = -(-n // s)
+      total = max((o - 1) * s + k - n, 0)
+      out.append((total // 2, total - total // 2))
+    return out
+  return list(padding)
+
+
+def im2col(x, k_hw, strides, pads):
+  """Explicit loops: patches (B, OH, OW, kh*kw*c) ordered like the kernel."""
+  x = np.pad(np.asarray(x), [(0, 0), pads[0], pads[1], (0, 0)])
+  b, h, w, c = x.shape
+  kh, kw = k_hw
+  oh, ow = (h - kh) // strides[0] + 1, (w - kw) // strides[1] + 1
+  out = np.zeros((b, oh, ow, kh * kw * c))
+  for i in range(oh):
+    for j in range(ow):
+      win = x[:, i * strides[0]:i * strides[0] + kh, j * strides[1]:j * strides[1] + kw, :]
+      out[:, i, j] = win.reshape(b, -1)
+  return out
+
+
+def orbax_round_trip(tree, directory):
+  """Saves ``tree`` with orbax and restores it against its own shapes."""
+  import pytest
+  ocp = pytest.importorskip('orbax.checkpoint')
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(directory, tree)
+  ckpt.wait_until_finished()
+  return ckpt.restore(directory, jax.tree.map(ocp.utils.to_shape_dtype_struct, tree))

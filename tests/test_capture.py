@@ -12,13 +12,9 @@ import numpy as np
 import pytest
 
 import mkor_optax
+from helpers import conv_pads, head, im2col
 
 KEY = jax.random.PRNGKey(0)
-
-
-def head(y, w):
-  """A nonlinear loss head, mean over the leading (example) axis."""
-  return jnp.sum(jnp.tanh(y) * w) / y.shape[0]
 
 
 def stats_of(model, x, variables=None):
@@ -99,40 +95,13 @@ def test_attention_dense_general_kernels():
                              rtol=1e-4, atol=1e-6)
 
 
-def _pads(padding, x_hw, k_hw, strides):
-  if padding == 'VALID':
-    return [(0, 0), (0, 0)]
-  if padding == 'SAME':
-    out = []
-    for n, k, s in zip(x_hw, k_hw, strides):
-      o = -(-n // s)
-      total = max((o - 1) * s + k - n, 0)
-      out.append((total // 2, total - total // 2))
-    return out
-  return list(padding)
-
-
-def _im2col(x, k_hw, strides, pads):
-  """Explicit loops: patches (B, OH, OW, kh*kw*c) ordered like the kernel."""
-  x = np.pad(np.asarray(x), [(0, 0), pads[0], pads[1], (0, 0)])
-  b, h, w, c = x.shape
-  kh, kw = k_hw
-  oh, ow = (h - kh) // strides[0] + 1, (w - kw) // strides[1] + 1
-  out = np.zeros((b, oh, ow, kh * kw * c))
-  for i in range(oh):
-    for j in range(ow):
-      win = x[:, i * strides[0]:i * strides[0] + kh, j * strides[1]:j * strides[1] + kw, :]
-      out[:, i, j] = win.reshape(b, -1)
-  return out
-
-
 @pytest.mark.parametrize('padding', ['SAME', 'VALID', ((1, 2), (0, 1))])
 @pytest.mark.parametrize('use_bias', [True, False])
 def test_strided_conv_im2col_means(padding, use_bias):
   x = jax.random.normal(KEY, (2, 7, 6, 3))
   model = nn.Conv(4, kernel_size=(3, 2), strides=(2, 1), padding=padding, use_bias=use_bias)
   params, w, stats = stats_of(model, x)
-  patches = _im2col(x, (3, 2), (2, 1), _pads(padding, (7, 6), (3, 2), (2, 1)))
+  patches = im2col(x, (3, 2), (2, 1), conv_pads(padding, (7, 6), (3, 2), (2, 1)))
   kernel = np.asarray(params['kernel']).reshape(-1, 4)
   y = patches @ kernel + (np.asarray(params['bias']) if use_bias else 0.0)
   dy = np.asarray(jax.grad(lambda d: head(jnp.asarray(y, jnp.float32) + d, w))(jnp.zeros(y.shape)))

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import mkor_optax
-from helpers import batch, init_params, loss_fn
+from helpers import batch, init_params, loss_fn, orbax_round_trip
 
 FAMILY = {
     'mkor': (mkor_optax.scale_by_mkor, mkor_optax.RANK1, {}),
@@ -30,7 +30,6 @@ def test_exclude_passes_the_layer_through(name):
 
 @pytest.mark.parametrize('name', sorted(FAMILY))
 def test_jit_once_and_checkpoint_round_trip(name, tmp_path):
-  ocp = pytest.importorskip('orbax.checkpoint')
   make, kind, extra = FAMILY[name]
   opt = optax.chain(make(), optax.lamb(1e-2))
   grad_fn = mkor_optax.value_and_grad(loss_fn, kind=kind)
@@ -48,11 +47,7 @@ def test_jit_once_and_checkpoint_round_trip(name, tmp_path):
   state = opt.init(params)
   for t in range(3):
     params, state = step(params, state, *batch(t))
-  ckpt = ocp.StandardCheckpointer()
-  ckpt.save(tmp_path / 'c', {'p': params, 's': state})
-  ckpt.wait_until_finished()
-  restored = ckpt.restore(tmp_path / 'c', jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                                                       {'p': params, 's': state}))
+  restored = orbax_round_trip({'p': params, 's': state}, tmp_path / 'c')
   a = (params, state)
   b = (restored['p'], restored['s'])
   for t in range(3, 6):

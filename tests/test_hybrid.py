@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import mkor_optax
-from helpers import batch, init_params, loss_fn
+from helpers import batch, init_params, loss_fn, orbax_round_trip
 
 GRAD = mkor_optax.value_and_grad(loss_fn)
 
@@ -115,7 +115,6 @@ def test_invalid_hyperparameters(kwargs, name):
 
 
 def test_state_checkpoints(tmp_path):
-  ocp = pytest.importorskip('orbax.checkpoint')
   params = init_params()
   opt = mkor_optax.mkor_h(1e-2, window=2)
   state = opt.init(params)
@@ -123,9 +122,6 @@ def test_state_checkpoints(tmp_path):
     loss, grads, stats = GRAD(params, *batch(i))
     updates, state = opt.update(grads, state, params, stats=stats, value=loss)
     params = optax.apply_updates(params, updates)
-  ckpt = ocp.StandardCheckpointer()
-  ckpt.save(tmp_path / 's', state)
-  ckpt.wait_until_finished()
-  restored = ckpt.restore(tmp_path / 's', jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+  restored = orbax_round_trip(state, tmp_path / 's')
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   jax.tree.map(np.testing.assert_array_equal, restored, state)

@@ -9,8 +9,8 @@ import optax
 import pytest
 
 import mkor_optax
-from helpers import KEY, assert_tree_close, aug_blocks, batch, from_blocks, init_params, loss_fn
-from test_capture import _im2col, _pads, head
+from helpers import (KEY, assert_tree_close, aug_blocks, batch, conv_pads, from_blocks, head, im2col,
+                     init_params, loss_fn)
 
 GRAD = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.COVARIANCE)
 
@@ -40,7 +40,7 @@ def test_conv_covariances_use_im2col_patches():
   w = jax.random.normal(jax.random.PRNGKey(7), model.apply({'params': params}, x).shape)
   loss = lambda p: head(model.apply({'params': p}, x), w)
   _, _, stats = mkor_optax.value_and_grad(loss, kind=mkor_optax.COVARIANCE)(params)
-  patches = _im2col(x, (3, 2), (2, 1), _pads('SAME', (7, 6), (3, 2), (2, 1)))
+  patches = im2col(x, (3, 2), (2, 1), conv_pads('SAME', (7, 6), (3, 2), (2, 1)))
   rows = patches.reshape(-1, patches.shape[-1])
   rows = np.hstack([rows, np.ones((len(rows), 1))])
   np.testing.assert_allclose(stats['']['A'], rows.T @ rows / len(rows), rtol=1e-4, atol=1e-6)

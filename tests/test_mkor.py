@@ -10,7 +10,8 @@ import pytest
 
 import mkor_optax
 
-from helpers import KEY, assert_tree_close, aug_blocks, batch, from_blocks, init_params, loss_fn
+from helpers import (KEY, assert_tree_close, aug_blocks, batch, from_blocks, init_params, loss_fn,
+                     orbax_round_trip)
 
 GRAD = mkor_optax.value_and_grad(loss_fn)
 
@@ -150,7 +151,6 @@ def test_non_finite_step_leaves_factor_inverses_unchanged(where):
 
 
 def test_checkpoint_round_trip_continues_bit_identically(tmp_path):
-  ocp = pytest.importorskip('orbax.checkpoint')
   opt = mkor_optax.mkor(1e-2, inv_freq=2)
 
   @jax.jit
@@ -163,11 +163,7 @@ def test_checkpoint_round_trip_continues_bit_identically(tmp_path):
   state = opt.init(params)
   for t in range(3):
     params, state = step(params, state, *batch(t))
-  ckpt = ocp.StandardCheckpointer()
-  ckpt.save(tmp_path / 'ckpt', {'params': params, 'opt_state': state})
-  ckpt.wait_until_finished()
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {'params': params, 'opt_state': state})
-  restored = ckpt.restore(tmp_path / 'ckpt', abstract)
+  restored = orbax_round_trip({'params': params, 'opt_state': state}, tmp_path / 'ckpt')
   assert jax.tree.structure(restored['opt_state']) == jax.tree.structure(state)
   p1, s1, p2, s2 = params, state, restored['params'], restored['opt_state']
   for t in range(3, 8):
