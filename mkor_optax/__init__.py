@@ -1,6 +1,8 @@
 """mkor_optax: scalable second-order optimizers for Optax and Flax."""
 
-from mkor_optax.capture import COVARIANCE, RANK1, Covariance, StatKind, layer_layouts, value_and_grad
+from mkor_optax.accumulation import MultiSteps, MultiStepsState
+from mkor_optax.capture import (COVARIANCE, RANK1, Covariance, StatKind, layer_layouts, untapped,
+                                value_and_grad)
 from mkor_optax.eva import EvaState, eva, scale_by_eva
 from mkor_optax.hybrid import MKORHState, mkor_h, scale_by_mkor_h
 from mkor_optax.kfac import KFACState, kfac, scale_by_kfac
@@ -8,13 +10,14 @@ from mkor_optax.kronecker import Layout
 from mkor_optax.layers import LayerCall, register_layer
 from mkor_optax.mkor import MKORState, mkor, scale_by_mkor
 from mkor_optax.sonew import SONewState, scale_by_sonew, sonew
+from mkor_optax.training import TrainState
 
 __version__ = '0.1.0'
 
 __all__ = [
     'COVARIANCE', 'Covariance', 'EvaState', 'KFACState', 'Layout', 'LayerCall', 'MKORHState',
-    'MKORState', 'RANK1', 'SONewState', 'StatKind', 'eva', 'kfac', 'layer_layouts', 'mkor', 'mkor_h',
-    'register_layer', 'scale_by_eva', 'scale_by_kfac', 'scale_by_mkor', 'scale_by_mkor_h',
-    'scale_by_sonew', 'sonew',
+    'MKORState', 'MultiSteps', 'MultiStepsState', 'RANK1', 'SONewState', 'StatKind', 'TrainState',
+    'eva', 'kfac', 'layer_layouts', 'mkor', 'mkor_h', 'register_layer', 'scale_by_eva',
+    'scale_by_kfac', 'scale_by_mkor', 'scale_by_mkor_h', 'scale_by_sonew', 'sonew', 'untapped',
     'value_and_grad',
 ]

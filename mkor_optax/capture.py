@@ -27,6 +27,7 @@ gradient. Other kinds (full covariances for K-FAC) plug in with their own
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Callable, NamedTuple
 
 import flax.linen as nn
@@ -34,9 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mkor_optax import kronecker as kr
 from mkor_optax import layers as layers_lib
 from mkor_optax.kronecker import Layout
-from mkor_optax.paths import DELETE, get_at, path_str, set_at
+from mkor_optax.paths import DELETE, get_at, path_str, set_at, unbox
 
 TAP = '__mkor_tap__'
 
@@ -106,10 +108,18 @@ class Rank1(StatKind):
 RANK1 = Rank1()
 
 
+_active = threading.local()  # ids of the modules whose call is being tapped right now
+
+
 def _make_interceptor(mode: str, record: dict, kind: StatKind):
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
     if context.method_name != '__call__' or layers_lib.capture_disabled():
+      return next_fun(*args, **kwargs)
+    active = getattr(_active, 'ids', None)
+    if active is None:
+      active = _active.ids = set()
+    if id(module) in active:  # a subclass's __call__ calling super().__call__: tap once
       return next_fun(*args, **kwargs)
     adapter = layers_lib.adapter_for(module)
     if adapter is None or module.scope is None or not module.has_variable('params', 'kernel'):
@@ -117,7 +127,11 @@ def _make_interceptor(mode: str, record: dict, kind: StatKind):
     read = adapter(module, args, kwargs)
     if read is None:
       return next_fun(*args, **kwargs)
-    y = next_fun(*args, **kwargs)
+    active.add(id(module))
+    try:
+      y = next_fun(*args, **kwargs)
+    finally:
+      active.discard(id(module))
     call = read(y)
     path = tuple(module.scope.path)
     if mode == 'discover':
@@ -131,8 +145,9 @@ def _make_interceptor(mode: str, record: dict, kind: StatKind):
       record[path] = info
       return y
     if not module.has_variable('params', TAP):
-      record.setdefault('missing', set()).add(path)
+      # a call with another parameter tree (a teacher, a frozen copy): not ours
       return y
+    record.setdefault('tapped', set()).add(path)
     return _tap(module.get_variable('params', TAP), y, kind.forward(call), kind,
                 call.out_ndim, call.g_scale)
 
@@ -166,100 +181,156 @@ def _tap(dummy, y, fwd, kind, out_ndim, g_scale):
 
 
 def discover(fun: Callable, params, *args, **kwargs) -> dict:
-  """Traces ``fun(params, *args)`` abstractly; returns ``{path: LayerInfo}``.
-
-  Only layers whose kernel is found at the same path in ``params`` (the
-  collection passed to ``apply``) are kept, with ``LayerInfo.kernel_shape``
-  as the layer saw it.
-  """
+  """Traces ``fun(params, *args)`` abstractly; returns ``{path: LayerInfo}``
+  for every registered layer it calls (``LayerInfo.kernel_shape`` as the layer
+  saw it; ``path`` its module path)."""
   record: dict = {}
   with nn.intercept_methods(_make_interceptor('discover', record, RANK1)):
     jax.eval_shape(lambda p: fun(p, *args, **kwargs), params)
   return record
 
 
-def _stack_shape(params, info: LayerInfo):
-  kernel = get_at(params, info.path + ('kernel',))
-  if kernel is None:
-    return None
-  outer = tuple(np.shape(kernel))
-  n = len(outer) - len(info.kernel_shape)
-  if n < 0 or outer[n:] != info.kernel_shape:
-    raise ValueError(
-        f'layer {path_str(info.path)!r}: its kernel in params has shape {outer}, which is not '
-        f'(stacking axes first) + the shape the layer used, {info.kernel_shape}. Lifted '
-        f'transforms must stack parameters on axis 0 (variable_axes={{"params": 0}}).')
-  return outer[:n]
+def _locate(params, info: LayerInfo):
+  """``(prefix, stack)``: where ``info``'s kernel is in ``params`` (at its module
+  path, or under ``'params'`` when ``params`` is a whole variables dict) and
+  the stacking axes ``nn.scan``/``nn.vmap`` added; ``None`` if it is not there."""
+  for prefix in ((), ('params',)):
+    kernel = get_at(params, prefix + info.path + ('kernel',))
+    if kernel is None:
+      continue
+    outer = tuple(np.shape(unbox(kernel)))
+    n = len(outer) - len(info.kernel_shape)
+    if n < 0 or outer[n:] != info.kernel_shape:
+      raise ValueError(
+          f'layer {path_str(info.path)!r}: its kernel in params has shape {outer}, which is not '
+          f'(stacking axes first) + the shape the layer used, {info.kernel_shape}. Lifted '
+          f'transforms must stack parameters on axis 0 (variable_axes={{"params": 0}}).')
+    return prefix, outer[:n]
+  return None
 
 
 def layer_layouts(fun: Callable, params, *args, **kwargs) -> dict:
   """The exact :class:`~mkor_optax.kronecker.Layout` of every captured layer.
 
-  Pass the result as ``scale_by_mkor(layouts=...)`` when the layout cannot be
-  told from the parameter shapes alone (bias-free multi-axis kernels, stacked
-  ``nn.scan`` layers without bias); ``init`` says when this is needed.
+  Pass the result as ``scale_by_mkor(layouts=...)`` when ``init`` says a
+  layout cannot be told from the parameter shapes and names alone.
   """
   out = {}
   for path, info in discover(fun, params, *args, **kwargs).items():
-    stack = _stack_shape(params, info)
-    if stack is not None:
-      out[path_str(path)] = Layout(len(stack), info.out_ndim, info.has_bias)
+    where = _locate(params, info)
+    if where is not None:
+      prefix, stack = where
+      out[path_str(prefix + path)] = Layout(len(stack), info.out_ndim, info.has_bias)
   return out
 
 
-def value_and_grad(fun: Callable, has_aux: bool = False, *, kind: StatKind = RANK1):
+def untapped(params):
+  """``params`` without the capture's entries.
+
+  Inside a loss passed to :func:`value_and_grad`, ``params`` carries one
+  extra ``'__mkor_tap__'`` entry per captured layer (the statistics ride in
+  it). A loss that combines ``params`` leaf by leaf with another tree of the
+  model's structure (an L2-SP or EWC penalty, a pruning mask) uses
+  ``untapped(params)`` for that; gradients flow through it unchanged.
+  Outside the capture it returns ``params`` as it is.
+  """
+  def strip(node):
+    if not hasattr(node, 'items'):
+      return node
+    if TAP not in node and not any(hasattr(v, 'items') for v in node.values()):
+      return node
+    items = {k: strip(v) for k, v in node.items() if k != TAP}
+    return items if type(node) is dict else type(node)(items)
+  return strip(params)
+
+
+def value_and_grad(fun: Callable, argnums: int = 0, has_aux: bool = False, *,
+                   kind: StatKind = RANK1):
   """Like ``jax.value_and_grad``, returning the layer statistics as well.
 
   Args:
-    fun: ``fun(params, *args)`` returning a scalar loss (or ``(loss, aux)``
+    fun: a loss ``fun(params, *args)`` returning a scalar (or ``(loss, aux)``
       with ``has_aux``) that calls an unmodified linen model as
-      ``model.apply({'params': params, ...}, ...)``. The loss should be a
-      mean over examples (then ``g`` is the mean per-example gradient).
+      ``model.apply({'params': params, ...}, ...)`` (or as
+      ``model.apply(variables, ...)`` when the differentiated argument is the
+      whole variables dict). The loss should be a mean over examples (then
+      ``g`` is the mean per-example gradient). The model may also be applied
+      with other parameter trees (a teacher, an EMA target, a frozen copy):
+      only the calls with the differentiated tree are captured.
+    argnums: which positional argument holds the parameters (an int, as
+      the optimizer preconditions one parameter tree).
     has_aux: as in ``jax.value_and_grad``.
     kind: the statistic kind (default: MKOR's rank-1 means).
 
   Returns:
-    A function ``(params, *args, **kwargs) -> (value, grads, stats)`` where
-    ``value`` and ``grads`` are what ``jax.value_and_grad(fun, has_aux)``
-    gives and ``stats`` maps each captured layer's path ``'a/b/c'`` (its
-    module path, where ``params['a']['b']['c']['kernel']`` is its kernel) to
+    A function ``(*args, **kwargs) -> (value, grads, stats)`` where
+    ``value`` and ``grads`` are what ``jax.value_and_grad(fun, argnums,
+    has_aux)`` gives and ``stats`` maps each captured layer's path ``'a/b/c'``
+    (where ``params['a']['b']['c']['kernel']`` is its kernel) to
     ``{'a': (*stack, d_in[+1]), 'g': (*stack, d_out)}``.
 
   Raises:
-    ValueError: if a captured layer did not receive its tap (its parameters
-      went through a transform that dropped or re-arranged them), naming it.
+    ValueError: naming every captured layer that did not receive its tap (its
+      parameters went through a transform that dropped or re-arranged them);
+      under ``shard_map``, for a loss that is not the same on every device
+      (not ``lax.pmean``-ed), whose statistics and gradients would be wrong.
   """
+  if not kr.is_int(argnums):
+    raise TypeError(f'value_and_grad: argnums must be an int (one parameter tree), got {argnums!r}')
 
   @functools.wraps(fun)
-  def wrapped(params, *args, **kwargs):
-    infos = discover(fun, params, *args, **kwargs)
+  def wrapped(*args, **kwargs):
+    if len(args) <= argnums:
+      raise TypeError(f'value_and_grad: argnums={argnums} but only {len(args)} positional '
+                      'argument(s) were given')
+    params = args[argnums]
+    call = lambda p: fun(*args[:argnums], p, *args[argnums + 1:], **kwargs)
+    infos = discover(call, params)
     tapped = {}
     tapped_params = params
     for path, info in infos.items():
-      stack = _stack_shape(params, info)
-      if stack is None:
+      where = _locate(params, info)
+      if where is None:
         continue
+      prefix, stack = where
       dummy = jax.tree.map(lambda z: jnp.zeros(stack + z.shape, z.dtype), kind.zeros(info))
-      tapped_params = set_at(tapped_params, path + (TAP,), dummy)
-      tapped[path] = info
+      tapped_params = set_at(tapped_params, prefix + path + (TAP,), dummy)
+      tapped[path] = (prefix, info)
 
     record: dict = {}
 
     def inner(p):
       with nn.intercept_methods(_make_interceptor('tap', record, kind)):
-        return fun(p, *args, **kwargs)
+        try:
+          return call(p)
+        except (ValueError, TypeError) as e:
+          if TAP not in str(e):
+            raise
+          raise ValueError(
+              f'the loss combines params with another tree leaf by leaf ({e}). The capture adds '
+              f"'{TAP}' entries to params; use mkor_optax.untapped(params) in that "
+              'combination (for example jax.tree.map(f, mkor_optax.untapped(params), other)).'
+          ) from e
 
     value, grads = jax.value_and_grad(inner, has_aux=has_aux)(tapped_params)
-    missing = sorted(path_str(p) for p in record.get('missing', ()) if p in tapped)
+    seen = record.get('tapped', set())
+    missing = sorted(path_str(p) for p in tapped if p not in seen)
     if missing:
       raise ValueError(
           f'could not capture statistics for layer(s) {missing}: their parameters did not '
           'reach the layer with the capture tap. Pass params to apply unchanged as '
           "{'params': params}; for nn.scan/nn.vmap stack 'params' (variable_axes={'params': 0}).")
+    loss = value[0] if has_aux else value
+    local = layers_lib.varying_axes(loss)
+    if local:
+      raise ValueError(
+          f'under shard_map the loss differs between devices along {sorted(local)}: make it the '
+          f'mean over devices, lax.pmean(local_loss, {sorted(local)[0]!r}), so that gradients '
+          'and statistics are those of the whole batch.')
     stats = {}
-    for path, info in tapped.items():
-      stats[path_str(path)] = kind.finalize(get_at(grads, path + (TAP,)), info)
-      grads = set_at(grads, path + (TAP,), DELETE)
+    for path, (prefix, info) in tapped.items():
+      stats[path_str(prefix + path)] = kind.finalize(get_at(grads, prefix + path + (TAP,)), info)
+      grads = set_at(grads, prefix + path + (TAP,), DELETE)
     return value, grads, stats
 
   return wrapped

@@ -75,28 +75,35 @@ def scale_by_eva(
     params=None, *, stats)`` with the rank-1 ``stats``.
   """
   kr.validate(
-      damping=(damping > 0, f'must be > 0, got {damping!r}'),
-      **kr.common_checks(gamma=gamma, inv_freq=1, max_factor_dim=max_factor_dim,
-                         factor_dtype=jnp.float32),
+      damping=(damping, lambda v: v > 0, 'must be > 0'),
+      **kr.common_checks(gamma=gamma, inv_freq=1, max_factor_dim=max_factor_dim),
   )
   excluded = kr.exclude_predicate(exclude)
-  plan_of = lambda tree: kr.plan_layers(tree, layouts=layouts, excluded=excluded,
-                                        max_factor_dim=max_factor_dim)
 
   def init(params):
-    r_sizes, l_sizes = kr.side_sizes(plan_of(params))
+    plan = kr.plan_layers(params, layouts=layouts, excluded=excluded,
+                          max_factor_dim=max_factor_dim, who='scale_by_eva')
+    r_sizes, l_sizes = kr.side_sizes(plan)
     zeros = lambda sizes: {k: jnp.zeros((s, n), jnp.float32) for k, (n, s) in sizes.items()}
     return EvaState(jnp.zeros([], jnp.int32), zeros(r_sizes), zeros(l_sizes))
 
   def update(updates, state, params=None, *, stats=None, **extra_args):
-    del extra_args
-    prep = kr.prepare(updates, stats, plan_of, excluded, 'scale_by_eva', axis_name)
+    del params, extra_args
+    plan = kr.plan_layers(updates, layouts=layouts, excluded=excluded,
+                          sides=(state.a, state.g), who='scale_by_eva')
+    prep = kr.prepare(updates, stats, plan, excluded, 'scale_by_eva', axis_name)
     first = state.count == 0
 
     def ema(old, key):
-      new = {k: jnp.where(first, prep.stats[k][key], gamma * v + (1 - gamma) * prep.stats[k][key])
-             for k, v in old.items()}
-      return {k: jnp.where(prep.finite, new[k], old[k]) for k in old}
+      out = {}
+      for k, v in old.items():
+        if k not in prep.stats:
+          out[k] = v
+          continue
+        stat = prep.stats[k][key]
+        new = jnp.where(first, stat, gamma * v + (1 - gamma) * stat)
+        out[k] = jnp.where(prep.finite, new, v)
+      return out
 
     a, g = ema(state.a, 'a'), ema(state.g, 'g')
     pre = {k: kronecker_vector_precondition(gm, a.get(k), g.get(k), damping)
@@ -105,7 +112,7 @@ def scale_by_eva(
     pre_sq = sum(jnp.sum(jnp.square(u)) for u in pre.values())
     scale = jnp.where(pre_sq > 0, jnp.sqrt(raw_sq / jnp.where(pre_sq > 0, pre_sq, 1.0)), 0.0)
     out = {k: u * scale for k, u in pre.items()}
-    return kr.write_layers(updates, prep, out), EvaState(state.count + 1, a, g)
+    return kr.write_layers(prep, out), EvaState(kr.increment(state.count), a, g)
 
   return optax.GradientTransformationExtraArgs(init, update)
 
@@ -115,8 +122,17 @@ def eva(
     *,
     weight_decay: float = 0.01,
     backend: Optional[optax.GradientTransformation] = None,
-    **kwargs,
+    damping: float = 0.03,
+    gamma: float = 0.95,
+    axis_name: Optional[str] = None,
+    max_factor_dim: int = 4096,
+    exclude: kr.Exclude = None,
+    layouts: Optional[dict] = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """``optax.chain(scale_by_eva(**kwargs), backend)``; LAMB by default."""
+  """Eva with a LAMB backend: ``optax.chain(scale_by_eva(...), backend)``.
+  Works with ``optax.inject_hyperparams``."""
   from mkor_optax.mkor import default_backend
-  return optax.chain(scale_by_eva(**kwargs), backend or default_backend(learning_rate, weight_decay))
+  return optax.chain(
+      scale_by_eva(damping=damping, gamma=gamma, axis_name=axis_name,
+                   max_factor_dim=max_factor_dim, exclude=exclude, layouts=layouts),
+      backend or default_backend(learning_rate, weight_decay))

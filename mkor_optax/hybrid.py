@@ -25,11 +25,10 @@ does: the regime where the paper found curvature no longer bought speed.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from mkor_optax import kronecker as kr
@@ -37,14 +36,17 @@ from mkor_optax.mkor import MKORState, default_backend, scale_by_mkor
 
 
 class MKORHState(NamedTuple):
-  """``mkor``: the MKOR state (frozen after the switch); ``count``; the loss
-  EMA ``loss_ema`` (not bias-corrected); ``window_start`` (corrected EMA at
-  the current window's start); ``peak_rate``; ``strikes``; ``switch_step``
-  (-1 while MKOR is on, else the first first-order step)."""
+  """``mkor``: the MKOR state (frozen after the switch); ``count``: updates
+  done; ``loss_ema``: EMA of the finite losses (not bias-corrected);
+  ``finite_count``: finite losses seen (the EMA's bias correction);
+  ``window_start``: corrected EMA at the current window's start;
+  ``peak_rate``; ``strikes``; ``switch_step`` (-1 while MKOR is on, else the
+  first first-order step)."""
 
   mkor: MKORState
   count: jax.Array
   loss_ema: jax.Array
+  finite_count: jax.Array
   window_start: jax.Array
   peak_rate: jax.Array
   strikes: jax.Array
@@ -57,7 +59,16 @@ def scale_by_mkor_h(
     threshold: float = 0.1,
     patience: int = 2,
     beta: float = 0.9,
-    **mkor_kwargs,
+    gamma: float = 0.95,
+    zeta: float = 0.9,
+    epsilon: float = 2.0,
+    inv_freq: int = 10,
+    refresh: str = 'ema',
+    axis_name: Optional[str] = None,
+    factor_dtype: Any = None,
+    max_factor_dim: int = 4096,
+    exclude: kr.Exclude = None,
+    layouts: Optional[dict] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """MKOR preconditioning that switches itself off once it stops paying.
 
@@ -67,26 +78,33 @@ def scale_by_mkor_h(
       peak rate is a strike, in (0, 1).
     patience: consecutive strikes that trigger the (permanent) switch.
     beta: decay of the loss EMA, in [0, 1).
-    **mkor_kwargs: passed to :func:`mkor_optax.scale_by_mkor`.
+    gamma, zeta, epsilon, inv_freq, refresh, axis_name, factor_dtype,
+      max_factor_dim, exclude, layouts: as in :func:`mkor_optax.scale_by_mkor`.
+
+  Non-finite losses are skipped by the rule: they neither enter the EMA nor
+  count for its bias correction, and a window in which no finite loss has
+  been seen yet is not judged.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose update is
     ``update(grads, state, params=None, *, stats, value)`` with ``value`` the
     step's loss.
   """
-  is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
   kr.validate(
-      window=(is_int(window) and window >= 1, f'must be an integer >= 1, got {window!r}'),
-      threshold=(0.0 < threshold < 1.0, f'must be in (0, 1), got {threshold!r}'),
-      patience=(is_int(patience) and patience >= 1, f'must be an integer >= 1, got {patience!r}'),
-      beta=(0.0 <= beta < 1.0, f'must be in [0, 1), got {beta!r}'),
+      window=(window, None, ''),
+      threshold=(threshold, lambda v: 0.0 < v < 1.0, 'must be in (0, 1)'),
+      patience=(patience, None, ''),
+      beta=(beta, lambda v: 0.0 <= v < 1.0, 'must be in [0, 1)'),
   )
-  inner = scale_by_mkor(**mkor_kwargs)
+  inner = scale_by_mkor(gamma=gamma, zeta=zeta, epsilon=epsilon, inv_freq=inv_freq,
+                        refresh=refresh, axis_name=axis_name, factor_dtype=factor_dtype,
+                        max_factor_dim=max_factor_dim, exclude=exclude, layouts=layouts)
 
   def init(params):
     f32 = lambda v: jnp.asarray(v, jnp.float32)
     i32 = lambda v: jnp.asarray(v, jnp.int32)
-    return MKORHState(inner.init(params), i32(0), f32(0.0), f32(0.0), f32(0.0), i32(0), i32(-1))
+    return MKORHState(inner.init(params), i32(0), f32(0.0), i32(0), f32(0.0), f32(0.0), i32(0),
+                      i32(-1))
 
   def update(updates, state, params=None, *, stats=None, value=None, **extra_args):
     if value is None:
@@ -101,17 +119,19 @@ def scale_by_mkor_h(
     loss = jnp.asarray(value, jnp.float32)
     finite = jnp.isfinite(loss)
     ema = jnp.where(finite, beta * state.loss_ema + (1 - beta) * loss, state.loss_ema)
-    t = state.count + 1
-    level = ema / (1 - beta ** t.astype(jnp.float32))
-    window_start = jnp.where(state.count == 0, jnp.where(finite, loss, 0.0), state.window_start)
-    at_end = t % window == 0
+    seen = state.finite_count + finite.astype(jnp.int32)
+    level = ema / (1 - beta ** jnp.maximum(seen, 1).astype(jnp.float32))
+    first = jnp.logical_and(finite, state.finite_count == 0)
+    window_start = jnp.where(first, loss, state.window_start)
+    t = kr.increment(state.count)
+    at_end = jnp.logical_and(t % window == 0, seen > 0)
     rate = (window_start - level) / (window * jnp.maximum(jnp.abs(window_start), 1e-12))
     peak = jnp.where(at_end, jnp.maximum(state.peak_rate, rate), state.peak_rate)
     strike = rate < threshold * peak
     strikes = jnp.where(at_end, jnp.where(strike, state.strikes + 1, 0), state.strikes)
     switch_now = jnp.logical_and(~switched, jnp.logical_and(at_end, strikes >= patience))
     new_state = MKORHState(
-        mkor=mkor_state, count=t, loss_ema=ema,
+        mkor=mkor_state, count=t, loss_ema=ema, finite_count=seen,
         window_start=jnp.where(at_end, level, window_start), peak_rate=peak, strikes=strikes,
         switch_step=jnp.where(switch_now, t, state.switch_step))
     return new_updates, new_state
@@ -124,7 +144,26 @@ def mkor_h(
     *,
     weight_decay: float = 0.01,
     backend: Optional[optax.GradientTransformation] = None,
-    **kwargs,
+    window: int = 50,
+    threshold: float = 0.1,
+    patience: int = 2,
+    beta: float = 0.9,
+    gamma: float = 0.95,
+    zeta: float = 0.9,
+    epsilon: float = 2.0,
+    inv_freq: int = 10,
+    refresh: str = 'ema',
+    axis_name: Optional[str] = None,
+    factor_dtype: Any = None,
+    max_factor_dim: int = 4096,
+    exclude: kr.Exclude = None,
+    layouts: Optional[dict] = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """``optax.chain(scale_by_mkor_h(**kwargs), backend)``; LAMB by default."""
-  return optax.chain(scale_by_mkor_h(**kwargs), backend or default_backend(learning_rate, weight_decay))
+  """MKOR-H with a LAMB backend: ``optax.chain(scale_by_mkor_h(...), backend)``.
+  Works with ``optax.inject_hyperparams``."""
+  return optax.chain(
+      scale_by_mkor_h(window=window, threshold=threshold, patience=patience, beta=beta,
+                      gamma=gamma, zeta=zeta, epsilon=epsilon, inv_freq=inv_freq,
+                      refresh=refresh, axis_name=axis_name, factor_dtype=factor_dtype,
+                      max_factor_dim=max_factor_dim, exclude=exclude, layouts=layouts),
+      backend or default_backend(learning_rate, weight_decay))

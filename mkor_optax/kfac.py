@@ -70,7 +70,7 @@ def scale_by_kfac(
     gamma: float = 0.95,
     inv_freq: int = 10,
     axis_name: Optional[str] = None,
-    factor_dtype: Any = jnp.float32,
+    factor_dtype: Any = None,
     max_factor_dim: int = 4096,
     exclude: kr.Exclude = None,
     layouts: Optional[dict] = None,
@@ -82,7 +82,11 @@ def scale_by_kfac(
     gamma: decay of the factor EMAs, in (0, 1).
     inv_freq: recompute the inverses at step 0 and every ``inv_freq`` steps.
     axis_name: data-parallel axis over which ``A`` and ``G`` are averaged.
-    factor_dtype: storage dtype of factors and inverses (math in float32).
+    factor_dtype: storage dtype of the damped inverses (``None``: float32).
+      The covariance EMAs are always kept in float32 and the inversion runs in
+      float32: a bfloat16 covariance of inputs with a large mean loses its
+      small eigenvalues and its Cholesky factor turns NaN. A non-finite
+      inverse is never stored (the previous one is kept).
     max_factor_dim, exclude, layouts: as in :func:`mkor_optax.scale_by_mkor`.
 
   Returns:
@@ -90,48 +94,59 @@ def scale_by_kfac(
     params=None, *, stats)`` with ``stats`` of kind ``COVARIANCE``.
   """
   kr.validate(
-      damping=(damping > 0, f'must be > 0, got {damping!r}'),
-      **kr.common_checks(gamma=gamma, inv_freq=inv_freq, max_factor_dim=max_factor_dim,
-                         factor_dtype=factor_dtype),
+      damping=(damping, lambda v: v > 0, 'must be > 0'),
+      **kr.common_checks(gamma=gamma, inv_freq=inv_freq, max_factor_dim=max_factor_dim),
   )
+  dtype = kr.resolve_dtype('factor_dtype', factor_dtype)
   excluded = kr.exclude_predicate(exclude)
-  plan_of = lambda tree: kr.plan_layers(tree, layouts=layouts, excluded=excluded,
-                                        max_factor_dim=max_factor_dim)
-  root = float(damping) ** 0.5
 
   def init(params):
-    plan = plan_of(params)
+    plan = kr.plan_layers(params, layouts=layouts, excluded=excluded,
+                          max_factor_dim=max_factor_dim, who='scale_by_kfac')
     r_sizes, l_sizes = kr.side_sizes(plan)
-    zeros = lambda sizes: {k: jnp.zeros((s, n, n), factor_dtype) for k, (n, s) in sizes.items()}
-    eyes = lambda sizes: {k: kr.identity_stack(n, s, factor_dtype) for k, (n, s) in sizes.items()}
+    zeros = lambda sizes: {k: jnp.zeros((s, n, n), jnp.float32) for k, (n, s) in sizes.items()}
+    eyes = lambda sizes: {k: kr.identity_stack(n, s, dtype) for k, (n, s) in sizes.items()}
     return KFACState(jnp.zeros([], jnp.int32), zeros(r_sizes), zeros(l_sizes), eyes(r_sizes),
                      eyes(l_sizes))
 
   def update(updates, state, params=None, *, stats=None, **extra_args):
-    del extra_args
-    prep = kr.prepare(updates, stats, plan_of, excluded, 'scale_by_kfac', axis_name,
+    del params, extra_args
+    plan = kr.plan_layers(updates, layouts=layouts, excluded=excluded,
+                          sides=(state.a_cov, state.g_cov), who='scale_by_kfac')
+    prep = kr.prepare(updates, stats, plan, excluded, 'scale_by_kfac', axis_name,
                       covariance_shapes, 'COVARIANCE')
     first = state.count == 0
 
     def ema(old, key):
       out = {}
       for k, f in old.items():
-        stat = prep.stats[k][key]
+        if k not in prep.stats:
+          out[k] = f
+          continue
+        stat = prep.stats[k][key].astype(jnp.float32)
         new = jnp.where(first, stat, gamma * f.astype(jnp.float32) + (1 - gamma) * stat)
         out[k] = jnp.where(prep.finite, new, f).astype(f.dtype)
       return out
 
     a_cov, g_cov = ema(state.a_cov, 'A'), ema(state.g_cov, 'G')
+    root = jnp.sqrt(jnp.asarray(damping, jnp.float32))
 
-    def inverted(_):
-      inv = lambda covs: {k: damped_inverse(f, root).astype(factor_dtype) for k, f in covs.items()}
-      return inv(a_cov), inv(g_cov)
+    def inverted(old):
+      def inv(covs, olds):
+        out = {}
+        for k, f in covs.items():
+          new = damped_inverse(f, root)
+          out[k] = jnp.where(jnp.all(jnp.isfinite(new)), new, olds[k]).astype(dtype)
+        return out
+      return inv(a_cov, old[0]), inv(g_cov, old[1])
 
     do_refresh = jnp.logical_and(state.count % inv_freq == 0, prep.finite)
-    a_inv, g_inv = jax.lax.cond(do_refresh, inverted, lambda _: (state.a_inv, state.g_inv), None)
+    a_inv, g_inv = jax.lax.cond(do_refresh, inverted, lambda old: old,
+                                (state.a_inv, state.g_inv))
     out = {k: kr.rescale_to(kr.precondition(g, a_inv.get(k), g_inv.get(k)), g)
            for k, (_, g) in prep.grads.items()}
-    return kr.write_layers(updates, prep, out), KFACState(state.count + 1, a_cov, g_cov, a_inv, g_inv)
+    return kr.write_layers(prep, out), KFACState(kr.increment(state.count), a_cov, g_cov, a_inv,
+                                                  g_inv)
 
   return optax.GradientTransformationExtraArgs(init, update)
 
@@ -141,9 +156,20 @@ def kfac(
     *,
     weight_decay: float = 0.01,
     backend: Optional[optax.GradientTransformation] = None,
-    **kwargs,
+    damping: float = 1e-3,
+    gamma: float = 0.95,
+    inv_freq: int = 10,
+    axis_name: Optional[str] = None,
+    factor_dtype: Any = None,
+    max_factor_dim: int = 4096,
+    exclude: kr.Exclude = None,
+    layouts: Optional[dict] = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """``optax.chain(scale_by_kfac(**kwargs), backend)``; LAMB by default, as
-  :func:`mkor_optax.mkor`."""
+  """K-FAC with a LAMB backend: ``optax.chain(scale_by_kfac(...), backend)``,
+  as :func:`mkor_optax.mkor`. Works with ``optax.inject_hyperparams``."""
   from mkor_optax.mkor import default_backend
-  return optax.chain(scale_by_kfac(**kwargs), backend or default_backend(learning_rate, weight_decay))
+  return optax.chain(
+      scale_by_kfac(damping=damping, gamma=gamma, inv_freq=inv_freq, axis_name=axis_name,
+                    factor_dtype=factor_dtype, max_factor_dim=max_factor_dim, exclude=exclude,
+                    layouts=layouts),
+      backend or default_backend(learning_rate, weight_decay))

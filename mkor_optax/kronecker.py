@@ -17,14 +17,21 @@ statistics handed to ``update`` match them (:func:`check_stats`).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import sys
+import threading
+import warnings
 from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from mkor_optax.paths import get_at, set_at
+from mkor_optax.layers import varying_axes
+from mkor_optax.paths import get_at, path_str, rebox_like, set_at, unbox
 
 Exclude = Union[None, str, Iterable[str], Callable[[str], bool]]
 
@@ -62,30 +69,60 @@ def dims(kernel_shape, layout: Layout) -> Dims:
   return Dims(stack, d_in, d_out, layout.has_bias)
 
 
-def infer_layout(module_params: Mapping) -> Optional[Layout]:
-  """Guesses a layer's layout from its parameter shapes alone.
+_QKV = ('query', 'key', 'value')
+AMBIGUOUS = 'ambiguous'  # infer_layout's answer when shapes and names do not decide
+UNSUPPORTED = 'unsupported'  # a kernel of a layer the capture cannot precondition
+
+
+def infer_layout(module_params: Mapping, path: tuple = ()):
+  """A layer's :class:`Layout` from its parameter shapes and Flax names.
 
   With a bias: the smallest number of stacking axes ``s`` such that the bias
   is ``kernel.shape[:s] + kernel.shape[-o:]`` (exact for Dense, Conv and
   DenseGeneral with bias, stacked or not, unless a stacking size equals an
-  input size). Without a bias: no stacking, one output axis (exact for Dense,
-  Conv and attention output projections; wrong for bias-free q/k/v projections
-  and bias-free stacked layers, which need ``layouts=`` from
-  :func:`mkor_optax.layer_layouts`; a mismatch is reported at the first update).
+  input size). Without a bias, a 2-D kernel is a Dense matrix; a kernel of
+  more axes is read from the module's name, as Flax names them:
+
+  * ``query``/``key``/``value`` (``nn.MultiHeadDotProductAttention``):
+    ``(d_model, heads, head_dim)``, two output axes;
+  * ``out`` (its output projection): ``(heads, head_dim, d_model)``, one;
+  * ``Dense_<i>``: a 2-D kernel, any further leading axes are stacking axes
+    (``nn.scan``/``nn.vmap`` over ``nn.Dense``);
+  * a name containing ``conv`` (``Conv_<i>``, ``ConvTranspose_<i>``,
+    ``conv_init``...): a convolution, ``(*window, c_in, c_out)``, unstacked;
+  * ``Einsum_<i>``: :data:`UNSUPPORTED` (not a single matrix in general);
+  * anything else: :data:`AMBIGUOUS` (``init`` then asks for ``layouts=``).
+
+  Returns ``None`` for leaves that are not a layer's kernel.
   """
   kernel = module_params.get('kernel')
   if kernel is None or np.ndim(kernel) < 2:
     return None
   kshape = tuple(np.shape(kernel))
+  name = str(path[-1]) if path else ''
+  if re.fullmatch(r'Einsum_\d+', name):
+    return UNSUPPORTED
   bias = module_params.get('bias')
-  if bias is None:
+  if bias is not None:
+    bshape = tuple(np.shape(bias))
+    for s in range(len(bshape)):
+      o = len(bshape) - s
+      if (o >= 1 and s + o < len(kshape) and kshape[:s] == bshape[:s]
+          and kshape[len(kshape) - o:] == bshape[s:]):
+        return Layout(s, o, True)
+    return UNSUPPORTED
+  n = len(kshape)
+  if n == 2:
     return Layout(0, 1, False)
-  bshape = tuple(np.shape(bias))
-  for s in range(len(bshape)):
-    o = len(bshape) - s
-    if o >= 1 and s + o < len(kshape) and kshape[:s] == bshape[:s] and kshape[len(kshape) - o:] == bshape[s:]:
-      return Layout(s, o, True)
-  return None
+  if name in _QKV:
+    return Layout(n - 3, 2, False)
+  if name == 'out':
+    return Layout(n - 3, 1, False)
+  if re.fullmatch(r'Dense_\d+', name):
+    return Layout(n - 2, 1, False)
+  if 'conv' in name.lower():
+    return Layout(0, 1, False)
+  return AMBIGUOUS
 
 
 def to_matrix(kernel, bias, d: Dims):
@@ -156,32 +193,76 @@ def _module_paths(tree, prefix=()):
       yield from _module_paths(v, prefix + (k,))
 
 
+_LAYOUTS_FIX = ('pass layouts=mkor_optax.layer_layouts(loss_fn, params, *batch) (the exact '
+                'layouts, read from one abstract trace of the model) or exclude=[...] them')
+
+
 def plan_layers(params, *, layouts: Optional[dict], excluded: Callable[[str], bool],
-                max_factor_dim: int) -> dict:
-  """``{path_str: LayerPlan}`` for every second-order layer of ``params``."""
-  plan = {}
+                max_factor_dim=None, sides=None, who: str = 'mkor_optax') -> dict:
+  """``{path_str: LayerPlan}`` for every second-order layer of ``params``.
+
+  At ``init`` (``sides=None``) a side is factored when it is at most
+  ``max_factor_dim``; kernels whose layout cannot be told raise one
+  ``ValueError`` naming all of them, kernels of unsupported layers and an
+  empty plan give one warning. In ``update``, ``sides=(r_keys, l_keys)`` are
+  the layers the state holds factors for (so nothing static is recomputed
+  from hyperparameters, which ``optax.inject_hyperparams`` may turn into
+  arrays), and a state layer missing from ``params`` is an error.
+  """
+  params = unbox(params)
   layouts = layouts or {}
+  plan, ambiguous, unsupported = {}, [], []
   for path in _module_paths(params):
-    name = '/'.join(str(p) for p in path)
-    if excluded(name):
+    name = path_str(path)
+    if excluded(name) or (sides is not None and name not in sides[0] and name not in sides[1]):
       continue
     module = get_at(params, path)
-    layout = layouts.get(name) or infer_layout(module)
+    layout = layouts.get(name) or infer_layout(module, path)
     if layout is None:
+      continue
+    if isinstance(layout, str):
+      (ambiguous if layout == AMBIGUOUS else unsupported).append(name)
       continue
     d = dims(np.shape(module['kernel']), layout)
     if d.has_bias and 'bias' not in module:
       raise ValueError(f'layer {name!r}: layout says it has a bias but params has none')
-    has_r, has_l = d.d_in_aug <= max_factor_dim, d.d_out <= max_factor_dim
+    if sides is None:
+      limit = int(max_factor_dim)
+      has_r, has_l = d.d_in_aug <= limit, d.d_out <= limit
+    else:
+      has_r, has_l = name in sides[0], name in sides[1]
     if has_r or has_l:
       plan[name] = LayerPlan(path, d, has_r, has_l)
+  if sides is not None:
+    lost = sorted((set(sides[0]) | set(sides[1])) - set(plan))
+    if lost:
+      raise ValueError(f'{who}: the optimizer state has factors for layer(s) {lost}, which the '
+                       'gradients do not have: init and update must see the same parameter tree')
+    return plan
+  if ambiguous:
+    raise ValueError(
+        f'{who}.init: cannot tell how the bias-free kernel(s) {ambiguous} split into stacking, '
+        f'input and output axes from their shapes and names; {_LAYOUTS_FIX}.')
+  if unsupported:
+    warnings.warn(
+        f'{who}: layer(s) {unsupported} are not a single (d_in, d_out) matrix that the capture '
+        'knows (nn.Einsum, DenseGeneral with batch_dims, ...): they pass through unpreconditioned.',
+        stacklevel=3)
+  if not plan:
+    warnings.warn(f'{who}.init: no second-order layer (a mapping with a 2-D or larger "kernel") '
+                  'in params: the transform passes every gradient through unchanged.',
+                  stacklevel=3)
   return plan
 
 
 def rank1_shapes(lp: LayerPlan) -> dict:
-  """Shapes of the rank-1 statistics (``mkor_optax.RANK1``) of one layer."""
-  d = lp.dims
-  return {'a': d.stack + (d.d_in_aug,), 'g': d.stack + (d.d_out,)}
+  """Shapes of the rank-1 statistics (``mkor_optax.RANK1``) a layer's factored sides need."""
+  d, out = lp.dims, {}
+  if lp.has_r:
+    out['a'] = d.stack + (d.d_in_aug,)
+  if lp.has_l:
+    out['g'] = d.stack + (d.d_out,)
+  return out
 
 
 def side_sizes(plan: dict):
@@ -193,10 +274,14 @@ def side_sizes(plan: dict):
 
 def check_stats(stats, plan: dict, params, excluded: Callable[[str], bool], who: str,
                 shapes: Callable[['LayerPlan'], dict] = rank1_shapes, kind: str = 'RANK1'):
-  """Raises ``ValueError`` naming the layer if ``stats`` does not match ``plan``.
+  """Checks ``stats`` against ``plan``; returns the planned layers that have none.
 
-  ``shapes(layer_plan)`` gives the statistics one layer must have; ``kind`` names
-  the ``mkor_optax.value_and_grad(kind=...)`` that produces them.
+  Raises ``ValueError`` naming every offending layer for statistics of a
+  layer that ``params`` lacks, or of the wrong kind or shape (the stacking
+  axes may come flattened, as ``mkor_optax.MultiSteps`` hands them on).
+  Planned layers without statistics (a layer the capture does not know, or
+  one the loss did not call) pass through unpreconditioned, with one warning
+  naming all of them each time ``update`` is traced.
   """
   if stats is None:
     raise ValueError(
@@ -204,29 +289,35 @@ def check_stats(stats, plan: dict, params, excluded: Callable[[str], bool], who:
         f'stats=stats) with stats from mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.{kind}).')
   if not hasattr(stats, 'keys'):
     raise ValueError(f'{who}: stats must be the dict returned by mkor_optax.value_and_grad')
-  for name in stats:
-    if name not in plan and not excluded(name):
-      kernel = get_at(params, tuple(name.split('/')) + ('kernel',)) if params is not None else None
-      if params is not None and kernel is None:
-        raise ValueError(f'{who}: stats has layer {name!r} but params has no kernel there')
+  plain = unbox(params) if params is not None else None
+  unknown = [name for name in stats if name not in plan and not excluded(name)
+             and plain is not None and get_at(plain, tuple(name.split('/')) + ('kernel',)) is None]
+  if unknown:
+    raise ValueError(f'{who}: stats has layer(s) {sorted(unknown)} but params has no kernel there')
+  bad = []
   for name, lp in plan.items():
     if name not in stats:
-      raise ValueError(
-          f'{who}: no statistics for layer {name!r}. It has a kernel but was not captured '
-          '(not called in the loss, or not a Dense/DenseGeneral/Conv layer): exclude it with '
-          f'exclude=[{name!r}] or register its class with mkor_optax.register_layer.')
-    d = lp.dims
+      continue
     want = shapes(lp)
     if not hasattr(stats[name], 'get') or any(k not in stats[name] for k in want):
       raise ValueError(
           f'{who}: statistics for layer {name!r} lack {sorted(want)}: compute them with '
           f'mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.{kind}).')
     got = {k: tuple(np.shape(stats[name][k])) for k in want}
-    if got != want:
-      raise ValueError(
-          f'{who}: statistics for layer {name!r} have shapes {got}, but its parameters were '
-          f'read as {want} (layout {d}). If the layout was guessed wrongly, pass '
-          'layouts=mkor_optax.layer_layouts(loss_fn, params, *batch) to the optimizer.')
+    flat = {k: (lp.dims.n_stack,) + v[len(lp.dims.stack):] for k, v in want.items()}
+    if got != want and got != flat:
+      bad.append(f'{name!r}: {got}, read from its parameters as {want} ({lp.dims})')
+  if bad:
+    raise ValueError(
+        f'{who}: statistics of the wrong shape for ' + '; '.join(bad) + '. If a layout was '
+        f'guessed wrongly, {_LAYOUTS_FIX}.')
+  lacking = sorted(name for name in plan if name not in stats)
+  if lacking:
+    warnings.warn(
+        f'{who}: no statistics for layer(s) {lacking}; they pass through unpreconditioned. '
+        'The capture does not know their class (register it with mkor_optax.register_layer), '
+        'or the loss did not call them; exclude=[...] silences this.', stacklevel=4)
+  return lacking
 
 
 def all_finite(*trees) -> jax.Array:
@@ -248,24 +339,92 @@ def write_layer(updates, lp: LayerPlan, module, u):
   return updates
 
 
+# ------------------------------------------------------------ hyperparameters
+
+def is_concrete(value) -> bool:
+  """Whether ``value`` is a Python or NumPy number (not an array that
+  ``optax.inject_hyperparams`` made of it, which may be traced)."""
+  return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def validate(**checks):
-  """Raises ``ValueError('name: message')`` for the first failed ``name=(ok, message)``."""
-  for name, (ok, msg) in checks.items():
-    if not ok:
-      raise ValueError(f'{name}: {msg}')
+  """Raises ``ValueError('name: message')`` for the first failed check.
+
+  Each check is ``name=(value, predicate, message)``. Only Python numbers are
+  checked: hyperparameters that arrive as arrays (``optax.inject_hyperparams``
+  stores numeric hyperparameters as arrays, traced inside ``jit``) are the
+  caller's responsibility. ``predicate`` ``None`` means "must be a Python int
+  >= 1" (a count), for which an integer-valued array is also accepted.
+  """
+  for name, (value, ok, msg) in checks.items():
+    if ok is None:
+      if is_int(value):
+        if value < 1:
+          raise ValueError(f'{name}: must be an integer >= 1, got {value!r}')
+      elif not isinstance(value, (jax.Array, np.ndarray)) or not jnp.issubdtype(value.dtype, jnp.integer):
+        raise ValueError(f'{name}: must be an integer >= 1, got {value!r}')
+    elif is_concrete(value) and not ok(value):
+      raise ValueError(f'{name}: {msg}, got {value!r}')
+    elif not is_concrete(value) and not isinstance(value, (jax.Array, np.ndarray)):
+      raise ValueError(f'{name}: must be a number, got {value!r}')
 
 
-def common_checks(*, gamma, inv_freq, max_factor_dim, factor_dtype) -> dict:
+def resolve_dtype(name: str, dtype):
+  """``None`` -> float32; a dtype, its name or a NumPy/JAX scalar type -> ``jnp.dtype``."""
+  if dtype is None:
+    return jnp.dtype(jnp.float32)
+  try:
+    out = jnp.dtype(dtype)
+  except TypeError:
+    out = None
+  if out is None or not jnp.issubdtype(out, jnp.floating):
+    raise ValueError(f'{name}: must be a floating dtype, got {dtype!r}')
+  return out
+
+
+def common_checks(*, gamma, inv_freq, max_factor_dim) -> dict:
   """The ``validate`` checks every Kronecker-factored transform shares."""
-  is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
   return dict(
-      gamma=(0.0 < gamma < 1.0, f'must be in (0, 1), got {gamma!r}'),
-      inv_freq=(is_int(inv_freq) and inv_freq >= 1, f'must be an integer >= 1, got {inv_freq!r}'),
-      max_factor_dim=(is_int(max_factor_dim) and max_factor_dim >= 1,
-                      f'must be an integer >= 1, got {max_factor_dim!r}'),
-      factor_dtype=(jnp.issubdtype(jnp.dtype(factor_dtype), jnp.floating),
-                    f'must be a floating dtype, got {factor_dtype!r}'),
+      gamma=(gamma, lambda v: 0.0 < v < 1.0, 'must be in (0, 1)'),
+      inv_freq=(inv_freq, None, ''),
+      max_factor_dim=(max_factor_dim, None, ''),
   )
+
+
+# ------------------------------------------------------------- shared update
+
+def _check_data_parallel(stats, axis_name: Optional[str], who: str):
+  """Per-device statistics without ``axis_name`` would precondition every
+  device differently: an error under ``shard_map`` (where it is visible),
+  a warning under a named ``pmap``/``vmap`` axis (which may be intended)."""
+  if axis_name is not None:
+    return
+  varying = frozenset().union(*[varying_axes(x) for x in jax.tree.leaves(stats)])
+  if varying:
+    raise ValueError(
+        f'{who}: the statistics differ between devices along {sorted(varying)} (computed from a '
+        f'per-device loss): pass axis_name={sorted(varying)[0]!r}, or under shard_map make the '
+        'loss the lax.pmean of the per-device losses.')
+  named = bound_axis_names()
+  if named:
+    warnings.warn(
+        f'{who}: update runs under the named axes {sorted(named)} (pmap?) but axis_name=None: '
+        'each device refreshes its factors from its own statistics. Pass '
+        f'axis_name={sorted(named)[0]!r} to average them (and lax.pmean the gradients).',
+        stacklevel=4)
+
+
+def bound_axis_names() -> frozenset:
+  """Named axes bound by ``pmap``/``vmap(axis_name=...)`` here (empty if unknown)."""
+  try:
+    from jax._src import core as jax_core  # no public API for this in jax 0.10
+    return frozenset(jax_core.get_axis_env().axis_sizes)
+  except Exception:  # pragma: no cover - a future jax without it
+    return frozenset()
 
 
 def gather_stats(stats, plan: dict, axis_name: Optional[str],
@@ -274,11 +433,18 @@ def gather_stats(stats, plan: dict, axis_name: Optional[str],
   to one (``(S, ...)``), averaged over ``axis_name`` when given."""
   out = {}
   for name, lp in plan.items():
-    out[name] = {k: stats[name][k].reshape((lp.dims.n_stack,) + stats[name][k].shape[len(lp.dims.stack):])
-                 for k in shapes(lp)}
+    want = shapes(lp)
+    out[name] = {k: jnp.reshape(stats[name][k], (lp.dims.n_stack,) + want[k][len(lp.dims.stack):])
+                 for k in want}
   if axis_name is not None:
     out = jax.lax.pmean(out, axis_name)
   return out
+
+
+def increment(count):
+  """optax's overflow-safe step counter increment."""
+  safe = getattr(optax, 'safe_increment', None) or optax.safe_int32_increment
+  return safe(count)
 
 
 def identity_stack(n: int, s: int, dtype):
@@ -288,26 +454,70 @@ def identity_stack(n: int, s: int, dtype):
 class Prepared(NamedTuple):
   """What a Kronecker-factored ``update`` starts from (see :func:`prepare`)."""
 
-  plan: dict      # path -> LayerPlan
+  plan: dict      # path -> LayerPlan, the layers with statistics
   stats: dict     # path -> {name: (S, ...)}, averaged over the data axis
   grads: dict     # path -> (module grads mapping, (S, d_in[+1], d_out) float32)
   finite: jax.Array
+  updates: object  # the incoming updates, boxes (nn.Partitioned...) kept
 
 
-def prepare(updates, stats, plan_of, excluded, who: str, axis_name: Optional[str],
+def prepare(updates, stats, plan: dict, excluded, who: str, axis_name: Optional[str],
             shapes: Callable[['LayerPlan'], dict] = rank1_shapes, kind: str = 'RANK1') -> Prepared:
-  """Plans the layers of ``updates``, checks ``stats`` against them, gathers
-  (and averages) the statistics and the layers' gradient matrices, and says
-  whether all of them are finite."""
-  plan = plan_of(updates)
-  check_stats(stats, plan, updates, excluded, who, shapes, kind)
+  """Checks ``stats`` against the layers of ``plan``, gathers (and averages)
+  the statistics and the layers' gradient matrices, and says whether all of
+  them are finite. Layers without statistics are dropped from the plan."""
+  check_accumulation(who)
+  lacking = check_stats(stats, plan, updates, excluded, who, shapes, kind)
+  plan = {k: lp for k, lp in plan.items() if k not in lacking}
+  if plan:
+    _check_data_parallel({k: stats[k] for k in plan}, axis_name, who)
   gathered = gather_stats(stats, plan, axis_name, shapes)
-  grads = {k: layer_grads(updates, lp) for k, lp in plan.items()}
-  return Prepared(plan, gathered, grads, all_finite(gathered, [g for _, g in grads.values()]))
+  plain = unbox(updates)
+  grads = {k: layer_grads(plain, lp) for k, lp in plan.items()}
+  return Prepared(plan, gathered, grads, all_finite(gathered, [g for _, g in grads.values()]),
+                  updates)
 
 
-def write_layers(updates, prep: Prepared, matrices: dict):
-  """``updates`` with each planned layer replaced by its ``(S, d_in[+1], d_out)`` matrix."""
+def write_layers(prep: Prepared, matrices: dict):
+  """The updates with each planned layer replaced by its ``(S, d_in[+1], d_out)``
+  matrix, in the incoming tree's structure (boxes kept)."""
+  out = unbox(prep.updates)
   for k, lp in prep.plan.items():
-    updates = write_layer(updates, lp, prep.grads[k][0], matrices[k])
-  return updates
+    out = write_layer(out, lp, prep.grads[k][0], matrices[k])
+  return rebox_like(prep.updates, out)
+
+
+def check_accumulation(who: str):
+  """``optax.MultiSteps`` calls the inner transform with the current
+  micro-batch's extra arguments only, so its factors would see one micro-batch
+  in k: refuse, pointing at :class:`mkor_optax.MultiSteps`."""
+  if accumulating():
+    return
+  frame = sys._getframe(1)
+  while frame is not None:
+    if frame.f_code.co_name == '_do_update' and frame.f_code.co_filename.endswith(
+        os.path.join('transforms', '_accumulation.py')):
+      raise ValueError(
+          f'{who} inside optax.MultiSteps would refresh its factors from the last micro-batch '
+          'only (optax hands extra arguments such as stats= to the inner transform as they '
+          'are). Use mkor_optax.MultiSteps (the same signature), which accumulates the '
+          'statistics over the micro-batches too.')
+    frame = frame.f_back
+
+
+_accumulating = threading.local()
+
+
+def accumulating() -> bool:
+  return getattr(_accumulating, 'on', False)
+
+
+@contextlib.contextmanager
+def accumulated_stats():
+  """Marks the statistics handed on inside as accumulated (mkor_optax.MultiSteps)."""
+  old = accumulating()
+  _accumulating.on = True
+  try:
+    yield
+  finally:
+    _accumulating.on = old

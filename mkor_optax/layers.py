@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mkor_optax.paths import unbox
+
 
 class LayerCall(NamedTuple):
   """What the capture needs from one call of a second-order layer.
@@ -129,7 +131,7 @@ def adapter_for(module: nn.Module) -> Optional[Adapter]:
 
 
 def _kernel_shape(module: nn.Module) -> tuple:
-  return tuple(module.get_variable('params', 'kernel').shape)
+  return tuple(np.shape(unbox(module.get_variable('params', 'kernel'))))
 
 
 def _has_bias(module: nn.Module) -> bool:
@@ -155,9 +157,10 @@ def dense_adapter(module, args, kwargs):
 
 
 def _normalize_axes(axes, ndim):
+  """Non-negative and sorted, as ``nn.DenseGeneral`` orders its kernel's input axes."""
   if isinstance(axes, int):
     axes = (axes,)
-  return tuple(a % ndim for a in axes)
+  return tuple(sorted(a % ndim for a in axes))
 
 
 def dense_general_adapter(module, args, kwargs):
@@ -173,15 +176,17 @@ def dense_general_adapter(module, args, kwargs):
 
 
 def conv_adapter(module, args, kwargs):
-  """``nn.Conv`` (not grouped): im2col patches through clones of the layer.
+  """``nn.Conv`` (not grouped) and ``nn.ConvTranspose`` (``transpose_kernel=False``):
+  im2col patches through clones of the layer. Both are ``y[p, o] = sum_j
+  P[p, j] K[j, o]`` for patches ``P`` of the (for the transpose, dilated) input.
 
   The patch sum is the kernel gradient of ``sum(conv(x, K))`` for a ones
   kernel with one output channel; the patches themselves (only for kinds that
   need rows) are the output of a conv whose kernel is the identity on the
   ``prod(window) * c_in`` patch entries. Both use the layer's own padding code.
   """
-  if getattr(module, 'feature_group_count', 1) != 1:
-    return None
+  if getattr(module, 'feature_group_count', 1) != 1 or getattr(module, 'transpose_kernel', False):
+    return None  # grouped: a block-diagonal kernel; transposed kernel: output axis not last
   x = jnp.asarray(args[0] if args else kwargs['inputs'])
   kshape = _kernel_shape(module)
   d_in = int(np.prod(kshape[:-1]))
@@ -215,3 +220,4 @@ def conv_adapter(module, args, kwargs):
 register_layer(nn.Dense, dense_adapter)
 register_layer(nn.DenseGeneral, dense_general_adapter)
 register_layer(nn.Conv, conv_adapter)
+register_layer(nn.ConvTranspose, conv_adapter)

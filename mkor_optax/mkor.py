@@ -103,7 +103,7 @@ def scale_by_mkor(
     inv_freq: int = 10,
     refresh: str = 'ema',
     axis_name: Optional[str] = None,
-    factor_dtype: Any = jnp.float32,
+    factor_dtype: Any = None,
     max_factor_dim: int = 4096,
     exclude: kr.Exclude = None,
     layouts: Optional[dict] = None,
@@ -119,50 +119,61 @@ def scale_by_mkor(
     axis_name: data-parallel axis (``pmap``/``shard_map``): ``a`` and ``g``
       are ``lax.pmean``-ed over it before the refresh. Gradients are the
       caller's to average, as with any optax transform.
-    factor_dtype: storage dtype of the inverses (refresh math is float32).
-    max_factor_dim: a side larger than this is preconditioned by the identity.
+    factor_dtype: storage dtype of the inverses (``None``: float32; refresh
+      math is float32). Under ``optax.inject_hyperparams`` pass a dtype name
+      (``'bfloat16'``): a dtype class is callable and would be taken for a schedule.
+    max_factor_dim: a side larger than this is preconditioned by the identity
+      (read at ``init`` only).
     exclude: layers to leave alone: regex(es) searched in the layer path
-      ``'a/b/c'``, or a predicate on it.
-    layouts: ``{path: Layout}`` overriding the layout guessed from parameter
-      shapes (see :func:`mkor_optax.layer_layouts`).
+      ``'a/b/c'``, or a predicate on it (a predicate needs
+      ``static_args=('exclude',)`` under ``optax.inject_hyperparams``).
+    layouts: ``{path: Layout}`` overriding the layout read from parameter
+      shapes and names (see :func:`mkor_optax.layer_layouts`).
+
+  Every numeric hyperparameter may be an array (``optax.inject_hyperparams``);
+  Python numbers are validated here.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose update is
     ``update(grads, state, params=None, *, stats)``.
   """
   kr.validate(
-      zeta=(0.0 <= zeta <= 1.0, f'must be in [0, 1], got {zeta!r}'),
-      epsilon=(epsilon > 0, f'must be > 0, got {epsilon!r}'),
-      refresh=(refresh in _REFRESH, f'must be one of {_REFRESH}, got {refresh!r}'),
-      **kr.common_checks(gamma=gamma, inv_freq=inv_freq, max_factor_dim=max_factor_dim,
-                         factor_dtype=factor_dtype),
+      zeta=(zeta, lambda v: 0.0 <= v <= 1.0, 'must be in [0, 1]'),
+      epsilon=(epsilon, lambda v: v > 0, 'must be > 0'),
+      **kr.common_checks(gamma=gamma, inv_freq=inv_freq, max_factor_dim=max_factor_dim),
   )
+  if refresh not in _REFRESH:
+    raise ValueError(f'refresh: must be one of {_REFRESH}, got {refresh!r}')
+  dtype = kr.resolve_dtype('factor_dtype', factor_dtype)
   excluded = kr.exclude_predicate(exclude)
-  plan_of = lambda tree: kr.plan_layers(tree, layouts=layouts, excluded=excluded,
-                                     max_factor_dim=max_factor_dim)
 
   def init(params):
-    plan = plan_of(params)
-    eyes = lambda sizes: {k: kr.identity_stack(n, s, factor_dtype) for k, (n, s) in sizes.items()}
+    plan = kr.plan_layers(params, layouts=layouts, excluded=excluded,
+                          max_factor_dim=max_factor_dim, who='scale_by_mkor')
+    eyes = lambda sizes: {k: kr.identity_stack(n, s, dtype) for k, (n, s) in sizes.items()}
     r_sizes, l_sizes = kr.side_sizes(plan)
     return MKORState(jnp.zeros([], jnp.int32), eyes(r_sizes), eyes(l_sizes))
 
   def update(updates, state, params=None, *, stats=None, **extra_args):
-    del extra_args
-    prep = kr.prepare(updates, stats, plan_of, excluded, 'scale_by_mkor', axis_name)
+    del params, extra_args
+    plan = kr.plan_layers(updates, layouts=layouts, excluded=excluded,
+                          sides=(state.r_inv, state.l_inv), who='scale_by_mkor')
+    prep = kr.prepare(updates, stats, plan, excluded, 'scale_by_mkor', axis_name)
     vecs = prep.stats
     do_refresh = jnp.logical_and(state.count % inv_freq == 0, prep.finite)
 
     def refreshed(factors):
       r_inv, l_inv = factors
       kw = dict(gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh)
-      return ({k: refresh_inverse(p, vecs[k]['a'], **kw) for k, p in r_inv.items()},
-              {k: refresh_inverse(p, vecs[k]['g'], **kw) for k, p in l_inv.items()})
+      return ({k: refresh_inverse(p, vecs[k]['a'], **kw) if k in vecs else p
+               for k, p in r_inv.items()},
+              {k: refresh_inverse(p, vecs[k]['g'], **kw) if k in vecs else p
+               for k, p in l_inv.items()})
 
     r_inv, l_inv = jax.lax.cond(do_refresh, refreshed, lambda f: f, (state.r_inv, state.l_inv))
     out = {k: kr.rescale_to(kr.precondition(g, r_inv.get(k), l_inv.get(k)), g)
            for k, (_, g) in prep.grads.items()}
-    return kr.write_layers(updates, prep, out), MKORState(state.count + 1, r_inv, l_inv)
+    return kr.write_layers(prep, out), MKORState(kr.increment(state.count), r_inv, l_inv)
 
   return optax.GradientTransformationExtraArgs(init, update)
 
@@ -180,16 +191,30 @@ def mkor(
     *,
     weight_decay: float = 0.01,
     backend: Optional[optax.GradientTransformation] = None,
-    **kwargs,
+    gamma: float = 0.95,
+    zeta: float = 0.9,
+    epsilon: float = 2.0,
+    inv_freq: int = 10,
+    refresh: str = 'ema',
+    axis_name: Optional[str] = None,
+    factor_dtype: Any = None,
+    max_factor_dim: int = 4096,
+    exclude: kr.Exclude = None,
+    layouts: Optional[dict] = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """``optax.chain(scale_by_mkor(**kwargs), backend)``; LAMB by default.
+  """MKOR with a LAMB backend: ``optax.chain(scale_by_mkor(...), backend)``.
 
   The default backend is ``optax.lamb(learning_rate, weight_decay=...)`` with
   weight decay masked off biases and norm scales (the paper's BERT runs). With
   an explicit ``backend``, ``learning_rate`` and ``weight_decay`` are unused
-  (the backend carries its own).
+  (the backend carries its own). The other arguments are
+  :func:`scale_by_mkor`'s. Works with ``optax.inject_hyperparams``.
   """
-  return optax.chain(scale_by_mkor(**kwargs), backend or default_backend(learning_rate, weight_decay))
+  return optax.chain(
+      scale_by_mkor(gamma=gamma, zeta=zeta, epsilon=epsilon, inv_freq=inv_freq, refresh=refresh,
+                    axis_name=axis_name, factor_dtype=factor_dtype,
+                    max_factor_dim=max_factor_dim, exclude=exclude, layouts=layouts),
+      backend or default_backend(learning_rate, weight_decay))
 
 
 def default_backend(learning_rate, weight_decay):

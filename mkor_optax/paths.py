@@ -1,8 +1,11 @@
-"""Paths into nested parameter dicts: read, and copy-on-write update."""
+"""Paths into nested parameter dicts: read, copy-on-write update, and Flax boxes."""
 
 from __future__ import annotations
 
 from typing import Mapping
+
+import jax
+from flax.core import meta
 
 DELETE = object()  # as a value for set_at: remove the entry
 
@@ -34,3 +37,22 @@ def set_at(tree, path, value):
   if len(path) == 1:
     return _rebuild(tree, {path[0]: value})
   return _rebuild(tree, {path[0]: set_at(tree[path[0]], path[1:], value)})
+
+
+def unbox(tree):
+  """``tree`` without Flax's ``AxisMetadata`` boxes (``nn.Partitioned``,
+  ``nn.LogicallyPartitioned``...): their values in their places."""
+  def plain(x):
+    if not meta.is_axis_metadata(x):
+      return x
+    try:
+      inner = x.unbox(apply_constraint=False)  # values only: no sharding constraint here
+    except TypeError:
+      inner = x.unbox()
+    return unbox(inner)
+  return jax.tree.map(plain, tree, is_leaf=meta.is_axis_metadata)
+
+
+def rebox_like(boxed, plain):
+  """``plain`` (a tree shaped like ``unbox(boxed)``) put back into ``boxed``'s boxes."""
+  return meta.replace_boxed(boxed, plain)

@@ -103,7 +103,7 @@ def scale_by_sonew(
     band: int = 1,
     graft: str = 'adam',
     graft_eps: float = 1e-8,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   """SONew preconditioning of every parameter tensor (no capture needed).
 
   Args:
@@ -117,22 +117,24 @@ def scale_by_sonew(
     graft: ``'adam'``, ``'sgd'`` or ``'momentum'``: whose per-tensor norm ``u`` takes.
     graft_eps: the epsilon of the Adam graft direction.
   """
-  is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
   kr.validate(
-      b1=(0.0 <= b1 < 1.0, f'must be in [0, 1), got {b1!r}'),
-      b2=(0.0 <= b2 < 1.0, f'must be in [0, 1), got {b2!r}'),
-      damping=(damping > 0, f'must be > 0, got {damping!r}'),
-      band=(is_int(band) and band >= 1, f'must be an integer >= 1, got {band!r}'),
-      graft=(graft in _GRAFTS, f'must be one of {_GRAFTS}, got {graft!r}'),
-      graft_eps=(graft_eps >= 0, f'must be >= 0, got {graft_eps!r}'),
+      b1=(b1, lambda v: 0.0 <= v < 1.0, 'must be in [0, 1)'),
+      b2=(b2, lambda v: 0.0 <= v < 1.0, 'must be in [0, 1)'),
+      damping=(damping, lambda v: v > 0, 'must be > 0'),
+      band=(band, None, ''),
+      graft_eps=(graft_eps, lambda v: v >= 0, 'must be >= 0'),
   )
+  if graft not in _GRAFTS:
+    raise ValueError(f'graft: must be one of {_GRAFTS}, got {graft!r}')
 
   def init(params):
+    width = int(band)  # static: the shape of the off-diagonal statistics
     flat = lambda p, *extra: jnp.zeros((int(np.size(p)),) + extra, jnp.float32)
     return SONewState(jnp.zeros([], jnp.int32), jax.tree.map(flat, params),
-                      jax.tree.map(flat, params), jax.tree.map(lambda p: flat(p, band), params))
+                      jax.tree.map(flat, params), jax.tree.map(lambda p: flat(p, width), params))
 
   def one(g, m, d, e, t):
+    band = e.shape[-1]  # from the state, so an array-valued band (inject_hyperparams) is fine
     gf = g.reshape(-1).astype(jnp.float32)
     n = gf.shape[0]
     g_pad = jnp.concatenate([gf, jnp.zeros((band,), jnp.float32)])
@@ -161,17 +163,31 @@ def scale_by_sonew(
     u = u * jnp.where(un > 0, rn / jnp.where(un > 0, un, 1.0), 0.0)
     return u.reshape(g.shape).astype(g.dtype), m, d, e
 
-  def update(updates, state, params=None):
-    del params
+  def update(updates, state, params=None, **extra_args):
+    del params, extra_args
     t = (state.count + 1).astype(jnp.float32)
     out = jax.tree.map(lambda g, m, d, e: one(g, m, d, e, t), updates, state.m, state.d, state.e)
     treedef = jax.tree.structure(updates)
     u, m, d, e = (treedef.unflatten(x) for x in zip(*treedef.flatten_up_to(out)))
-    return u, SONewState(state.count + 1, m, d, e)
+    return u, SONewState(kr.increment(state.count), m, d, e)
 
-  return optax.GradientTransformation(init, update)
+  return optax.GradientTransformationExtraArgs(init, update)
 
 
-def sonew(learning_rate: optax.ScalarOrSchedule, **kwargs) -> optax.GradientTransformation:
-  """``optax.chain(scale_by_sonew(**kwargs), scale_by_learning_rate(learning_rate))``."""
-  return optax.chain(scale_by_sonew(**kwargs), optax.scale_by_learning_rate(learning_rate))
+def sonew(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    damping: float = 1e-3,
+    relative_damping: bool = True,
+    band: int = 1,
+    graft: str = 'adam',
+    graft_eps: float = 1e-8,
+) -> optax.GradientTransformationExtraArgs:
+  """``optax.chain(scale_by_sonew(...), scale_by_learning_rate(learning_rate))``.
+  Works with ``optax.inject_hyperparams``."""
+  return optax.chain(
+      scale_by_sonew(b1=b1, b2=b2, damping=damping, relative_damping=relative_damping,
+                     band=band, graft=graft, graft_eps=graft_eps),
+      optax.scale_by_learning_rate(learning_rate))

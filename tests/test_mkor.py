@@ -118,8 +118,12 @@ def test_missing_or_mismatched_stats_raise_naming_the_layer():
   _, grads, stats = GRAD(params, *batch(0))
   with pytest.raises(ValueError, match='stats='):
     tx.update(grads, state, params)
-  with pytest.raises(ValueError, match="'out'"):
-    tx.update(grads, state, params, stats={'hidden': stats['hidden']})
+  # a planned layer without statistics passes through, with a warning naming it
+  with pytest.warns(UserWarning, match=r"\['out'\].*pass through"):
+    u, new = tx.update(grads, state, params, stats={'hidden': stats['hidden']})
+  np.testing.assert_array_equal(u['out']['kernel'], grads['out']['kernel'])
+  assert not np.allclose(u['hidden']['kernel'], grads['hidden']['kernel'])
+  np.testing.assert_array_equal(new.l_inv['out'], state.l_inv['out'])
   bad = dict(stats, hidden={'a': stats['hidden']['a'][:3], 'g': stats['hidden']['g']})
   with pytest.raises(ValueError, match="'hidden'"):
     tx.update(grads, state, params, stats=bad)

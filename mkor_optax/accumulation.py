@@ -1,0 +1,128 @@
+"""Gradient accumulation that accumulates the layer statistics too.
+
+``optax.MultiSteps(opt, k)`` averages the gradients of ``k`` micro-batches and
+steps ``opt`` once. Its inner transform is called on every micro-batch with
+that micro-batch's extra arguments, and keeps only the state of the last call,
+so a Kronecker-factored transform inside it would refresh its factors from
+the last micro-batch alone (our transforms refuse to run there, pointing here).
+
+:class:`MultiSteps` has optax's signature and behaviour and also keeps the
+running mean of the statistics passed as ``stats=``. For micro-batches of
+equal size and a loss that is a mean over examples, the mean of the
+micro-batch statistics is exactly the full batch's, for every statistic kind
+of :mod:`mkor_optax.capture`: ``a`` and ``A`` are means over rows, ``g`` is
+the mean per-example output gradient and ``G`` the mean of per-example outer
+products. So ``k`` accumulated micro-batches give the same factors and the
+same update as one step on their concatenation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mkor_optax import kronecker as kr
+from mkor_optax.eva import EvaState
+from mkor_optax.kfac import KFACState
+from mkor_optax.mkor import MKORState
+
+
+class MultiStepsState(NamedTuple):
+  """``inner``: optax's ``MultiStepsState``; ``acc_stats``: per layer the
+  running mean of the micro-batch statistics, stacking axes flattened."""
+
+  inner: optax.MultiStepsState
+  acc_stats: dict
+
+
+def stats_template(opt_state) -> dict:
+  """Zero statistics, ``{layer: {name: (S, ...)}}``, for every layer that a
+  transform of this library holds factors for somewhere in ``opt_state``."""
+  out: dict = {}
+
+  def add(layer, name, shape):
+    out.setdefault(layer, {})[name] = jnp.zeros(shape, jnp.float32)
+
+  is_ours = lambda x: isinstance(x, (MKORState, KFACState, EvaState))
+  for node in jax.tree.leaves(opt_state, is_leaf=is_ours):
+    if isinstance(node, MKORState):
+      sides = ((node.r_inv, 'a'), (node.l_inv, 'g'))
+    elif isinstance(node, EvaState):
+      sides = ((node.a, 'a'), (node.g, 'g'))
+    elif isinstance(node, KFACState):
+      sides = ((node.a_cov, 'A'), (node.g_cov, 'G'))
+    else:
+      continue
+    for factors, name in sides:
+      for layer, f in factors.items():
+        shape = f.shape if name in ('A', 'G') else f.shape[:2]
+        add(layer, name, shape)
+  return out
+
+
+class MultiSteps:
+  """``optax.MultiSteps`` that accumulates the layer statistics as well.
+
+  Same arguments and methods as ``optax.MultiSteps`` (``init``, ``update``,
+  ``has_updated``, ``gradient_transformation``, ``inner_opt``). Call
+  ``update(grads, state, params, stats=stats, **extra_args)`` on every
+  micro-batch; the inner optimizer receives the mean of the gradients and of
+  the statistics when the ``k``-th micro-batch arrives. Other extra arguments
+  (``value=`` for MKOR-H) are handed on as they are, as optax does.
+  """
+
+  def __init__(self, opt: optax.GradientTransformation,
+               every_k_schedule: Union[int, Callable[[jax.Array], jax.Array]],
+               use_grad_mean: bool = True,
+               should_skip_update_fn: Optional[Callable[..., Any]] = None):
+    if not use_grad_mean:
+      raise ValueError('mkor_optax.MultiSteps: use_grad_mean=False would sum the statistics '
+                       'over micro-batches, which no statistic kind means; keep it True.')
+    self._multi = optax.MultiSteps(opt, every_k_schedule, use_grad_mean, should_skip_update_fn)
+
+  @property
+  def inner_opt(self):
+    return self._multi.inner_opt
+
+  def init(self, params) -> MultiStepsState:
+    inner = self._multi.init(params)
+    return MultiStepsState(inner, stats_template(inner.inner_opt_state))
+
+  def update(self, updates, state: MultiStepsState, params=None, *, stats=None, **extra_args):
+    old = state.inner
+    acc = state.acc_stats
+    if stats is None:
+      new_acc = acc
+      handed = None
+    else:
+      if not hasattr(stats, 'keys'):
+        raise ValueError('mkor_optax.MultiSteps: stats must be the dict returned by '
+                         'mkor_optax.value_and_grad')
+      n = old.mini_step.astype(jnp.float32)
+      new_acc = {}
+      for layer, fields in acc.items():
+        if layer not in stats:
+          new_acc[layer] = fields
+          continue
+        new_acc[layer] = {
+            k: v + (jnp.reshape(stats[layer][k], v.shape).astype(jnp.float32) - v) / (n + 1.0)
+            for k, v in fields.items()}
+      handed = {layer: new_acc[layer] for layer in acc if layer in stats}
+      handed.update({k: v for k, v in stats.items() if k not in acc})
+    with kr.accumulated_stats():
+      kw = dict(extra_args) if handed is None else dict(extra_args, stats=handed)
+      out, inner = self._multi.update(updates, old, params, **kw)
+    emitted = inner.gradient_step > old.gradient_step
+    advanced = jnp.logical_or(emitted, inner.mini_step != old.mini_step)
+    keep = jax.tree.map(lambda new, prev: jnp.where(advanced, new, prev), new_acc, acc)
+    reset = jax.tree.map(lambda v: jnp.where(emitted, jnp.zeros_like(v), v), keep)
+    return out, MultiStepsState(inner, reset)
+
+  def has_updated(self, state: MultiStepsState) -> jax.Array:
+    return self._multi.has_updated(state.inner)
+
+  def gradient_transformation(self) -> optax.GradientTransformationExtraArgs:
+    return optax.GradientTransformationExtraArgs(self.init, self.update)
