@@ -16,7 +16,11 @@ import mkor_optax
 
 def load_digits(test_fraction: float = 0.2, seed: int = 0):
   """scikit-learn's bundled 8x8 digits (1797 images), scaled to [0, 1]."""
-  from sklearn.datasets import load_digits as _load
+  try:
+    from sklearn.datasets import load_digits as _load
+  except ImportError:
+    raise SystemExit("the examples read scikit-learn's bundled digits: "
+                     "pip install -e '.[examples]' (or pip install scikit-learn)") from None
   data = _load()
   x = (data.images / 16.0).astype(np.float32)  # (n, 8, 8)
   y = data.target.astype(np.int32)
@@ -171,8 +175,11 @@ def train(params, opt, data_iter, steps: int, loss_fn, kind=None, needs_value=Fa
   jax.block_until_ready(step(params, opt_state, *batch))
   it = range(steps)
   if progress:
-    from tqdm.auto import tqdm
-    it = tqdm(it, desc=desc, leave=False, disable=None)  # off when not a terminal
+    try:
+      from tqdm.auto import tqdm
+      it = tqdm(it, desc=desc, leave=False, disable=None)  # off when not a terminal
+    except ImportError:
+      pass
   t0 = time.perf_counter()
   for _ in it:
     params, opt_state, loss = step(params, opt_state, *batch)

@@ -12,7 +12,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from tqdm.auto import tqdm
+
+try:  # a progress bar on a terminal, when tqdm is installed (pip install -e '.[examples]')
+  from tqdm.auto import tqdm
+except ImportError:
+  tqdm = None
 
 sys.path.insert(0, os.path.dirname(__file__))
 import mkor_optax  # noqa: E402
@@ -53,10 +57,11 @@ def main():
     return optax.apply_updates(params, updates), opt_state, loss
 
   data = batches(x, y, 64, seed=0)
-  bar = tqdm(range(steps), disable=None)  # a progress bar on a terminal
+  bar = tqdm(range(steps), disable=None) if tqdm else range(steps)
   for step in bar:
     params, opt_state, loss = train_step(params, opt_state, *next(data))
-    bar.set_postfix(loss=f'{float(loss):.4f}')
+    if tqdm:
+      bar.set_postfix(loss=f'{float(loss):.4f}')
   print(f'final training loss {float(loss):.4f}')
   accuracy = jnp.mean(jnp.argmax(model.apply({'params': params}, x_test), -1) == y_test)
   print(f'test accuracy {float(accuracy):.3f}')

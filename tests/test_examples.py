@@ -40,3 +40,15 @@ def test_example_runs(args, tmp_path):
 def test_demo_writes_table_and_plot(tmp_path):
   out = run(['demo.py', '--steps', '5', '--out', str(tmp_path / 'demo')], tmp_path)
   assert '| MKOR+LAMB |' in out and (tmp_path / 'demo' / 'loss.png').stat().st_size > 1000
+
+
+def test_quickstart_runs_without_tqdm(tmp_path):
+  """``pip install -e .`` has no tqdm: the quickstart must not need it."""
+  blocker = tmp_path / 'sitecustomize.py'
+  blocker.write_text('import sys\nsys.modules["tqdm"] = None\nsys.modules["tqdm.auto"] = None\n')
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env['PYTHONPATH'] = str(tmp_path) + os.pathsep + env.get('PYTHONPATH', '')
+  proc = subprocess.run([sys.executable, str(ROOT / 'examples' / 'quickstart.py'), '--smoke'],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'final training loss' in proc.stdout
