@@ -108,7 +108,7 @@ class Rank1(StatKind):
 RANK1 = Rank1()
 
 
-_active = threading.local()  # ids of the modules whose call is being tapped right now
+_active = threading.local()  # [module, re-entered] for the layer calls in progress
 
 
 def _make_interceptor(mode: str, record: dict, kind: StatKind):
@@ -116,22 +116,26 @@ def _make_interceptor(mode: str, record: dict, kind: StatKind):
     module = context.module
     if context.method_name != '__call__' or layers_lib.capture_disabled():
       return next_fun(*args, **kwargs)
-    active = getattr(_active, 'ids', None)
-    if active is None:
-      active = _active.ids = set()
-    if id(module) in active:  # a subclass's __call__ calling super().__call__: tap once
-      return next_fun(*args, **kwargs)
+    stack = getattr(_active, 'stack', None)
+    if stack is None:
+      stack = _active.stack = []
     adapter = layers_lib.adapter_for(module)
     if adapter is None or module.scope is None or not module.has_variable('params', 'kernel'):
       return next_fun(*args, **kwargs)
     read = adapter(module, args, kwargs)
     if read is None:
       return next_fun(*args, **kwargs)
-    active.add(id(module))
+    for entry in stack:  # a subclass's __call__ calling super().__call__: tap the innermost
+      if entry[0] is module:
+        entry[1] = True
+    entry = [module, False]
+    stack.append(entry)
     try:
       y = next_fun(*args, **kwargs)
     finally:
-      active.discard(id(module))
+      stack.pop()
+    if entry[1]:
+      return y
     call = read(y)
     path = tuple(module.scope.path)
     if mode == 'discover':
