@@ -27,3 +27,22 @@ def test_quickstart_runs_and_is_at_most_15_lines():
     params, opt_state, loss = scope['step'](params, opt_state, x[:128], y[:128])
     losses.append(float(loss))
   assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+def test_train_state_block_runs_as_printed():
+  text = README.read_text()
+  section = text[text.index('## Quickstart'):text.index('## What is preconditioned')]
+  blocks = re.findall(r'```python\n(.*?)```', section, re.S)
+  quick, train_state = blocks[0], blocks[1]
+  (x, y), _ = load_digits()
+  model = MLP((32,))
+  params = model.init(jax.random.PRNGKey(0), x[:2])['params']
+  scope = {'model': model, 'params': params}
+  exec(compile(quick, str(README), 'exec'), scope)  # defines loss_fn
+  exec(compile(train_state, str(README), 'exec'), scope)
+  state, losses = scope['state'], []
+  for _ in range(20):
+    state, loss = scope['train_step'](state, x[:128], y[:128])
+    losses.append(float(loss))
+  assert np.isfinite(losses).all() and losses[-1] < losses[0]
+  assert int(state.step) == 20
