@@ -9,6 +9,7 @@ from mkor_optax.kfac import KFACState, kfac, scale_by_kfac
 from mkor_optax.kronecker import Layout
 from mkor_optax.layers import LayerCall, register_layer
 from mkor_optax.mkor import MKORState, mkor, scale_by_mkor
+from mkor_optax.quadratic import QuadraticStepState, gauss_newton, scale_by_quadratic_step
 from mkor_optax.sonew import SONewState, scale_by_sonew, sonew
 from mkor_optax.training import TrainState
 
@@ -16,8 +17,8 @@ __version__ = '0.1.0'
 
 __all__ = [
     'COVARIANCE', 'Covariance', 'EvaState', 'KFACState', 'Layout', 'LayerCall', 'MKORHState',
-    'MKORState', 'MultiSteps', 'MultiStepsState', 'RANK1', 'SONewState', 'StatKind', 'TrainState',
-    'eva', 'kfac', 'layer_layouts', 'mkor', 'mkor_h', 'register_layer', 'scale_by_eva',
-    'scale_by_kfac', 'scale_by_mkor', 'scale_by_mkor_h', 'scale_by_sonew', 'sonew', 'untapped',
+    'MKORState', 'MultiSteps', 'MultiStepsState', 'QuadraticStepState', 'RANK1', 'SONewState', 'StatKind', 'TrainState',
+    'eva', 'gauss_newton', 'kfac', 'layer_layouts', 'mkor', 'mkor_h', 'register_layer', 'scale_by_eva',
+    'scale_by_kfac', 'scale_by_mkor', 'scale_by_mkor_h', 'scale_by_quadratic_step', 'scale_by_sonew', 'sonew', 'untapped',
     'value_and_grad',
 ]

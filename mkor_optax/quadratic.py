@@ -1,0 +1,186 @@
+"""An adaptive step: learning rate and momentum from a local quadratic model.
+
+Martens & Grosse (2015), *Optimizing Neural Networks with Kronecker-factored
+Approximate Curvature*, ICML, arXiv:1503.05671, sections 6.4-7 (the step that
+kfac-jax takes). Given the incoming direction ``u`` (a preconditioned
+gradient, from :func:`mkor_optax.scale_by_mkor` or any transform), the
+proposal ``D = -u`` and the previous update ``d0``, the update is
+``d = alpha D + mu d0`` with ``(alpha, mu)`` minimising the damped quadratic
+model of the loss around the current parameters::
+
+    M(d) = L + g^T d + 1/2 d^T (C + lambda I) d
+
+where ``g`` is the raw gradient and ``C`` the Gauss-Newton matrix
+``J^T H J`` (``J`` the Jacobian of the model outputs, ``H`` the Hessian of
+the loss in the outputs, positive semi-definite for the usual convex losses).
+That is the 2 x 2 system::
+
+    [D'(C+lI)D   D'(C+lI)d0] [alpha]     [g'D ]
+    [d0'(C+lI)D d0'(C+lI)d0] [mu   ] = - [g'd0]
+
+(1 x 1 with ``mu = 0`` on the first step). ``C`` enters only through ``J D``
+and ``J d0``: two Jacobian-vector products a step, no matrix.
+
+Damping ``lambda`` follows Levenberg-Marquardt: every ``adapt_every`` steps
+the reduction ratio ``rho = (L(theta + d) - L(theta)) / (M(d) - M(0))`` is
+computed (one more loss evaluation); ``rho > 3/4`` multiplies ``lambda`` by
+``omega = decay ** adapt_every``, ``rho < 1/4`` divides it by ``omega``.
+
+The update is the whole step (no learning rate follows). Extra arguments of
+``update``: ``grad`` (the raw gradient), ``curvature`` (from
+:func:`gauss_newton`), and, for the damping adaptation, ``value`` (the loss)
+and ``value_fn`` (the loss as a function of the parameters, on the same batch).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mkor_optax import kronecker as kr
+
+
+class QuadraticStepState(NamedTuple):
+  """``count``; ``damping`` (lambda); ``previous`` (the last update, float32);
+  ``alpha``, ``mu`` and ``rho`` of the last step (``rho`` NaN when not measured)."""
+
+  count: jax.Array
+  damping: jax.Array
+  previous: optax.Updates
+  alpha: jax.Array
+  mu: jax.Array
+  rho: jax.Array
+
+
+def _dot(a, b):
+  return sum(jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def gauss_newton(outputs_fn: Callable, loss_of_outputs: Callable) -> Callable:
+  """The Gauss-Newton Gram matrix of a loss ``loss_of_outputs(outputs_fn(params))``.
+
+  Args:
+    outputs_fn: ``params -> outputs`` (the model on this step's batch).
+    loss_of_outputs: ``outputs -> scalar loss`` (convex in the outputs for a
+      positive semi-definite ``C``: mean squared error, softmax or sigmoid
+      cross-entropy).
+
+  Returns:
+    ``gram(params, vectors) -> (k, k)``: ``v_i^T J^T H J v_j`` for a list of
+    ``k`` parameter-shaped ``vectors``, from ``k`` Jacobian-vector products of
+    the model and ``k`` Hessian-vector products of the loss in its outputs.
+  """
+
+  def gram(params, vectors):
+    jvps = []
+    outputs = None
+    for v in vectors:
+      v = jax.tree.map(lambda p, t: t.astype(p.dtype), params, v)
+      outputs, jv = jax.jvp(outputs_fn, (params,), (v,))
+      jvps.append(jv)
+    grad_out = jax.grad(loss_of_outputs)
+    hjvs = [jax.jvp(grad_out, (outputs,), (jv,))[1] for jv in jvps]
+    k = len(vectors)
+    return jnp.stack([jnp.stack([_dot(jvps[i], hjvs[j]) for j in range(k)]) for i in range(k)])
+
+  return gram
+
+
+def scale_by_quadratic_step(
+    *,
+    damping: float = 1e-3,
+    adapt_every: int = 5,
+    decay: float = 0.95,
+    min_damping: float = 1e-8,
+    max_damping: float = 1e4,
+    momentum: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+  """Step size and momentum chosen each step by a damped quadratic model.
+
+  Args:
+    damping: initial ``lambda`` (> 0).
+    adapt_every: adapt ``lambda`` every this many steps (needs ``value`` and
+      ``value_fn``; without them ``lambda`` stays fixed).
+    decay: per-step Levenberg-Marquardt factor, in (0, 1); ``lambda`` moves
+      by ``decay ** adapt_every`` at each adaptation.
+    min_damping, max_damping: bounds of ``lambda``.
+    momentum: include the previous update (``mu``); ``False`` fits ``alpha`` only.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with ``update(updates,
+    state, params, *, grad, curvature, value=None, value_fn=None)``. A step
+    whose model is not finite, or predicts no decrease, is a zero update and
+    raises ``lambda``.
+  """
+  kr.validate(
+      damping=(damping, lambda v: v > 0, 'must be > 0'),
+      adapt_every=(adapt_every, None, ''),
+      decay=(decay, lambda v: 0.0 < v < 1.0, 'must be in (0, 1)'),
+      min_damping=(min_damping, lambda v: v > 0, 'must be > 0'),
+      max_damping=(max_damping, lambda v: v > 0, 'must be > 0'),
+  )
+
+  def init(params):
+    zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+    f32 = lambda v: jnp.asarray(v, jnp.float32)
+    return QuadraticStepState(jnp.zeros([], jnp.int32), f32(damping), zeros, f32(0.0),
+                              f32(0.0), f32(jnp.nan))
+
+  def update(updates, state, params=None, *, grad=None, curvature=None, value=None,
+             value_fn=None, **extra_args):
+    del extra_args
+    if params is None or grad is None or curvature is None:
+      raise ValueError(
+          'scale_by_quadratic_step.update needs params, grad= (the raw gradient) and '
+          'curvature= (mkor_optax.gauss_newton(outputs_fn, loss_of_outputs)).')
+    lam = state.damping
+    proposal = jax.tree.map(lambda u: -u.astype(jnp.float32), updates)
+    prev = state.previous
+    gram = curvature(params, [proposal, prev] if momentum else [proposal])
+    gp = _dot(grad, proposal)
+    pp = _dot(proposal, proposal)
+    if momentum:
+      gq, qq, pq = _dot(grad, prev), _dot(prev, prev), _dot(proposal, prev)
+      a = jnp.array([[gram[0, 0] + lam * pp, gram[0, 1] + lam * pq],
+                     [gram[1, 0] + lam * pq, gram[1, 1] + lam * qq]])
+      b = -jnp.array([gp, gq])
+      two = jnp.linalg.solve(a, b)
+      one = b[0] / a[0, 0]
+      use_two = jnp.logical_and(qq > 0, jnp.all(jnp.isfinite(two)))
+      alpha = jnp.where(use_two, two[0], one)
+      mu = jnp.where(use_two, two[1], 0.0)
+      predicted = 0.5 * (alpha * gp + mu * gq)
+    else:
+      alpha = -gp / (gram[0, 0] + lam * pp)
+      mu = jnp.zeros([], jnp.float32)
+      predicted = 0.5 * alpha * gp
+    ok = jnp.logical_and(jnp.isfinite(predicted), predicted < 0)
+    alpha, mu = jnp.where(ok, alpha, 0.0), jnp.where(ok, mu, 0.0)
+    step = jax.tree.map(lambda d, d0: alpha * d + mu * d0, proposal, prev)
+
+    t = kr.increment(state.count)
+    if value is not None and value_fn is not None:
+      measure = jnp.logical_and(ok, state.count % adapt_every == 0)
+
+      def ratio(_):
+        moved = jax.tree.map(lambda p, d: (p + d).astype(p.dtype), params, step)
+        return ((jnp.asarray(value_fn(moved), jnp.float32) - jnp.asarray(value, jnp.float32))
+                / predicted)
+
+      rho = jax.lax.cond(measure, ratio, lambda _: jnp.float32(jnp.nan), None)
+      omega = jnp.asarray(decay, jnp.float32) ** adapt_every
+      lam = jnp.where(measure & (rho > 0.75), lam * omega, lam)
+      lam = jnp.where(measure & ~(rho >= 0.25), lam / omega, lam)  # NaN rho counts as bad
+    else:
+      rho = jnp.float32(jnp.nan)
+    lam = jnp.where(ok, lam, lam / jnp.asarray(decay, jnp.float32) ** adapt_every)
+    lam = jnp.clip(lam, min_damping, max_damping)
+    out = jax.tree.map(lambda d, u: d.astype(u.dtype), step, updates)
+    return out, QuadraticStepState(t, lam.astype(jnp.float32), step, alpha.astype(jnp.float32),
+                                   mu.astype(jnp.float32), rho)
+
+  return optax.GradientTransformationExtraArgs(init, update)
