@@ -23,6 +23,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/methods.py
 
 compare: $(STAMP) .venv-kfac/.installed
+	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/compare.py
 	.venv-kfac/bin/python benchmarks/kfac_jax_compare.py
 

@@ -10,6 +10,10 @@ bytes; then the scaling of one refresh with layer width (MKOR's rank-1
 refresh vs K-FAC's damped inversion) and the paper's refresh-period table
 (optimizer ms per iteration at refresh period 1, 10, 100, 1000).
 
+Muon (optax.contrib.muon) and PSGD Kron (distributed-kron, optional: pip
+install -e '.[bench]') run beside ours. Seconds are medians over
+--timing-repeats runs of each best-lr configuration (default 3).
+
 Learning-rate grid (documented, the same for every optimizer): the three
 values of GRIDS[task]; the best is the one with the lowest final training loss
 (mean of the last 10% of steps). kfac-jax is not included here: it needs its
@@ -27,6 +31,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'examples'))
@@ -38,13 +43,27 @@ from mkor_optax.mkor import refresh_inverse  # noqa: E402
 from step_time import interleaved, refresh_update_fns  # noqa: E402
 
 GRIDS = {'autoencoder': (3e-3, 1e-2, 3e-2), 'bert': (2e-3, 5e-3, 1e-2)}
-ORDER = ('adamw', 'lamb', 'mkor', 'mkor_h', 'kfac', 'eva', 'sonew')
+ORDER = ('adamw', 'lamb', 'muon', 'psgd_kron', 'mkor', 'mkor_h', 'kfac', 'eva', 'sonew')
+# The peers users pick in 2026: optax's Muon (Adam on the non-matrix leaves, its
+# default) and PSGD Kron (the optional `distributed-kron` package, an optax
+# transform; pip install -e '.[bench]'). Same lr grid rule as everyone else.
+PEERS = {'muon': Method(lambda lr: optax.contrib.muon(lr))}
+try:
+  from jax.sharding import PartitionSpec
+  if not hasattr(PartitionSpec, '__class_getitem__'):
+    # distributed-kron 2.0.0 annotates with PartitionSpec[str, str], which jax 0.10's
+    # PartitionSpec does not accept at import time; annotations only, nothing else changes
+    PartitionSpec.__class_getitem__ = classmethod(lambda cls, item: cls)
+  import distributed_kron  # noqa: E402
+  PEERS['psgd_kron'] = Method(lambda lr: distributed_kron.kron(lr))
+except ImportError:  # optional benchmark dependency
+  distributed_kron = None
 # On the BERT-style task the 2000-word vocabulary projection is preconditioned on
 # its input side only (as the paper leaves BERT's vocabulary projection out).
 BERT_FACTOR_DIM = 1024
 TASK_METHODS = {
-    'autoencoder': METHODS,
-    'bert': dict(METHODS,
+    'autoencoder': dict(METHODS, **PEERS),
+    'bert': dict(METHODS, **PEERS,
                  mkor=Method(lambda lr: mkor_optax.mkor(lr, weight_decay=0.0, max_factor_dim=BERT_FACTOR_DIM),
                              mkor_optax.RANK1),
                  mkor_h=Method(lambda lr: mkor_optax.mkor_h(lr, weight_decay=0.0,
@@ -89,9 +108,10 @@ def first_at_or_below(curve, target):
   return int(hit[0]) if len(hit) else None
 
 
-def run_task(task, methods, quick):
+def run_task(task, methods, quick, timing_repeats=3):
   params0, make_iter, loss_fn, steps = build(task, quick)
   runs = {}
+  methods = [m for m in methods if m in TASK_METHODS[task]]
   for name in methods:
     best = None
     for lr in GRIDS[task]:
@@ -103,6 +123,15 @@ def run_task(task, methods, quick):
       print(f'  {task} {name} lr={lr:g}: final {final:.4f}', flush=True)
       if best is None or final < best['final']:
         best = {'lr': lr, 'final': final, 'losses': losses.tolist(), 'times': times.tolist()}
+    # the best-lr run again: times are the median over timing_repeats runs (the
+    # losses repeat exactly; this shared machine's clock does not)
+    runs_times = [np.array(best['times'])]
+    for _ in range(timing_repeats - 1):
+      _, losses, times = run_method(name, params0, make_iter(), steps, loss_fn, best['lr'],
+                                    methods=TASK_METHODS[task])
+      runs_times.append(times)
+    best['times_runs'] = [t.tolist() for t in runs_times]
+    best['times'] = np.median(np.stack(runs_times), axis=0).tolist()
     opt = TASK_METHODS[task][name].make(best['lr'])
     state = opt.init(params0)
     best['state_bytes'] = int(sum(v.size * v.dtype.itemsize for v in jax.tree.leaves(state)))
@@ -241,6 +270,8 @@ def main(argv=None):
   ap.add_argument('--optimizers', default=','.join(ORDER))
   ap.add_argument('--quick', action='store_true', help='fewer steps (a smoke run)')
   ap.add_argument('--repeats', type=int, default=5)
+  ap.add_argument('--timing-repeats', type=int, default=3,
+                  help='runs of each best-lr configuration whose times are medianed')
   ap.add_argument('--dims', default='128,256,512,1024,2048')
   ap.add_argument('--out', default='results/compare')
   args = ap.parse_args(argv)
@@ -253,7 +284,7 @@ def main(argv=None):
   results = []
   for task in args.tasks.split(','):
     print(f'{task} ...', flush=True)
-    r = run_task(task, methods, args.quick)
+    r = run_task(task, methods, args.quick, args.timing_repeats)
     plot(r, args.out)
     results.append(r)
   print('refresh scaling ...', flush=True)

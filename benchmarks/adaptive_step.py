@@ -1,0 +1,125 @@
+"""Does the quadratic-model step (mkor_optax.scale_by_quadratic_step) make each
+step count? Digits autoencoder, steps to LAMB's final loss, over seeds.
+
+    python benchmarks/adaptive_step.py [--steps 500] [--seeds 0,1,2]
+
+Writes results/adaptive_step/adaptive_step.{json,md}. Steps are deterministic
+for a seed; ms/step is the mean over the run after compilation (this shared
+2-core machine: ratios only within one run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'examples'))
+import mkor_optax  # noqa: E402
+from common import Autoencoder, autoencoder_loss, batches, load_digits  # noqa: E402
+from compare import first_at_or_below, smooth  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def configs():
+  quad = mkor_optax.scale_by_quadratic_step
+  return {
+      'lamb (lr 0.01)': (optax.lamb(1e-2, weight_decay=0.0), None, False),
+      'mkor + lamb (lr 0.01)': (mkor_optax.mkor(1e-2, weight_decay=0.0), mkor_optax.RANK1, False),
+      'kfac + lamb (lr 0.01)': (mkor_optax.kfac(1e-2, weight_decay=0.0), mkor_optax.COVARIANCE,
+                                False),
+      'gradient + quadratic step': (quad(damping=0.1), None, True),
+      'mkor + quadratic step': (optax.chain(mkor_optax.scale_by_mkor(), quad(damping=0.1)),
+                                mkor_optax.RANK1, True),
+      'mkor + lamb direction + quadratic step': (
+          optax.chain(mkor_optax.scale_by_mkor(), optax.scale_by_adam(),
+                      optax.scale_by_trust_ratio(), quad(damping=0.1)), mkor_optax.RANK1, True),
+      'kfac + quadratic step': (optax.chain(mkor_optax.scale_by_kfac(), quad(damping=0.1)),
+                                mkor_optax.COVARIANCE, True),
+  }
+
+
+def run(opt, kind, quad, seed, steps):
+  (x, y), _ = load_digits()
+  model = Autoencoder()
+  loss_fn = autoencoder_loss(model)
+  params = model.init(jax.random.PRNGKey(seed), x[:2])['params']
+  grad_fn = mkor_optax.value_and_grad(loss_fn, kind=kind) if kind else None
+
+  @jax.jit
+  def step(p, s, xb, yb):
+    if kind:
+      loss, g, stats = grad_fn(p, xb, yb)
+      extra = {'stats': stats}
+    else:
+      loss, g = jax.value_and_grad(loss_fn)(p, xb, yb)
+      extra = {}
+    if quad:
+      flat = xb.reshape(xb.shape[0], -1)
+      bce = lambda logits: jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(logits, flat), -1))
+      extra.update(grad=g, value=loss, value_fn=lambda q: loss_fn(q, xb, yb),
+                   curvature=mkor_optax.gauss_newton(
+                       lambda q: model.apply({'params': q}, xb), bce))
+    u, s = opt.update(g, s, p, **extra)
+    return optax.apply_updates(p, u), s, loss
+
+  state = opt.init(params)
+  it = batches(x, y, 256, seed=seed)
+  b = next(it)
+  jax.block_until_ready(step(params, state, *b))
+  losses = []
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    params, state, loss = step(params, state, *b)
+    losses.append(float(loss))
+    b = next(it)
+  return np.array(losses), (time.perf_counter() - t0) / steps
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser()
+  ap.add_argument('--steps', type=int, default=500)
+  ap.add_argument('--seeds', default='0,1,2')
+  ap.add_argument('--out', default=str(ROOT / 'results' / 'adaptive_step'))
+  args = ap.parse_args(argv)
+  seeds = [int(s) for s in args.seeds.split(',')]
+  rows = {name: {'steps': [], 'ms': [], 'final': []} for name in configs()}
+  for seed in seeds:
+    curves = {}
+    for name, (opt, kind, quad) in configs().items():
+      losses, sec = run(opt, kind, quad, seed, args.steps)
+      curves[name] = smooth(losses)
+      rows[name]['ms'].append(1e3 * sec)
+      rows[name]['final'].append(float(curves[name][-1]))
+    target = curves['lamb (lr 0.01)'][-1]
+    for name, c in curves.items():
+      rows[name]['steps'].append(first_at_or_below(c, target))
+  lines = [f'Digits autoencoder, batch 256, {args.steps} steps, seeds {seeds}; target = LAMB\'s '
+           'final loss (EMA 0.9) of the same seed.', '',
+           '| optimizer | steps to target, per seed | final loss (mean ± std) | ms/step (mean) | ms/step / LAMB |',
+           '|---|---|---|---|---|']
+  lamb_ms = np.mean(rows['lamb (lr 0.01)']['ms'])
+  for name, r in rows.items():
+    steps = ' / '.join('-' if s is None else str(s) for s in r['steps'])
+    lines.append(f'| {name} | {steps} | {np.mean(r["final"]):.3f} ± {np.std(r["final"]):.3f} | '
+                 f'{np.mean(r["ms"]):.2f} | {np.mean(r["ms"]) / lamb_ms:.2f} |')
+  text = '\n'.join(lines)
+  print(text)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / 'adaptive_step.md').write_text(text + '\n')
+  (out / 'adaptive_step.json').write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == '__main__':
+  main()
