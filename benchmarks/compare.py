@@ -55,7 +55,7 @@ try:
     # PartitionSpec does not accept at import time; annotations only, nothing else changes
     PartitionSpec.__class_getitem__ = classmethod(lambda cls, item: cls)
   import distributed_kron  # noqa: E402
-  PEERS['psgd_kron'] = Method(lambda lr: distributed_kron.kron(lr))
+  PEERS['psgd_kron'] = Method(lambda lr: distributed_kron.kron(lr, merge_small_dims=False, partition_grads_into_blocks=False))
 except ImportError:  # optional benchmark dependency
   distributed_kron = None
 # On the BERT-style task the 2000-word vocabulary projection is preconditioned on

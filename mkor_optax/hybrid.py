@@ -158,12 +158,32 @@ def mkor_h(
     max_factor_dim: int = 4096,
     exclude: kr.Exclude = None,
     layouts: Optional[dict] = None,
+    reset_backend: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """MKOR-H with a LAMB backend: ``optax.chain(scale_by_mkor_h(...), backend)``.
-  Works with ``optax.inject_hyperparams``."""
-  return optax.chain(
-      scale_by_mkor_h(window=window, threshold=threshold, patience=patience, beta=beta,
-                      gamma=gamma, zeta=zeta, epsilon=epsilon, inv_freq=inv_freq,
-                      refresh=refresh, axis_name=axis_name, factor_dtype=factor_dtype,
-                      max_factor_dim=max_factor_dim, exclude=exclude, layouts=layouts),
-      backend or default_backend(learning_rate, weight_decay))
+
+  With ``reset_backend``, the backend's state is re-initialised at the first
+  first-order step, so its moments are built from plain gradients only (they
+  were accumulated on preconditioned ones). The state keeps the structure of
+  the chain. Works with ``optax.inject_hyperparams``.
+  """
+  hybrid = scale_by_mkor_h(window=window, threshold=threshold, patience=patience, beta=beta,
+                           gamma=gamma, zeta=zeta, epsilon=epsilon, inv_freq=inv_freq,
+                           refresh=refresh, axis_name=axis_name, factor_dtype=factor_dtype,
+                           max_factor_dim=max_factor_dim, exclude=exclude, layouts=layouts)
+  back = backend or default_backend(learning_rate, weight_decay)
+  chained = optax.chain(hybrid, back)
+  if not reset_backend:
+    return chained
+  back = optax.with_extra_args_support(back)
+
+  def update(updates, state, params=None, **extra_args):
+    h_state, b_state = state
+    first = h_state.switch_step == h_state.count  # this step is the first first-order one
+    updates, h_state = hybrid.update(updates, h_state, params, **extra_args)
+    fresh = back.init(params)
+    b_state = jax.tree.map(lambda f, b: jnp.where(first, f, b).astype(b.dtype), fresh, b_state)
+    updates, b_state = back.update(updates, b_state, params, **extra_args)
+    return updates, (h_state, b_state)
+
+  return optax.GradientTransformationExtraArgs(chained.init, update)

@@ -125,3 +125,24 @@ def test_state_checkpoints(tmp_path):
   restored = orbax_round_trip(state, tmp_path / 's')
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   jax.tree.map(np.testing.assert_array_equal, restored, state)
+
+
+def test_reset_backend_restarts_lamb_at_the_first_first_order_step():
+  params = init_params()
+  opt = mkor_optax.mkor_h(1e-2, window=1, patience=1, threshold=0.5, reset_backend=True)
+  plain = mkor_optax.mkor_h(1e-2, window=1, patience=1, threshold=0.5)
+  state, state_plain = opt.init(params), plain.init(params)
+  assert jax.tree.structure(state) == jax.tree.structure(state_plain)
+  # a loss that stops falling after step 2: the switch comes early
+  losses = [1.0, 0.5, 0.5, 0.5, 0.5, 0.5]
+  lamb_counts = []
+  for t, loss in enumerate(losses):
+    _, grads, stats = GRAD(params, *batch(t))
+    _, state = opt.update(grads, state, params, stats=stats, value=jnp.float32(loss))
+    _, state_plain = plain.update(grads, state_plain, params, stats=stats, value=jnp.float32(loss))
+    lamb_counts.append((int(state[1][0].count), int(state_plain[1][0].count)))
+  switch = int(state[0].switch_step)
+  assert 0 < switch < len(losses) and switch == int(state_plain[0].switch_step)
+  # LAMB's step counter restarts at the first first-order step (so its moments too)
+  assert lamb_counts[switch][0] == 1 and lamb_counts[switch][1] == switch + 1
+  assert lamb_counts[-1][0] == len(losses) - switch
