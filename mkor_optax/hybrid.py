@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from mkor_optax import kronecker as kr
-from mkor_optax.mkor import MKORState, default_backend, scale_by_mkor
+from mkor_optax.mkor import LOW_RANK, LOW_RANK_MIN_DIM, MKORState, default_backend, scale_by_mkor
 
 
 class MKORHState(NamedTuple):
@@ -67,6 +67,8 @@ def scale_by_mkor_h(
     axis_name: Optional[str] = None,
     factor_dtype: Any = None,
     max_factor_dim: int = 4096,
+    low_rank: Optional[int] = LOW_RANK,
+    low_rank_min_dim: int = LOW_RANK_MIN_DIM,
     exclude: kr.Exclude = None,
     layouts: Optional[dict] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -79,7 +81,8 @@ def scale_by_mkor_h(
     patience: consecutive strikes that trigger the (permanent) switch.
     beta: decay of the loss EMA, in [0, 1).
     gamma, zeta, epsilon, inv_freq, refresh, axis_name, factor_dtype,
-      max_factor_dim, exclude, layouts: as in :func:`mkor_optax.scale_by_mkor`.
+      max_factor_dim, low_rank, low_rank_min_dim, exclude, layouts: as in
+      :func:`mkor_optax.scale_by_mkor`.
 
   Non-finite losses are skipped by the rule: they neither enter the EMA nor
   count for its bias correction, and a window in which no finite loss has
@@ -98,7 +101,8 @@ def scale_by_mkor_h(
   )
   inner = scale_by_mkor(gamma=gamma, zeta=zeta, epsilon=epsilon, inv_freq=inv_freq,
                         refresh=refresh, axis_name=axis_name, factor_dtype=factor_dtype,
-                        max_factor_dim=max_factor_dim, exclude=exclude, layouts=layouts)
+                        max_factor_dim=max_factor_dim, low_rank=low_rank,
+                        low_rank_min_dim=low_rank_min_dim, exclude=exclude, layouts=layouts)
 
   def init(params):
     f32 = lambda v: jnp.asarray(v, jnp.float32)
@@ -156,6 +160,8 @@ def mkor_h(
     axis_name: Optional[str] = None,
     factor_dtype: Any = None,
     max_factor_dim: int = 4096,
+    low_rank: Optional[int] = LOW_RANK,
+    low_rank_min_dim: int = LOW_RANK_MIN_DIM,
     exclude: kr.Exclude = None,
     layouts: Optional[dict] = None,
     reset_backend: bool = True,
@@ -172,7 +178,8 @@ def mkor_h(
   hybrid = scale_by_mkor_h(window=window, threshold=threshold, patience=patience, beta=beta,
                            gamma=gamma, zeta=zeta, epsilon=epsilon, inv_freq=inv_freq,
                            refresh=refresh, axis_name=axis_name, factor_dtype=factor_dtype,
-                           max_factor_dim=max_factor_dim, exclude=exclude, layouts=layouts)
+                           max_factor_dim=max_factor_dim, low_rank=low_rank,
+                        low_rank_min_dim=low_rank_min_dim, exclude=exclude, layouts=layouts)
   back = backend or default_backend(learning_rate, weight_decay)
   chained = optax.chain(hybrid, back)
   if not reset_backend:

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mkor_optax import lowrank
 from mkor_optax.layers import varying_axes
 from mkor_optax.paths import get_at, path_str, rebox_like, set_at, unbox
 
@@ -143,11 +144,16 @@ def from_matrix(m, kernel_like, bias_like, d: Dims):
 
 
 def precondition(g_aug, r_inv=None, l_inv=None):
-  """``R^-1 @ G_aug @ L^-1`` per stack entry; a missing side is the identity."""
+  """``R^-1 @ G_aug @ L^-1`` per stack entry; a missing side is the identity.
+  A side may be dense ``(S, d, d)`` or a :class:`~mkor_optax.lowrank.LowRankInverse`."""
   u = g_aug
-  if r_inv is not None:
+  if isinstance(r_inv, lowrank.LowRankInverse):
+    u = lowrank.left(r_inv, u)
+  elif r_inv is not None:
     u = jnp.einsum('sij,sjk->sik', r_inv.astype(jnp.float32), u)
-  if l_inv is not None:
+  if isinstance(l_inv, lowrank.LowRankInverse):
+    u = lowrank.right(u, l_inv)
+  elif l_inv is not None:
     u = jnp.einsum('sij,sjk->sik', u, l_inv.astype(jnp.float32))
   return u
 

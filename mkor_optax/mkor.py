@@ -35,13 +35,15 @@ import numpy as np
 import optax
 
 from mkor_optax import kronecker as kr
+from mkor_optax import lowrank
 
 
 
 class MKORState(NamedTuple):
   """``count``: updates done. ``r_inv``/``l_inv``: layer path -> stacked
-  factor inverses ``(S, d, d)``; a side larger than ``max_factor_dim`` has
-  no entry (identity)."""
+  factor inverses, dense ``(S, d, d)`` arrays or, for sides of at least
+  ``low_rank_min_dim``, :class:`~mkor_optax.lowrank.LowRankInverse`; a side
+  larger than ``max_factor_dim`` has no entry (identity)."""
 
   count: jax.Array
   r_inv: dict
@@ -51,6 +53,11 @@ class MKORState(NamedTuple):
 # ---------------------------------------------------------------- refresh math
 
 _REFRESH = ('ema', 'blend')
+
+# Low-rank factors by default for sides of at least this width (measured:
+# benchmarks/width_sweep.py, README "Wide layers").
+LOW_RANK = 16
+LOW_RANK_MIN_DIM = 512
 
 
 def refresh_inverse(p, v, *, gamma: float, zeta: float, epsilon: float, refresh: str = 'ema'):
@@ -105,6 +112,8 @@ def scale_by_mkor(
     axis_name: Optional[str] = None,
     factor_dtype: Any = None,
     max_factor_dim: int = 4096,
+    low_rank: Optional[int] = LOW_RANK,
+    low_rank_min_dim: int = LOW_RANK_MIN_DIM,
     exclude: kr.Exclude = None,
     layouts: Optional[dict] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -124,6 +133,14 @@ def scale_by_mkor(
       (``'bfloat16'``): a dtype class is callable and would be taken for a schedule.
     max_factor_dim: a side larger than this is preconditioned by the identity
       (read at ``init`` only).
+    low_rank: rank ``k`` of the low-rank-plus-identity inverses
+      ``c I + Q diag(s) Q^T`` (:mod:`mkor_optax.lowrank`; exact for the first
+      ``k`` refreshes, the best rank-``k`` truncation after) used for sides of
+      dimension ``>= low_rank_min_dim``; ``None``: dense inverses everywhere.
+      Memory ``O(d k)`` per side, preconditioning ``O(d_in d_out k)``.
+    low_rank_min_dim: smallest side dimension (``d_in+1`` or ``d_out``) held
+      in low-rank form; ``0`` puts every side with ``d > low_rank`` in it.
+      Both are read at ``init`` only.
     exclude: layers to leave alone: regex(es) searched in the layer path
       ``'a/b/c'``, or a predicate on it (a predicate needs
       ``static_args=('exclude',)`` under ``optax.inject_hyperparams``).
@@ -142,6 +159,11 @@ def scale_by_mkor(
       epsilon=(epsilon, lambda v: v > 0, 'must be > 0'),
       **kr.common_checks(gamma=gamma, inv_freq=inv_freq, max_factor_dim=max_factor_dim),
   )
+  if low_rank is not None:
+    kr.validate(low_rank=(low_rank, None, ''))
+  if not (kr.is_int(low_rank_min_dim) and low_rank_min_dim >= 0) and not isinstance(
+      low_rank_min_dim, (jax.Array, np.ndarray)):
+    raise ValueError(f'low_rank_min_dim: must be an integer >= 0, got {low_rank_min_dim!r}')
   if refresh not in _REFRESH:
     raise ValueError(f'refresh: must be one of {_REFRESH}, got {refresh!r}')
   dtype = kr.resolve_dtype('factor_dtype', factor_dtype)
@@ -150,7 +172,14 @@ def scale_by_mkor(
   def init(params):
     plan = kr.plan_layers(params, layouts=layouts, excluded=excluded,
                           max_factor_dim=max_factor_dim, who='scale_by_mkor')
-    eyes = lambda sizes: {k: kr.identity_stack(n, s, dtype) for k, (n, s) in sizes.items()}
+    rank = None if low_rank is None else int(low_rank)
+
+    def eye(n, s):
+      if rank is not None and rank < n and n >= int(low_rank_min_dim):
+        return lowrank.identity(n, rank, s, dtype)
+      return kr.identity_stack(n, s, dtype)
+
+    eyes = lambda sizes: {k: eye(n, s) for k, (n, s) in sizes.items()}
     r_sizes, l_sizes = kr.side_sizes(plan)
     return MKORState(jnp.zeros([], jnp.int32), eyes(r_sizes), eyes(l_sizes))
 
@@ -165,10 +194,13 @@ def scale_by_mkor(
     def refreshed(factors):
       r_inv, l_inv = factors
       kw = dict(gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh)
-      return ({k: refresh_inverse(p, vecs[k]['a'], **kw) if k in vecs else p
-               for k, p in r_inv.items()},
-              {k: refresh_inverse(p, vecs[k]['g'], **kw) if k in vecs else p
-               for k, p in l_inv.items()})
+
+      def one(p, v):
+        rule = lowrank.refresh if isinstance(p, lowrank.LowRankInverse) else refresh_inverse
+        return rule(p, v, **kw)
+
+      return ({k: one(p, vecs[k]['a']) if k in vecs else p for k, p in r_inv.items()},
+              {k: one(p, vecs[k]['g']) if k in vecs else p for k, p in l_inv.items()})
 
     r_inv, l_inv = jax.lax.cond(do_refresh, refreshed, lambda f: f, (state.r_inv, state.l_inv))
     out = {k: kr.rescale_to(kr.precondition(g, r_inv.get(k), l_inv.get(k)), g)
@@ -199,6 +231,8 @@ def mkor(
     axis_name: Optional[str] = None,
     factor_dtype: Any = None,
     max_factor_dim: int = 4096,
+    low_rank: Optional[int] = LOW_RANK,
+    low_rank_min_dim: int = LOW_RANK_MIN_DIM,
     exclude: kr.Exclude = None,
     layouts: Optional[dict] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -213,7 +247,8 @@ def mkor(
   return optax.chain(
       scale_by_mkor(gamma=gamma, zeta=zeta, epsilon=epsilon, inv_freq=inv_freq, refresh=refresh,
                     axis_name=axis_name, factor_dtype=factor_dtype,
-                    max_factor_dim=max_factor_dim, exclude=exclude, layouts=layouts),
+                    max_factor_dim=max_factor_dim, low_rank=low_rank,
+                    low_rank_min_dim=low_rank_min_dim, exclude=exclude, layouts=layouts),
       backend or default_backend(learning_rate, weight_decay))
 
 

@@ -1,0 +1,208 @@
+"""Low-rank-plus-identity factor inverses (mkor_optax.lowrank) against dense
+float64 inverses: exact for the first k refreshes, the best rank-k truncation
+after, and the full MKOR update with them."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import mkor_optax
+from mkor_optax import lowrank
+from mkor_optax.lowrank import LowRankInverse
+
+from helpers import batch, init_params, loss_fn, orbax_round_trip
+from test_mkor import GRAD, reference_run
+
+RULE = dict(gamma=0.9, zeta=0.8, epsilon=1.5)
+
+
+def dense_refresh(p, v, gamma, zeta, epsilon, refresh):
+  """float64: stabiliser, then the exact inverse of the refreshed factor."""
+  eye = np.eye(len(p))
+  if np.abs(p).max() > epsilon:
+    p = zeta * p + (1 - zeta) * eye
+  if refresh == 'ema':
+    return np.linalg.inv(gamma * np.linalg.inv(p) + (1 - gamma) * np.outer(v, v))
+  return np.linalg.inv(np.linalg.inv(gamma * p + (1 - gamma) * eye) + np.outer(v, v))
+
+
+def stats_stream(d, n, seed, scale=0.6):
+  """Correlated statistics like a layer's mean inputs: a drifting mean plus noise."""
+  rng = np.random.default_rng(seed)
+  base = rng.normal(size=d)
+  return [scale * (base + 0.5 * rng.normal(size=d)) for _ in range(n)]
+
+
+def as_dense(p):
+  return np.asarray(lowrank.to_dense(p), np.float64)[0]
+
+
+@pytest.mark.parametrize('refresh', ['ema', 'blend'])
+def test_first_k_refreshes_equal_dense_float64_inverse(refresh):
+  d, k = 30, 6
+  p = lowrank.identity(d, k, 1, jnp.float32)
+  want = np.eye(d)
+  fired = 0
+  for t, v in enumerate(stats_stream(d, k, seed=1)):
+    fired += np.abs(want).max() > RULE['epsilon']
+    want = dense_refresh(want, v, refresh=refresh, **RULE)
+    p = lowrank.refresh(p, jnp.asarray(v[None], jnp.float32), refresh=refresh, **RULE)
+    np.testing.assert_allclose(as_dense(p), want, rtol=1e-5, atol=1e-5 * np.abs(want).max(),
+                               err_msg=f'refresh {t}')
+  assert refresh == 'blend' or fired > 0  # the stabiliser took part
+  q = np.asarray(p.q[0], np.float64)
+  np.testing.assert_allclose(q.T @ q, np.eye(k), atol=1e-5)
+
+
+@pytest.mark.parametrize('refresh', ['ema', 'blend'])
+def test_refresh_past_rank_is_best_rank_k_truncation_of_exact_refresh(refresh):
+  """From any truncated state, one refresh gives c I + (the best rank-k
+  approximation of the exact refreshed P minus c I): Eckart-Young in float64."""
+  d, k = 24, 4
+  p = lowrank.identity(d, k, 1, jnp.float32)
+  errors = []
+  for t, v in enumerate(stats_stream(d, 12, seed=2)):
+    exact = dense_refresh(as_dense(p), v, refresh=refresh, **RULE)
+    p = lowrank.refresh(p, jnp.asarray(v[None], jnp.float32), refresh=refresh, **RULE)
+    c = float(p.c[0])
+    evals, evecs = np.linalg.eigh(exact - c * np.eye(d))
+    top = np.argsort(-np.abs(evals))[:k]
+    best = c * np.eye(d) + (evecs[:, top] * evals[top]) @ evecs[:, top].T
+    np.testing.assert_allclose(as_dense(p), best, atol=2e-5 * np.abs(exact).max(), err_msg=f'{t}')
+    dropped = np.sort(np.abs(evals))[::-1][k]
+    errors.append(np.linalg.norm(as_dense(p) - exact, 2) / max(dropped, 1e-30))
+  # past k refreshes something is dropped, and the error is exactly what was dropped
+  assert max(np.abs(np.array(errors[k:]) - 1.0)) < 1e-2
+
+
+def test_stays_spd_orthonormal_over_many_refreshes_and_degenerate_statistics():
+  d, k = 20, 5
+  p = lowrank.identity(d, k, 2, jnp.float32)
+  vs = stats_stream(d, 200, seed=3, scale=1.5)
+  for t, v in enumerate(vs):
+    v = np.stack([v, vs[0] if t % 2 else np.zeros(d)])  # a repeated and a zero statistic
+    p = lowrank.refresh(p, jnp.asarray(v, jnp.float32), refresh='ema', **RULE)
+  dense = np.asarray(lowrank.to_dense(p), np.float64)
+  q = np.asarray(p.q, np.float64)
+  for s in range(2):
+    np.testing.assert_allclose(q[s].T @ q[s], np.eye(k), atol=1e-4)
+    assert np.linalg.eigvalsh(dense[s]).min() > 0
+    np.testing.assert_allclose(float(lowrank.max_abs(p)[s]), np.abs(dense[s]).max(), rtol=1e-5)
+  # the stabiliser bounds the growth (gamma^-200 without it): the rank-1 term
+  # only lowers P, so max|P| <= max(eps, zeta x + 1 - zeta) / gamma each refresh,
+  # whose bound is max(eps / gamma, (1 - zeta) / (gamma - zeta)) = 2
+  g, z, e = RULE['gamma'], RULE['zeta'], RULE['epsilon']
+  assert np.abs(dense).max() <= max(e / g, (1 - z) / (g - z)) + 1e-4
+
+
+def test_left_and_right_products_equal_dense_products():
+  d, k = 12, 3
+  p = lowrank.identity(d, k, 2, jnp.float32)
+  for v in stats_stream(d, 5, seed=4):
+    p = lowrank.refresh(p, jnp.asarray(np.stack([v, -v]), jnp.float32), refresh='ema', **RULE)
+  dense = np.asarray(lowrank.to_dense(p), np.float64)
+  x = np.random.default_rng(5).normal(size=(2, d, 7)).astype(np.float32)
+  np.testing.assert_allclose(lowrank.left(p, jnp.asarray(x)), dense @ x, rtol=1e-5, atol=1e-5)
+  xt = np.swapaxes(x, 1, 2)
+  np.testing.assert_allclose(lowrank.right(jnp.asarray(xt), p), xt @ dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('refresh', ['ema', 'blend'])
+def test_mkor_update_with_low_rank_factors_equals_dense_float64_reference(refresh):
+  """Net's sides of 5 and 6 held at rank 4, 4 refreshes: exact, so the whole
+  update equals the dense float64 MKOR of test_mkor."""
+  params = init_params()
+  hp = dict(gamma=0.9, zeta=0.8, epsilon=1.5, inv_freq=2)
+  tx = mkor_optax.scale_by_mkor(refresh=refresh, low_rank=4, low_rank_min_dim=0, **hp)
+  state = tx.init(params)
+  assert isinstance(state.r_inv['hidden'], LowRankInverse)
+  assert isinstance(state.l_inv['hidden'], LowRankInverse)
+  assert not isinstance(state.l_inv['out'], LowRankInverse)  # 3 <= rank: dense
+  steps, got = [], []
+  for t in range(7):
+    _, grads, stats = GRAD(params, *batch(t))
+    steps.append((grads, stats))
+    u, state = tx.update(grads, state, params, stats=stats)
+    got.append(u)
+    params = optax.apply_updates(params, jax.tree.map(lambda x: -0.1 * x, u))
+  want = reference_run(steps, refresh=refresh, **hp)
+  for t, (g, w) in enumerate(zip(got, want)):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6,
+                                                         err_msg=f'step {t}'), g, w)
+
+
+def test_low_rank_is_chosen_by_width_and_costs_d_times_k_memory():
+  import flax.linen as nn
+
+  class Wide(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(8, name='head')(nn.Dense(600, name='wide')(x))
+
+  params = Wide().init(jax.random.PRNGKey(0), jnp.ones((2, 40)))['params']
+  state = mkor_optax.scale_by_mkor().init(params)  # defaults: rank 16 from width 512
+  wide = state.l_inv['wide']
+  assert isinstance(wide, LowRankInverse) and wide.q.shape == (1, 600, 16)
+  assert wide.shape == (1, 600, 600)
+  assert not isinstance(state.r_inv['wide'], LowRankInverse)  # d_in + 1 = 41
+  assert isinstance(state.r_inv['head'], LowRankInverse)  # 601
+  dense_state = mkor_optax.scale_by_mkor(low_rank=None).init(params)
+  nbytes = lambda t: sum(x.nbytes for x in jax.tree.leaves(t))
+  assert nbytes(state) < 0.1 * nbytes(dense_state)
+  with pytest.raises(ValueError, match='low_rank'):
+    mkor_optax.scale_by_mkor(low_rank=0)
+  with pytest.raises(ValueError, match='low_rank_min_dim'):
+    mkor_optax.scale_by_mkor(low_rank_min_dim=-1)
+
+
+def test_low_rank_state_jits_once_checkpoints_and_accumulates(tmp_path):
+  params = init_params()
+  tx = mkor_optax.mkor(1e-2, low_rank=3, low_rank_min_dim=0, inv_freq=1)
+  traces = []
+
+  @jax.jit
+  def step(params, state, x, y):
+    traces.append(1)
+    _, grads, stats = GRAD(params, x, y)
+    u, state = tx.update(grads, state, params, stats=stats)
+    return optax.apply_updates(params, u), state
+
+  state = tx.init(params)
+  for t in range(3):
+    params, state = step(params, state, *batch(t))
+  restored = orbax_round_trip(state, tmp_path / 'ckpt')
+  a = step(params, state, *batch(3))
+  b = step(params, restored, *batch(3))
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert len(traces) == 1
+  # accumulation of two half batches equals one full batch
+  acc = mkor_optax.MultiSteps(tx, 2)
+  p1, p2 = init_params(), init_params()
+  s1, s2 = acc.init(p1), tx.init(p2)
+  x, y = batch(0, n=8)
+  for half in (slice(0, 4), slice(4, 8)):
+    _, g, st = GRAD(p1, x[half], y[half])
+    u, s1 = acc.update(g, s1, p1, stats=st)
+    p1 = optax.apply_updates(p1, u)
+  _, g, st = GRAD(p2, x, y)
+  u, s2 = tx.update(g, s2, p2, stats=st)
+  p2 = optax.apply_updates(p2, u)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p2)
+
+
+def test_bfloat16_low_rank_factors_stay_close_to_float32():
+  params = init_params()
+  outs = {}
+  for dtype in (None, 'bfloat16'):
+    tx = mkor_optax.scale_by_mkor(low_rank=3, low_rank_min_dim=0, factor_dtype=dtype, inv_freq=1)
+    state = tx.init(params)
+    for t in range(6):
+      _, grads, stats = GRAD(params, *batch(t))
+      u, state = tx.update(grads, state, params, stats=stats)
+    outs[dtype] = u
+    if dtype:
+      assert state.r_inv['hidden'].q.dtype == jnp.bfloat16
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0.05, atol=1e-3),
+               outs['bfloat16'], outs[None])
