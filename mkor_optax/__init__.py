@@ -9,6 +9,7 @@ from mkor_optax.kfac import KFACState, kfac, scale_by_kfac
 from mkor_optax.kronecker import Layout
 from mkor_optax.layers import LayerCall, register_layer
 from mkor_optax.mkor import MKORState, mkor, scale_by_mkor
+from mkor_optax import nnx  # noqa: E402 (NNX capture: mkor_optax.nnx.value_and_grad)
 from mkor_optax.quadratic import QuadraticStepState, gauss_newton, scale_by_quadratic_step
 from mkor_optax.sonew import SONewState, scale_by_sonew, sonew
 from mkor_optax.training import TrainState

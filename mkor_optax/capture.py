@@ -27,6 +27,7 @@ gradient. Other kinds (full covariances for K-FAC) plug in with their own
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 from typing import Callable, NamedTuple
 
@@ -248,9 +249,19 @@ def untapped(params):
   return strip(params)
 
 
+def _is_nnx_module(x) -> bool:
+  nnx = sys.modules.get('flax.nnx')
+  return nnx is not None and isinstance(x, nnx.Module)
+
+
 def value_and_grad(fun: Callable, argnums: int = 0, has_aux: bool = False, *,
                    kind: StatKind = RANK1):
   """Like ``jax.value_and_grad``, returning the layer statistics as well.
+
+  The same function serves Flax NNX: when the differentiated argument is an
+  ``nnx.Module``, ``fun(model, *args)`` is differentiated by
+  :func:`mkor_optax.nnx.value_and_grad` (``nnx.value_and_grad`` with the
+  statistics; ``grads`` is then an ``nnx.State``).
 
   Args:
     fun: a loss ``fun(params, *args)`` returning a scalar (or ``(loss, aux)``
@@ -288,6 +299,9 @@ def value_and_grad(fun: Callable, argnums: int = 0, has_aux: bool = False, *,
       raise TypeError(f'value_and_grad: argnums={argnums} but only {len(args)} positional '
                       'argument(s) were given')
     params = args[argnums]
+    if _is_nnx_module(params):  # an NNX model: mkor_optax.nnx.value_and_grad
+      from mkor_optax import nnx as nnx_capture  # noqa: PLC0415
+      return nnx_capture.value_and_grad(fun, argnums, has_aux, kind=kind)(*args, **kwargs)
     call = lambda p: fun(*args[:argnums], p, *args[argnums + 1:], **kwargs)
     infos = discover(call, params)
     tapped = {}

@@ -203,6 +203,13 @@ _LAYOUTS_FIX = ('pass layouts=mkor_optax.layer_layouts(loss_fn, params, *batch) 
                 'layouts, read from one abstract trace of the model) or exclude=[...] them')
 
 
+def _nnx_layout_hints(params) -> dict:
+  if 'flax.nnx' not in sys.modules:
+    return {}
+  from mkor_optax import nnx as nnx_capture  # noqa: PLC0415 (imports this module)
+  return nnx_capture.layout_hints(params)
+
+
 def plan_layers(params, *, layouts: Optional[dict], excluded: Callable[[str], bool],
                 max_factor_dim=None, sides=None, who: str = 'mkor_optax') -> dict:
   """``{path_str: LayerPlan}`` for every second-order layer of ``params``.
@@ -215,6 +222,7 @@ def plan_layers(params, *, layouts: Optional[dict], excluded: Callable[[str], bo
   from hyperparameters, which ``optax.inject_hyperparams`` may turn into
   arrays), and a state layer missing from ``params`` is an error.
   """
+  hints = _nnx_layout_hints(params)  # NNX: the layouts of the modules owning the kernels
   params = unbox(params)
   layouts = layouts or {}
   plan, ambiguous, unsupported = {}, [], []

@@ -107,23 +107,61 @@ def cast_varying(tree, axes: frozenset):
   return jax.tree.map(cast, tree) if axes else tree
 
 
-def register_layer(module_type: type, adapter: Adapter) -> None:
+def register_layer(module_type: type, adapter: Adapter, *, layout=None) -> None:
   """Lets calls of ``module_type`` (and its subclasses) be preconditioned.
 
-  ``adapter(module, args, kwargs)`` is called with the bound module and the
-  arguments of its ``__call__`` before the call runs. It returns ``None`` to
-  leave that call alone, or a function ``read(y) -> LayerCall`` that is given
-  the call's output. The module's parameters must be named ``'kernel'`` (of
-  shape ``(*in_axes, *out_axes)``, flattening to ``(d_in, d_out)`` in C
-  order) and, if ``LayerCall.has_bias``, ``'bias'`` (of shape ``out_axes``).
-  See :func:`dense_adapter` and :func:`_rows_reader` for a complete example.
+  ``module_type`` is a ``flax.linen.Module`` or a ``flax.nnx.Module``
+  subclass; the adapter has one shape for both APIs.
+  ``adapter(module, args, kwargs)`` is called with the module (for linen,
+  bound) and the arguments of its ``__call__`` before the call runs. It
+  returns ``None`` to leave that call alone, or a function ``read(y) ->
+  LayerCall`` that is given the call's output. The module's parameters must be
+  named ``'kernel'`` (of shape ``(*in_axes, *out_axes)``, flattening to
+  ``(d_in, d_out)`` in C order) and, if ``LayerCall.has_bias``, ``'bias'``
+  (of shape ``out_axes``): for linen, entries of its ``'params'``
+  collection; for NNX, ``nnx.Param`` attributes ``module.kernel`` and
+  ``module.bias``. See :func:`dense_adapter` and :func:`_rows_reader` for a
+  complete example (``mkor_optax/nnx.py`` has the NNX built-ins).
+
+  ``layout`` (NNX only, optional): ``layout(module) ->``
+  :class:`~mkor_optax.kronecker.Layout` (or ``None`` for a module that cannot
+  be preconditioned), read at ``init`` and before each capture; by default
+  it is read off the kernel and bias shapes as for linen parameters.
   """
-  if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
-    raise TypeError(f'register_layer: {module_type!r} is not a flax.linen.Module subclass')
+  nnx = _nnx_if_loaded()
+  is_linen = isinstance(module_type, type) and issubclass(module_type, nn.Module)
+  is_nnx = (nnx is not None and isinstance(module_type, type)
+            and issubclass(module_type, nnx.Module))
+  if not (is_linen or is_nnx):
+    raise TypeError(f'register_layer: {module_type!r} is not a flax.linen.Module or '
+                    'flax.nnx.Module subclass')
+  if layout is not None and not is_nnx:
+    raise TypeError('register_layer: layout= is for flax.nnx modules (linen layouts are read '
+                    'from parameters or given as layouts= to the transform)')
   _REGISTRY[module_type] = adapter
+  if is_nnx:
+    _NNX_LAYOUTS[module_type] = layout
+  else:
+    _NNX_LAYOUTS.pop(module_type, None)
 
 
-def adapter_for(module: nn.Module) -> Optional[Adapter]:
+_NNX_LAYOUTS: dict[type, Optional[Callable]] = {}
+
+
+def _nnx_if_loaded():
+  import sys
+  return sys.modules.get('flax.nnx')
+
+
+def nnx_layout_fn(module) -> Optional[Callable]:
+  """The ``layout=`` registered for an NNX module's class (by MRO), if any."""
+  for cls in type(module).__mro__:
+    if cls in _REGISTRY:
+      return _NNX_LAYOUTS.get(cls)
+  return None
+
+
+def adapter_for(module) -> Optional[Adapter]:
   for cls in type(module).__mro__:
     if cls in _REGISTRY:
       return _REGISTRY[cls]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Mapping
 
 import jax
@@ -16,6 +17,8 @@ def path_str(path) -> str:
 
 def get_at(tree, path):
   for p in path:
+    if isinstance(tree, Mapping) and p not in tree and isinstance(p, str) and p.isdigit():
+      p = int(p)  # an NNX list index in a path read back from its string
     if not isinstance(tree, Mapping) or p not in tree:
       return None
     tree = tree[p]
@@ -28,7 +31,14 @@ def _rebuild(node, items):
   new.update(items)
   for k in [k for k, v in items.items() if v is DELETE]:
     del new[k]
-  return new if type(node) is dict else type(node)(new)
+  if type(node) is dict:
+    return new
+  if hasattr(node, 'raw_mapping'):  # an nnx.State: its __setitem__ stores sub-States as dicts
+    out = type(node)({})
+    for k, v in new.items():
+      out[k] = v
+    return out
+  return type(node)(new)
 
 
 
@@ -39,10 +49,25 @@ def set_at(tree, path, value):
   return _rebuild(tree, {path[0]: set_at(tree[path[0]], path[1:], value)})
 
 
+def _is_variable(x) -> bool:
+  """An NNX ``Variable`` (``nnx.Param``...): a box around one value, like
+  ``AxisMetadata``. NNX is imported only if the caller already has."""
+  nnx = sys.modules.get('flax.nnx')
+  return nnx is not None and isinstance(x, nnx.Variable)
+
+
+def _is_box(x) -> bool:
+  return meta.is_axis_metadata(x) or _is_variable(x)
+
+
 def unbox(tree):
   """``tree`` without Flax's ``AxisMetadata`` boxes (``nn.Partitioned``,
-  ``nn.LogicallyPartitioned``...): their values in their places."""
+  ``nn.LogicallyPartitioned``...) and NNX ``Variable`` wrappers (the
+  ``nnx.Param`` leaves of ``nnx.state(model, nnx.Param)``): their values in
+  their places."""
   def plain(x):
+    if _is_variable(x):
+      return unbox(x.get_value())
     if not meta.is_axis_metadata(x):
       return x
     try:
@@ -50,9 +75,16 @@ def unbox(tree):
     except TypeError:
       inner = x.unbox()
     return unbox(inner)
-  return jax.tree.map(plain, tree, is_leaf=meta.is_axis_metadata)
+  return jax.tree.map(plain, tree, is_leaf=_is_box)
 
 
 def rebox_like(boxed, plain):
-  """``plain`` (a tree shaped like ``unbox(boxed)``) put back into ``boxed``'s boxes."""
-  return meta.replace_boxed(boxed, plain)
+  """``plain`` (a tree shaped like ``unbox(boxed)``) put back into ``boxed``'s
+  boxes (NNX ``Variable`` wrappers included)."""
+  def inner(box, value):
+    if _is_variable(box):
+      return box.replace(rebox_like(box.get_value(), value))
+    if meta.is_axis_metadata(box):
+      return box.replace_boxed(rebox_like(box.unbox(), value))
+    return value
+  return jax.tree.map(inner, boxed, plain, is_leaf=_is_box)
