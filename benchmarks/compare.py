@@ -77,21 +77,21 @@ TASK_METHODS = {
 FACTOR_DIM = {'autoencoder': 4096, 'bert': BERT_FACTOR_DIM}
 
 
-def build(task, quick):
-  """(params0, make_iter, loss_fn, steps, batch for timing updates)."""
+def build(task, quick, seed=0):
+  """(params0, make_iter, loss_fn, steps); ``seed`` sets the init and the data order."""
   if task == 'autoencoder':
     (x, y), _ = load_digits()
     model = Autoencoder()
     loss_fn = autoencoder_loss(model)
-    make_iter = lambda: batches(x, y, 256, seed=0)
+    make_iter = lambda: batches(x, y, 256, seed=seed)
     steps = 100 if quick else 500
   else:
     tokens, vocab = load_pydoc_tokens(64, 2000)
     model = Encoder(vocab=len(vocab), d=64, depth=2, heads=4, max_len=64)
     loss_fn = mlm_loss(model)
-    make_iter = lambda: mlm_batches(tokens, 32, seed=0)
+    make_iter = lambda: mlm_batches(tokens, 32, seed=seed)
     steps = 60 if quick else 300
-  params = model.init(jax.random.PRNGKey(0), next(make_iter())[0])['params']
+  params = model.init(jax.random.PRNGKey(seed), next(make_iter())[0])['params']
   return params, make_iter, loss_fn, steps
 
 

@@ -135,27 +135,58 @@ def to_matrix(kernel, bias, d: Dims):
 
 
 def from_matrix(m, kernel_like, bias_like, d: Dims):
-  """Inverse of :func:`to_matrix`, back to the leaves' shapes and dtypes."""
-  kernel = m[:, :d.d_in].reshape(kernel_like.shape).astype(kernel_like.dtype)
+  """Inverse of :func:`to_matrix` (or of :func:`row_blocks`, for a tuple),
+  back to the leaves' shapes and dtypes."""
+  if isinstance(m, tuple):
+    kernel_rows, bias_row = m if d.has_bias else (m[0], None)
+  else:
+    kernel_rows, bias_row = m[:, :d.d_in], m[:, d.d_in] if d.has_bias else None
+  kernel = kernel_rows.reshape(kernel_like.shape).astype(kernel_like.dtype)
   bias = None
   if d.has_bias:
-    bias = m[:, d.d_in].reshape(bias_like.shape).astype(bias_like.dtype)
+    bias = bias_row.reshape(bias_like.shape).astype(bias_like.dtype)
   return kernel, bias
 
 
 def precondition(g_aug, r_inv=None, l_inv=None):
-  """``R^-1 @ G_aug @ L^-1`` per stack entry; a missing side is the identity.
-  A side may be dense ``(S, d, d)`` or a :class:`~mkor_optax.lowrank.LowRankInverse`."""
+  """``R^-1 @ G_aug @ L^-1`` per stack entry; a missing side is the identity."""
   u = g_aug
-  if isinstance(r_inv, lowrank.LowRankInverse):
-    u = lowrank.left(r_inv, u)
-  elif r_inv is not None:
+  if r_inv is not None:
     u = jnp.einsum('sij,sjk->sik', r_inv.astype(jnp.float32), u)
-  if isinstance(l_inv, lowrank.LowRankInverse):
-    u = lowrank.right(u, l_inv)
-  elif l_inv is not None:
+  if l_inv is not None:
     u = jnp.einsum('sij,sjk->sik', u, l_inv.astype(jnp.float32))
   return u
+
+
+def precondition_rescaled(g_aug, r_inv=None, l_inv=None, blocks=None):
+  """``rescale_to(precondition(g_aug, r_inv, l_inv), g_aug)`` where a side may
+  also be a :class:`~mkor_optax.lowrank.LowRankInverse`: the dense sides are
+  applied first, then the low-rank ones with the rescale folded in
+  (:func:`mkor_optax.lowrank.precondition_rescaled`). ``blocks``, the row
+  blocks of ``g_aug`` (:func:`row_blocks`), lets a layer with only low-rank
+  sides skip the kernel/bias concatenation; the result is then the tuple of
+  its row blocks, which :func:`from_matrix` takes as well.
+  """
+  low_r = r_inv if isinstance(r_inv, lowrank.LowRankInverse) else None
+  low_l = l_inv if isinstance(l_inv, lowrank.LowRankInverse) else None
+  if low_r is None and low_l is None:
+    return rescale_to(precondition(g_aug, r_inv, l_inv), g_aug)
+  g_norm = jnp.sqrt(jnp.sum(jnp.square(g_aug), axis=(1, 2)))
+  dense_r = None if low_r is not None else r_inv
+  dense_l = None if low_l is not None else l_inv
+  if dense_r is None and dense_l is None and blocks is not None:
+    return tuple(lowrank.precondition_rescaled(list(blocks), low_r, low_l, g_norm))
+  h = precondition(g_aug, dense_r, dense_l)
+  return lowrank.precondition_rescaled([h], low_r, low_l, g_norm)[0]
+
+
+def row_blocks(module, d: Dims) -> tuple:
+  """``(kernel (S, d_in, d_out)[, bias (S, 1, d_out)])`` float32: the row
+  blocks of :func:`to_matrix`'s matrix, without concatenating them."""
+  out = (module['kernel'].reshape((d.n_stack, d.d_in, d.d_out)).astype(jnp.float32),)
+  if d.has_bias:
+    out += (module['bias'].reshape((d.n_stack, 1, d.d_out)).astype(jnp.float32),)
+  return out
 
 
 def rescale_to(u, g_aug):
@@ -231,7 +262,7 @@ def plan_layers(params, *, layouts: Optional[dict], excluded: Callable[[str], bo
     if excluded(name) or (sides is not None and name not in sides[0] and name not in sides[1]):
       continue
     module = get_at(params, path)
-    layout = layouts.get(name) or infer_layout(module, path)
+    layout = layouts.get(name) or hints.get(name) or infer_layout(module, path)
     if layout is None:
       continue
     if isinstance(layout, str):

@@ -41,6 +41,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class LowRankInverse(NamedTuple):
@@ -87,20 +88,6 @@ def max_abs(p: LowRankInverse) -> jax.Array:
   return p.c + jnp.max(jnp.einsum('sik,sk->si', q * q, p.s), axis=-1)
 
 
-def left(p: LowRankInverse, x: jax.Array) -> jax.Array:
-  """``P @ x`` for ``x`` of shape ``(S, d, n)``."""
-  q = p.q.astype(x.dtype)
-  coef = jnp.einsum('sik,sin->skn', q, x) * p.s[:, :, None].astype(x.dtype)
-  return p.c[:, None, None] * x + jnp.einsum('sik,skn->sin', q, coef)
-
-
-def right(x: jax.Array, p: LowRankInverse) -> jax.Array:
-  """``x @ P`` for ``x`` of shape ``(S, n, d)``."""
-  q = p.q.astype(x.dtype)
-  coef = jnp.einsum('sni,sik->snk', x, q) * p.s[:, None, :].astype(x.dtype)
-  return p.c[:, None, None] * x + jnp.einsum('snk,sjk->snj', coef, q)
-
-
 def refresh(p: LowRankInverse, v: jax.Array, *, gamma, zeta, epsilon, refresh: str) -> LowRankInverse:
   """One refresh of ``p`` with the statistic ``v`` ``(S, d)`` (module docstring)."""
   q = p.q.astype(jnp.float32)
@@ -139,3 +126,70 @@ def refresh(p: LowRankInverse, v: jax.Array, *, gamma, zeta, epsilon, refresh: s
   basis = jnp.concatenate([q, new_col[:, :, None]], axis=-1)
   q_new = jnp.einsum('sij,sjk->sik', basis, evecs)
   return LowRankInverse(kappa * c1, q_new.astype(p.q.dtype), evals)
+
+
+def precondition_rescaled(blocks, r, l, g_norm: jax.Array) -> list:
+  """``R h L`` rescaled to the Frobenius norm ``g_norm`` ``(S,)``, where ``h``
+  ``(S, m, n)`` is given as row blocks (``[kernel rows, bias row]``, so the
+  two are never concatenated) and ``r``/``l`` are each a
+  :class:`LowRankInverse` or ``None`` (the identity). Returns the output's
+  row blocks. One matrix product over ``h``'s size, besides ``Q^T h`` and ``h Q``.
+
+  With ``R = c_r I + Q_r S_r Q_r^T`` and ``L = c_l I + Q_l S_l Q_l^T``::
+
+      R h L = alpha h + Q_r X + Y Q_l^T,          alpha = c_r c_l,
+      A = Q_r^T h,  B = h Q_l,  X = c_l S_r A + S_r (A Q_l) S_l Q_l^T,  Y = c_r B S_l
+
+  and its squared norm needs only ``k``-sized products::
+
+      alpha^2 |h|^2 + <X, Q_r^T Q_r X> + <Y Q_l^T Q_l, Y>
+        + 2 alpha (<A, X> + <B, Y>) + 2 <X Q_l, Q_r^T Y>
+
+  so the rescale ``s`` is known before the output exists, and the output is
+  ``(s alpha) h + [Q_r, Y] [s X; s Q_l^T]``. A zero result stays zero.
+  """
+  h0 = blocks[0]
+  n_stack, dtype = h0.shape[0], h0.dtype
+  one = jnp.ones((n_stack,), dtype)
+  c_r = one if r is None else r.c
+  c_l = one if l is None else l.c
+  alpha = c_r * c_l
+  total = lambda terms: sum(jnp.sum(t, axis=(1, 2)) for t in terms)
+  sq = jnp.square(alpha) * total(jnp.square(h) for h in blocks)
+  if r is not None:
+    q_r = r.q.astype(dtype)
+    bounds = np.cumsum([0] + [h.shape[1] for h in blocks])
+    q_rows = [q_r[:, lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+    a = sum(jnp.einsum('smk,smn->skn', q, h) for q, h in zip(q_rows, blocks))
+    x = c_l[:, None, None] * r.s[:, :, None] * a
+  if l is not None:
+    q_l = l.q.astype(dtype)
+    bs = [jnp.einsum('smn,snk->smk', h, q_l) for h in blocks]
+    ys = [(c_r[:, None, None] * b) * l.s[:, None, :] for b in bs]
+  if r is not None and l is not None:
+    core = r.s[:, :, None] * jnp.einsum('skn,snj->skj', a, q_l) * l.s[:, None, :]
+    x = x + jnp.einsum('skj,snj->skn', core, q_l)
+  if r is not None:
+    gram = jnp.einsum('smk,smj->skj', q_r, q_r)
+    sq += total([x * jnp.einsum('skj,sjn->skn', gram, x), 2.0 * alpha[:, None, None] * a * x])
+  if l is not None:
+    gram = jnp.einsum('snk,snj->skj', q_l, q_l)
+    sq += total(jnp.einsum('smk,skj->smj', y, gram) * y for y in ys)
+    sq += 2.0 * alpha * total(b * y for b, y in zip(bs, ys))
+  if r is not None and l is not None:
+    qy = sum(jnp.einsum('smk,smj->skj', q, y) for q, y in zip(q_rows, ys))
+    sq += 2.0 * total([jnp.einsum('skn,snj->skj', x, q_l) * qy])
+  norm = jnp.sqrt(jnp.maximum(sq, 0.0))
+  s = jnp.where(norm > 0, g_norm / jnp.where(norm > 0, norm, 1.0), 0.0)
+  rhs = []
+  if r is not None:
+    rhs.append(s[:, None, None] * x)
+  if l is not None:
+    rhs.append(s[:, None, None] * jnp.swapaxes(q_l, 1, 2))
+  rhs = jnp.concatenate(rhs, axis=1)
+  out = []
+  for i, h in enumerate(blocks):
+    lhs = ([q_rows[i]] if r is not None else []) + ([ys[i]] if l is not None else [])
+    low = jnp.einsum('smk,skn->smn', jnp.concatenate(lhs, axis=-1), rhs)
+    out.append((s * alpha)[:, None, None] * h + low)
+  return out

@@ -203,8 +203,9 @@ def scale_by_mkor(
               {k: one(p, vecs[k]['g']) if k in vecs else p for k, p in l_inv.items()})
 
     r_inv, l_inv = jax.lax.cond(do_refresh, refreshed, lambda f: f, (state.r_inv, state.l_inv))
-    out = {k: kr.rescale_to(kr.precondition(g, r_inv.get(k), l_inv.get(k)), g)
-           for k, (_, g) in prep.grads.items()}
+    out = {k: kr.precondition_rescaled(g, r_inv.get(k), l_inv.get(k),
+                                       kr.row_blocks(module, prep.plan[k].dims))
+           for k, (module, g) in prep.grads.items()}
     return kr.write_layers(prep, out), MKORState(kr.increment(state.count), r_inv, l_inv)
 
   return optax.GradientTransformationExtraArgs(init, update)

@@ -97,16 +97,40 @@ def test_stays_spd_orthonormal_over_many_refreshes_and_degenerate_statistics():
   assert np.abs(dense).max() <= max(e / g, (1 - z) / (g - z)) + 1e-4
 
 
-def test_left_and_right_products_equal_dense_products():
-  d, k = 12, 3
-  p = lowrank.identity(d, k, 2, jnp.float32)
-  for v in stats_stream(d, 5, seed=4):
-    p = lowrank.refresh(p, jnp.asarray(np.stack([v, -v]), jnp.float32), refresh='ema', **RULE)
-  dense = np.asarray(lowrank.to_dense(p), np.float64)
-  x = np.random.default_rng(5).normal(size=(2, d, 7)).astype(np.float32)
-  np.testing.assert_allclose(lowrank.left(p, jnp.asarray(x)), dense @ x, rtol=1e-5, atol=1e-5)
-  xt = np.swapaxes(x, 1, 2)
-  np.testing.assert_allclose(lowrank.right(jnp.asarray(xt), p), xt @ dense, rtol=1e-5, atol=1e-5)
+def refreshed(d, k, n_stack, seed, dtype=jnp.float32):
+  p = lowrank.identity(d, k, n_stack, dtype)
+  for v in stats_stream(d, k + 3, seed=seed):
+    v = np.stack([v * (1 + i) for i in range(n_stack)])
+    p = lowrank.refresh(p, jnp.asarray(v, jnp.float32), refresh='ema', **RULE)
+  return p
+
+
+@pytest.mark.parametrize('sides', ['both', 'left', 'right', 'dense+low', 'bf16'])
+def test_preconditioning_equals_dense_float64_products_rescaled(sides):
+  """kr.precondition_rescaled with low-rank sides: the norm of R G L comes from
+  k-sized products (the Gram of Q included, so bf16 factors are exact too)."""
+  from mkor_optax import kronecker as kr
+  m, n = 14, 11
+  dtype = jnp.bfloat16 if sides == 'bf16' else jnp.float32
+  r, l = refreshed(m, 4, 2, seed=6, dtype=dtype), refreshed(n, 3, 2, seed=7, dtype=dtype)
+  if sides == 'left':
+    l = None
+  elif sides == 'right':
+    r = None
+  elif sides == 'dense+low':
+    r = lowrank.to_dense(r)
+  g = np.random.default_rng(8).normal(size=(2, m, n)).astype(np.float32)
+  dense = lambda p, d: np.eye(d) if p is None else np.asarray(
+      p if not isinstance(p, LowRankInverse) else lowrank.to_dense(p), np.float64)
+  want = dense(r, m) @ g.astype(np.float64) @ dense(l, n)
+  want *= (np.linalg.norm(g, axis=(1, 2)) / np.linalg.norm(want, axis=(1, 2)))[:, None, None]
+  got = kr.precondition_rescaled(jnp.asarray(g), r, l)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+  if sides != 'dense+low':  # kernel rows and bias row kept apart
+    kernel, bias = kr.precondition_rescaled(jnp.asarray(g), r, l, (g[:, :-1], g[:, -1:]))
+    np.testing.assert_allclose(np.concatenate([kernel, bias], axis=1), want, rtol=2e-5, atol=2e-5)
+  zero = kr.precondition_rescaled(jnp.zeros_like(jnp.asarray(g)), r, l)
+  assert np.all(np.asarray(zero) == 0)
 
 
 @pytest.mark.parametrize('refresh', ['ema', 'blend'])

@@ -1,0 +1,104 @@
+"""MKOR configurations over several seeds: steps to the same seed's LAMB
+final loss on the compare.py tasks, each configuration at its best learning
+rate of the task's grid (compare.GRIDS), per seed.
+
+    python benchmarks/seeds.py --study low_rank [--tasks autoencoder,bert] [--seeds 0,1,2]
+
+Studies (``STUDIES``): ``low_rank`` (dense factors vs low-rank-plus-identity
+factors forced on every side, ranks 4 ... 32). Steps are deterministic for a
+seed; no timing here (see width_sweep.py and compare.py for seconds).
+Writes results/seeds/<study>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'examples'))
+import mkor_optax  # noqa: E402
+from common import METHODS, Method, run_method  # noqa: E402
+from compare import FACTOR_DIM, GRIDS, build, first_at_or_below, smooth  # noqa: E402
+
+
+def mkor_method(**kw):
+  def make(lr, task):
+    return mkor_optax.mkor(lr, weight_decay=0.0, max_factor_dim=FACTOR_DIM[task], **kw)
+  return make
+
+
+STUDIES = {
+    'low_rank': {
+        'mkor dense': mkor_method(low_rank=None),
+        **{f'mkor rank {k}': mkor_method(low_rank=k, low_rank_min_dim=0) for k in (4, 8, 16, 32)},
+    },
+}
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser()
+  ap.add_argument('--study', default='low_rank', choices=sorted(STUDIES))
+  ap.add_argument('--tasks', default='autoencoder,bert')
+  ap.add_argument('--seeds', default='0,1,2')
+  ap.add_argument('--quick', action='store_true')
+  ap.add_argument('--out', default='results/seeds')
+  args = ap.parse_args(argv)
+  seeds = [int(s) for s in args.seeds.split(',')]
+  configs = STUDIES[args.study]
+  report = {}
+  for task in args.tasks.split(','):
+    rows = {name: {'steps': [], 'final': [], 'lr': []} for name in ['lamb', *configs]}
+    for seed in seeds:
+      params0, make_iter, loss_fn, steps = build(task, args.quick, seed)
+      curves = {}
+      for name in rows:
+        method = METHODS['lamb'] if name == 'lamb' else Method(
+            lambda lr, make=configs[name]: make(lr, task), mkor_optax.RANK1)
+        best = None
+        for lr in GRIDS[task]:
+          _, losses, _ = run_method(name, params0, make_iter(), steps, loss_fn, lr,
+                                    methods={name: method})
+          final = float(np.mean(losses[-max(1, steps // 10):]))
+          final = final if np.isfinite(final) else float('inf')
+          if best is None or final < best[0]:
+            best = (final, lr, smooth(losses))
+        rows[name]['final'].append(best[0])
+        rows[name]['lr'].append(best[1])
+        curves[name] = best[2]
+      target = curves['lamb'][-1]
+      for name, curve in curves.items():
+        hit = first_at_or_below(curve, target)
+        rows[name]['steps'].append(None if hit is None else hit + 1)
+      print(task, seed, {k: v['steps'][-1] for k, v in rows.items()}, flush=True)
+    report[task] = rows
+  lines = [f"Study '{args.study}', seeds {seeds}: steps to the same seed's LAMB final loss "
+           '(EMA 0.9 of the training loss), each configuration at its best lr of the task grid.', '']
+  for task, rows in report.items():
+    lines += [f'### {task} (lr grid {list(GRIDS[task])})', '',
+              '| configuration | steps per seed | mean steps | / first MKOR row | final loss (mean ± std) | best lr per seed |',
+              '|---|---|---|---|---|---|']
+    first = next(r for n, r in rows.items() if n != 'lamb')
+    base = np.mean([s for s in first['steps'] if s is not None] or [np.nan])
+    for name, r in rows.items():
+      hit = [s for s in r['steps'] if s is not None]
+      mean = np.mean(hit) if len(hit) == len(r['steps']) else float('nan')
+      per = ' / '.join('-' if s is None else str(s) for s in r['steps'])
+      lines.append(f"| {name} | {per} | {mean:.1f} | {mean / base:.3f} | {np.mean(r['final']):.4f} ± "
+                   f"{np.std(r['final']):.4f} | {' / '.join(f'{v:g}' for v in r['lr'])} |")
+    lines.append('')
+  text = '\n'.join(lines)
+  print(text)
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, f'{args.study}.json'), 'w') as f:
+    json.dump({'seeds': seeds, 'report': report}, f, indent=1)
+  with open(os.path.join(args.out, f'{args.study}.md'), 'w') as f:
+    f.write(text + '\n')
+
+
+if __name__ == '__main__':
+  main()
