@@ -36,6 +36,7 @@ import optax
 
 from mkor_optax import kronecker as kr
 from mkor_optax import lowrank
+from mkor_optax import sharding
 
 
 
@@ -114,6 +115,7 @@ def scale_by_mkor(
     max_factor_dim: int = 4096,
     low_rank: Optional[int] = LOW_RANK,
     low_rank_min_dim: int = LOW_RANK_MIN_DIM,
+    shard_factors: bool = True,
     exclude: kr.Exclude = None,
     layouts: Optional[dict] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -141,6 +143,9 @@ def scale_by_mkor(
     low_rank_min_dim: smallest side dimension (``d_in+1`` or ``d_out``) held
       in low-rank form; ``0`` puts every side with ``d > low_rank`` in it.
       Both are read at ``init`` only.
+    shard_factors: when ``init`` sees partitioned parameters (a mesh
+      ``NamedSharding``, model parallel), split each factor over that mesh's
+      devices instead of replicating it (:mod:`mkor_optax.sharding`).
     exclude: layers to leave alone: regex(es) searched in the layer path
       ``'a/b/c'``, or a predicate on it (a predicate needs
       ``static_args=('exclude',)`` under ``optax.inject_hyperparams``).
@@ -181,7 +186,9 @@ def scale_by_mkor(
 
     eyes = lambda sizes: {k: eye(n, s) for k, (n, s) in sizes.items()}
     r_sizes, l_sizes = kr.side_sizes(plan)
-    return MKORState(jnp.zeros([], jnp.int32), eyes(r_sizes), eyes(l_sizes))
+    mesh = sharding.partitioned_mesh(params) if shard_factors else None
+    return MKORState(jnp.zeros([], jnp.int32), sharding.place_factors(eyes(r_sizes), mesh),
+                     sharding.place_factors(eyes(l_sizes), mesh))
 
   def update(updates, state, params=None, *, stats=None, **extra_args):
     del params, extra_args
@@ -234,6 +241,7 @@ def mkor(
     max_factor_dim: int = 4096,
     low_rank: Optional[int] = LOW_RANK,
     low_rank_min_dim: int = LOW_RANK_MIN_DIM,
+    shard_factors: bool = True,
     exclude: kr.Exclude = None,
     layouts: Optional[dict] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -249,7 +257,8 @@ def mkor(
       scale_by_mkor(gamma=gamma, zeta=zeta, epsilon=epsilon, inv_freq=inv_freq, refresh=refresh,
                     axis_name=axis_name, factor_dtype=factor_dtype,
                     max_factor_dim=max_factor_dim, low_rank=low_rank,
-                    low_rank_min_dim=low_rank_min_dim, exclude=exclude, layouts=layouts),
+                    low_rank_min_dim=low_rank_min_dim, shard_factors=shard_factors,
+                    exclude=exclude, layouts=layouts),
       backend or default_backend(learning_rate, weight_decay))
 
 

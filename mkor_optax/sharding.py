@@ -1,0 +1,98 @@
+"""Where factor state lives when the parameters are sharded over a mesh.
+
+With model-parallel parameters (``jax.jit`` over a mesh, ``nn.Partitioned``
+or ``nn.with_partitioning`` kernels), a replicated factor state would put
+every layer's factors on every device. Instead, when ``init`` sees at least
+one parameter leaf that is *partitioned* (a ``NamedSharding`` that is not
+fully replicated), each factor array is split over all devices of that
+mesh, along the first axis whose size they divide:
+
+* a :class:`~mkor_optax.lowrank.LowRankInverse` ``Q`` ``(S, d, k)``: the rank
+  axis ``k``, else ``d``, else the stack ``S``; its ``c`` and ``s`` vectors are
+  replicated (``S + S k`` numbers);
+* a dense ``(S, d, d)`` inverse or covariance: ``d``, else ``S``;
+* otherwise (an odd ``d_in + 1`` dense side and an unstacked layer, say)
+  the array stays replicated.
+
+So memory per device falls like ``1 / devices`` for every factor that can be
+split. Data-parallel set-ups (replicated parameters, ``pmap``,
+``shard_map``) are left alone: factors follow the parameters there. The
+placement is applied with ``jax.device_put`` to concrete arrays at ``init``
+and as a ``with_sharding_constraint`` on traced ones (``init`` under ``jit``,
+and the refreshed factors in ``update``), so the sharding survives jitted
+steps; the numbers computed do not depend on it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mkor_optax import lowrank
+from mkor_optax.paths import unbox
+
+
+def partitioned_mesh(params) -> Optional[jax.sharding.Mesh]:
+  """The mesh of the first partitioned parameter leaf, or ``None``."""
+  for leaf in jax.tree.leaves(unbox(params)):
+    sharding = getattr(leaf, 'sharding', None)
+    if (isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+        and isinstance(sharding, NamedSharding) and sharding.mesh.size > 1
+        and not sharding.is_fully_replicated):
+      return sharding.mesh
+  return None
+
+
+def _split_axis(shape, order, n) -> Optional[int]:
+  for axis in order:
+    if shape[axis] % n == 0:
+      return axis
+  return None
+
+
+def array_spec(shape, order, mesh) -> PartitionSpec:
+  """Splits the first axis of ``order`` that the mesh's size divides over all
+  its axes; replicated when none does."""
+  axis = _split_axis(shape, order, mesh.size)
+  spec = [None] * len(shape)
+  if axis is not None:
+    spec[axis] = tuple(mesh.axis_names)
+  return PartitionSpec(*spec)
+
+
+def _place(x, spec, mesh):
+  sharding = NamedSharding(mesh, spec)
+  if isinstance(x, jax.core.Tracer):
+    return jax.lax.with_sharding_constraint(x, sharding)
+  return jax.device_put(x, sharding)
+
+
+def place_factor(f, mesh):
+  """One factor (dense ``(S, d, d)`` or low-rank) placed on ``mesh``."""
+  if mesh is None:
+    return f
+  if isinstance(f, lowrank.LowRankInverse):
+    replicated = PartitionSpec()
+    return lowrank.LowRankInverse(_place(f.c, replicated, mesh),
+                                  _place(f.q, array_spec(f.q.shape, (2, 1, 0), mesh), mesh),
+                                  _place(f.s, replicated, mesh))
+  return _place(f, array_spec(np.shape(f), (1, 0), mesh), mesh)
+
+
+def place_factors(factors: dict, mesh) -> dict:
+  """``{layer: factor}`` with every factor placed on ``mesh`` (unchanged if ``None``)."""
+  if mesh is None:
+    return factors
+  return {k: place_factor(f, mesh) for k, f in factors.items()}
+
+
+def bytes_per_device(tree) -> dict:
+  """``{device: bytes}`` of the arrays of ``tree`` held on each device."""
+  out: dict = {}
+  for leaf in jax.tree.leaves(tree):
+    for shard in leaf.addressable_shards:
+      out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+  return out

@@ -1,0 +1,104 @@
+"""MKOR's factor state on a model-parallel mesh (mkor_optax.sharding): split
+over the devices, not replicated, with the same updates as on one device."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import mkor_optax
+from mkor_optax.lowrank import LowRankInverse
+from mkor_optax.sharding import bytes_per_device
+
+
+class Wide(nn.Module):
+  """48 -> 640 -> 64, kernels partitioned over 'model' on their output axis."""
+
+  @nn.compact
+  def __call__(self, x):
+    part = lambda: nn.with_partitioning(nn.initializers.lecun_normal(), (None, 'model'))
+    h = nn.tanh(nn.Dense(640, kernel_init=part(), name='wide')(x))
+    return nn.Dense(64, kernel_init=part(), name='head')(h)
+
+
+X = jax.random.normal(jax.random.PRNGKey(0), (32, 48))
+Y = jax.random.normal(jax.random.PRNGKey(1), (32, 64))
+MODEL = Wide()
+BOXED = MODEL.init(jax.random.PRNGKey(2), X)['params']
+
+
+def loss_fn(params, x, y):
+  return jnp.mean((MODEL.apply({'params': params}, x) - y) ** 2)
+
+
+GRAD = mkor_optax.value_and_grad(loss_fn)
+
+
+def on_mesh(n_devices):
+  """BOXED placed as its partitioning says on a ('model',) mesh of n devices."""
+  mesh = jax.make_mesh((n_devices,), ('model',), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:n_devices])
+  specs = nn.get_partition_spec(BOXED)
+  return jax.tree.map(lambda box, spec: box.replace_boxed(
+      jax.device_put(box.unbox(), NamedSharding(mesh, spec))) if isinstance(box, nn.Partitioned)
+      else jax.device_put(box, NamedSharding(mesh, P())), BOXED, specs,
+      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def train(params, tx, steps=3):
+  @jax.jit
+  def step(params, state):
+    _, grads, stats = GRAD(params, X, Y)
+    updates, state = tx.update(grads, state, params, stats=stats)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  initial = state
+  for _ in range(steps):
+    params, state = step(params, state)
+  return params, initial, state
+
+
+def factors(state):
+  return state[0].r_inv, state[0].l_inv
+
+
+def test_factors_split_over_devices_and_updates_equal_one_device():
+  tx = mkor_optax.mkor(1e-2, inv_freq=1)  # 641- and 640-wide sides low-rank (default width 512)
+  per_device, final = {}, {}
+  for n in (1, 2, 4):
+    params, initial, state = train(on_mesh(n), tx)
+    sizes = bytes_per_device(factors(initial))
+    assert len(sizes) == n
+    per_device[n] = max(sizes.values())
+    # still split after jitted steps: the low-rank Q over its rank axis
+    q = state[0].l_inv['wide'].q
+    assert isinstance(state[0].l_inv['wide'], LowRankInverse)
+    if n > 1:
+      assert not q.sharding.is_fully_replicated
+      assert max(bytes_per_device(factors(state)).values()) <= per_device[n]
+    final[n] = jax.tree.map(np.asarray, nn.unbox(params))
+  assert per_device[4] < per_device[2] < per_device[1]
+  assert per_device[4] < 0.4 * per_device[1]
+  for n in (2, 4):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                 final[n], final[1])
+
+
+def test_replicated_params_and_opt_out_keep_factors_replicated():
+  mesh = jax.make_mesh((4,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  replicated = jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, P())), nn.unbox(BOXED))
+  for params, tx in ((replicated, mkor_optax.mkor(1e-2)),
+                     (on_mesh(4), mkor_optax.mkor(1e-2, shard_factors=False))):
+    state = tx.init(params)
+    for leaf in jax.tree.leaves(factors(state)):
+      assert getattr(leaf.sharding, 'is_fully_replicated', True)
+
+
+def test_dense_factors_split_where_the_width_divides():
+  tx = mkor_optax.mkor(1e-2, low_rank=None)
+  state = tx.init(on_mesh(4))
+  assert state[0].l_inv['wide'].sharding.spec == P(None, ('model',), None)  # 640 = 4 x 160
+  assert state[0].r_inv['head'].sharding.is_fully_replicated  # 641: odd, not split
