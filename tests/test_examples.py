@@ -10,8 +10,10 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLES = [
     ['quickstart.py', '--smoke'],
+    ['quickstart_nnx.py', '--smoke'],
     ['autoencoder.py', '--smoke', '--optimizers', 'lamb,mkor,mkor_h,kfac,eva,sonew,adamw'],
     ['cnn.py', '--smoke'],
+    ['cnn_nnx.py', '--smoke'],
     ['bert_mlm.py', '--smoke'],
     ['data_parallel.py', '--smoke', '--mode', 'pmap'],
     ['data_parallel.py', '--smoke', '--mode', 'shard_map'],
@@ -33,7 +35,7 @@ def test_example_runs(args, tmp_path):
   out = run(args, tmp_path)
   if args[0] == 'data_parallel.py':
     assert 'max |param difference|' in out
-  elif args[0] != 'quickstart.py':
+  elif not args[0].startswith('quickstart'):
     assert '| optimizer |' in out
 
 

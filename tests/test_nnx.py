@@ -376,6 +376,36 @@ def test_scan_vmap_stacked_and_rematted_layers_get_their_own_statistics():
   assert np.all(np.isfinite(model.blocks.lin.kernel[...]))
 
 
+def test_conv_transpose_and_a_linear_subclass_match_linen():
+  class Twice(nnx.Linear):  # a subclass calling super().__call__: captured once
+    def __call__(self, x):
+      return 2.0 * super().__call__(x)
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.up = nnx.ConvTranspose(2, 3, (3, 3), strides=(2, 2), rngs=rngs)
+      self.fc = Twice(3, 4, rngs=rngs)
+
+    def __call__(self, x):
+      return self.fc(jnp.tanh(self.up(x))).mean((1, 2))
+
+  class LinenNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = jnp.tanh(nn.ConvTranspose(3, (3, 3), strides=(2, 2), name='up')(x))
+      return (2.0 * nn.Dense(4, name='fc')(h)).mean((1, 2))
+
+  model = Net(nnx.Rngs(0))
+  x, y = data(shape=(4, 4, 2))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  lv, _, ls = mkor_optax.value_and_grad(
+      lambda p, x, y: xent(LinenNet().apply({'params': p}, x), y))(params, x, y)
+  nv, _, ns = mkor_optax.value_and_grad(lambda m, x, y: xent(m(x), y))(model, x, y)
+  np.testing.assert_allclose(nv, lv, rtol=1e-6)
+  assert sorted(ns) == ['fc', 'up']
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), ns, ls)
+
+
 # ------------------------------------------------ register_layer, Einsum
 
 class Scaled(nnx.Module):

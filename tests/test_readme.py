@@ -46,3 +46,21 @@ def test_train_state_block_runs_as_printed():
     losses.append(float(loss))
   assert np.isfinite(losses).all() and losses[-1] < losses[0]
   assert int(state.step) == 20
+
+
+def test_nnx_block_runs_as_printed():
+  from flax import nnx
+  from quickstart_nnx import MLP as NNXMLP
+
+  text = README.read_text()
+  section = text[text.index('## Quickstart'):text.index('## What is preconditioned')]
+  block = re.findall(r'```python\n(.*?)```', section, re.S)[2]
+  assert 'nnx.Optimizer' in block and len(block.strip().splitlines()) <= 15
+  (x, y), _ = load_digits()
+  scope = {'model': NNXMLP(nnx.Rngs(0))}
+  exec(compile('import jax, optax, mkor_optax\n', str(README), 'exec'), scope)
+  exec(compile(block, str(README), 'exec'), scope)
+  losses = [float(scope['train_step'](scope['model'], scope['optimizer'], x[:128], y[:128]))
+            for _ in range(20)]
+  assert np.isfinite(losses).all() and losses[-1] < losses[0]
+  assert int(scope['optimizer'].step[...]) == 20
