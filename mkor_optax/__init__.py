@@ -19,7 +19,7 @@ __version__ = '0.1.0'
 __all__ = [
     'COVARIANCE', 'Covariance', 'EvaState', 'KFACState', 'Layout', 'LayerCall', 'MKORHState',
     'MKORState', 'MultiSteps', 'MultiStepsState', 'QuadraticStepState', 'RANK1', 'SONewState', 'StatKind', 'TrainState',
-    'eva', 'gauss_newton', 'kfac', 'layer_layouts', 'mkor', 'mkor_h', 'register_layer', 'scale_by_eva',
+    'eva', 'gauss_newton', 'kfac', 'layer_layouts', 'mkor', 'mkor_h', 'nnx', 'register_layer', 'scale_by_eva',
     'scale_by_kfac', 'scale_by_mkor', 'scale_by_mkor_h', 'scale_by_quadratic_step', 'scale_by_sonew', 'sonew', 'untapped',
     'value_and_grad',
 ]
