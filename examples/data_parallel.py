@@ -1,9 +1,12 @@
-"""Data-parallel MKOR on 4 fake CPU devices, three ways:
+"""Data-parallel and model-parallel MKOR on 4 fake CPU devices:
 
   --mode pmap         jax.pmap; gradients pmean-ed by hand, MKOR's a/g by axis_name
   --mode shard_map    jax.shard_map over a 1-D mesh; the loss is pmean-ed
   --mode distributed  the shard_map step across two processes on localhost
                       (jax.distributed: JAX's multi-host runtime), 2 devices each
+  --mode sharded      jax.jit with kernels split over a ('model',) mesh: MKOR's
+                      factor state is split over the devices too (not replicated)
+  --mode distributed-sharded   the sharded step across two processes, 2 devices each
 
 Each mode checks that it matches the single-device full-batch run. Run:
     python examples/data_parallel.py --mode shard_map [--steps 20] [--smoke]
@@ -18,7 +21,8 @@ import sys
 def parse():
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument('--mode', choices=('pmap', 'shard_map', 'distributed'), default='shard_map')
+  ap.add_argument('--mode', choices=('pmap', 'shard_map', 'distributed', 'sharded',
+                                     'distributed-sharded'), default='shard_map')
   ap.add_argument('--steps', type=int, default=20)
   ap.add_argument('--smoke', action='store_true')
   ap.add_argument('--process-id', type=int, default=None, help=argparse.SUPPRESS)
@@ -52,8 +56,14 @@ MODEL = MLP((64, 64))
 LOSS = classification_loss(MODEL)
 
 
+def make_opt(**kw):
+  # low_rank_min_dim=0: this small MLP's sides (> 16) get low-rank factors too,
+  # so the sharded mode splits both kinds of factor
+  return mkor_optax.mkor(1e-2, low_rank_min_dim=0, **kw)
+
+
 def single_device(params, data, steps):
-  opt = mkor_optax.mkor(1e-2)
+  opt = make_opt()
 
   @jax.jit
   def step(p, s, x, y):
@@ -68,7 +78,7 @@ def single_device(params, data, steps):
 
 
 def run_pmap(params, data, steps):
-  opt = mkor_optax.mkor(1e-2, axis_name='batch')
+  opt = make_opt(axis_name='batch')
 
   def step(p, s, x, y):
     loss, g, st = mkor_optax.value_and_grad(LOSS)(p, x, y)
@@ -86,7 +96,7 @@ def run_pmap(params, data, steps):
 
 
 def shard_map_step(mesh):
-  opt = mkor_optax.mkor(1e-2, axis_name='batch')
+  opt = make_opt(axis_name='batch')
 
   def body(p, s, x, y):
     global_loss = lambda p, x, y: jax.lax.pmean(LOSS(p, x, y), 'batch')
@@ -115,12 +125,44 @@ def run_shard_map(params, data, steps):
   return jax.tree.map(np.asarray, jax.device_get(p)), float(loss)
 
 
-def launch_two_processes(steps, smoke):
+def run_sharded(params, data, steps):
+  """Model parallel: every kernel split on its output axis over all devices
+  (of both processes under jax.distributed); the batch is replicated."""
+  mesh = jax.make_mesh((jax.device_count(),), ('model',), axis_types=(jax.sharding.AxisType.Auto,))
+  spec = lambda v: P(None, 'model') if v.ndim == 2 and v.shape[1] % jax.device_count() == 0 else P()
+  glob = lambda v, sp: jax.make_array_from_callback(v.shape, NamedSharding(mesh, sp),
+                                                    lambda idx: np.asarray(v)[idx])
+  p = jax.tree.map(lambda v: glob(v, spec(v)), params)
+  opt = make_opt()
+  s = opt.init(p)  # sees the partitioned kernels: the factors are split too
+
+  @jax.jit
+  def step(p, s, x, y):
+    loss, g, st = mkor_optax.value_and_grad(LOSS)(p, x, y)
+    u, s = opt.update(g, s, p, stats=st)
+    return optax.apply_updates(p, u), s, loss
+
+  for x, y in data[:steps]:
+    p, s, loss = step(p, s, glob(x, P()), glob(y, P()))
+  from mkor_optax.sharding import bytes_per_device
+  mkor_state = s[0]
+  per_device = bytes_per_device((mkor_state.r_inv, mkor_state.l_inv))
+  total = sum(np.prod(v.shape) * v.dtype.itemsize
+              for v in jax.tree.leaves((mkor_state.r_inv, mkor_state.l_inv)))
+  print(f'factor state: {total} bytes in all, at most {max(per_device.values())} on one of this '
+        f"process's {len(per_device)} devices")
+  if max(per_device.values()) > 0.5 * total:
+    sys.exit('the factor state is not split over the devices')
+  replicated = jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))(p)
+  return jax.tree.map(np.asarray, replicated), float(loss)
+
+
+def launch_two_processes(mode, steps, smoke):
   import socket
   with socket.socket() as sock:
     sock.bind(('localhost', 0))
     port = sock.getsockname()[1]
-  cmd = [sys.executable, __file__, '--mode', 'distributed', '--steps', str(steps), '--port', str(port)]
+  cmd = [sys.executable, __file__, '--mode', mode, '--steps', str(steps), '--port', str(port)]
   cmd += ['--smoke'] if smoke else []
   procs = [subprocess.Popen(cmd + ['--process-id', str(i)]) for i in range(2)]
   codes = [p.wait(timeout=600) for p in procs]
@@ -130,14 +172,15 @@ def launch_two_processes(steps, smoke):
 
 def main():
   steps = 3 if ARGS.smoke else ARGS.steps
-  if ARGS.mode == 'distributed' and ARGS.process_id is None:
-    launch_two_processes(steps, ARGS.smoke)
+  if ARGS.mode.startswith('distributed') and ARGS.process_id is None:
+    launch_two_processes(ARGS.mode, steps, ARGS.smoke)
     return
   (x, y), _ = load_digits()
   it = batches(x, y, BATCH, seed=0)
   data = [next(it) for _ in range(steps)]
   params = MODEL.init(jax.random.PRNGKey(0), x[:2])['params']
-  run = run_pmap if ARGS.mode == 'pmap' else run_shard_map
+  run = {'pmap': run_pmap, 'sharded': run_sharded,
+         'distributed-sharded': run_sharded}.get(ARGS.mode, run_shard_map)
   got, loss = run(params, data, steps)
   want, want_loss = single_device(params, data, steps)
   diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))

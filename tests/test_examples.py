@@ -18,6 +18,7 @@ EXAMPLES = [
     ['data_parallel.py', '--smoke', '--mode', 'pmap'],
     ['data_parallel.py', '--smoke', '--mode', 'shard_map'],
     ['data_parallel.py', '--smoke', '--mode', 'distributed'],
+    ['data_parallel.py', '--smoke', '--mode', 'distributed-sharded'],
 ]
 
 
@@ -35,6 +36,8 @@ def test_example_runs(args, tmp_path):
   out = run(args, tmp_path)
   if args[0] == 'data_parallel.py':
     assert 'max |param difference|' in out
+    if 'sharded' in args[-1]:
+      assert out.count('factor state:') == 2  # both processes checked their split
   elif not args[0].startswith('quickstart'):
     assert '| optimizer |' in out
 
