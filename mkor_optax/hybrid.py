@@ -69,6 +69,7 @@ def scale_by_mkor_h(
     max_factor_dim: int = 4096,
     low_rank: Optional[int] = LOW_RANK,
     low_rank_min_dim: int = LOW_RANK_MIN_DIM,
+    shard_factors: bool = True,
     exclude: kr.Exclude = None,
     layouts: Optional[dict] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -81,8 +82,8 @@ def scale_by_mkor_h(
     patience: consecutive strikes that trigger the (permanent) switch.
     beta: decay of the loss EMA, in [0, 1).
     gamma, zeta, epsilon, inv_freq, refresh, axis_name, factor_dtype,
-      max_factor_dim, low_rank, low_rank_min_dim, exclude, layouts: as in
-      :func:`mkor_optax.scale_by_mkor`.
+      max_factor_dim, low_rank, low_rank_min_dim, shard_factors, exclude,
+      layouts: as in :func:`mkor_optax.scale_by_mkor`.
 
   Non-finite losses are skipped by the rule: they neither enter the EMA nor
   count for its bias correction, and a window in which no finite loss has
@@ -102,7 +103,8 @@ def scale_by_mkor_h(
   inner = scale_by_mkor(gamma=gamma, zeta=zeta, epsilon=epsilon, inv_freq=inv_freq,
                         refresh=refresh, axis_name=axis_name, factor_dtype=factor_dtype,
                         max_factor_dim=max_factor_dim, low_rank=low_rank,
-                        low_rank_min_dim=low_rank_min_dim, exclude=exclude, layouts=layouts)
+                        low_rank_min_dim=low_rank_min_dim, shard_factors=shard_factors,
+                        exclude=exclude, layouts=layouts)
 
   def init(params):
     f32 = lambda v: jnp.asarray(v, jnp.float32)
@@ -162,6 +164,7 @@ def mkor_h(
     max_factor_dim: int = 4096,
     low_rank: Optional[int] = LOW_RANK,
     low_rank_min_dim: int = LOW_RANK_MIN_DIM,
+    shard_factors: bool = True,
     exclude: kr.Exclude = None,
     layouts: Optional[dict] = None,
     reset_backend: bool = True,
@@ -179,7 +182,8 @@ def mkor_h(
                            gamma=gamma, zeta=zeta, epsilon=epsilon, inv_freq=inv_freq,
                            refresh=refresh, axis_name=axis_name, factor_dtype=factor_dtype,
                            max_factor_dim=max_factor_dim, low_rank=low_rank,
-                        low_rank_min_dim=low_rank_min_dim, exclude=exclude, layouts=layouts)
+                           low_rank_min_dim=low_rank_min_dim, shard_factors=shard_factors,
+                           exclude=exclude, layouts=layouts)
   back = backend or default_backend(learning_rate, weight_decay)
   chained = optax.chain(hybrid, back)
   if not reset_backend:
