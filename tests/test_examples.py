@@ -13,7 +13,7 @@ EXAMPLES = [
     ['quickstart_nnx.py', '--smoke'],
     ['autoencoder.py', '--smoke', '--optimizers', 'lamb,mkor,mkor_h,kfac,eva,sonew,adamw'],
     ['cnn.py', '--smoke'],
-    ['cnn_nnx.py', '--smoke'],
+    ['cnn_nnx.py', '--smoke', '--optimizers', 'mkor'],
     ['bert_mlm.py', '--smoke'],
     ['data_parallel.py', '--smoke', '--mode', 'pmap'],
     ['data_parallel.py', '--smoke', '--mode', 'shard_map'],
