@@ -1,7 +1,7 @@
 """One command reruns the comparison: every optimizer on the same model, data
 order and seed, each at the best learning rate of the same small grid.
 
-    python benchmarks/compare.py [--tasks autoencoder,bert] [--quick] [--out results/compare]
+    python benchmarks/compare.py [--tasks autoencoder,bert,cnn] [--quick] [--out results/compare]
 
 Per task it records loss against step and against wall-clock (compiled step,
 clock started after compilation), and reports steps and seconds to reach
@@ -36,13 +36,14 @@ import optax
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'examples'))
 import mkor_optax  # noqa: E402
-from common import (METHODS, Autoencoder, Method, Encoder, autoencoder_loss, batches, load_digits,  # noqa: E402
-                    load_pydoc_tokens, mlm_batches, mlm_loss, run_method)
+from common import (METHODS, Autoencoder, Method, Encoder, autoencoder_loss, batches,  # noqa: E402
+                    classification_loss, load_digits, load_pydoc_tokens, mlm_batches, mlm_loss,
+                    run_method)
 from mkor_optax.kfac import damped_inverse  # noqa: E402
 from mkor_optax.mkor import refresh_inverse  # noqa: E402
 from step_time import interleaved, refresh_update_fns  # noqa: E402
 
-GRIDS = {'autoencoder': (3e-3, 1e-2, 3e-2), 'bert': (2e-3, 5e-3, 1e-2)}
+GRIDS = {'autoencoder': (3e-3, 1e-2, 3e-2), 'bert': (2e-3, 5e-3, 1e-2), 'cnn': (3e-3, 1e-2, 3e-2)}
 ORDER = ('adamw', 'lamb', 'muon', 'psgd_kron', 'mkor', 'mkor_h', 'kfac', 'eva', 'sonew')
 # The peers users pick in 2026: optax's Muon (Adam on the non-matrix leaves, its
 # default) and PSGD Kron (the optional `distributed-kron` package, an optax
@@ -63,6 +64,7 @@ except ImportError:  # optional benchmark dependency
 BERT_FACTOR_DIM = 1024
 TASK_METHODS = {
     'autoencoder': dict(METHODS, **PEERS),
+    'cnn': dict(METHODS, **PEERS),
     'bert': dict(METHODS, **PEERS,
                  mkor=Method(lambda lr: mkor_optax.mkor(lr, weight_decay=0.0, max_factor_dim=BERT_FACTOR_DIM),
                              mkor_optax.RANK1),
@@ -74,7 +76,7 @@ TASK_METHODS = {
                  eva=Method(lambda lr: mkor_optax.eva(lr, weight_decay=0.0, max_factor_dim=BERT_FACTOR_DIM),
                             mkor_optax.RANK1)),
 }
-FACTOR_DIM = {'autoencoder': 4096, 'bert': BERT_FACTOR_DIM}
+FACTOR_DIM = {'autoencoder': 4096, 'bert': BERT_FACTOR_DIM, 'cnn': 4096}
 
 
 def build(task, quick, seed=0):
@@ -85,6 +87,13 @@ def build(task, quick, seed=0):
     loss_fn = autoencoder_loss(model)
     make_iter = lambda: batches(x, y, 256, seed=seed)
     steps = 100 if quick else 500
+  elif task == 'cnn':
+    from cnn import CNN  # examples/cnn.py: strided and padded convolutions, digits, batch 64
+    (x, y), _ = load_digits()
+    model = CNN()
+    loss_fn = classification_loss(model)
+    make_iter = lambda: batches(x, y, 64, seed=seed)
+    steps = 60 if quick else 300
   else:
     tokens, vocab = load_pydoc_tokens(64, 2000)
     model = Encoder(vocab=len(vocab), d=64, depth=2, heads=4, max_len=64)
@@ -266,7 +275,7 @@ def markdown(results, scaling, periods, machine):
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument('--tasks', default='autoencoder,bert')
+  ap.add_argument('--tasks', default='autoencoder,bert,cnn')
   ap.add_argument('--optimizers', default=','.join(ORDER))
   ap.add_argument('--quick', action='store_true', help='fewer steps (a smoke run)')
   ap.add_argument('--repeats', type=int, default=5)

@@ -4,8 +4,10 @@ rate of the task's grid (compare.GRIDS), per seed.
 
     python benchmarks/seeds.py --study low_rank [--tasks autoencoder,bert] [--seeds 0,1,2]
 
-Studies (``STUDIES``): ``low_rank`` (dense factors vs low-rank-plus-identity
-factors forced on every side, ranks 4 ... 32). Steps are deterministic for a
+Studies (``STUDIES``): ``defaults`` (MKOR's defaults against one change at
+a time: inv_freq, gamma, zeta, epsilon, the refresh rule, the backend) and
+``low_rank`` (dense factors vs low-rank-plus-identity factors forced on every
+side, ranks 4 ... 32). Steps are deterministic for a
 seed; no timing here (see width_sweep.py and compare.py for seconds).
 Writes results/seeds/<study>.{json,md}.
 """
@@ -18,6 +20,7 @@ import os
 import sys
 
 import numpy as np
+import optax
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'examples'))
@@ -32,7 +35,27 @@ def mkor_method(**kw):
   return make
 
 
+def backend_method(make_backend, **kw):
+  def make(lr, task):
+    return mkor_optax.mkor(lr, backend=make_backend(lr), max_factor_dim=FACTOR_DIM[task], **kw)
+  return make
+
+
 STUDIES = {
+    'defaults': {
+        'mkor (defaults)': mkor_method(),
+        'inv_freq 1': mkor_method(inv_freq=1),
+        'inv_freq 3': mkor_method(inv_freq=3),
+        'inv_freq 30': mkor_method(inv_freq=30),
+        'gamma 0.9 (zeta 0.85)': mkor_method(gamma=0.9, zeta=0.85),
+        'gamma 0.99': mkor_method(gamma=0.99),
+        'zeta 0.5': mkor_method(zeta=0.5),
+        'epsilon 1.25': mkor_method(epsilon=1.25),
+        'epsilon 8': mkor_method(epsilon=8.0),
+        "refresh 'blend'": mkor_method(refresh='blend'),
+        'backend adam': backend_method(optax.adam),
+        'backend sgd + momentum 0.9': backend_method(lambda lr: optax.sgd(lr, momentum=0.9)),
+    },
     'low_rank': {
         'mkor dense': mkor_method(low_rank=None),
         **{f'mkor rank {k}': mkor_method(low_rank=k, low_rank_min_dim=0) for k in (4, 8, 16, 32)},

@@ -16,6 +16,12 @@ from helpers import batch, init_params, loss_fn, orbax_round_trip
 from test_mkor import GRAD, reference_run
 
 RULE = dict(gamma=0.9, zeta=0.8, epsilon=1.5)
+REFRESH = jax.jit(lowrank.refresh, static_argnames=('gamma', 'zeta', 'epsilon', 'refresh'))
+JGRAD = jax.jit(GRAD)
+
+
+def jitted_update(tx):
+  return jax.jit(lambda g, s, p, st: tx.update(g, s, p, stats=st))
 
 
 def dense_refresh(p, v, gamma, zeta, epsilon, refresh):
@@ -48,7 +54,7 @@ def test_first_k_refreshes_equal_dense_float64_inverse(refresh):
   for t, v in enumerate(stats_stream(d, k, seed=1)):
     fired += np.abs(want).max() > RULE['epsilon']
     want = dense_refresh(want, v, refresh=refresh, **RULE)
-    p = lowrank.refresh(p, jnp.asarray(v[None], jnp.float32), refresh=refresh, **RULE)
+    p = REFRESH(p, jnp.asarray(v[None], jnp.float32), refresh=refresh, **RULE)
     np.testing.assert_allclose(as_dense(p), want, rtol=1e-5, atol=1e-5 * np.abs(want).max(),
                                err_msg=f'refresh {t}')
   assert refresh == 'blend' or fired > 0  # the stabiliser took part
@@ -65,7 +71,7 @@ def test_refresh_past_rank_is_best_rank_k_truncation_of_exact_refresh(refresh):
   errors = []
   for t, v in enumerate(stats_stream(d, 12, seed=2)):
     exact = dense_refresh(as_dense(p), v, refresh=refresh, **RULE)
-    p = lowrank.refresh(p, jnp.asarray(v[None], jnp.float32), refresh=refresh, **RULE)
+    p = REFRESH(p, jnp.asarray(v[None], jnp.float32), refresh=refresh, **RULE)
     c = float(p.c[0])
     evals, evecs = np.linalg.eigh(exact - c * np.eye(d))
     top = np.argsort(-np.abs(evals))[:k]
@@ -83,7 +89,7 @@ def test_stays_spd_orthonormal_over_many_refreshes_and_degenerate_statistics():
   vs = stats_stream(d, 200, seed=3, scale=1.5)
   for t, v in enumerate(vs):
     v = np.stack([v, vs[0] if t % 2 else np.zeros(d)])  # a repeated and a zero statistic
-    p = lowrank.refresh(p, jnp.asarray(v, jnp.float32), refresh='ema', **RULE)
+    p = REFRESH(p, jnp.asarray(v, jnp.float32), refresh='ema', **RULE)
   dense = np.asarray(lowrank.to_dense(p), np.float64)
   q = np.asarray(p.q, np.float64)
   for s in range(2):
@@ -101,7 +107,7 @@ def refreshed(d, k, n_stack, seed, dtype=jnp.float32):
   p = lowrank.identity(d, k, n_stack, dtype)
   for v in stats_stream(d, k + 3, seed=seed):
     v = np.stack([v * (1 + i) for i in range(n_stack)])
-    p = lowrank.refresh(p, jnp.asarray(v, jnp.float32), refresh='ema', **RULE)
+    p = REFRESH(p, jnp.asarray(v, jnp.float32), refresh='ema', **RULE)
   return p
 
 
@@ -145,10 +151,11 @@ def test_mkor_update_with_low_rank_factors_equals_dense_float64_reference(refres
   assert isinstance(state.l_inv['hidden'], LowRankInverse)
   assert not isinstance(state.l_inv['out'], LowRankInverse)  # 3 <= rank: dense
   steps, got = [], []
+  update = jitted_update(tx)
   for t in range(7):
-    _, grads, stats = GRAD(params, *batch(t))
+    _, grads, stats = JGRAD(params, *batch(t))
     steps.append((grads, stats))
-    u, state = tx.update(grads, state, params, stats=stats)
+    u, state = update(grads, state, params, stats)
     got.append(u)
     params = optax.apply_updates(params, jax.tree.map(lambda x: -0.1 * x, u))
   want = reference_run(steps, refresh=refresh, **hp)
@@ -206,12 +213,13 @@ def test_low_rank_state_jits_once_checkpoints_and_accumulates(tmp_path):
   p1, p2 = init_params(), init_params()
   s1, s2 = acc.init(p1), tx.init(p2)
   x, y = batch(0, n=8)
+  acc_update = jax.jit(lambda g, s, p, st: acc.update(g, s, p, stats=st))
   for half in (slice(0, 4), slice(4, 8)):
-    _, g, st = GRAD(p1, x[half], y[half])
-    u, s1 = acc.update(g, s1, p1, stats=st)
+    _, g, st = JGRAD(p1, x[half], y[half])
+    u, s1 = acc_update(g, s1, p1, st)
     p1 = optax.apply_updates(p1, u)
-  _, g, st = GRAD(p2, x, y)
-  u, s2 = tx.update(g, s2, p2, stats=st)
+  _, g, st = JGRAD(p2, x, y)
+  u, s2 = jitted_update(tx)(g, s2, p2, st)
   p2 = optax.apply_updates(p2, u)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p2)
 
@@ -222,9 +230,10 @@ def test_bfloat16_low_rank_factors_stay_close_to_float32():
   for dtype in (None, 'bfloat16'):
     tx = mkor_optax.scale_by_mkor(low_rank=3, low_rank_min_dim=0, factor_dtype=dtype, inv_freq=1)
     state = tx.init(params)
+    update = jitted_update(tx)
     for t in range(6):
-      _, grads, stats = GRAD(params, *batch(t))
-      u, state = tx.update(grads, state, params, stats=stats)
+      _, grads, stats = JGRAD(params, *batch(t))
+      u, state = update(grads, state, params, stats)
     outs[dtype] = u
     if dtype:
       assert state.r_inv['hidden'].q.dtype == jnp.bfloat16
