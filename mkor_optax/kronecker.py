@@ -158,26 +158,30 @@ def precondition(g_aug, r_inv=None, l_inv=None):
   return u
 
 
-def precondition_rescaled(g_aug, r_inv=None, l_inv=None, blocks=None):
+def precondition_rescaled(g_aug, r_inv=None, l_inv=None, blocks=None, g_sq=None):
   """``rescale_to(precondition(g_aug, r_inv, l_inv), g_aug)`` where a side may
   also be a :class:`~mkor_optax.lowrank.LowRankInverse`: the dense sides are
   applied first, then the low-rank ones with the rescale folded in
   (:func:`mkor_optax.lowrank.precondition_rescaled`). ``blocks``, the row
   blocks of ``g_aug`` (:func:`row_blocks`), lets a layer with only low-rank
   sides skip the kernel/bias concatenation; the result is then the tuple of
-  its row blocks, which :func:`from_matrix` takes as well.
+  its row blocks, which :func:`from_matrix` takes as well. ``g_sq``: the
+  ``(S,)`` squared norms of ``g_aug`` when already known (``Prepared.sq_norms``).
   """
   low_r = r_inv if isinstance(r_inv, lowrank.LowRankInverse) else None
   low_l = l_inv if isinstance(l_inv, lowrank.LowRankInverse) else None
   if low_r is None and low_l is None:
     return rescale_to(precondition(g_aug, r_inv, l_inv), g_aug)
-  g_norm = jnp.sqrt(jnp.sum(jnp.square(g_aug), axis=(1, 2)))
+  if g_sq is None:
+    g_sq = jnp.sum(jnp.square(g_aug), axis=(1, 2))
+  g_norm = jnp.sqrt(g_sq)
   dense_r = None if low_r is not None else r_inv
   dense_l = None if low_l is not None else l_inv
   if dense_r is None and dense_l is None and blocks is not None:
-    return tuple(lowrank.precondition_rescaled(list(blocks), low_r, low_l, g_norm))
+    return tuple(lowrank.precondition_rescaled(list(blocks), low_r, low_l, g_norm, g_sq))
   h = precondition(g_aug, dense_r, dense_l)
-  return lowrank.precondition_rescaled([h], low_r, low_l, g_norm)[0]
+  h_sq = g_sq if dense_r is None and dense_l is None else None
+  return lowrank.precondition_rescaled([h], low_r, low_l, g_norm, h_sq)[0]
 
 
 def row_blocks(module, d: Dims) -> tuple:
@@ -502,6 +506,7 @@ class Prepared(NamedTuple):
   plan: dict      # path -> LayerPlan, the layers with statistics
   stats: dict     # path -> {name: (S, ...)}, averaged over the data axis
   grads: dict     # path -> (module grads mapping, (S, d_in[+1], d_out) float32)
+  sq_norms: dict  # path -> (S,) squared Frobenius norms of those matrices
   finite: jax.Array
   updates: object  # the incoming updates, boxes (nn.Partitioned...) kept
 
@@ -510,7 +515,9 @@ def prepare(updates, stats, plan: dict, excluded, who: str, axis_name: Optional[
             shapes: Callable[['LayerPlan'], dict] = rank1_shapes, kind: str = 'RANK1') -> Prepared:
   """Checks ``stats`` against the layers of ``plan``, gathers (and averages)
   the statistics and the layers' gradient matrices, and says whether all of
-  them are finite. Layers without statistics are dropped from the plan."""
+  them are finite (the statistics entry by entry, the gradients by their
+  squared norms, so a gradient above ~1e19 counts as non-finite too). Layers
+  without statistics are dropped from the plan."""
   check_accumulation(who)
   lacking = check_stats(stats, plan, updates, excluded, who, shapes, kind)
   plan = {k: lp for k, lp in plan.items() if k not in lacking}
@@ -519,8 +526,11 @@ def prepare(updates, stats, plan: dict, excluded, who: str, axis_name: Optional[
   gathered = gather_stats(stats, plan, axis_name, shapes)
   plain = unbox(updates)
   grads = {k: layer_grads(plain, lp) for k, lp in plan.items()}
-  return Prepared(plan, gathered, grads, all_finite(gathered, [g for _, g in grads.values()]),
-                  updates)
+  # squared norms from the kernel and bias blocks (no concatenated copy read);
+  # they also decide finiteness: a NaN or Inf entry makes its layer's sum NaN or Inf
+  sq_norms = {k: sum(jnp.sum(jnp.square(b), axis=(1, 2)) for b in row_blocks(grads[k][0], lp.dims))
+              for k, lp in plan.items()}
+  return Prepared(plan, gathered, grads, sq_norms, all_finite(gathered, sq_norms), updates)
 
 
 def write_layers(prep: Prepared, matrices: dict):

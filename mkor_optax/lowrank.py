@@ -128,7 +128,7 @@ def refresh(p: LowRankInverse, v: jax.Array, *, gamma, zeta, epsilon, refresh: s
   return LowRankInverse(kappa * c1, q_new.astype(p.q.dtype), evals)
 
 
-def precondition_rescaled(blocks, r, l, g_norm: jax.Array) -> list:
+def precondition_rescaled(blocks, r, l, g_norm: jax.Array, h_sq=None) -> list:
   """``R h L`` rescaled to the Frobenius norm ``g_norm`` ``(S,)``, where ``h``
   ``(S, m, n)`` is given as row blocks (``[kernel rows, bias row]``, so the
   two are never concatenated) and ``r``/``l`` are each a
@@ -147,6 +147,7 @@ def precondition_rescaled(blocks, r, l, g_norm: jax.Array) -> list:
 
   so the rescale ``s`` is known before the output exists, and the output is
   ``(s alpha) h + [Q_r, Y] [s X; s Q_l^T]``. A zero result stays zero.
+  ``h_sq``: ``|h|^2`` ``(S,)`` when the caller has it.
   """
   h0 = blocks[0]
   n_stack, dtype = h0.shape[0], h0.dtype
@@ -155,7 +156,9 @@ def precondition_rescaled(blocks, r, l, g_norm: jax.Array) -> list:
   c_l = one if l is None else l.c
   alpha = c_r * c_l
   total = lambda terms: sum(jnp.sum(t, axis=(1, 2)) for t in terms)
-  sq = jnp.square(alpha) * total(jnp.square(h) for h in blocks)
+  if h_sq is None:
+    h_sq = total(jnp.square(h) for h in blocks)
+  sq = jnp.square(alpha) * h_sq
   if r is not None:
     q_r = r.q.astype(dtype)
     bounds = np.cumsum([0] + [h.shape[1] for h in blocks])

@@ -211,7 +211,7 @@ def scale_by_mkor(
 
     r_inv, l_inv = jax.lax.cond(do_refresh, refreshed, lambda f: f, (state.r_inv, state.l_inv))
     out = {k: kr.precondition_rescaled(g, r_inv.get(k), l_inv.get(k),
-                                       kr.row_blocks(module, prep.plan[k].dims))
+                                       kr.row_blocks(module, prep.plan[k].dims), prep.sq_norms[k])
            for k, (module, g) in prep.grads.items()}
     return kr.write_layers(prep, out), MKORState(kr.increment(state.count), r_inv, l_inv)
 
