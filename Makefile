@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench compare compare-kfac-jax clean
+.PHONY: demo test test-all bench compare compare-kfac-jax clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+test-all: $(STAMP)  # the slow end-to-end runs too
+	$(PY) -m pytest -q -m ''
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_time.py

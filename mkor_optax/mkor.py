@@ -58,7 +58,7 @@ _REFRESH = ('ema', 'blend')
 # Low-rank factors by default for sides of at least this width (measured:
 # benchmarks/width_sweep.py, README "Wide layers").
 LOW_RANK = 16
-LOW_RANK_MIN_DIM = 512
+LOW_RANK_MIN_DIM = 256
 
 
 def refresh_inverse(p, v, *, gamma: float, zeta: float, epsilon: float, refresh: str = 'ema'):

@@ -8,15 +8,23 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+# Marked slow (make test-all): what a faster test covers too. Every optimizer
+# through the example's loop (each has its own tests and the registry runs
+# in benchmarks), and the single-process pmap / shard_map modes (the
+# library's behaviour there is tests/test_parallel.py's; the example's
+# shard_map code runs in the 'distributed' mode below).
+SLOW = pytest.mark.slow
 EXAMPLES = [
     ['quickstart.py', '--smoke'],
     ['quickstart_nnx.py', '--smoke'],
-    ['autoencoder.py', '--smoke', '--optimizers', 'lamb,mkor,mkor_h,kfac,eva,sonew,adamw'],
+    ['autoencoder.py', '--smoke', '--optimizers', 'lamb,mkor,mkor_h'],
+    pytest.param(['autoencoder.py', '--smoke', '--optimizers', 'lamb,mkor,mkor_h,kfac,eva,sonew,adamw'],
+                 marks=SLOW),
     ['cnn.py', '--smoke'],
     ['cnn_nnx.py', '--smoke', '--optimizers', 'mkor'],
     ['bert_mlm.py', '--smoke'],
-    ['data_parallel.py', '--smoke', '--mode', 'pmap'],
-    ['data_parallel.py', '--smoke', '--mode', 'shard_map'],
+    pytest.param(['data_parallel.py', '--smoke', '--mode', 'pmap'], marks=SLOW),
+    pytest.param(['data_parallel.py', '--smoke', '--mode', 'shard_map'], marks=SLOW),
     ['data_parallel.py', '--smoke', '--mode', 'distributed'],
     ['data_parallel.py', '--smoke', '--mode', 'distributed-sharded'],
 ]

@@ -172,16 +172,18 @@ def test_accumulating_micro_batches_equals_one_full_batch_step(name):
   acc = mkor_optax.MultiSteps(alias(1e-2, **kw), every_k_schedule=2)
   s_full, s_acc = full.init(params), acc.init(params)
   p_full, p_acc = params, params
+  full_update = jax.jit(lambda g, s, p, extra: full.update(g, s, p, **extra))
+  acc_update = jax.jit(lambda g, s, p, extra: acc.update(g, s, p, **extra))
   for t in range(3):
     first, second, whole = halves(t)
     _, g, extra = grads_and_extra(name, p_full, *whole)
-    u, s_full = full.update(g, s_full, p_full, **extra)
+    u, s_full = full_update(g, s_full, p_full, extra)
     p_full = optax.apply_updates(p_full, u)
     for i, micro in enumerate((first, second)):
       loss, g, extra = grads_and_extra(name, p_acc, *micro)
       if 'value' in extra:  # MKOR-H's loss rule: hand it the full batch's loss
         extra['value'] = grads_and_extra(name, p_acc, *whole)[0]
-      u, s_acc = acc.update(g, s_acc, p_acc, **extra)
+      u, s_acc = acc_update(g, s_acc, p_acc, extra)
       if i == 0:
         assert all(np.all(x == 0) for x in jax.tree.leaves(u))
       p_acc = optax.apply_updates(p_acc, u)

@@ -66,7 +66,7 @@ def factors(state):
 
 
 def test_factors_split_over_devices_and_updates_equal_one_device():
-  tx = mkor_optax.mkor(1e-2, inv_freq=1)  # 641- and 640-wide sides low-rank (default width 512)
+  tx = mkor_optax.mkor(1e-2, inv_freq=1)  # 641- and 640-wide sides low-rank (default from width 256)
   per_device, final = {}, {}
   for n in (1, 2, 4):
     params, initial, state = train(on_mesh(n), tx)
