@@ -57,7 +57,7 @@ _REFRESH = ('ema', 'blend')
 
 # Low-rank factors by default for sides of at least this width (measured:
 # benchmarks/width_sweep.py, README "Wide layers").
-LOW_RANK = 16
+LOW_RANK = 8
 LOW_RANK_MIN_DIM = 256
 
 

@@ -173,9 +173,9 @@ def test_low_rank_is_chosen_by_width_and_costs_d_times_k_memory():
       return nn.Dense(8, name='head')(nn.Dense(600, name='wide')(x))
 
   params = Wide().init(jax.random.PRNGKey(0), jnp.ones((2, 40)))['params']
-  state = mkor_optax.scale_by_mkor().init(params)  # defaults: rank 16 from width 256
+  state = mkor_optax.scale_by_mkor().init(params)  # defaults: rank 8 from width 256
   wide = state.l_inv['wide']
-  assert isinstance(wide, LowRankInverse) and wide.q.shape == (1, 600, 16)
+  assert isinstance(wide, LowRankInverse) and wide.q.shape == (1, 600, 8)
   assert wide.shape == (1, 600, 600)
   assert not isinstance(state.r_inv['wide'], LowRankInverse)  # d_in + 1 = 41
   assert isinstance(state.r_inv['head'], LowRankInverse)  # 601
