@@ -246,11 +246,17 @@ def conv_adapter(module, args, kwargs):
       out = probe(d_in).apply({'params': {'kernel': eye}}, x32)
     return jax.lax.stop_gradient(out.reshape(-1, d_in))
 
+  return conv_reader(patches, patch_sum, kshape, _has_bias(module))
+
+
+def conv_reader(patches, patch_sum, kshape, has_bias: bool):
+  """A convolution's ``read(y) -> LayerCall``: ``rows`` are the output
+  positions of the batch, ``g`` is scaled by ``1 / positions`` (SPEC 1.1)."""
   def read(y):
     n_spatial = len(kshape) - 2
     positions = int(np.prod(y.shape[y.ndim - 1 - n_spatial:-1]))
     rows = int(np.prod(y.shape[:-1]))
-    return LayerCall(patches, rows, 1, 1.0 / positions, _has_bias(module), kshape, patch_sum)
+    return LayerCall(patches, rows, 1, 1.0 / positions, has_bias, kshape, patch_sum)
 
   return read
 

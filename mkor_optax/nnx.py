@@ -349,13 +349,7 @@ def conv_adapter(module, args, kwargs):
       out = probe(eye)
     return jax.lax.stop_gradient(out.reshape(-1, d_in))
 
-  def read(y):
-    n_spatial = len(kshape) - 2
-    positions = int(np.prod(y.shape[y.ndim - 1 - n_spatial:-1]))
-    rows = int(np.prod(y.shape[:-1]))
-    return LayerCall(patches, rows, 1, 1.0 / positions, _has_bias(module), kshape, patch_sum)
-
-  return read
+  return layers_lib.conv_reader(patches, patch_sum, kshape, _has_bias(module))
 
 
 # ------------------------------------------------------------ the call hook
