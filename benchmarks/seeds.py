@@ -53,6 +53,7 @@ STUDIES = {
         'epsilon 1.25': mkor_method(epsilon=1.25),
         'epsilon 8': mkor_method(epsilon=8.0),
         "refresh 'blend'": mkor_method(refresh='blend'),
+        'gamma 0.99 + epsilon 8': mkor_method(gamma=0.99, epsilon=8.0),
         'backend adam': backend_method(optax.adam),
         'backend sgd + momentum 0.9': backend_method(lambda lr: optax.sgd(lr, momentum=0.9)),
     },
@@ -68,11 +69,18 @@ def main(argv=None):
   ap.add_argument('--study', default='low_rank', choices=sorted(STUDIES))
   ap.add_argument('--tasks', default='autoencoder,bert')
   ap.add_argument('--seeds', default='0,1,2')
+  ap.add_argument('--configs', default=None,
+                  help="';'-separated subset of the study's configuration names (LAMB always runs)")
   ap.add_argument('--quick', action='store_true')
   ap.add_argument('--out', default='results/seeds')
   args = ap.parse_args(argv)
   seeds = [int(s) for s in args.seeds.split(',')]
   configs = STUDIES[args.study]
+  if args.configs:
+    unknown = set(args.configs.split(';')) - set(configs)
+    if unknown:
+      ap.error(f'unknown configurations {sorted(unknown)}; choose from {sorted(configs)}')
+    configs = {k: v for k, v in configs.items() if k in args.configs.split(';')}
   report = {}
   for task in args.tasks.split(','):
     rows = {name: {'steps': [], 'final': [], 'lr': []} for name in ['lamb', *configs]}
@@ -117,9 +125,10 @@ def main(argv=None):
   text = '\n'.join(lines)
   print(text)
   os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, f'{args.study}.json'), 'w') as f:
+  name = args.study + ('' if not args.configs else '_' + '_'.join(args.tasks.split(',')))
+  with open(os.path.join(args.out, f'{name}.json'), 'w') as f:
     json.dump({'seeds': seeds, 'report': report}, f, indent=1)
-  with open(os.path.join(args.out, f'{args.study}.md'), 'w') as f:
+  with open(os.path.join(args.out, f'{name}.md'), 'w') as f:
     f.write(text + '\n')
 
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from mkor_optax import kronecker as kr
+from mkor_optax import sharding
 
 
 class KFACState(NamedTuple):
@@ -72,6 +73,7 @@ def scale_by_kfac(
     axis_name: Optional[str] = None,
     factor_dtype: Any = None,
     max_factor_dim: int = 4096,
+    shard_factors: bool = True,
     exclude: kr.Exclude = None,
     layouts: Optional[dict] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -87,7 +89,9 @@ def scale_by_kfac(
       float32: a bfloat16 covariance of inputs with a large mean loses its
       small eigenvalues and its Cholesky factor turns NaN. A non-finite
       inverse is never stored (the previous one is kept).
-    max_factor_dim, exclude, layouts: as in :func:`mkor_optax.scale_by_mkor`.
+    max_factor_dim, shard_factors, exclude, layouts: as in
+      :func:`mkor_optax.scale_by_mkor` (with partitioned params the covariances
+      and inverses are split over the mesh, :mod:`mkor_optax.sharding`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update(grads, state,
@@ -104,8 +108,11 @@ def scale_by_kfac(
     plan = kr.plan_layers(params, layouts=layouts, excluded=excluded,
                           max_factor_dim=max_factor_dim, who='scale_by_kfac')
     r_sizes, l_sizes = kr.side_sizes(plan)
-    zeros = lambda sizes: {k: jnp.zeros((s, n, n), jnp.float32) for k, (n, s) in sizes.items()}
-    eyes = lambda sizes: {k: kr.identity_stack(n, s, dtype) for k, (n, s) in sizes.items()}
+    mesh = sharding.partitioned_mesh(params) if shard_factors else None
+    zeros = lambda sizes: sharding.place_factors(
+        {k: jnp.zeros((s, n, n), jnp.float32) for k, (n, s) in sizes.items()}, mesh)
+    eyes = lambda sizes: sharding.place_factors(
+        {k: kr.identity_stack(n, s, dtype) for k, (n, s) in sizes.items()}, mesh)
     return KFACState(jnp.zeros([], jnp.int32), zeros(r_sizes), zeros(l_sizes), eyes(r_sizes),
                      eyes(l_sizes))
 
@@ -162,6 +169,7 @@ def kfac(
     axis_name: Optional[str] = None,
     factor_dtype: Any = None,
     max_factor_dim: int = 4096,
+    shard_factors: bool = True,
     exclude: kr.Exclude = None,
     layouts: Optional[dict] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -170,6 +178,6 @@ def kfac(
   from mkor_optax.mkor import default_backend
   return optax.chain(
       scale_by_kfac(damping=damping, gamma=gamma, inv_freq=inv_freq, axis_name=axis_name,
-                    factor_dtype=factor_dtype, max_factor_dim=max_factor_dim, exclude=exclude,
-                    layouts=layouts),
+                    factor_dtype=factor_dtype, max_factor_dim=max_factor_dim,
+                    shard_factors=shard_factors, exclude=exclude, layouts=layouts),
       backend or default_backend(learning_rate, weight_decay))

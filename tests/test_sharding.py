@@ -47,10 +47,10 @@ def on_mesh(n_devices):
       is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-def train(params, tx, steps=3):
+def train(params, tx, steps=3, grad=GRAD):
   @jax.jit
   def step(params, state):
-    _, grads, stats = GRAD(params, X, Y)
+    _, grads, stats = grad(params, X, Y)
     updates, state = tx.update(grads, state, params, stats=stats)
     return optax.apply_updates(params, updates), state
 
@@ -102,3 +102,21 @@ def test_dense_factors_split_where_the_width_divides():
   state = tx.init(on_mesh(4))
   assert state[0].l_inv['wide'].sharding.spec == P(None, ('model',), None)  # 640 = 4 x 160
   assert state[0].r_inv['head'].sharding.is_fully_replicated  # 641: odd, not split
+
+
+def test_kfac_covariances_and_inverses_split_too():
+  tx = mkor_optax.kfac(1e-2, inv_freq=1, damping=0.1)  # 32 rows, 641-wide: keep it conditioned
+  grad = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.COVARIANCE)
+  per_device, final = {}, {}
+  for n in (1, 4):
+    params, _, state = train(on_mesh(n), tx, grad=grad)
+    kstate = state[0]
+    arrays = (kstate.a_cov, kstate.g_cov, kstate.a_inv, kstate.g_inv)
+    per_device[n] = max(bytes_per_device(arrays).values())
+    final[n] = jax.tree.map(np.asarray, nn.unbox(params))
+    if n == 4:  # the 640- and 64-wide factors are split, the odd 49 and 641 cannot be
+      for leaf in jax.tree.leaves(arrays):
+        assert leaf.sharding.is_fully_replicated == (leaf.shape[1] % 4 != 0), leaf.shape
+  assert per_device[4] < per_device[1]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+               final[4], final[1])
