@@ -126,16 +126,8 @@ def _make_interceptor(mode: str, record: dict, kind: StatKind):
     read = adapter(module, args, kwargs)
     if read is None:
       return next_fun(*args, **kwargs)
-    for entry in stack:  # a subclass's __call__ calling super().__call__: tap the innermost
-      if entry[0] is module:
-        entry[1] = True
-    entry = [module, False]
-    stack.append(entry)
-    try:
-      y = next_fun(*args, **kwargs)
-    finally:
-      stack.pop()
-    if entry[1]:
+    y, innermost = layers_lib.call_innermost(stack, module, lambda: next_fun(*args, **kwargs))
+    if not innermost:
       return y
     call = read(y)
     path = tuple(module.scope.path)

@@ -249,6 +249,24 @@ def conv_adapter(module, args, kwargs):
   return conv_reader(patches, patch_sum, kshape, _has_bias(module))
 
 
+def call_innermost(stack: list, module, run):
+  """Runs ``run()`` (the module's call) and returns ``(y, innermost)``.
+
+  ``stack`` holds the layer calls in progress. A subclass's ``__call__``
+  calling ``super().__call__`` re-enters the same module: the outer calls are
+  marked, so only the innermost one (the matrix product) is tapped."""
+  for entry in stack:
+    if entry[0] is module:
+      entry[1] = True
+  entry = [module, False]
+  stack.append(entry)
+  try:
+    y = run()
+  finally:
+    stack.pop()
+  return y, not entry[1]
+
+
 def conv_reader(patches, patch_sum, kshape, has_bias: bool):
   """A convolution's ``read(y) -> LayerCall``: ``rows`` are the output
   positions of the batch, ``g`` is scaled by ``1 / positions`` (SPEC 1.1)."""

@@ -373,16 +373,8 @@ def _wrap(original):
     if read is None:
       return original(self, *args, **kwargs)
     stack = record.setdefault('stack', [])
-    for entry in stack:  # a subclass's __call__ calling super().__call__: tap the innermost
-      if entry[0] is self:
-        entry[1] = True
-    entry = [self, False]
-    stack.append(entry)
-    try:
-      y = original(self, *args, **kwargs)
-    finally:
-      stack.pop()
-    if entry[1]:
+    y, innermost = layers_lib.call_innermost(stack, self, lambda: original(self, *args, **kwargs))
+    if not innermost:
       return y
     call = read(y)
     name = tap.get_metadata().get('mkor_path', '?')
