@@ -150,7 +150,7 @@ def scale_by_kfac(
     do_refresh = jnp.logical_and(state.count % inv_freq == 0, prep.finite)
     a_inv, g_inv = jax.lax.cond(do_refresh, inverted, lambda old: old,
                                 (state.a_inv, state.g_inv))
-    out = {k: kr.rescale_to(kr.precondition(g, a_inv.get(k), g_inv.get(k)), g)
+    out = {k: kr.rescale_to(kr.precondition(g, a_inv.get(k), g_inv.get(k)), g, prep.sq_norms[k])
            for k, (_, g) in prep.grads.items()}
     return kr.write_layers(prep, out), KFACState(kr.increment(state.count), a_cov, g_cov, a_inv,
                                                   g_inv)

@@ -171,7 +171,7 @@ def precondition_rescaled(g_aug, r_inv=None, l_inv=None, blocks=None, g_sq=None)
   low_r = r_inv if isinstance(r_inv, lowrank.LowRankInverse) else None
   low_l = l_inv if isinstance(l_inv, lowrank.LowRankInverse) else None
   if low_r is None and low_l is None:
-    return rescale_to(precondition(g_aug, r_inv, l_inv), g_aug)
+    return rescale_to(precondition(g_aug, r_inv, l_inv), g_aug, g_sq)
   if g_sq is None:
     g_sq = jnp.sum(jnp.square(g_aug), axis=(1, 2))
   g_norm = jnp.sqrt(g_sq)
@@ -193,10 +193,13 @@ def row_blocks(module, d: Dims) -> tuple:
   return out
 
 
-def rescale_to(u, g_aug):
-  """Scales each ``u[s]`` to the Frobenius norm of ``g_aug[s]``; 0 stays 0."""
+def rescale_to(u, g_aug, g_sq=None):
+  """Scales each ``u[s]`` to the Frobenius norm of ``g_aug[s]``; 0 stays 0.
+  ``g_sq``: the ``(S,)`` squared norms of ``g_aug`` when already known."""
   un = jnp.sqrt(jnp.sum(jnp.square(u), axis=(1, 2), keepdims=True))
-  gn = jnp.sqrt(jnp.sum(jnp.square(g_aug), axis=(1, 2), keepdims=True))
+  if g_sq is None:
+    g_sq = jnp.sum(jnp.square(g_aug), axis=(1, 2))
+  gn = jnp.sqrt(g_sq)[:, None, None]
   scale = jnp.where(un > 0, gn / jnp.where(un > 0, un, 1.0), 0.0)
   return u * scale
 
