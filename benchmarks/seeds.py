@@ -6,7 +6,8 @@ rate of the task's grid (compare.GRIDS), per seed.
 
 Studies (``STUDIES``): ``defaults`` (MKOR's defaults against one change at
 a time: inv_freq, gamma, zeta, epsilon, the refresh rule, the backend) and
-``low_rank`` (dense factors vs low-rank-plus-identity factors forced on every
+``gamma`` (the factor EMA's
+momentum, 0.95 to 0.999, the rest at the defaults) and ``low_rank`` (dense factors vs low-rank-plus-identity factors forced on every
 side, ranks 4 ... 32). Steps are deterministic for a
 seed; no timing here (see width_sweep.py and compare.py for seconds).
 Writes results/seeds/<study>.{json,md}.
@@ -57,6 +58,9 @@ STUDIES = {
         'backend adam': backend_method(optax.adam),
         'backend sgd + momentum 0.9': backend_method(lambda lr: optax.sgd(lr, momentum=0.9)),
     },
+    # gamma with everything else at the defaults, values spelled out so the
+    # table does not move when the default does (0.95 is the paper's value)
+    'gamma': {f'gamma {g:g}': mkor_method(gamma=g) for g in (0.95, 0.98, 0.99, 0.995, 0.999)},
     'low_rank': {
         'mkor dense': mkor_method(low_rank=None),
         **{f'mkor rank {k}': mkor_method(low_rank=k, low_rank_min_dim=0) for k in (4, 8, 16, 32)},
@@ -125,7 +129,9 @@ def main(argv=None):
   text = '\n'.join(lines)
   print(text)
   os.makedirs(args.out, exist_ok=True)
-  name = args.study + ('' if not args.configs else '_' + '_'.join(args.tasks.split(',')))
+  # a run on a subset of tasks or configurations does not overwrite the full study
+  subset = args.configs or args.tasks != ap.get_default('tasks')
+  name = args.study + ('_' + '_'.join(args.tasks.split(',')) if subset else '')
   with open(os.path.join(args.out, f'{name}.json'), 'w') as f:
     json.dump({'seeds': seeds, 'report': report}, f, indent=1)
   with open(os.path.join(args.out, f'{name}.md'), 'w') as f:
