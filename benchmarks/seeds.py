@@ -4,7 +4,7 @@ rate of the task's grid (compare.GRIDS), per seed.
 
     python benchmarks/seeds.py --study low_rank [--tasks autoencoder,bert] [--seeds 0,1,2]
 
-Studies (``STUDIES``): ``defaults`` (MKOR's defaults against one change at
+Studies (``STUDIES``): ``backend`` (each backend with and without MKOR, K-FAC under LAMB and SGD, Muon), ``defaults`` (MKOR's defaults against one change at
 a time: inv_freq, gamma, zeta, epsilon, the refresh rule, the backend) and
 ``gamma`` (the factor EMA's
 momentum, 0.95 to 0.999, the rest at the defaults) and ``low_rank`` (dense factors vs low-rank-plus-identity factors forced on every
@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 import optax
@@ -34,6 +35,32 @@ def mkor_method(**kw):
   def make(lr, task):
     return mkor_optax.mkor(lr, weight_decay=0.0, max_factor_dim=FACTOR_DIM[task], **kw)
   return make
+
+
+class Config(NamedTuple):
+  """A configuration whose statistics or lr grid differ from MKOR's: ``make(lr,
+  task)``, the statistics it needs (``None``: plain gradients) and its own lr
+  grid per task (``None``: the task's grid)."""
+  make: Callable
+  kind: Any = mkor_optax.RANK1
+  grids: Optional[dict] = None
+
+
+def kfac_method(make_backend=None, **kw):
+  def make(lr, task):
+    return mkor_optax.kfac(lr, weight_decay=0.0, max_factor_dim=FACTOR_DIM[task],
+                           backend=None if make_backend is None else make_backend(lr), **kw)
+  return Config(make, lambda task: mkor_optax.Covariance(max_dim=FACTOR_DIM[task]))
+
+
+# SGD-style backends take the raw gradient's norm (MKOR's rescale), not a
+# trust ratio, so their grid is wider; Muon's reaches past compare.py's top.
+SGD_GRIDS = {'autoencoder': (1e-2, 3e-2, 1e-1, 3e-1), 'bert': (1e-2, 3e-2, 1e-1, 3e-1)}
+MUON_GRIDS = {'autoencoder': (1e-2, 3e-2, 1e-1), 'bert': (3e-3, 1e-2, 3e-2)}
+
+
+def sgd_momentum(lr):
+  return optax.sgd(lr, momentum=0.9)
 
 
 def backend_method(make_backend, **kw):
@@ -56,11 +83,24 @@ STUDIES = {
         "refresh 'blend'": mkor_method(refresh='blend'),
         'gamma 0.99 + epsilon 8': mkor_method(gamma=0.99, epsilon=8.0),
         'backend adam': backend_method(optax.adam),
-        'backend sgd + momentum 0.9': backend_method(lambda lr: optax.sgd(lr, momentum=0.9)),
+        'backend sgd + momentum 0.9': backend_method(sgd_momentum),
     },
     # gamma with everything else at the defaults, values spelled out so the
     # table does not move when the default does (0.95 is the paper's value)
     'gamma': {f'gamma {g:g}': mkor_method(gamma=g) for g in (0.95, 0.98, 0.99, 0.995, 0.999)},
+    # What the preconditioner adds under each backend, and full covariances
+    # (K-FAC) against MKOR's rank-1 statistics under the same backend
+    'backend': {
+        'mkor (LAMB)': mkor_method(),
+        'kfac (LAMB)': kfac_method(),
+        'muon': Config(lambda lr, task: optax.contrib.muon(lr), None, MUON_GRIDS),
+        'mkor + muon': Config(backend_method(optax.contrib.muon), grids=MUON_GRIDS),
+        'adam': Config(lambda lr, task: optax.adam(lr), None),
+        'mkor + adam': backend_method(optax.adam),
+        'sgd + momentum 0.9': Config(lambda lr, task: sgd_momentum(lr), None, SGD_GRIDS),
+        'mkor + sgd momentum': Config(backend_method(sgd_momentum), grids=SGD_GRIDS),
+        'kfac + sgd momentum': kfac_method(sgd_momentum)._replace(grids=SGD_GRIDS),
+    },
     'low_rank': {
         'mkor dense': mkor_method(low_rank=None),
         **{f'mkor rank {k}': mkor_method(low_rank=k, low_rank_min_dim=0) for k in (4, 8, 16, 32)},
@@ -92,10 +132,16 @@ def main(argv=None):
       params0, make_iter, loss_fn, steps = build(task, args.quick, seed)
       curves = {}
       for name in rows:
+        config = configs.get(name)
+        if name != 'lamb' and not isinstance(config, Config):
+          config = Config(config)
+        kind = None if name == 'lamb' else config.kind
         method = METHODS['lamb'] if name == 'lamb' else Method(
-            lambda lr, make=configs[name]: make(lr, task), mkor_optax.RANK1)
+            lambda lr, make=config.make: make(lr, task), kind(task) if callable(kind) else kind)
+        grid = GRIDS[task] if name == 'lamb' or config.grids is None else config.grids[task]
+        rows[name]['grid'] = list(grid)
         best = None
-        for lr in GRIDS[task]:
+        for lr in grid:
           _, losses, _ = run_method(name, params0, make_iter(), steps, loss_fn, lr,
                                     methods={name: method})
           final = float(np.mean(losses[-max(1, steps // 10):]))
@@ -112,7 +158,8 @@ def main(argv=None):
       print(task, seed, {k: v['steps'][-1] for k, v in rows.items()}, flush=True)
     report[task] = rows
   lines = [f"Study '{args.study}', seeds {seeds}: steps to the same seed's LAMB final loss "
-           '(EMA 0.9 of the training loss), each configuration at its best lr of the task grid.', '']
+           '(EMA 0.9 of the training loss), each configuration at its best lr of the task grid '
+           '(or of its own grid, listed).', '']
   for task, rows in report.items():
     lines += [f'### {task} (lr grid {list(GRIDS[task])})', '',
               '| configuration | steps per seed | mean steps | / first MKOR row | final loss (mean ± std) | best lr per seed |',
@@ -123,8 +170,9 @@ def main(argv=None):
       hit = [s for s in r['steps'] if s is not None]
       mean = np.mean(hit) if len(hit) == len(r['steps']) else float('nan')
       per = ' / '.join('-' if s is None else str(s) for s in r['steps'])
+      own = '' if r['grid'] == list(GRIDS[task]) else f" (grid {r['grid']})"
       lines.append(f"| {name} | {per} | {mean:.1f} | {mean / base:.3f} | {np.mean(r['final']):.4f} ± "
-                   f"{np.std(r['final']):.4f} | {' / '.join(f'{v:g}' for v in r['lr'])} |")
+                   f"{np.std(r['final']):.4f} | {' / '.join(f'{v:g}' for v in r['lr'])}{own} |")
     lines.append('')
   text = '\n'.join(lines)
   print(text)
