@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from mkor_optax import kronecker as kr
-from mkor_optax.mkor import LOW_RANK, LOW_RANK_MIN_DIM, MKORState, default_backend, scale_by_mkor
+from mkor_optax.mkor import GAMMA, LOW_RANK, LOW_RANK_MIN_DIM, MKORState, default_backend, scale_by_mkor
 
 
 class MKORHState(NamedTuple):
@@ -59,7 +59,7 @@ def scale_by_mkor_h(
     threshold: float = 0.1,
     patience: int = 2,
     beta: float = 0.9,
-    gamma: float = 0.95,
+    gamma: float = GAMMA,
     zeta: float = 0.9,
     epsilon: float = 2.0,
     inv_freq: int = 10,
@@ -154,7 +154,7 @@ def mkor_h(
     threshold: float = 0.1,
     patience: int = 2,
     beta: float = 0.9,
-    gamma: float = 0.95,
+    gamma: float = GAMMA,
     zeta: float = 0.9,
     epsilon: float = 2.0,
     inv_freq: int = 10,

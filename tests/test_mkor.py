@@ -192,13 +192,13 @@ def test_bfloat16_factors():
 
 def test_max_factor_dim_makes_large_sides_identity():
   params = init_params()
-  tx = mkor_optax.scale_by_mkor(max_factor_dim=5, inv_freq=1)
+  tx = mkor_optax.scale_by_mkor(max_factor_dim=5, inv_freq=1, gamma=0.9)
   state = tx.init(params)
   assert set(state.r_inv) == {'hidden'} and set(state.l_inv) == {'out'}
   _, grads, stats = GRAD(params, *batch(0))
   u, state = tx.update(grads, state, params, stats=stats)
   g = np.vstack([grads['hidden']['kernel'], grads['hidden']['bias'][None]]).astype(np.float64)
-  p = np.linalg.inv(0.95 * np.eye(5) + 0.05 * np.outer(stats['hidden']['a'], stats['hidden']['a']))
+  p = np.linalg.inv(0.9 * np.eye(5) + 0.1 * np.outer(stats['hidden']['a'], stats['hidden']['a']))
   want = p @ g
   want *= np.linalg.norm(g) / np.linalg.norm(want)
   np.testing.assert_allclose(u['hidden']['kernel'], want[:4], rtol=1e-4, atol=1e-6)
