@@ -115,6 +115,7 @@ def main(argv=None):
   ap.add_argument('--seeds', default='0,1,2')
   ap.add_argument('--configs', default=None,
                   help="';'-separated subset of the study's configuration names (LAMB always runs)")
+  ap.add_argument('--tag', default=None, help='suffix of the output name (several subset runs of one study)')
   ap.add_argument('--quick', action='store_true')
   ap.add_argument('--out', default='results/seeds')
   args = ap.parse_args(argv)
@@ -179,7 +180,8 @@ def main(argv=None):
   os.makedirs(args.out, exist_ok=True)
   # a run on a subset of tasks or configurations does not overwrite the full study
   subset = args.configs or args.tasks != ap.get_default('tasks')
-  name = args.study + ('_' + '_'.join(args.tasks.split(',')) if subset else '')
+  name = args.study + ('_' + '_'.join(args.tasks.split(',')) if subset else '') + (
+      '_' + args.tag if args.tag else '')
   with open(os.path.join(args.out, f'{name}.json'), 'w') as f:
     json.dump({'seeds': seeds, 'report': report}, f, indent=1)
   with open(os.path.join(args.out, f'{name}.md'), 'w') as f:
