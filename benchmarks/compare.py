@@ -44,7 +44,7 @@ from mkor_optax.mkor import refresh_inverse  # noqa: E402
 from step_time import interleaved, refresh_update_fns  # noqa: E402
 
 GRIDS = {'autoencoder': (3e-3, 1e-2, 3e-2), 'bert': (2e-3, 5e-3, 1e-2), 'cnn': (3e-3, 1e-2, 3e-2)}
-ORDER = ('adamw', 'lamb', 'muon', 'psgd_kron', 'mkor', 'mkor_muon', 'mkor_h', 'kfac', 'eva', 'sonew')
+ORDER = ('adamw', 'lamb', 'muon', 'psgd_kron', 'mkor', 'mkor_adam', 'mkor_muon', 'mkor_h', 'kfac', 'eva', 'sonew')
 # The peers users pick in 2026: optax's Muon (Adam on the non-matrix leaves, its
 # default) and PSGD Kron (the optional `distributed-kron` package, an optax
 # transform; pip install -e '.[bench]'). Same lr grid rule as everyone else.
@@ -64,17 +64,23 @@ except ImportError:  # optional benchmark dependency
 BERT_FACTOR_DIM = 1024
 
 
-def mkor_muon(max_factor_dim=4096):
-  """MKOR's preconditioning handed to Muon instead of LAMB (the backend study,
-  benchmarks/seeds.py --study backend): a documented configuration, not a default."""
-  return Method(lambda lr: mkor_optax.mkor(lr, max_factor_dim=max_factor_dim,
-                                           backend=optax.contrib.muon(lr)), mkor_optax.RANK1)
+def mkor_with(backend, max_factor_dim=4096):
+  """MKOR's preconditioning handed to another backend than LAMB (``backend(lr)``;
+  the backend study, benchmarks/seeds.py --study backend): documented
+  configurations, not defaults."""
+  return Method(lambda lr: mkor_optax.mkor(lr, max_factor_dim=max_factor_dim, backend=backend(lr)),
+                mkor_optax.RANK1)
+
+
+def mkor_peers(max_factor_dim=4096):
+  return dict(mkor_muon=mkor_with(optax.contrib.muon, max_factor_dim),
+              mkor_adam=mkor_with(optax.adam, max_factor_dim))
 
 
 TASK_METHODS = {
-    'autoencoder': dict(METHODS, **PEERS, mkor_muon=mkor_muon()),
-    'cnn': dict(METHODS, **PEERS, mkor_muon=mkor_muon()),
-    'bert': dict(METHODS, **PEERS, mkor_muon=mkor_muon(BERT_FACTOR_DIM),
+    'autoencoder': dict(METHODS, **PEERS, **mkor_peers()),
+    'cnn': dict(METHODS, **PEERS, **mkor_peers()),
+    'bert': dict(METHODS, **PEERS, **mkor_peers(BERT_FACTOR_DIM),
                  mkor=Method(lambda lr: mkor_optax.mkor(lr, weight_decay=0.0, max_factor_dim=BERT_FACTOR_DIM),
                              mkor_optax.RANK1),
                  mkor_h=Method(lambda lr: mkor_optax.mkor_h(lr, weight_decay=0.0,
