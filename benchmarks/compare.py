@@ -132,6 +132,14 @@ def first_at_or_below(curve, target):
   return int(hit[0]) if len(hit) else None
 
 
+def repeat_timing(first, rerun, repeats):
+  """The best-lr run again: ``first`` (a run's cumulative times) and
+  ``repeats - 1`` more ``rerun()`` runs, and their per-step median (the losses
+  repeat exactly; this shared machine's clock does not)."""
+  runs = [np.asarray(first)] + [np.asarray(rerun()) for _ in range(repeats - 1)]
+  return np.median(np.stack(runs), axis=0), runs
+
+
 def run_task(task, methods, quick, timing_repeats=3):
   params0, make_iter, loss_fn, steps = build(task, quick)
   runs = {}
@@ -147,15 +155,11 @@ def run_task(task, methods, quick, timing_repeats=3):
       print(f'  {task} {name} lr={lr:g}: final {final:.4f}', flush=True)
       if best is None or final < best['final']:
         best = {'lr': lr, 'final': final, 'losses': losses.tolist(), 'times': times.tolist()}
-    # the best-lr run again: times are the median over timing_repeats runs (the
-    # losses repeat exactly; this shared machine's clock does not)
-    runs_times = [np.array(best['times'])]
-    for _ in range(timing_repeats - 1):
-      _, losses, times = run_method(name, params0, make_iter(), steps, loss_fn, best['lr'],
-                                    methods=TASK_METHODS[task])
-      runs_times.append(times)
+    median, runs_times = repeat_timing(
+        best['times'], lambda: run_method(name, params0, make_iter(), steps, loss_fn, best['lr'],
+                                          methods=TASK_METHODS[task])[2], timing_repeats)
     best['times_runs'] = [t.tolist() for t in runs_times]
-    best['times'] = np.median(np.stack(runs_times), axis=0).tolist()
+    best['times'] = median.tolist()
     opt = TASK_METHODS[task][name].make(best['lr'])
     state = opt.init(params0)
     best['state_bytes'] = int(sum(v.size * v.dtype.itemsize for v in jax.tree.leaves(state)))

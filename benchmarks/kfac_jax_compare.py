@@ -31,7 +31,7 @@ import optax
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'examples'))
 from common import Autoencoder, autoencoder_loss, batches, load_digits, run_method  # noqa: E402
-from compare import GRIDS, ORDER, TASK_METHODS, first_at_or_below, smooth  # noqa: E402
+from compare import GRIDS, ORDER, TASK_METHODS, first_at_or_below, repeat_timing, smooth  # noqa: E402
 
 
 def run_kfac_jax(model, params, make_iter, steps):
@@ -103,16 +103,15 @@ def main(argv=None):
       print(f'{name} lr={lr:g}: final {final:.4f}', flush=True)
       if best is None or final < best['final']:
         best = {'lr': lr, 'final': final, 'losses': losses, 'times': times}
-    # as compare.py: the best-lr run again, times medianed (the losses repeat exactly)
-    runs_times = [best['times']] + [
-        run_method(name, params0, make_iter(), args.steps, loss_fn, best['lr'], methods=methods)[2]
-        for _ in range(args.timing_repeats - 1)]
-    best['times'] = np.median(np.stack(runs_times), axis=0)
+    best['times'], _ = repeat_timing(
+        best['times'], lambda: run_method(name, params0, make_iter(), args.steps, loss_fn, best['lr'],
+                                          methods=methods)[2], args.timing_repeats)
     runs[name] = best
-  kfac_runs = [run_kfac_jax(model, params0, make_iter, args.steps) for _ in range(args.timing_repeats)]
-  losses = kfac_runs[0][0]
+  losses, times, _ = run_kfac_jax(model, params0, make_iter, args.steps)
+  times, _ = repeat_timing(times, lambda: run_kfac_jax(model, params0, make_iter, args.steps)[1],
+                           args.timing_repeats)
   runs['kfac-jax'] = {'lr': 'adaptive', 'final': float(np.mean(losses[-args.steps // 10:])),
-                      'losses': losses, 'times': np.median(np.stack([r[1] for r in kfac_runs]), axis=0)}
+                      'losses': losses, 'times': times}
   print(f"kfac-jax: final {runs['kfac-jax']['final']:.4f}", flush=True)
   target = float(smooth(runs['lamb']['losses'])[-1])
   for name, r in runs.items():

@@ -1,7 +1,7 @@
 """What batching same-shaped layers into one stacked product would save.
 
 MKOR's per-layer work is two products (``L^-1 G R^-1``), a norm rescale and,
-on refresh steps, two rank-1 Sherman-Morrison updates. Layers of the same
+on refresh steps, two rank-1 Sherman-Morrison updates (``refresh_inverse``). Layers of the same
 shape could share one batched product instead of one product each. This
 measures that upper bound before building it: the per-layer work of MKOR on
 a model's layer shapes, written once layer by layer and once grouped by
@@ -27,24 +27,17 @@ import optax
 sys.path.insert(0, os.path.dirname(__file__))
 from compare import build  # noqa: E402
 from step_time import interleaved  # noqa: E402
+from mkor_optax.mkor import GAMMA, refresh_inverse  # noqa: E402
 
-GAMMA = 0.95
-
-
-def sherman_morrison(p, v):
-  """The EMA inverse refresh of ``gamma F + (1-gamma) v v^T`` (batched over
-  leading axes)."""
-  u = jnp.einsum('...ij,...j->...i', p, v)
-  c = (1.0 - GAMMA) / GAMMA
-  lam = (c / GAMMA) / (1.0 + c * jnp.einsum('...i,...i->...', v, u))
-  return p / GAMMA - lam[..., None, None] * u[..., :, None] * u[..., None, :]
+# the library's own refresh (batched over leading axes), at the defaults
+REFRESH = dict(gamma=GAMMA, zeta=0.9, epsilon=2.0)
 
 
 def precondition(l, g, r, refresh, a, b):
   """One layer's (or a stack's) MKOR work: optional refresh, two products and
   the norm rescale (the direction keeps the gradient's norm)."""
   if refresh:
-    l, r = sherman_morrison(l, b), sherman_morrison(r, a)
+    l, r = refresh_inverse(l, b, **REFRESH), refresh_inverse(r, a, **REFRESH)
   u = l @ g @ r
   scale = jnp.sqrt(jnp.sum(g * g, axis=(-2, -1), keepdims=True)
                    / jnp.maximum(jnp.sum(u * u, axis=(-2, -1), keepdims=True), 1e-30))

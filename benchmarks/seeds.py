@@ -126,21 +126,21 @@ def main(argv=None):
     if unknown:
       ap.error(f'unknown configurations {sorted(unknown)}; choose from {sorted(configs)}')
     configs = {k: v for k, v in configs.items() if k in args.configs.split(';')}
+  configs = {k: v if isinstance(v, Config) else Config(v) for k, v in configs.items()}
   report = {}
   for task in args.tasks.split(','):
-    rows = {name: {'steps': [], 'final': [], 'lr': []} for name in ['lamb', *configs]}
+    # each configuration as compare.py's Method for this task, with its lr grid
+    methods = {'lamb': (METHODS['lamb'], GRIDS[task])}
+    for name, c in configs.items():
+      kind = c.kind(task) if callable(c.kind) else c.kind
+      methods[name] = (Method(lambda lr, make=c.make: make(lr, task), kind),
+                       GRIDS[task] if c.grids is None else c.grids[task])
+    rows = {name: {'steps': [], 'final': [], 'lr': [], 'grid': list(grid)}
+            for name, (_, grid) in methods.items()}
     for seed in seeds:
       params0, make_iter, loss_fn, steps = build(task, args.quick, seed)
       curves = {}
-      for name in rows:
-        config = configs.get(name)
-        if name != 'lamb' and not isinstance(config, Config):
-          config = Config(config)
-        kind = None if name == 'lamb' else config.kind
-        method = METHODS['lamb'] if name == 'lamb' else Method(
-            lambda lr, make=config.make: make(lr, task), kind(task) if callable(kind) else kind)
-        grid = GRIDS[task] if name == 'lamb' or config.grids is None else config.grids[task]
-        rows[name]['grid'] = list(grid)
+      for name, (method, grid) in methods.items():
         best = None
         for lr in grid:
           _, losses, _ = run_method(name, params0, make_iter(), steps, loss_fn, lr,
