@@ -81,6 +81,8 @@ class MultiSteps:
     if not use_grad_mean:
       raise ValueError('mkor_optax.MultiSteps: use_grad_mean=False would sum the statistics '
                        'over micro-batches, which no statistic kind means; keep it True.')
+    if not callable(every_k_schedule):
+      kr.validate(every_k_schedule=(every_k_schedule, None, ''))
     self._multi = optax.MultiSteps(opt, every_k_schedule, use_grad_mean, should_skip_update_fn)
 
   @property

@@ -90,7 +90,7 @@ def scale_by_eva(
   def update(updates, state, params=None, *, stats=None, **extra_args):
     del params, extra_args
     plan = kr.plan_layers(updates, layouts=layouts, excluded=excluded,
-                          sides=(state.a, state.g), who='scale_by_eva')
+                          max_factor_dim=max_factor_dim, sides=(state.a, state.g), who='scale_by_eva')
     prep = kr.prepare(updates, stats, plan, excluded, 'scale_by_eva', axis_name)
     first = state.count == 0
 

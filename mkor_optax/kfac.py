@@ -119,7 +119,7 @@ def scale_by_kfac(
   def update(updates, state, params=None, *, stats=None, **extra_args):
     del params, extra_args
     plan = kr.plan_layers(updates, layouts=layouts, excluded=excluded,
-                          sides=(state.a_cov, state.g_cov), who='scale_by_kfac')
+                          max_factor_dim=max_factor_dim, sides=(state.a_cov, state.g_cov), who='scale_by_kfac')
     prep = kr.prepare(updates, stats, plan, excluded, 'scale_by_kfac', axis_name,
                       covariance_shapes, 'COVARIANCE')
     first = state.count == 0

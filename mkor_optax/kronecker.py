@@ -18,6 +18,7 @@ statistics handed to ``update`` match them (:func:`check_stats`).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import sys
@@ -31,6 +32,7 @@ import numpy as np
 import optax
 
 from mkor_optax import lowrank
+from mkor_optax.numerics import NumericalWarning, all_finite, norm_ratio, report_if, safe_norm  # noqa: F401 (re-exported)
 from mkor_optax.layers import varying_axes
 from mkor_optax.paths import get_at, path_str, rebox_like, set_at, unbox
 
@@ -255,15 +257,17 @@ def plan_layers(params, *, layouts: Optional[dict], excluded: Callable[[str], bo
   At ``init`` (``sides=None``) a side is factored when it is at most
   ``max_factor_dim``; kernels whose layout cannot be told raise one
   ``ValueError`` naming all of them, kernels of unsupported layers and an
-  empty plan give one warning. In ``update``, ``sides=(r_keys, l_keys)`` are
-  the layers the state holds factors for (so nothing static is recomputed
+  empty plan give one warning. In ``update``, ``sides=(r_side, l_side)`` are
+  the state's ``{layer: factor}`` dicts (so nothing static is recomputed
   from hyperparameters, which ``optax.inject_hyperparams`` may turn into
-  arrays), and a state layer missing from ``params`` is an error.
+  arrays). There a state layer missing from ``params``, a layer whose shape
+  differs from its factor's, and (with a Python ``max_factor_dim``) a layer
+  of ``params`` that the state lacks are errors naming them.
   """
   hints = _nnx_layout_hints(params)  # NNX: the layouts of the modules owning the kernels
   params = unbox(params)
   layouts = layouts or {}
-  plan, ambiguous, unsupported = {}, [], []
+  plan, ambiguous, unsupported, unknown, reshaped = {}, [], [], [], []
   for path in _module_paths(params):
     name = path_str(path)
     if excluded(name) or (sides is not None and name not in sides[0] and name not in sides[1]):
@@ -283,6 +287,14 @@ def plan_layers(params, *, layouts: Optional[dict], excluded: Callable[[str], bo
       has_r, has_l = d.d_in_aug <= limit, d.d_out <= limit
     else:
       has_r, has_l = name in sides[0], name in sides[1]
+      if not (has_r or has_l) and is_concrete(max_factor_dim) and min(
+          d.d_in_aug, d.d_out) <= max_factor_dim:
+        unknown.append(name)
+      for held, size, side in ((has_r, d.d_in_aug, 0), (has_l, d.d_out, 1)):
+        if held and side_shape(sides[side][name]) != (d.n_stack, size):
+          reshaped.append(f'{name!r}: gradients give {(d.n_stack, size)} (stack, width) on the '
+                          f'{("input", "output")[side]} side, the state holds '
+                          f'{side_shape(sides[side][name])}')
     if has_r or has_l:
       plan[name] = LayerPlan(path, d, has_r, has_l)
   if sides is not None:
@@ -290,6 +302,14 @@ def plan_layers(params, *, layouts: Optional[dict], excluded: Callable[[str], bo
     if lost:
       raise ValueError(f'{who}: the optimizer state has factors for layer(s) {lost}, which the '
                        'gradients do not have: init and update must see the same parameter tree')
+    if unknown:
+      raise ValueError(f'{who}: the gradients have layer(s) {sorted(unknown)}, for which the '
+                       'optimizer state holds no factors (init saw another parameter tree, or the '
+                       'model changed after init): re-run init on the parameters you train, or '
+                       'exclude=[...] these layers.')
+    if reshaped:
+      raise ValueError(f'{who}: layer(s) changed shape since init: ' + '; '.join(reshaped)
+                       + '. Re-run init after changing the model.')
     return plan
   if ambiguous:
     raise ValueError(
@@ -305,6 +325,14 @@ def plan_layers(params, *, layouts: Optional[dict], excluded: Callable[[str], bo
                   'in params: the transform passes every gradient through unchanged.',
                   stacklevel=3)
   return plan
+
+
+def side_shape(factor) -> tuple:
+  """``(S, d)`` of one side's state entry: a dense ``(S, d, d)`` factor, a
+  :class:`~mkor_optax.lowrank.LowRankInverse` or an ``(S, d)`` vector (Eva)."""
+  if isinstance(factor, lowrank.LowRankInverse):
+    return tuple(factor.q.shape[:2])
+  return tuple(np.shape(factor)[:2])
 
 
 def rank1_shapes(lp: LayerPlan) -> dict:
@@ -372,11 +400,6 @@ def check_stats(stats, plan: dict, params, excluded: Callable[[str], bool], who:
   return lacking
 
 
-def all_finite(*trees) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree.leaves(t)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
-
-
 def layer_grads(updates, lp: LayerPlan):
   module = get_at(updates, lp.path)
   g = to_matrix(module['kernel'], module.get('bias'), lp.dims)
@@ -403,22 +426,30 @@ def is_int(value) -> bool:
   return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+INT32_MAX = 2 ** 31 - 1  # step counters are int32: a period beyond this is never reached
+
+
 def validate(**checks):
   """Raises ``ValueError('name: message')`` for the first failed check.
 
   Each check is ``name=(value, predicate, message)``. Only Python numbers are
   checked: hyperparameters that arrive as arrays (``optax.inject_hyperparams``
   stores numeric hyperparameters as arrays, traced inside ``jit``) are the
-  caller's responsibility. ``predicate`` ``None`` means "must be a Python int
-  >= 1" (a count), for which an integer-valued array is also accepted.
+  caller's responsibility. Every Python number must be finite (``inf`` and
+  ``nan`` are never a setting). ``predicate`` ``None`` means "must be a
+  Python int in ``[1, 2**31 - 1]``" (a count or period, compared with the
+  int32 step counter), for which an integer-valued array is also accepted.
   """
   for name, (value, ok, msg) in checks.items():
     if ok is None:
       if is_int(value):
-        if value < 1:
-          raise ValueError(f'{name}: must be an integer >= 1, got {value!r}')
+        if not 1 <= value <= INT32_MAX:
+          raise ValueError(f'{name}: must be an integer in [1, 2**31 - 1] (the step counter is '
+                           f'int32), got {value!r}')
       elif not isinstance(value, (jax.Array, np.ndarray)) or not jnp.issubdtype(value.dtype, jnp.integer):
         raise ValueError(f'{name}: must be an integer >= 1, got {value!r}')
+    elif is_concrete(value) and not math.isfinite(value):
+      raise ValueError(f'{name}: must be finite, got {value!r}')
     elif is_concrete(value) and not ok(value):
       raise ValueError(f'{name}: {msg}, got {value!r}')
     elif not is_concrete(value) and not isinstance(value, (jax.Array, np.ndarray)):

@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mkor_optax.numerics import rank1_coefficients, unit_statistic
+
 
 class LowRankInverse(NamedTuple):
   """``P = c I + Q diag(s) Q^T`` per stack entry: ``c`` ``(S,)``,
@@ -88,10 +90,38 @@ def max_abs(p: LowRankInverse) -> jax.Array:
   return p.c + jnp.max(jnp.einsum('sik,sk->si', q * q, p.s), axis=-1)
 
 
+def orthonormalised(p: LowRankInverse) -> LowRankInverse:
+  """The same ``P`` with ``Q`` exactly orthonormal in float32: ``Q = Q_o R``
+  (QR), then ``R diag(s) R^T = V diag(m) V^T`` gives ``Q_o V`` and ``m``.
+  A basis stored in 16 bits drifts from orthonormal by its rounding at every
+  refresh; without this the drift accumulates and ``P`` turns indefinite."""
+  q_o, r = jnp.linalg.qr(p.q.astype(jnp.float32))
+  core = jnp.einsum('sij,sj,skj->sik', r, p.s, r)
+  m, v = jnp.linalg.eigh(0.5 * (core + jnp.swapaxes(core, -1, -2)))
+  return LowRankInverse(p.c, jnp.einsum('sij,sjk->sik', q_o, v), m)
+
+
 def refresh(p: LowRankInverse, v: jax.Array, *, gamma, zeta, epsilon, refresh: str) -> LowRankInverse:
   """One refresh of ``p`` with the statistic ``v`` ``(S, d)`` (module docstring)."""
+  return refresh_checked(p, v, gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh)[0]
+
+
+def refresh_checked(p: LowRankInverse, v: jax.Array, *, gamma, zeta, epsilon, refresh: str):
+  """:func:`refresh` and a ``(S,)`` flag of the entries whose eigenvalues had
+  to be raised to the floor (or that were not finite and were kept).
+
+  Safety, beyond the rule itself: the statistic enters as its unit vector
+  and ``1/|v|^2`` (overflow-safe, as the dense rule); with a 16-bit ``Q``
+  the basis is re-orthonormalised first (:func:`orthonormalised`); and the
+  eigenvalues ``c + s_i`` of the result are kept at or above
+  ``eps(Q's dtype) * max(c, c + s)``, so the stored ``P`` is positive
+  definite by construction.
+  """
+  stored = p
+  if jnp.finfo(p.q.dtype).bits < 32:
+    p = orthonormalised(p)
   q = p.q.astype(jnp.float32)
-  v = v.astype(jnp.float32)
+  v, inv_sq = unit_statistic(v.astype(jnp.float32))
   big = max_abs(p) > epsilon
   alpha = jnp.where(big, zeta, 1.0)
   beta = jnp.where(big, 1.0 - zeta, 0.0)
@@ -105,17 +135,12 @@ def refresh(p: LowRankInverse, v: jax.Array, *, gamma, zeta, epsilon, refresh: s
   r = r - jnp.einsum('sik,sk->si', q, again)
   rn = jnp.linalg.norm(r, axis=-1)
   # v (numerically) inside span(Q): no new direction; the dropped c'|r| is
-  # below 1e-4 of |v|.
-  fresh = rn > 1e-4 * jnp.linalg.norm(v, axis=-1)
+  # below 1e-4 of |v| (= 1).
+  fresh = rn > 1e-4
   new_col = jnp.where(fresh[:, None], r / jnp.where(fresh, rn, 1.0)[:, None], 0.0)
   w = jnp.concatenate([(c1[:, None] + s1) * proj, jnp.where(fresh, c1 * rn, 0.0)[:, None]], axis=-1)
   vu = c1 * jnp.sum(v * v, axis=-1) + jnp.sum(s1 * proj * proj, axis=-1)  # v^T P' v
-  if refresh == 'ema':
-    ratio = (1.0 - gamma) / gamma
-    kappa, lam = 1.0 / gamma, (ratio / gamma) / (1.0 + ratio * vu)
-  else:
-    kappa, lam = jnp.ones_like(vu), 1.0 / (1.0 + vu)
-  kappa = jnp.broadcast_to(kappa, vu.shape)
+  kappa, lam = rank1_coefficients(vu, inv_sq, gamma, refresh)
   diag = jnp.concatenate([kappa[:, None] * s1, jnp.zeros_like(s1[:, :1])], axis=-1)
   m = jax.vmap(jnp.diag)(diag) - lam[:, None, None] * (w[:, :, None] * w[:, None, :])
   m = 0.5 * (m + jnp.swapaxes(m, -1, -2))
@@ -125,7 +150,15 @@ def refresh(p: LowRankInverse, v: jax.Array, *, gamma, zeta, epsilon, refresh: s
   evecs = jnp.take_along_axis(evecs, keep[:, None, :], axis=-1)
   basis = jnp.concatenate([q, new_col[:, :, None]], axis=-1)
   q_new = jnp.einsum('sij,sjk->sik', basis, evecs)
-  return LowRankInverse(kappa * c1, q_new.astype(p.q.dtype), evals)
+  c_new = kappa * c1
+  top = jnp.maximum(c_new, c_new + jnp.max(evals, axis=-1))
+  floor = jnp.finfo(stored.q.dtype).eps * top
+  low = jnp.any(c_new[:, None] + evals < floor[:, None], axis=-1)
+  evals = jnp.maximum(evals, (floor - c_new)[:, None])
+  out = LowRankInverse(c_new, q_new.astype(stored.q.dtype), evals)
+  ok = jnp.isfinite(c_new) & jnp.all(jnp.isfinite(evals), -1) & jnp.all(jnp.isfinite(q_new), (1, 2))
+  keep_old = lambda new, old: jnp.where(ok.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+  return jax.tree.map(keep_old, out, stored), low | ~ok
 
 
 def precondition_rescaled(blocks, r, l, g_norm: jax.Array, h_sq=None) -> list:

@@ -36,6 +36,7 @@ import optax
 
 from mkor_optax import kronecker as kr
 from mkor_optax import lowrank
+from mkor_optax.numerics import rank1_coefficients, unit_statistic
 from mkor_optax import sharding
 
 
@@ -82,28 +83,80 @@ def refresh_inverse(p, v, *, gamma: float, zeta: float, epsilon: float, refresh:
   ``blend``: ``kappa = 1``, ``lam = 1 / (1 + v^T u)``. The result is exactly
   symmetric whenever ``P`` is (``u_i u_j == u_j u_i`` in floating point), so no
   re-symmetrisation pass is needed.
+
+  Safety: ``v`` enters as ``|v| v_hat`` (:func:`unit_statistic`), so no
+  product of two statistics is formed. A ``P`` that the refresh finds not
+  positive definite (``v^T P' v <= 0``) or not finite is reset to ``I``
+  before the rank-1 term, and a result that is not finite keeps ``p``:
+  see :func:`refresh_inverse_checked`, which also says which entries were reset.
   """
+  return refresh_inverse_checked(p, v, gamma=gamma, zeta=zeta, epsilon=epsilon,
+                                 refresh=refresh)[0]
+
+
+def refresh_inverse_checked(p, v, *, gamma, zeta, epsilon, refresh: str = 'ema'):
+  """:func:`refresh_inverse` and a boolean per stack entry: ``True`` where
+  the factor was found indefinite or non-finite and reset."""
   if refresh not in _REFRESH:
     raise ValueError(f'refresh: must be one of {_REFRESH}, got {refresh!r}')
   dtype = p.dtype
   compute = jnp.promote_types(dtype, jnp.float32)
-  p, v = p.astype(compute), v.astype(compute)
+  p = p.astype(compute)
+  unit, inv_sq = unit_statistic(v.astype(compute))
   big = jnp.max(jnp.abs(p), axis=(-2, -1)) > epsilon
   alpha = jnp.where(big, zeta, 1.0).astype(compute)
   beta = jnp.where(big, 1.0 - zeta, 0.0).astype(compute)
   if refresh == 'blend':
     alpha, beta = gamma * alpha, gamma * beta + (1.0 - gamma)
-  u = alpha[..., None] * jnp.einsum('...ij,...j->...i', p, v) + beta[..., None] * v
-  vu = jnp.sum(v * u, axis=-1)
-  if refresh == 'ema':
-    c = (1.0 - gamma) / gamma
-    kappa, lam = 1.0 / gamma, (c / gamma) / (1.0 + c * vu)
-  else:
-    kappa, lam = 1.0, 1.0 / (1.0 + vu)
+  pv = jnp.einsum('...ij,...j->...i', p, unit)
+  u = alpha[..., None] * pv + beta[..., None] * unit
+  vu = jnp.sum(unit * u, axis=-1)
+  moved = jnp.any(unit != 0, axis=-1)
+  bad = (moved & ~(vu > 0)) | ~jnp.isfinite(vu)
+  # reset to I: P' = I, u = v_hat, v_hat^T u = 1
+  alpha, beta = jnp.where(bad, 0.0, alpha), jnp.where(bad, 1.0, beta)
+  u = jnp.where(bad[..., None], unit, u)
+  vu = jnp.where(bad, jnp.sum(unit * unit, axis=-1), vu)
+  kappa, lam = rank1_coefficients(vu, inv_sq, gamma, refresh)
   eye = jnp.eye(p.shape[-1], dtype=compute)
-  new = (kappa * (alpha[..., None, None] * p + beta[..., None, None] * eye)
+  base = jnp.where(bad[..., None, None], 0.0, alpha[..., None, None] * p)
+  new = (kappa[..., None, None] * (base + beta[..., None, None] * eye)
          - lam[..., None, None] * (u[..., :, None] * u[..., None, :]))
-  return new.astype(dtype)
+  ok = jnp.all(jnp.isfinite(new), axis=(-2, -1))
+  new = jnp.where(ok[..., None, None], new, p)
+  return new.astype(dtype), bad | ~ok
+
+
+def report_resets(resets: dict, who: str, count):
+  """A :class:`~mkor_optax.numerics.NumericalWarning` naming the factors that
+  a refresh found indefinite or non-finite (and reset or kept)."""
+  if not resets:
+    return
+  names = sorted(resets)
+  kr.report_if(jnp.stack([resets[k] for k in names]),
+               f'{who}: step {{}}: factor(s) {{names}} were not positive definite (or not '
+               'finite) at the refresh and were reset toward the identity (16-bit factors, or '
+               'statistics beyond float32 range)', count, names=names)
+
+
+def check_stabiliser(gamma, zeta, refresh: str):
+  """``refresh='ema'`` needs ``zeta < gamma``.
+
+  A direction the statistics never visit is multiplied by ``1/gamma`` at
+  every refresh; once ``max|P| > epsilon`` the stabiliser multiplies it by
+  ``zeta`` and adds ``(1 - zeta)``, so per refresh it becomes
+  ``(zeta P + 1 - zeta) / gamma``. That map is a contraction, with fixed point
+  ``(1 - zeta) / (gamma - zeta)``, only when ``zeta < gamma``; at
+  ``zeta == gamma`` the inverse grows linearly, above it exponentially (by
+  ``zeta/gamma`` per refresh) until it overflows. ``'blend'`` contracts toward
+  ``I`` by itself and needs no rule. Arrays (``inject_hyperparams``) are not checked.
+  """
+  if refresh == 'ema' and kr.is_concrete(gamma) and kr.is_concrete(zeta) and not zeta < gamma:
+    raise ValueError(
+        f'zeta: must be < gamma with refresh=\'ema\' (got zeta={zeta!r}, gamma={gamma!r}): '
+        f'directions the statistics never visit grow by 1/gamma per refresh and the stabiliser '
+        f'shrinks them by zeta, so with zeta >= gamma the factor inverse grows without bound '
+        f'(exponentially for zeta > gamma) until it overflows. Lower zeta (e.g. zeta={0.9 * gamma:.3g}).')
 
 
 # ------------------------------------------------------------------- transform
@@ -128,7 +181,8 @@ def scale_by_mkor(
 
   Args:
     gamma: momentum of the factor EMA, in (0, 1) (the paper's runs: 0.95).
-    zeta: stabiliser blend ``P <- zeta P + (1-zeta) I``, in [0, 1].
+    zeta: stabiliser blend ``P <- zeta P + (1-zeta) I``, in [0, 1]; with
+      ``refresh='ema'`` it must be below ``gamma`` (:func:`check_stabiliser`).
     epsilon: stabiliser threshold on ``max|P|`` (> 0).
     inv_freq: refresh the inverses at step 0 and every ``inv_freq`` steps.
     refresh: ``'ema'`` (exact EMA inverse, default) or ``'blend'`` (authors' code).
@@ -176,6 +230,7 @@ def scale_by_mkor(
     raise ValueError(f'low_rank_min_dim: must be an integer >= 0, got {low_rank_min_dim!r}')
   if refresh not in _REFRESH:
     raise ValueError(f'refresh: must be one of {_REFRESH}, got {refresh!r}')
+  check_stabiliser(gamma, zeta, refresh)
   dtype = kr.resolve_dtype('factor_dtype', factor_dtype)
   excluded = kr.exclude_predicate(exclude)
 
@@ -198,23 +253,38 @@ def scale_by_mkor(
   def update(updates, state, params=None, *, stats=None, **extra_args):
     del params, extra_args
     plan = kr.plan_layers(updates, layouts=layouts, excluded=excluded,
-                          sides=(state.r_inv, state.l_inv), who='scale_by_mkor')
+                          max_factor_dim=max_factor_dim, sides=(state.r_inv, state.l_inv), who='scale_by_mkor')
     prep = kr.prepare(updates, stats, plan, excluded, 'scale_by_mkor', axis_name)
     vecs = prep.stats
     do_refresh = jnp.logical_and(state.count % inv_freq == 0, prep.finite)
+    kr.report_if(~prep.finite, 'scale_by_mkor: non-finite gradients or statistics at step {}: '
+                 'the factors are left as they were', state.count)
+
+    sides = (('a', 'input'), ('g', 'output'))
 
     def refreshed(factors):
-      r_inv, l_inv = factors
       kw = dict(gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh)
+      new, flags = [], {}
+      for side, (stat, where) in zip(factors, sides):
+        out = {}
+        for k, p in side.items():
+          if k not in vecs:
+            out[k] = p
+            continue
+          rule = (lowrank.refresh_checked if isinstance(p, lowrank.LowRankInverse)
+                  else refresh_inverse_checked)
+          out[k], reset = rule(p, vecs[k][stat], **kw)
+          flags[f'{k} ({where} side)'] = jnp.any(reset)
+        new.append(out)
+      return tuple(new), flags
 
-      def one(p, v):
-        rule = lowrank.refresh if isinstance(p, lowrank.LowRankInverse) else refresh_inverse
-        return rule(p, v, **kw)
+    def kept(factors):
+      names = [f'{k} ({where} side)' for side, (_, where) in zip(factors, sides)
+               for k in side if k in vecs]
+      return factors, {n: jnp.asarray(False) for n in names}
 
-      return ({k: one(p, vecs[k]['a']) if k in vecs else p for k, p in r_inv.items()},
-              {k: one(p, vecs[k]['g']) if k in vecs else p for k, p in l_inv.items()})
-
-    r_inv, l_inv = jax.lax.cond(do_refresh, refreshed, lambda f: f, (state.r_inv, state.l_inv))
+    (r_inv, l_inv), resets = jax.lax.cond(do_refresh, refreshed, kept, (state.r_inv, state.l_inv))
+    report_resets(resets, 'scale_by_mkor', state.count)
     out = {k: kr.precondition_rescaled(g, r_inv.get(k), l_inv.get(k),
                                        kr.row_blocks(module, prep.plan[k].dims), prep.sq_norms[k])
            for k, (module, g) in prep.grads.items()}

@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 from mkor_optax import kronecker as kr
+from mkor_optax import numerics
 
 _GRAFTS = ('adam', 'sgd', 'momentum')
 
@@ -46,6 +47,22 @@ class SONewState(NamedTuple):
   m: object
   d: object
   e: object
+
+
+def check_shapes(updates, m_tree):
+  """``ValueError`` naming every leaf whose gradient size differs from the
+  state's (a model changed after ``init``), or a different tree."""
+  if jax.tree.structure(updates) != jax.tree.structure(m_tree):
+    raise ValueError('scale_by_sonew: the gradients are not shaped like the parameters given to '
+                     f'init: {jax.tree.structure(updates)} vs {jax.tree.structure(m_tree)}')
+  bad = []
+  for (path, g), m in zip(jax.tree_util.tree_leaves_with_path(updates), jax.tree.leaves(m_tree)):
+    if int(np.size(g)) != m.shape[0]:
+      bad.append(f'{jax.tree_util.keystr(path)}: gradient {tuple(np.shape(g))} '
+                 f'({int(np.size(g))} entries), state {m.shape[0]} entries')
+  if bad:
+    raise ValueError('scale_by_sonew: gradients of another shape than at init for '
+                     + '; '.join(bad) + ': re-run init after changing the model.')
 
 
 def tridiagonal_factors(d, e):
@@ -150,26 +167,41 @@ def scale_by_sonew(
       below = sum(jnp.concatenate([jnp.zeros((k,)), jnp.abs(e_hat[:n - k, k - 1])])[:n]
                   for k in range(1, band + 1))
       shift = damping * jnp.max(d_raw + jnp.sum(jnp.abs(e_hat), axis=-1) + below)
+    # Safe zero: statistics that are all zero (a tensor the loss has not used
+    # yet, the layer behind a zero-initialised head) give shift 0; the
+    # preconditioner is then the identity on them (its direction m is 0 too).
     d_hat = d_raw + shift
+    d_hat = jnp.where(d_hat > 0, d_hat, 1.0)
     if band == 1:
       psi, dinv = tridiagonal_factors(d_hat, e_hat[:, 0])
       psi = psi[:, None]
     else:
       psi, dinv = banded_factors(d_hat, e_hat)
     u = apply_ldl(psi, dinv, m_hat)
-    ref = {'adam': lambda: m_hat / (jnp.sqrt(d_raw) + graft_eps),
+    root = jnp.sqrt(d_raw) + graft_eps
+    ref = {'adam': lambda: jnp.where(root > 0, m_hat / jnp.where(root > 0, root, 1.0), 0.0),
            'sgd': lambda: gf, 'momentum': lambda: m_hat}[graft]()
-    un, rn = jnp.linalg.norm(u), jnp.linalg.norm(ref)
-    u = u * jnp.where(un > 0, rn / jnp.where(un > 0, un, 1.0), 0.0)
+    u = u * numerics.norm_ratio(ref, u)
     return u.reshape(g.shape).astype(g.dtype), m, d, e
 
   def update(updates, state, params=None, **extra_args):
     del params, extra_args
+    check_shapes(updates, state.m)
     t = (state.count + 1).astype(jnp.float32)
     out = jax.tree.map(lambda g, m, d, e: one(g, m, d, e, t), updates, state.m, state.d, state.e)
     treedef = jax.tree.structure(updates)
     u, m, d, e = (treedef.unflatten(x) for x in zip(*treedef.flatten_up_to(out)))
-    return u, SONewState(kr.increment(state.count), m, d, e)
+    # A step whose gradients hold NaN/Inf (or overflow float32 when squared)
+    # leaves the state as it was, counter included, and hands the gradients on
+    # as they are (optax.apply_if_finite downstream then skips the step).
+    finite = numerics.all_finite(jax.tree.map(lambda g: jnp.sum(jnp.square(g.astype(jnp.float32))),
+                                        updates))
+    numerics.report_if(~finite, 'scale_by_sonew: non-finite gradients at step {}: the state is left as '
+                 'it was and the gradients are handed on unchanged', state.count)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = SONewState(jnp.where(finite, kr.increment(state.count), state.count),
+                           keep(m, state.m), keep(d, state.d), keep(e, state.e))
+    return keep(u, updates), new_state
 
   return optax.GradientTransformationExtraArgs(init, update)
 

@@ -192,7 +192,7 @@ def test_bfloat16_factors():
 
 def test_max_factor_dim_makes_large_sides_identity():
   params = init_params()
-  tx = mkor_optax.scale_by_mkor(max_factor_dim=5, inv_freq=1, gamma=0.9)
+  tx = mkor_optax.scale_by_mkor(max_factor_dim=5, inv_freq=1, gamma=0.9, zeta=0.8)
   state = tx.init(params)
   assert set(state.r_inv) == {'hidden'} and set(state.l_inv) == {'out'}
   _, grads, stats = GRAD(params, *batch(0))

@@ -81,7 +81,8 @@ def test_inject_hyperparams_schedules_and_changes_take_effect(name):
 @pytest.mark.parametrize('name', NAMES)
 def test_inject_hyperparams_on_the_preconditioner(name):
   scale_by = METHODS[name][1]
-  numeric = {'mkor': dict(gamma=0.9, inv_freq=2), 'mkor_h': dict(gamma=0.9, window=5),
+  numeric = {'mkor': dict(gamma=0.9, zeta=0.8, inv_freq=2),
+             'mkor_h': dict(gamma=0.9, zeta=0.8, window=5),
              'kfac': dict(damping=1e-2, inv_freq=2), 'eva': dict(damping=0.1),
              'sonew': dict(b1=0.8, band=2)}[name]
   plain, _ = run(optax.chain(scale_by(**numeric), optax.sgd(1e-2)), name)

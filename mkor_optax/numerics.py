@@ -1,0 +1,79 @@
+"""Numerical safety shared by every transform: overflow-safe norms, the
+rank-1 refresh arithmetic in unit-vector form, finiteness checks, and
+warnings raised from inside ``jit`` when a step was guarded against."""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class NumericalWarning(UserWarning):
+  """A step the optimizer guarded against: non-finite gradients or
+  statistics (the state was left as it was), or a factor reset."""
+
+
+def report_if(pred, message: str, *args, names=None):
+  """Warns ``NumericalWarning(message.format(*args))`` from inside ``jit``
+  when any entry of ``pred`` holds: a host callback in a ``lax.cond``
+  branch, so steps where nothing went wrong pay nothing. With ``names`` (one
+  per entry of ``pred``), ``{names}`` in the message lists those whose entry
+  holds. ``pred`` is re-checked on the host (under ``vmap`` a ``cond`` runs
+  both branches)."""
+  def warn(flag, *values):
+    flag = np.asarray(flag).reshape(-1)
+    if not flag.any():
+      return
+    shown = [np.asarray(v).tolist() for v in values]
+    named = [n for n, f in zip(names, flag) if f] if names is not None else None
+    warnings.warn(message.format(*shown, names=named), NumericalWarning, stacklevel=2)
+
+  def branch(flag, *values):
+    jax.debug.callback(warn, flag, *values)
+
+  jax.lax.cond(jnp.any(pred), branch, lambda *_: None, pred, *args)
+
+
+def safe_norm(x, axis=None, keepdims=False):
+  """Euclidean norm computed on ``x / max|x|``, so entries up to float32's
+  largest do not overflow in the squares; 0 for a zero ``x``."""
+  top = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
+  unit = jnp.where(top > 0, top, 1.0)
+  out = top * jnp.sqrt(jnp.sum(jnp.square(x / unit), axis=axis, keepdims=True))
+  return out if keepdims else jnp.squeeze(out, axis=axis)
+
+
+def norm_ratio(ref, u):
+  """``|ref| / |u|`` (Euclidean, overflow-safe), 0 where ``u`` is 0."""
+  nu, nr = safe_norm(u), safe_norm(ref)
+  return jnp.where(nu > 0, nr / jnp.where(nu > 0, nu, 1.0), 0.0)
+
+
+def all_finite(*trees) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree.leaves(t)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def unit_statistic(v):
+  """``(v / |v|, 1 / |v|^2)`` over the last axis, overflow-safe: the refresh
+  rules are written in the unit vector so that a statistic of any finite
+  scale (inputs x1e20 included) gives a finite factor. A zero ``v`` gives
+  ``(0, 1)``, which makes its rank-1 term exactly zero."""
+  norm = safe_norm(v, axis=-1, keepdims=True)
+  pos = norm > 0
+  unit = jnp.where(pos, v / jnp.where(pos, norm, 1.0), 0.0)
+  inv_sq = jnp.where(pos, 1.0 / jnp.square(jnp.where(pos, norm, 1.0)), 1.0)
+  return unit, inv_sq[..., 0]
+
+
+def rank1_coefficients(vu, inv_sq, gamma, refresh: str):
+  """``(kappa, lam)`` of ``P+ = kappa P' - lam u u^T`` for the unit statistic
+  (``u = P' v_hat``, ``vu = v_hat^T u``, ``inv_sq = 1/|v|^2``): the rules of
+  :func:`mkor_optax.mkor.refresh_inverse` with ``|v|^2`` divided out of numerator and denominator."""
+  if refresh == 'ema':
+    c = (1.0 - gamma) / gamma
+    return jnp.broadcast_to(1.0 / gamma, vu.shape), (c / gamma) / (inv_sq + c * vu)
+  return jnp.ones_like(vu), 1.0 / (inv_sq + vu)
