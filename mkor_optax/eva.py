@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from mkor_optax import kronecker as kr
+from mkor_optax.numerics import norm_ratio, safe_norm, unit_statistic
 
 
 class EvaState(NamedTuple):
@@ -41,15 +42,25 @@ class EvaState(NamedTuple):
 
 def kronecker_vector_precondition(grad, a, g, damping):
   """``(a a^T (x) g g^T + damping I)^-1 vec(grad)`` for ``grad`` ``(S, d_in, d_out)``;
-  ``a`` or ``g`` ``None`` means that side's factor is the identity."""
+  ``a`` or ``g`` ``None`` means that side's factor is the identity.
+
+  Written in the unit vectors ``a_hat = a/|a|``, ``g_hat = g/|g|``
+  (overflow-safe for statistics of any finite scale)::
+
+      (a^T G g) / (|a|^2 |g|^2 + lambda) a g^T
+          = (a_hat^T G g_hat) / (1 + lambda / (|a|^2 |g|^2)) a_hat g_hat^T
+  """
+  if a is not None:
+    a, inv_a = unit_statistic(a)
+  if g is not None:
+    g, inv_g = unit_statistic(g)
   if a is not None and g is not None:
-    coef = jnp.einsum('si,sij,sj->s', a, grad, g) / (
-        jnp.sum(a * a, -1) * jnp.sum(g * g, -1) + damping)
+    coef = jnp.einsum('si,sij,sj->s', a, grad, g) / (1.0 + damping * inv_a * inv_g)
     return (grad - coef[:, None, None] * a[:, :, None] * g[:, None, :]) / damping
   if a is not None:
-    at_g = jnp.einsum('si,sij->sj', a, grad) / (jnp.sum(a * a, -1) + damping)[:, None]
+    at_g = jnp.einsum('si,sij->sj', a, grad) / (1.0 + damping * inv_a)[:, None]
     return (grad - a[:, :, None] * at_g[:, None, :]) / damping
-  g_g = jnp.einsum('sij,sj->si', grad, g) / (jnp.sum(g * g, -1) + damping)[:, None]
+  g_g = jnp.einsum('sij,sj->si', grad, g) / (1.0 + damping * inv_g)[:, None]
   return (grad - g_g[:, :, None] * g[:, None, :]) / damping
 
 
@@ -93,6 +104,8 @@ def scale_by_eva(
                           max_factor_dim=max_factor_dim, sides=(state.a, state.g), who='scale_by_eva')
     prep = kr.prepare(updates, stats, plan, excluded, 'scale_by_eva', axis_name)
     first = state.count == 0
+    kr.report_if(~prep.finite, 'scale_by_eva: non-finite gradients or statistics: '
+                 'the statistics EMAs are left as they were')
 
     def ema(old, key):
       out = {}
@@ -108,10 +121,11 @@ def scale_by_eva(
     a, g = ema(state.a, 'a'), ema(state.g, 'g')
     pre = {k: kronecker_vector_precondition(gm, a.get(k), g.get(k), damping)
            for k, (_, gm) in prep.grads.items()}
-    raw_sq = sum(jnp.sum(jnp.square(gm)) for _, gm in prep.grads.values())
-    pre_sq = sum(jnp.sum(jnp.square(u)) for u in pre.values())
-    scale = jnp.where(pre_sq > 0, jnp.sqrt(raw_sq / jnp.where(pre_sq > 0, pre_sq, 1.0)), 0.0)
-    out = {k: u * scale for k, u in pre.items()}
+    out = {}
+    if pre:  # one rescale of all preconditioned layers together, overflow-safe
+      joint = lambda ms: jnp.stack([safe_norm(m) for m in ms])
+      scale = norm_ratio(joint([gm for _, gm in prep.grads.values()]), joint(list(pre.values())))
+      out = {k: u * scale for k, u in pre.items()}
     return kr.write_layers(prep, out), EvaState(kr.increment(state.count), a, g)
 
   return optax.GradientTransformationExtraArgs(init, update)

@@ -16,7 +16,8 @@ Per second-order layer, with ``A`` and ``G`` from
     every step:
         U = A^-1 [G; g_b] G^-1, rescaled to the Frobenius norm of [G; g_b]
 
-The damping is split evenly between the factors (``sqrt(damping)`` each), and
+The damping is split evenly between the factors (``sqrt(damping)`` each;
+with ``relative_damping`` times each factor's mean eigenvalue ``tr(F)/d``), and
 the update is rescaled like MKOR's (instead of KAISA's KL clipping) so the two
 differ only in their curvature. Cost per refresh O(d^3), memory 4 d^2 per
 layer (factors and inverses); with ``axis_name`` the factors' d^2 entries are
@@ -56,11 +57,20 @@ def covariance_shapes(lp: kr.LayerPlan) -> dict:
   return out
 
 
-def damped_inverse(f, damping_per_side):
-  """``(F + damping I)^-1`` for a stack of symmetric PSD ``F``, via Cholesky."""
+def damped_inverse(f, damping_per_side, relative: bool = False):
+  """``(F + damping I)^-1`` for a stack of symmetric PSD ``F``, via Cholesky.
+
+  With ``relative``, the damping is multiplied by ``F``'s mean eigenvalue
+  ``tr(F)/d`` (per stack entry), so it scales with the factor: the result
+  times ``tr(F)/d`` does not change when ``F`` is multiplied by a constant.
+  """
   f = f.astype(jnp.float32)
   eye = jnp.eye(f.shape[-1], dtype=f.dtype)
-  chol = jnp.linalg.cholesky(f + damping_per_side * eye)
+  shift = damping_per_side
+  if relative:
+    mean_eig = jnp.trace(f, axis1=-2, axis2=-1) / f.shape[-1]
+    shift = damping_per_side * jnp.where(mean_eig > 0, mean_eig, 1.0)[..., None, None]
+  chol = jnp.linalg.cholesky(f + shift * eye)
   solve = jax.vmap(lambda c: jax.scipy.linalg.cho_solve((c, True), eye))
   return solve(chol)
 
@@ -68,6 +78,7 @@ def damped_inverse(f, damping_per_side):
 def scale_by_kfac(
     *,
     damping: float = 1e-3,
+    relative_damping: bool = False,
     gamma: float = 0.95,
     inv_freq: int = 10,
     axis_name: Optional[str] = None,
@@ -80,7 +91,11 @@ def scale_by_kfac(
   """K-FAC preconditioning of every captured Dense/DenseGeneral/Conv layer.
 
   Args:
-    damping: Tikhonov damping ``mu`` (> 0); each factor gets ``sqrt(mu)``.
+    damping: Tikhonov damping ``mu`` (> 0, finite); each factor gets ``sqrt(mu)``.
+    relative_damping: multiply each factor's ``sqrt(mu)`` by its mean
+      eigenvalue ``tr(F)/d``, which makes the preconditioned update invariant
+      to the scale of the inputs and of the loss (``False``: absolute, the
+      default as in K-FAC/KAISA).
     gamma: decay of the factor EMAs, in (0, 1).
     inv_freq: recompute the inverses at step 0 and every ``inv_freq`` steps.
     axis_name: data-parallel axis over which ``A`` and ``G`` are averaged.
@@ -123,6 +138,8 @@ def scale_by_kfac(
     prep = kr.prepare(updates, stats, plan, excluded, 'scale_by_kfac', axis_name,
                       covariance_shapes, 'COVARIANCE')
     first = state.count == 0
+    kr.report_if(~prep.finite, 'scale_by_kfac: non-finite gradients or statistics: '
+                 'the covariances and inverses are left as they were')
 
     def ema(old, key):
       out = {}
@@ -142,7 +159,7 @@ def scale_by_kfac(
       def inv(covs, olds):
         out = {}
         for k, f in covs.items():
-          new = damped_inverse(f, root)
+          new = damped_inverse(f, root, relative_damping)
           out[k] = jnp.where(jnp.all(jnp.isfinite(new)), new, olds[k]).astype(dtype)
         return out
       return inv(a_cov, old[0]), inv(g_cov, old[1])
@@ -164,6 +181,7 @@ def kfac(
     weight_decay: float = 0.01,
     backend: Optional[optax.GradientTransformation] = None,
     damping: float = 1e-3,
+    relative_damping: bool = False,
     gamma: float = 0.95,
     inv_freq: int = 10,
     axis_name: Optional[str] = None,
@@ -177,7 +195,7 @@ def kfac(
   as :func:`mkor_optax.mkor`. Works with ``optax.inject_hyperparams``."""
   from mkor_optax.mkor import default_backend
   return optax.chain(
-      scale_by_kfac(damping=damping, gamma=gamma, inv_freq=inv_freq, axis_name=axis_name,
+      scale_by_kfac(damping=damping, relative_damping=relative_damping, gamma=gamma, inv_freq=inv_freq, axis_name=axis_name,
                     factor_dtype=factor_dtype, max_factor_dim=max_factor_dim,
                     shard_factors=shard_factors, exclude=exclude, layouts=layouts),
       backend or default_backend(learning_rate, weight_decay))

@@ -127,16 +127,16 @@ def refresh_inverse_checked(p, v, *, gamma, zeta, epsilon, refresh: str = 'ema')
   return new.astype(dtype), bad | ~ok
 
 
-def report_resets(resets: dict, who: str, count):
+def report_resets(resets: dict, who: str):
   """A :class:`~mkor_optax.numerics.NumericalWarning` naming the factors that
   a refresh found indefinite or non-finite (and reset or kept)."""
   if not resets:
     return
   names = sorted(resets)
   kr.report_if(jnp.stack([resets[k] for k in names]),
-               f'{who}: step {{}}: factor(s) {{names}} were not positive definite (or not '
+               f'{who}: factor(s) {{names}} were not positive definite (or not '
                'finite) at the refresh and were reset toward the identity (16-bit factors, or '
-               'statistics beyond float32 range)', count, names=names)
+               'statistics beyond float32 range)', names=names)
 
 
 def check_stabiliser(gamma, zeta, refresh: str):
@@ -257,8 +257,8 @@ def scale_by_mkor(
     prep = kr.prepare(updates, stats, plan, excluded, 'scale_by_mkor', axis_name)
     vecs = prep.stats
     do_refresh = jnp.logical_and(state.count % inv_freq == 0, prep.finite)
-    kr.report_if(~prep.finite, 'scale_by_mkor: non-finite gradients or statistics at step {}: '
-                 'the factors are left as they were', state.count)
+    kr.report_if(~prep.finite, 'scale_by_mkor: non-finite gradients or statistics: '
+                 'the factors are left as they were')
 
     sides = (('a', 'input'), ('g', 'output'))
 
@@ -284,7 +284,7 @@ def scale_by_mkor(
       return factors, {n: jnp.asarray(False) for n in names}
 
     (r_inv, l_inv), resets = jax.lax.cond(do_refresh, refreshed, kept, (state.r_inv, state.l_inv))
-    report_resets(resets, 'scale_by_mkor', state.count)
+    report_resets(resets, 'scale_by_mkor')
     out = {k: kr.precondition_rescaled(g, r_inv.get(k), l_inv.get(k),
                                        kr.row_blocks(module, prep.plan[k].dims), prep.sq_norms[k])
            for k, (module, g) in prep.grads.items()}

@@ -196,8 +196,8 @@ def scale_by_sonew(
     # as they are (optax.apply_if_finite downstream then skips the step).
     finite = numerics.all_finite(jax.tree.map(lambda g: jnp.sum(jnp.square(g.astype(jnp.float32))),
                                         updates))
-    numerics.report_if(~finite, 'scale_by_sonew: non-finite gradients at step {}: the state is left as '
-                 'it was and the gradients are handed on unchanged', state.count)
+    numerics.report_if(~finite, 'scale_by_sonew: non-finite gradients: the state is left as '
+                 'it was and the gradients are handed on unchanged')
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = SONewState(jnp.where(finite, kr.increment(state.count), state.count),
                            keep(m, state.m), keep(d, state.d), keep(e, state.e))
