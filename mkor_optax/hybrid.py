@@ -6,9 +6,11 @@ from the loss passed as optax's extra argument ``value=``:
 
 * keep an EMA of the loss, ``m_t = beta m_{t-1} + (1 - beta) loss_t``,
   bias-corrected (``m_t / (1 - beta^(t+1))``); non-finite losses are skipped;
-* at the end of every ``window`` steps, the relative decrease per step over
-  that window, ``r = (m_start - m_end) / (window * |m_start|)``, is compared
-  with the largest ``r`` seen so far, ``r_peak``;
+* at the end of every ``window`` steps, the decrease per step over that
+  window, ``r = (m_start - m_end) / window``, is compared with the largest
+  ``r`` seen so far, ``r_peak``. Both are differences of the same loss, so
+  the rule does not change when the loss is shifted (a log-likelihood that
+  crosses zero) or scaled;
 * a window with ``r < threshold * r_peak`` is a strike, any other window
   clears the strikes; after ``patience`` strikes in a row the switch is
   made: ``switch_step`` is set to the next step, and from then on the
@@ -18,9 +20,10 @@ from the loss passed as optax's extra argument ``value=``:
 Defaults ``window=50, threshold=0.1, patience=2, beta=0.9``: the EMA
 (memory ~10 steps) smooths minibatch noise without lagging a window behind;
 comparing with the peak rate rather than the previous window makes a
-steadily falling loss (constant relative rate) never switch, while a loss
-falling 10x slower than at its fastest for two consecutive windows (100 steps)
-does: the regime where the paper found curvature no longer bought speed.
+steadily falling loss (constant rate) never switch, while a loss falling 10x
+slower than at its fastest for two consecutive windows (100 steps) does: the
+regime where the paper found curvature no longer bought speed (a loss
+decaying like ``exp(-k t)`` gets there ``ln(10)/k`` steps after its peak).
 """
 
 from __future__ import annotations
@@ -116,6 +119,9 @@ def scale_by_mkor_h(
     if value is None:
       raise ValueError('scale_by_mkor_h.update needs the loss: update(grads, state, params, '
                        'stats=stats, value=loss)')
+    if jnp.ndim(value) != 0:
+      raise ValueError(f'scale_by_mkor_h: value= must be the scalar loss of the step, got shape '
+                       f'{jnp.shape(value)} (reduce it, e.g. with jnp.mean, before update)')
     switched = state.switch_step >= 0
     new_updates, mkor_state = jax.lax.cond(
         switched,
@@ -131,7 +137,7 @@ def scale_by_mkor_h(
     window_start = jnp.where(first, loss, state.window_start)
     t = kr.increment(state.count)
     at_end = jnp.logical_and(t % window == 0, seen > 0)
-    rate = (window_start - level) / (window * jnp.maximum(jnp.abs(window_start), 1e-12))
+    rate = (window_start - level) / window
     peak = jnp.where(at_end, jnp.maximum(state.peak_rate, rate), state.peak_rate)
     strike = rate < threshold * peak
     strikes = jnp.where(at_end, jnp.where(strike, state.strikes + 1, 0), state.strikes)

@@ -113,8 +113,9 @@ def scale_by_quadratic_step(
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with ``update(updates,
     state, params, *, grad, curvature, value=None, value_fn=None)``. A step
-    whose model is not finite, or predicts no decrease, is a zero update and
-    raises ``lambda``.
+    whose model predicts no decrease is a zero update and raises ``lambda``;
+    one whose gradient, direction or curvature is not finite is a zero update
+    and leaves the state as it was (with a ``NumericalWarning``).
   """
   kr.validate(
       damping=(damping, lambda v: v > 0, 'must be > 0'),
@@ -137,6 +138,14 @@ def scale_by_quadratic_step(
       raise ValueError(
           'scale_by_quadratic_step.update needs params, grad= (the raw gradient) and '
           'curvature= (mkor_optax.gauss_newton(outputs_fn, loss_of_outputs)).')
+    if value is not None and jnp.ndim(value) != 0:
+      raise ValueError(f'scale_by_quadratic_step: value= must be the scalar loss, got shape '
+                       f'{jnp.shape(value)} (reduce it, e.g. with jnp.mean)')
+    if value_fn is not None:
+      out_shape = jax.eval_shape(value_fn, params).shape
+      if out_shape != ():
+        raise ValueError(f'scale_by_quadratic_step: value_fn must return the scalar loss, got '
+                         f'shape {out_shape}')
     lam = state.damping
     proposal = jax.tree.map(lambda u: -u.astype(jnp.float32), updates)
     prev = state.previous
@@ -158,9 +167,14 @@ def scale_by_quadratic_step(
       alpha = -gp / (gram[0, 0] + lam * pp)
       mu = jnp.zeros([], jnp.float32)
       predicted = 0.5 * alpha * gp
-    ok = jnp.logical_and(jnp.isfinite(predicted), predicted < 0)
+    # non-finite inputs (a NaN gradient entry, an overflowing curvature): a zero
+    # update and the state as it was (0 * NaN is NaN, so zero by selection)
+    inputs_ok = kr.all_finite(gram, jnp.stack([gp, pp]), grad, proposal)
+    ok = jnp.logical_and(jnp.isfinite(predicted), predicted < 0) & inputs_ok
     alpha, mu = jnp.where(ok, alpha, 0.0), jnp.where(ok, mu, 0.0)
-    step = jax.tree.map(lambda d, d0: alpha * d + mu * d0, proposal, prev)
+    step = jax.tree.map(lambda d, d0: jnp.where(ok, alpha * d + mu * d0, 0.0), proposal, prev)
+    kr.report_if(~inputs_ok, 'scale_by_quadratic_step: non-finite gradient, direction or '
+                 'curvature: a zero update, the state left as it was')
 
     t = kr.increment(state.count)
     if value is not None and value_fn is not None:
@@ -180,7 +194,8 @@ def scale_by_quadratic_step(
     lam = jnp.where(ok, lam, lam / jnp.asarray(decay, jnp.float32) ** adapt_every)
     lam = jnp.clip(lam, min_damping, max_damping)
     out = jax.tree.map(lambda d, u: d.astype(u.dtype), step, updates)
-    return out, QuadraticStepState(t, lam.astype(jnp.float32), step, alpha.astype(jnp.float32),
+    new_state = QuadraticStepState(t, lam.astype(jnp.float32), step, alpha.astype(jnp.float32),
                                    mu.astype(jnp.float32), rho)
+    return out, jax.tree.map(lambda new, old: jnp.where(inputs_ok, new, old), new_state, state)
 
   return optax.GradientTransformationExtraArgs(init, update)

@@ -20,7 +20,7 @@ def predicted_switch(losses, window=50, threshold=0.1, patience=2, beta=0.9):
     ema = beta * ema + (1 - beta) * loss
     level = ema / (1 - beta ** t)
     if t % window == 0:
-      rate = (start - level) / (window * abs(start))
+      rate = (start - level) / window
       peak = max(peak, rate)
       strikes = strikes + 1 if rate < threshold * peak else 0
       if strikes >= patience:
@@ -45,13 +45,33 @@ def test_scripted_loss_switches_at_the_predicted_step():
   t = np.arange(400)
   losses = np.where(t < 200, np.exp(-0.05 * t), np.exp(-0.05 * 200)).astype(np.float32)
   state = run_rule(losses)
-  # Exponential decay (constant relative rate, peak r = (1 - e^-2.5)/50 = 0.018)
-  # until 200, then flat. The EMA lags the falling loss by a factor
-  # 0.1 / (1 - 0.9 e^0.05) = 1.85, so the window 200-250 still falls at
-  # r = 0.85/1.85/50 = 0.009 = 0.5 peak (no strike); 250-300 and 300-350 are
-  # flat (strikes 1 and 2), so step 350 is the first first-order step.
-  assert predicted_switch(losses) == 350
-  assert int(state.switch_step) == 350
+  # Exponential decay until 200, then flat: the decrease per window shrinks
+  # by e^-2.5 = 0.08 per window (the EMA lags the first one), so the windows
+  # ending at 150 and 200 fall at less than 0.1 of the peak rate (strikes 1
+  # and 2): step 200 is the first first-order step.
+  assert predicted_switch(losses) == 200
+  assert int(state.switch_step) == 200
+
+
+@pytest.mark.parametrize('shift, scale', [(-10.0, 1.0), (0.0, 1e3), (-3.0, 1e-3)])
+def test_rule_ignores_the_loss_offset_and_scale(shift, scale):
+  """A log-likelihood can be negative: shifting or scaling the loss must not
+  move the switch (the old relative rule switched where the loss crossed 0)."""
+  t = np.arange(400)
+  losses = np.where(t < 200, np.exp(-0.05 * t), np.exp(-0.05 * 200))
+  moved = (losses * scale + shift).astype(np.float32)
+  assert int(run_rule(moved).switch_step) == int(run_rule(losses.astype(np.float32)).switch_step) == 200
+  # a loss falling steadily through zero (constant rate) never switches
+  steady = np.linspace(5.0, -5.0, 400).astype(np.float32)
+  assert int(run_rule(steady).switch_step) == -1
+
+
+def test_vector_value_is_a_clear_error():
+  params = init_params()
+  tx = mkor_optax.scale_by_mkor_h()
+  _, grads, stats = GRAD(params, *batch(0))
+  with pytest.raises(ValueError, match='scalar loss'):
+    tx.update(grads, tx.init(params), params, stats=stats, value=jnp.ones(3))
 
 
 def test_noisy_but_falling_loss_does_not_switch():
