@@ -18,6 +18,7 @@ same update as one step on their concatenation.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -32,10 +33,13 @@ from mkor_optax.mkor import MKORState
 
 class MultiStepsState(NamedTuple):
   """``inner``: optax's ``MultiStepsState``; ``acc_stats``: per layer the
-  running mean of the micro-batch statistics, stacking axes flattened."""
+  running mean of the micro-batch statistics, stacking axes flattened;
+  ``acc_counts``: per layer the number of micro-batches of the current
+  accumulation that had statistics for it (float32 scalars)."""
 
   inner: optax.MultiStepsState
   acc_stats: dict
+  acc_counts: dict
 
 
 def stats_template(opt_state) -> dict:
@@ -91,37 +95,46 @@ class MultiSteps:
 
   def init(self, params) -> MultiStepsState:
     inner = self._multi.init(params)
-    return MultiStepsState(inner, stats_template(inner.inner_opt_state))
+    template = stats_template(inner.inner_opt_state)
+    return MultiStepsState(inner, template, {k: jnp.zeros([], jnp.float32) for k in template})
 
   def update(self, updates, state: MultiStepsState, params=None, *, stats=None, **extra_args):
     old = state.inner
-    acc = state.acc_stats
+    acc, counts = state.acc_stats, state.acc_counts
     if stats is None:
-      new_acc = acc
-      handed = None
+      new_acc, new_counts, handed = acc, counts, None
     else:
       if not hasattr(stats, 'keys'):
         raise ValueError('mkor_optax.MultiSteps: stats must be the dict returned by '
                          'mkor_optax.value_and_grad')
-      n = old.mini_step.astype(jnp.float32)
-      new_acc = {}
+      # each layer's mean is over the micro-batches that had statistics for it
+      new_acc, new_counts = dict(acc), dict(counts)
       for layer, fields in acc.items():
-        if layer not in stats:
-          new_acc[layer] = fields
-          continue
-        new_acc[layer] = {
-            k: v + (jnp.reshape(stats[layer][k], v.shape).astype(jnp.float32) - v) / (n + 1.0)
-            for k, v in fields.items()}
-      handed = {layer: new_acc[layer] for layer in acc if layer in stats}
+        if layer in stats:
+          n = counts[layer]
+          new_acc[layer] = {
+              k: v + (jnp.reshape(stats[layer][k], v.shape).astype(jnp.float32) - v) / (n + 1.0)
+              for k, v in fields.items()}
+          new_counts[layer] = n + 1.0
+      absent = sorted(layer for layer in acc if layer not in stats)
+      if absent:
+        warnings.warn(
+            f'mkor_optax.MultiSteps: no statistics for layer(s) {absent} on this micro-batch: '
+            'their factors are refreshed from the micro-batches of the accumulation that had '
+            'statistics for them, and left as they are when none had.', stacklevel=2)
+      # every layer with factors is handed on, marked absent when no
+      # micro-batch of the accumulation had it (its factors are then kept)
+      handed = {layer: dict(new_acc[layer], **{kr.PRESENT: new_counts[layer] > 0})
+                for layer in acc}
       handed.update({k: v for k, v in stats.items() if k not in acc})
     with kr.accumulated_stats():
       kw = dict(extra_args) if handed is None else dict(extra_args, stats=handed)
       out, inner = self._multi.update(updates, old, params, **kw)
     emitted = inner.gradient_step > old.gradient_step
     advanced = jnp.logical_or(emitted, inner.mini_step != old.mini_step)
-    keep = jax.tree.map(lambda new, prev: jnp.where(advanced, new, prev), new_acc, acc)
-    reset = jax.tree.map(lambda v: jnp.where(emitted, jnp.zeros_like(v), v), keep)
-    return out, MultiStepsState(inner, reset)
+    keep = lambda new, prev: jax.tree.map(lambda a, b: jnp.where(advanced, a, b), new, prev)
+    reset = lambda tree: jax.tree.map(lambda v: jnp.where(emitted, jnp.zeros_like(v), v), tree)
+    return out, MultiStepsState(inner, reset(keep(new_acc, acc)), reset(keep(new_counts, counts)))
 
   def has_updated(self, state: MultiStepsState) -> jax.Array:
     return self._multi.has_updated(state.inner)

@@ -115,7 +115,7 @@ def scale_by_eva(
           continue
         stat = prep.stats[k][key]
         new = jnp.where(first, stat, gamma * v + (1 - gamma) * stat)
-        out[k] = jnp.where(prep.finite, new, v)
+        out[k] = jnp.where(prep.finite & prep.present[k], new, v)
       return out
 
     a, g = ema(state.a, 'a'), ema(state.g, 'g')

@@ -149,7 +149,7 @@ def scale_by_kfac(
           continue
         stat = prep.stats[k][key].astype(jnp.float32)
         new = jnp.where(first, stat, gamma * f.astype(jnp.float32) + (1 - gamma) * stat)
-        out[k] = jnp.where(prep.finite, new, f).astype(f.dtype)
+        out[k] = jnp.where(prep.finite & prep.present[k], new, f).astype(f.dtype)
       return out
 
     a_cov, g_cov = ema(state.a_cov, 'A'), ema(state.g_cov, 'G')

@@ -270,14 +270,15 @@ def plan_layers(params, *, layouts: Optional[dict], excluded: Callable[[str], bo
   plan, ambiguous, unsupported, unknown, reshaped = {}, [], [], [], []
   for path in _module_paths(params):
     name = path_str(path)
-    if excluded(name) or (sides is not None and name not in sides[0] and name not in sides[1]):
+    if excluded(name):
       continue
     module = get_at(params, path)
     layout = layouts.get(name) or hints.get(name) or infer_layout(module, path)
     if layout is None:
       continue
     if isinstance(layout, str):
-      (ambiguous if layout == AMBIGUOUS else unsupported).append(name)
+      if sides is None:
+        (ambiguous if layout == AMBIGUOUS else unsupported).append(name)
       continue
     d = dims(np.shape(module['kernel']), layout)
     if d.has_bias and 'bias' not in module:
@@ -534,6 +535,12 @@ def identity_stack(n: int, s: int, dtype):
   return jnp.broadcast_to(jnp.eye(n, dtype=dtype), (s, n, n))
 
 
+# An optional scalar entry of a layer's statistics: False means "no statistics
+# this step" (mkor_optax.MultiSteps, for a layer no micro-batch of the
+# accumulation called), and the layer's factors are then left as they are.
+PRESENT = 'present'
+
+
 class Prepared(NamedTuple):
   """What a Kronecker-factored ``update`` starts from (see :func:`prepare`)."""
 
@@ -543,6 +550,8 @@ class Prepared(NamedTuple):
   sq_norms: dict  # path -> (S,) squared Frobenius norms of those matrices
   finite: jax.Array
   updates: object  # the incoming updates, boxes (nn.Partitioned...) kept
+  present: dict   # path -> scalar bool: False where mkor_optax.MultiSteps saw no
+                  # statistics for the layer in the whole accumulation (keep its factors)
 
 
 def prepare(updates, stats, plan: dict, excluded, who: str, axis_name: Optional[str],
@@ -564,7 +573,9 @@ def prepare(updates, stats, plan: dict, excluded, who: str, axis_name: Optional[
   # they also decide finiteness: a NaN or Inf entry makes its layer's sum NaN or Inf
   sq_norms = {k: sum(jnp.sum(jnp.square(b), axis=(1, 2)) for b in row_blocks(grads[k][0], lp.dims))
               for k, lp in plan.items()}
-  return Prepared(plan, gathered, grads, sq_norms, all_finite(gathered, sq_norms), updates)
+  present = {k: jnp.asarray(stats[k].get(PRESENT, True), bool) for k in plan}
+  return Prepared(plan, gathered, grads, sq_norms, all_finite(gathered, sq_norms), updates,
+                  present)
 
 
 def write_layers(prep: Prepared, matrices: dict):

@@ -273,8 +273,10 @@ def scale_by_mkor(
             continue
           rule = (lowrank.refresh_checked if isinstance(p, lowrank.LowRankInverse)
                   else refresh_inverse_checked)
-          out[k], reset = rule(p, vecs[k][stat], **kw)
-          flags[f'{k} ({where} side)'] = jnp.any(reset)
+          fresh, reset = rule(p, vecs[k][stat], **kw)
+          here = prep.present[k]
+          out[k] = jax.tree.map(lambda a, b: jnp.where(here, a, b), fresh, p)
+          flags[f'{k} ({where} side)'] = jnp.any(reset) & here
         new.append(out)
       return tuple(new), flags
 
