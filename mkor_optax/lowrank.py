@@ -122,7 +122,8 @@ def refresh_checked(p: LowRankInverse, v: jax.Array, *, gamma, zeta, epsilon, re
     p = orthonormalised(p)
   q = p.q.astype(jnp.float32)
   v, inv_sq = unit_statistic(v.astype(jnp.float32))
-  big = max_abs(p) > epsilon
+  top = max_abs(p)
+  big = top > epsilon
   alpha = jnp.where(big, zeta, 1.0)
   beta = jnp.where(big, 1.0 - zeta, 0.0)
   if refresh == 'blend':
@@ -140,7 +141,7 @@ def refresh_checked(p: LowRankInverse, v: jax.Array, *, gamma, zeta, epsilon, re
   new_col = jnp.where(fresh[:, None], r / jnp.where(fresh, rn, 1.0)[:, None], 0.0)
   w = jnp.concatenate([(c1[:, None] + s1) * proj, jnp.where(fresh, c1 * rn, 0.0)[:, None]], axis=-1)
   vu = c1 * jnp.sum(v * v, axis=-1) + jnp.sum(s1 * proj * proj, axis=-1)  # v^T P' v
-  kappa, lam = rank1_coefficients(vu, inv_sq, gamma, refresh)
+  kappa, lam = rank1_coefficients(vu, inv_sq, gamma, refresh, alpha * top + beta)
   diag = jnp.concatenate([kappa[:, None] * s1, jnp.zeros_like(s1[:, :1])], axis=-1)
   m = jax.vmap(jnp.diag)(diag) - lam[:, None, None] * (w[:, :, None] * w[:, None, :])
   m = 0.5 * (m + jnp.swapaxes(m, -1, -2))

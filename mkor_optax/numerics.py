@@ -70,29 +70,36 @@ def unit_statistic(v):
 
 
 # The smallest eigenvalue a rank-1 term may leave along its own direction in
-# a factor inverse (which starts at I and which the stabiliser keeps O(1)):
-# float32 resolves about 1e-7 next to O(1) entries, and what a refresh leaves
-# below that is rounding noise that later refreshes amplify by 1/gamma,
-# turning the inverse indefinite.
-MIN_EIGENVALUE = 1e-6
+# a factor inverse, relative to the inverse's largest entry (its largest
+# eigenvalue, up to the factor d): a float32 refresh of a d-wide inverse
+# rounds every entry by about 1e-7 of the largest, which moves its
+# eigenvalues by up to about d * 1e-7 of it (3e-5 for the widest dense side,
+# 255, of the default low_rank_min_dim), so an eigenvalue left below that is
+# noise that can turn the inverse indefinite. At 1e-4 the floor is a
+# condition-number cap of 1e4 on each factor: relative damping, inactive
+# for statistics of ordinary scale.
+MIN_EIGENVALUE = 1e-4
 
 
-def rank1_coefficients(vu, inv_sq, gamma, refresh: str):
+def rank1_coefficients(vu, inv_sq, gamma, refresh: str, scale=1.0):
   """``(kappa, lam)`` of ``P+ = kappa P' - lam u u^T`` for the unit statistic
   (``u = P' v_hat``, ``vu = v_hat^T u``, ``inv_sq = 1/|v|^2``): the rules of
   :func:`mkor_optax.mkor.refresh_inverse` with ``|v|^2`` divided out of
-  numerator and denominator.
+  numerator and denominator. ``scale``: an upper bound on ``P'``'s entries.
 
   Along ``v`` the refreshed inverse is about ``inv_sq / (1 - gamma)``
-  (``ema``) or ``inv_sq`` (``blend``) for a large statistic, so ``inv_sq`` is
-  floored to keep that at :data:`MIN_EIGENVALUE` or above: a statistic whose
-  squared norm exceeds ``1e6 / (1 - gamma)`` (``1e6`` for ``blend``) acts as
-  one of that norm. Real statistics stay far below it (inputs x1000 of a
-  64-wide layer give ``|a|^2 ~ 2e7``, under the ``5e7`` of ``gamma = 0.98``).
+  (``ema``) or ``inv_sq`` (``blend``) for a large statistic, and its largest
+  entry about ``scale / gamma`` (``scale``), so ``inv_sq`` is floored to keep
+  that ratio at :data:`MIN_EIGENVALUE` or above: a statistic whose squared
+  norm exceeds ``gamma / ((1 - gamma) MIN_EIGENVALUE scale)`` (``1 /
+  (MIN_EIGENVALUE scale)`` for ``blend``) acts as one of that norm (for
+  ``gamma = 0.98`` and ``P' ~ I``: ``|v|^2 > 5e5``; a 64-wide layer's mean
+  input at unit scale has ``|a|^2 ~ 10``).
   """
+  scale = jnp.maximum(scale, 0.0)
   if refresh == 'ema':
     c = (1.0 - gamma) / gamma
-    inv_sq = jnp.maximum(inv_sq, MIN_EIGENVALUE * (1.0 - gamma))
+    inv_sq = jnp.maximum(inv_sq, MIN_EIGENVALUE * c * scale)
     return jnp.broadcast_to(1.0 / gamma, vu.shape), (c / gamma) / (inv_sq + c * vu)
-  inv_sq = jnp.maximum(inv_sq, MIN_EIGENVALUE)
+  inv_sq = jnp.maximum(inv_sq, MIN_EIGENVALUE * scale)
   return jnp.ones_like(vu), 1.0 / (inv_sq + vu)

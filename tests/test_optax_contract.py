@@ -95,10 +95,11 @@ def test_inject_hyperparams_on_the_preconditioner(name):
 
 def test_inject_hyperparams_takes_dtype_names_and_static_predicates():
   opt = optax.inject_hyperparams(mkor_optax.mkor, static_args=('exclude',))(
-      learning_rate=1e-2, factor_dtype='bfloat16', exclude=lambda path: path == 'out')
+      learning_rate=1e-2, factor_dtype='bfloat16', low_rank=3, low_rank_min_dim=0,
+      exclude=lambda path: path == 'out')
   params, state = run(opt, 'mkor')
   mkor_state = state.inner_state[0]
-  assert mkor_state.r_inv['hidden'].dtype == jnp.bfloat16
+  assert mkor_state.r_inv['hidden'].q.dtype == jnp.bfloat16
   assert 'out' not in mkor_state.l_inv
 
 

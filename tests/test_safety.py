@@ -35,9 +35,16 @@ def finite(tree) -> bool:
 
 
 def min_eig(f) -> float:
-  """Smallest eigenvalue (float64) of a dense or low-rank factor inverse stack."""
-  dense = lowrank.to_dense(f) if isinstance(f, lowrank.LowRankInverse) else f
-  dense = np.asarray(jnp.asarray(dense, jnp.float32), np.float64)
+  """Smallest eigenvalue (float64) of a dense or low-rank factor inverse
+  stack; a low-rank one ``c I + Q diag(s) Q^T`` from its own form (``Q = Q_o
+  R``: the eigenvalues are ``c`` and those of ``c I + R diag(s) R^T``)."""
+  if isinstance(f, lowrank.LowRankInverse):
+    q = np.asarray(jnp.asarray(f.q, jnp.float32), np.float64)
+    c, s = np.asarray(f.c, np.float64), np.asarray(f.s, np.float64)
+    r = np.linalg.qr(q)[1]
+    core = np.einsum('sij,sj,skj->sik', r, s, r)
+    return float(min(c.min(), (c[:, None] + np.linalg.eigvalsh(core)).min()))
+  dense = np.asarray(jnp.asarray(f, jnp.float32), np.float64)
   return float(np.linalg.eigvalsh(0.5 * (dense + np.swapaxes(dense, -1, -2))).min())
 
 
@@ -208,11 +215,13 @@ def test_zeta_below_gamma_is_what_keeps_unvisited_directions_bounded():
 
 # ------------------------------------------------------------ 16-bit factors
 
-def test_bf16_dense_factors_stay_positive_definite_at_large_input_scale():
-  tx = mkor_optax.mkor(1e-2, inv_freq=1, low_rank=None, factor_dtype='bfloat16')
-  losses, params, state = train_digits(tx, 300, scale=1000.0)
-  assert finite(params) and finite(state)
-  assert min(min_eig(f) for f in mkor_factors(state)) > 0
+def test_bf16_dense_factors_are_refused_even_under_inject_hyperparams():
+  with pytest.raises(ValueError, match='only for low-rank'):
+    mkor_optax.mkor(1e-2, low_rank=None, factor_dtype='bfloat16')
+  opt = optax.inject_hyperparams(mkor_optax.mkor)(learning_rate=1e-2, factor_dtype='bfloat16',
+                                                 low_rank=2)
+  with pytest.raises(ValueError, match='only for low-rank'):  # low_rank_min_dim is an array here
+    opt.init(init_params())
 
 
 def test_bf16_low_rank_factors_stay_orthonormal_positive_definite_and_train():
@@ -519,6 +528,8 @@ def random_case(seed):
             refresh=str(rng.choice(['ema', 'blend'])), inv_freq=int(rng.integers(1, 3)),
             low_rank=int(rng.choice([2, 4])), low_rank_min_dim=int(rng.choice([0, 10 ** 6])),
             factor_dtype=str(rng.choice(['float32', 'bfloat16'])))
+  if hp['factor_dtype'] == 'bfloat16':  # 16 bits: low-rank factors only
+    hp['low_rank_min_dim'] = 0
   return rng, hp
 
 
