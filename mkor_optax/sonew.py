@@ -222,4 +222,24 @@ def sonew(
   return optax.chain(
       scale_by_sonew(b1=b1, b2=b2, damping=damping, relative_damping=relative_damping,
                      band=band, graft=graft, graft_eps=graft_eps),
-      optax.scale_by_learning_rate(learning_rate))
+      scale_by_finite_learning_rate(learning_rate, 'sonew'))
+
+
+def scale_by_finite_learning_rate(learning_rate: optax.ScalarOrSchedule,
+                                  who: str) -> optax.GradientTransformation:
+  """``optax.scale_by_learning_rate`` whose step is a zero update (with a
+  :class:`~mkor_optax.numerics.NumericalWarning`) when the learning rate (a
+  schedule's value, or an array from ``optax.inject_hyperparams``) is not
+  finite, so a bad schedule value cannot write NaN into the parameters."""
+  if kr.is_concrete(learning_rate):
+    kr.validate(learning_rate=(learning_rate, lambda v: True, ''))
+  base = optax.scale_by_learning_rate(learning_rate)
+
+  def update(updates, state, params=None):
+    out, new_state = base.update(updates, state, params)
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    ok = jnp.all(jnp.isfinite(jnp.asarray(lr, jnp.float32)))
+    numerics.report_if(~ok, f'{who}: the learning rate is not finite ({{}}): a zero update', lr)
+    return jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), out), new_state
+
+  return optax.GradientTransformation(base.init, update)
