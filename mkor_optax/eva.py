@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from mkor_optax import kronecker as kr
+from mkor_optax import sharding
 from mkor_optax.numerics import norm_ratio, safe_norm, unit_statistic
 
 
@@ -146,7 +147,7 @@ def eva(
   """Eva with a LAMB backend: ``optax.chain(scale_by_eva(...), backend)``.
   Works with ``optax.inject_hyperparams``."""
   from mkor_optax.mkor import default_backend
-  return optax.chain(
+  return sharding.on_params_mesh(optax.chain(
       scale_by_eva(damping=damping, gamma=gamma, axis_name=axis_name,
                    max_factor_dim=max_factor_dim, exclude=exclude, layouts=layouts),
-      backend or default_backend(learning_rate, weight_decay))
+      backend or default_backend(learning_rate, weight_decay)))

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from mkor_optax import kronecker as kr
+from mkor_optax import sharding
 from mkor_optax.mkor import GAMMA, LOW_RANK, LOW_RANK_MIN_DIM, MKORState, default_backend, scale_by_mkor
 
 
@@ -205,4 +206,4 @@ def mkor_h(
     updates, b_state = back.update(updates, b_state, params, **extra_args)
     return updates, (h_state, b_state)
 
-  return optax.GradientTransformationExtraArgs(chained.init, update)
+  return sharding.on_params_mesh(optax.GradientTransformationExtraArgs(chained.init, update))

@@ -128,8 +128,8 @@ def scale_by_kfac(
         {k: jnp.zeros((s, n, n), jnp.float32) for k, (n, s) in sizes.items()}, mesh)
     eyes = lambda sizes: sharding.place_factors(
         {k: kr.identity_stack(n, s, dtype) for k, (n, s) in sizes.items()}, mesh)
-    return KFACState(jnp.zeros([], jnp.int32), zeros(r_sizes), zeros(l_sizes), eyes(r_sizes),
-                     eyes(l_sizes))
+    return sharding.place_state(KFACState(jnp.zeros([], jnp.int32), zeros(r_sizes), zeros(l_sizes),
+                                          eyes(r_sizes), eyes(l_sizes)), params)
 
   def update(updates, state, params=None, *, stats=None, **extra_args):
     del params, extra_args
@@ -194,8 +194,8 @@ def kfac(
   """K-FAC with a LAMB backend: ``optax.chain(scale_by_kfac(...), backend)``,
   as :func:`mkor_optax.mkor`. Works with ``optax.inject_hyperparams``."""
   from mkor_optax.mkor import default_backend
-  return optax.chain(
+  return sharding.on_params_mesh(optax.chain(
       scale_by_kfac(damping=damping, relative_damping=relative_damping, gamma=gamma, inv_freq=inv_freq, axis_name=axis_name,
                     factor_dtype=factor_dtype, max_factor_dim=max_factor_dim,
                     shard_factors=shard_factors, exclude=exclude, layouts=layouts),
-      backend or default_backend(learning_rate, weight_decay))
+      backend or default_backend(learning_rate, weight_decay)))

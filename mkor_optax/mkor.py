@@ -269,8 +269,8 @@ def scale_by_mkor(
     eyes = lambda sizes: {k: eye(n, s) for k, (n, s) in sizes.items()}
     r_sizes, l_sizes = kr.side_sizes(plan)
     mesh = sharding.partitioned_mesh(params) if shard_factors else None
-    return MKORState(jnp.zeros([], jnp.int32), sharding.place_factors(eyes(r_sizes), mesh),
-                     sharding.place_factors(eyes(l_sizes), mesh))
+    return sharding.place_state(MKORState(jnp.zeros([], jnp.int32), sharding.place_factors(
+        eyes(r_sizes), mesh), sharding.place_factors(eyes(l_sizes), mesh)), params)
 
   def update(updates, state, params=None, *, stats=None, **extra_args):
     del params, extra_args
@@ -352,13 +352,13 @@ def mkor(
   (the backend carries its own). The other arguments are
   :func:`scale_by_mkor`'s. Works with ``optax.inject_hyperparams``.
   """
-  return optax.chain(
+  return sharding.on_params_mesh(optax.chain(
       scale_by_mkor(gamma=gamma, zeta=zeta, epsilon=epsilon, inv_freq=inv_freq, refresh=refresh,
                     axis_name=axis_name, factor_dtype=factor_dtype,
                     max_factor_dim=max_factor_dim, low_rank=low_rank,
                     low_rank_min_dim=low_rank_min_dim, shard_factors=shard_factors,
                     exclude=exclude, layouts=layouts),
-      backend or default_backend(learning_rate, weight_decay))
+      backend or default_backend(learning_rate, weight_decay)))
 
 
 def default_backend(learning_rate, weight_decay):

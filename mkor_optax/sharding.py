@@ -29,7 +29,8 @@ from typing import Optional
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+import optax
 
 from mkor_optax import lowrank
 from mkor_optax.paths import unbox
@@ -96,3 +97,37 @@ def bytes_per_device(tree) -> dict:
     for shard in leaf.addressable_shards:
       out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
   return out
+
+
+def place_state(state, params):
+  """``state`` with every leaf that sits on a single device (step counters,
+  the backend's ``count``, ``inject_hyperparams``' values) replicated over
+  the mesh of the partitioned ``params``; unchanged without such a mesh.
+
+  A freshly initialised counter is not committed to a device, so ``jit``
+  moves it as needed; the same leaf restored from a checkpoint (orbax
+  restores into the target's shardings) is committed to one device, and the
+  first step then fails with "incompatible devices". With every leaf on the
+  mesh, ``ckpt.restore(path, opt.init(params))`` gives a state that steps::
+
+      target = mkor_optax.sharding.place_state(opt.init(params), params)
+  """
+  mesh = partitioned_mesh(params)
+  if mesh is None:
+    return state
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def move(x):
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and isinstance(
+        x.sharding, SingleDeviceSharding):
+      return jax.device_put(x, replicated)
+    return x
+
+  return jax.tree.map(move, state)
+
+
+def on_params_mesh(tx):
+  """``tx`` whose ``init`` applies :func:`place_state` to the whole state
+  (the aliases' chains: the backend's counters too)."""
+  return optax.GradientTransformationExtraArgs(lambda params: place_state(tx.init(params), params),
+                                               tx.update)

@@ -516,6 +516,16 @@ def test_sharded_factor_state_restores_into_init_as_the_target(tmp_path):
   a1, _ = step(params, restored)
   a2, _ = step(params, state)
   jax.tree.map(np.testing.assert_array_equal, nn.unbox(a1), nn.unbox(a2))
+  # a chain of the user's own (here inject_hyperparams, whose values sit on one
+  # device): the README's one line places the target on the mesh
+  opt = optax.inject_hyperparams(mkor_optax.mkor)(learning_rate=1e-2, inv_freq=1)
+  state = opt.init(params)
+  ckpt.save(tmp_path / 'injected', state)
+  ckpt.wait_until_finished()
+  target = mkor_optax.sharding.place_state(opt.init(params), params)
+  restored = ckpt.restore(tmp_path / 'injected', target)
+  _, grads, stats = SH_GRAD(params, X, Y)
+  jax.jit(lambda g, s, p, st: opt.update(g, s, p, stats=st))(grads, restored, params, stats)
 
 
 # ------------------------------------------------------- property-style
