@@ -8,9 +8,11 @@ the loss (mean of the last 100 steps), the parameter norm and, for MKOR, the
 smallest eigenvalue of every factor inverse (positive definite or not):
 
 * ``bf16``: MKOR with float32, bfloat16-dense (refused: the error is shown)
-  and bfloat16 low-rank factors (refresh every step), inputs x1 and x1000;
+  and bfloat16 low-rank factors (refresh every step), inputs x1 and x1000,
+  at a constant learning rate (so the ``long`` case's LAMB drift shows here too);
 * ``long``: ``mkor(1e-2)`` against LAMB alone at a constant learning rate,
-  with and without weight decay, and with a cosine decay to 0;
+  with and without weight decay, with a stronger stabiliser, with an AdamW
+  backend against AdamW alone, and with a cosine decay to 0;
 * ``kfac_scale``: K-FAC (absolute and relative damping) against LAMB alone
   with inputs x1000;
 * ``scale1e20``: MKOR, MKOR-H and Eva fed statistics x1e20.
@@ -133,6 +135,12 @@ def case_long(steps):
         *train(optax.lamb(1e-2, weight_decay=wd), steps, kind=None)[:2])
     rows[f'MKOR, lr 1e-2 constant, wd {wd}'] = describe(*train(
         mkor_optax.mkor(1e-2, weight_decay=wd), steps)[:2])
+  rows['MKOR, lr 1e-2 constant, wd 0.01, epsilon 1.5'] = describe(*train(
+      mkor_optax.mkor(1e-2, epsilon=1.5), steps)[:2])
+  rows['AdamW alone, lr 1e-3 constant, wd 0.01'] = describe(
+      *train(optax.adamw(1e-3, weight_decay=0.01), steps, kind=None)[:2])
+  rows['MKOR + AdamW, lr 1e-3 constant, wd 0.01'] = describe(*train(
+      mkor_optax.mkor(1e-3, backend=optax.adamw(1e-3, weight_decay=0.01)), steps)[:2])
   rows['LAMB, cosine 1e-2 -> 0, wd 0.01'] = describe(
       *train(optax.lamb(cosine, weight_decay=0.01), steps, kind=None)[:2])
   rows['MKOR, cosine 1e-2 -> 0, wd 0.01'] = describe(*train(mkor_optax.mkor(cosine), steps)[:2])

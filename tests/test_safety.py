@@ -263,18 +263,17 @@ def test_statistics_scaled_1e20_keep_factors_and_updates_finite(name):
 
 # --------------------------------------------------- K-FAC at input scale
 
-def test_kfac_relative_damping_is_invariant_to_the_input_scale():
-  """With relative damping, K-FAC on inputs x1000 (and a first layer whose
-  kernel is /1000, the same function) takes the same path as on inputs x1;
-  absolute damping does not."""
-  rows = {}
+def test_kfac_at_input_scale_1000_ends_no_worse_than_lamb_alone():
+  """Inputs x1000 saturate the first tanh layer: LAMB alone at lr 1e-2 stays
+  near chance (ln 10 = 2.3). K-FAC with either damping must end finite and
+  no worse than its own backend alone (the damping is not what breaks)."""
+  lamb = train_digits(optax.lamb(1e-2, weight_decay=0.01), 300, scale=1000.0, kind=None)[0]
   for rel in (False, True):
-    for scale in (1.0, 1000.0):
-      tx = mkor_optax.kfac(1e-2, relative_damping=rel)
-      rows[rel, scale] = train_digits(tx, 200, scale=scale, kind=mkor_optax.COVARIANCE)[0]
-  lamb = train_digits(optax.lamb(1e-2, weight_decay=0.01), 200, scale=1000.0, kind=None)[0]
-  assert rows[True, 1000.0][-50:].mean() <= 1.05 * lamb[-50:].mean() + 0.02
-  assert np.all(np.isfinite(rows[False, 1000.0]))
+    losses, params, _ = train_digits(mkor_optax.kfac(1e-2, relative_damping=rel), 300,
+                                     scale=1000.0, kind=mkor_optax.COVARIANCE)
+    assert finite(params)
+    assert losses[-50:].mean() <= 1.05 * lamb[-50:].mean() + 0.02, (rel, losses[-50:].mean(),
+                                                                    lamb[-50:].mean())
 
 
 # ------------------------------------------------------------------ long run
