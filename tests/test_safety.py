@@ -288,6 +288,19 @@ def test_mkor_long_constant_lr_run_ends_no_worse_than_lamb():
   assert norm(mk_p) <= 1.5 * norm(lamb_p), (norm(mk_p), norm(lamb_p))
 
 
+def test_the_documented_long_run_remedy_ends_below_lamb_at_10000_steps():
+  """README: past ~8,000 constant-lr steps the default drifts; epsilon=1.5
+  (a lower bound on the inverse's largest entry) and a cosine schedule do not."""
+  steps = 10000
+  lamb = train_digits(optax.lamb(1e-2, weight_decay=0.01), steps, kind=None)[0][-100:].mean()
+  eps = train_digits(mkor_optax.mkor(1e-2, epsilon=1.5), steps)[0][-100:].mean()
+  assert eps < lamb, (eps, lamb)
+  cosine = optax.cosine_decay_schedule(1e-2, steps)
+  lamb_c = train_digits(optax.lamb(cosine, weight_decay=0.01), steps, kind=None)[0][-100:].mean()
+  mk_c = train_digits(mkor_optax.mkor(cosine), steps)[0][-100:].mean()
+  assert mk_c < lamb_c, (mk_c, lamb_c)
+
+
 # ------------------------------------------------------ state lacks a layer
 
 @pytest.mark.parametrize('name', ['mkor', 'kfac', 'eva'])
