@@ -1,18 +1,21 @@
 """Bit-for-bit training trajectories of every method, to check that a refactor
 changes no number.
 
-    python benchmarks/trajectories.py --save results/trajectories.npz   # before
-    python benchmarks/trajectories.py --check results/trajectories.npz  # after
+    python benchmarks/trajectories.py --save results/trajectories.json   # before
+    python benchmarks/trajectories.py --check results/trajectories.json  # after
 
 Each case trains a small linen model (a Conv, a wide Dense that gets
 low-rank factors, a Dense head) for a few jitted steps and records the loss,
-the parameters and every array of the optimizer state after each step.
-``--check`` exits 1 and names the first case and leaf whose bytes differ.
+the parameters and every array of the optimizer state after each step, as
+a SHA-256 of its bytes (with dtype and shape). ``--check`` exits 1 and names
+the first case and leaf whose bytes differ.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 
 import flax.linen as nn
@@ -81,6 +84,10 @@ def run_linen(tx, kind, extra):
       kw['value'] = loss
     if extra.get('value_fn'):
       kw['value_fn'] = lambda p: loss_fn(p, x, y)
+      kw['grad'] = g
+      kw['curvature'] = mkor_optax.gauss_newton(
+          lambda p: Net().apply({'params': p}, x),
+          lambda out: optax.softmax_cross_entropy_with_integer_labels(out, y).mean())
     u, state = tx.update(g, state, params, **kw)
     return optax.apply_updates(params, u), state, loss
 
@@ -128,7 +135,8 @@ def flatten(name, traj) -> dict:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     for path, leaf in leaves:
       key = f'{name}/{t}/{jax.tree_util.keystr(path)}'
-      flat[key] = np.asarray(jax.device_get(leaf))
+      a = np.ascontiguousarray(jax.device_get(leaf))
+      flat[key] = f'{a.dtype}{list(a.shape)}:{hashlib.sha256(a.tobytes()).hexdigest()[:24]}'
   return flat
 
 
@@ -150,24 +158,23 @@ def main(argv=None):
   args = ap.parse_args(argv)
   flat = record()
   if args.save:
-    np.savez_compressed(args.save, **flat)
-    print(f'{len(flat)} arrays saved to {args.save}')
+    with open(args.save, 'w') as f:
+      json.dump(flat, f, indent=0, sort_keys=True)
+    print(f'{len(flat)} arrays recorded in {args.save}')
     return 0
-  want = np.load(args.check)
-  missing = sorted(set(want.files) - set(flat))
-  extra = sorted(set(flat) - set(want.files))
+  with open(args.check) as f:
+    want = json.load(f)
+  missing = sorted(set(want) - set(flat))
+  extra = sorted(set(flat) - set(want))
   if missing or extra:
     print(f'leaf sets differ: missing {missing[:5]}, new {extra[:5]}')
     return 1
-  for key in want.files:
-    a, b = want[key], flat[key]
-    if a.dtype != b.dtype or a.shape != b.shape or a.tobytes() != b.tobytes():
-      print(f'first difference: {key}: max |diff| '
-            f'{np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))) if a.shape == b.shape else "shape"}')
+  for key in sorted(want, key=lambda k: (k.split('/')[0], int(k.split('/')[1]), k)):
+    if want[key] != flat[key]:
+      print(f'first difference: {key}: {want[key]} != {flat[key]}')
       return 1
-  print(f'all {len(want.files)} arrays equal bit for bit')
+  print(f'all {len(want)} arrays equal bit for bit')
   return 0
-
 
 if __name__ == '__main__':
   sys.exit(main())
