@@ -67,7 +67,7 @@ def min_eigenvalue(state) -> float:
   for node in jax.tree.leaves(state, is_leaf=is_mkor):
     if not is_mkor(node):
       continue
-    for side in (node.r_inv, node.l_inv):
+    for side in (node.input_side, node.output_side):
       for f in side.values():
         dense = lowrank.to_dense(f) if isinstance(f, lowrank.LowRankInverse) else f
         dense = np.asarray(jnp.asarray(dense, jnp.float32), np.float64)

@@ -150,6 +150,29 @@ def record() -> dict:
   return flat
 
 
+def check_renamed(want: dict, flat: dict) -> int:
+  """State fields were renamed or regrouped: compare, per case and step, the
+  multiset of array hashes (every array equal bit for bit, wherever it sits)."""
+  def groups(d):
+    out: dict = {}
+    for k, v in d.items():
+      case, step = k.split('/')[:2]
+      out.setdefault((case, int(step)), []).append(v)
+    return {k: sorted(v) for k, v in out.items()}
+  a, b = groups(want), groups(flat)
+  if set(a) != set(b):
+    print(f'cases or steps differ: {sorted(set(a) ^ set(b))[:5]}')
+    return 1
+  for key in sorted(a):
+    if a[key] != b[key]:
+      lost = sorted(set(a[key]) - set(b[key]))
+      print(f'first difference: case {key[0]} step {key[1]}: {len(lost)} recorded arrays not '
+            f'produced now, e.g. {lost[:2]}')
+      return 1
+  print(f'all {len(want)} arrays equal bit for bit (paths renamed: compared per case and step)')
+  return 0
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   group = ap.add_mutually_exclusive_group(required=True)
@@ -164,11 +187,8 @@ def main(argv=None):
     return 0
   with open(args.check) as f:
     want = json.load(f)
-  missing = sorted(set(want) - set(flat))
-  extra = sorted(set(flat) - set(want))
-  if missing or extra:
-    print(f'leaf sets differ: missing {missing[:5]}, new {extra[:5]}')
-    return 1
+  if set(want) != set(flat):
+    return check_renamed(want, flat)
   for key in sorted(want, key=lambda k: (k.split('/')[0], int(k.split('/')[1]), k)):
     if want[key] != flat[key]:
       print(f'first difference: {key}: {want[key]} != {flat[key]}')

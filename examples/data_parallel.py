@@ -146,9 +146,9 @@ def run_sharded(params, data, steps):
     p, s, loss = step(p, s, glob(x, P()), glob(y, P()))
   from mkor_optax.sharding import bytes_per_device
   mkor_state = s[0]
-  per_device = bytes_per_device((mkor_state.r_inv, mkor_state.l_inv))
+  per_device = bytes_per_device((mkor_state.input_side, mkor_state.output_side))
   total = sum(np.prod(v.shape) * v.dtype.itemsize
-              for v in jax.tree.leaves((mkor_state.r_inv, mkor_state.l_inv)))
+              for v in jax.tree.leaves((mkor_state.input_side, mkor_state.output_side)))
   print(f'factor state: {total} bytes in all, at most {max(per_device.values())} on one of this '
         f"process's {len(per_device)} devices")
   if max(per_device.values()) > 0.5 * total:

@@ -6,7 +6,7 @@ from mkor_optax.capture import (COVARIANCE, RANK1, Covariance, StatKind, layer_l
 from mkor_optax.eva import EvaState, eva, scale_by_eva
 from mkor_optax.hybrid import MKORHState, mkor_h, scale_by_mkor_h
 from mkor_optax.kfac import KFACState, kfac, scale_by_kfac
-from mkor_optax.kronecker import Layout
+from mkor_optax.layout import Layout
 from mkor_optax.layers import LayerCall, register_layer
 from mkor_optax.mkor import MKORState, mkor, scale_by_mkor
 from mkor_optax import nnx  # noqa: E402 (NNX capture: mkor_optax.nnx.value_and_grad)

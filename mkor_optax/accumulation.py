@@ -25,10 +25,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mkor_optax import kronecker as kr
-from mkor_optax.eva import EvaState
-from mkor_optax.kfac import KFACState
-from mkor_optax.mkor import MKORState
+from mkor_optax import checks
+from mkor_optax.kronecker import stats_template
 
 
 class MultiStepsState(NamedTuple):
@@ -40,31 +38,6 @@ class MultiStepsState(NamedTuple):
   inner: optax.MultiStepsState
   acc_stats: dict
   acc_counts: dict
-
-
-def stats_template(opt_state) -> dict:
-  """Zero statistics, ``{layer: {name: (S, ...)}}``, for every layer that a
-  transform of this library holds factors for somewhere in ``opt_state``."""
-  out: dict = {}
-
-  def add(layer, name, shape):
-    out.setdefault(layer, {})[name] = jnp.zeros(shape, jnp.float32)
-
-  is_ours = lambda x: isinstance(x, (MKORState, KFACState, EvaState))
-  for node in jax.tree.leaves(opt_state, is_leaf=is_ours):
-    if isinstance(node, MKORState):
-      sides = ((node.r_inv, 'a'), (node.l_inv, 'g'))
-    elif isinstance(node, EvaState):
-      sides = ((node.a, 'a'), (node.g, 'g'))
-    elif isinstance(node, KFACState):
-      sides = ((node.a_cov, 'A'), (node.g_cov, 'G'))
-    else:
-      continue
-    for factors, name in sides:
-      for layer, f in factors.items():
-        shape = f.shape if name in ('A', 'G') else f.shape[:2]
-        add(layer, name, shape)
-  return out
 
 
 class MultiSteps:
@@ -86,7 +59,7 @@ class MultiSteps:
       raise ValueError('mkor_optax.MultiSteps: use_grad_mean=False would sum the statistics '
                        'over micro-batches, which no statistic kind means; keep it True.')
     if not callable(every_k_schedule):
-      kr.validate(every_k_schedule=(every_k_schedule, None, ''))
+      checks.validate(every_k_schedule=(every_k_schedule, None, ''))
     self._multi = optax.MultiSteps(opt, every_k_schedule, use_grad_mean, should_skip_update_fn)
 
   @property
@@ -124,10 +97,10 @@ class MultiSteps:
             'statistics for them, and left as they are when none had.', stacklevel=2)
       # every layer with factors is handed on, marked absent when no
       # micro-batch of the accumulation had it (its factors are then kept)
-      handed = {layer: dict(new_acc[layer], **{kr.PRESENT: new_counts[layer] > 0})
+      handed = {layer: dict(new_acc[layer], **{checks.PRESENT: new_counts[layer] > 0})
                 for layer in acc}
       handed.update({k: v for k, v in stats.items() if k not in acc})
-    with kr.accumulated_stats():
+    with checks.accumulated_stats():
       kw = dict(extra_args) if handed is None else dict(extra_args, stats=handed)
       out, inner = self._multi.update(updates, old, params, **kw)
     emitted = inner.gradient_step > old.gradient_step

@@ -14,7 +14,7 @@ layer called several times pools all its calls: the cotangents of a shared
 input add up.
 
 A *statistic kind* (:class:`StatKind`) decides what the dummy holds. The
-rank-1 kind used by MKOR (SPEC 1.1) collects, per layer,
+rank-1 kind used by MKOR (Mohammadi et al. 2023, arXiv:2306.01685) collects, per layer,
 
     a = (1/N) sum_rows x_row            (with a trailing 1 when there is a bias)
     g = s * sum_rows dL/dy_row          (s = 1 dense, 1/P conv)
@@ -27,7 +27,6 @@ gradient. Other kinds (full covariances for K-FAC) plug in with their own
 from __future__ import annotations
 
 import functools
-import sys
 import threading
 from typing import Callable, NamedTuple
 
@@ -36,78 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mkor_optax import kronecker as kr
+from mkor_optax import checks
 from mkor_optax import layers as layers_lib
-from mkor_optax.kronecker import Layout
+from mkor_optax.layout import Layout
 from mkor_optax.paths import DELETE, get_at, path_str, set_at, unbox
 
-TAP = '__mkor_tap__'
-
-
-class LayerInfo(NamedTuple):
-  """A captured layer as seen by one trace of the model."""
-
-  path: tuple
-  kernel_shape: tuple  # as the layer saw it (per layer under nn.scan)
-  d_in: int
-  d_out: int
-  out_ndim: int
-  has_bias: bool
-
-
-class StatKind:
-  """What a tap collects. Subclass and override all four methods.
-
-  ``zeros(info)`` gives the dummy (a dict of float32 arrays) for one layer;
-  ``forward(call)`` computes, from a :class:`~mkor_optax.layers.LayerCall`,
-  the forward-pass part as a dict; ``backward(fwd, dy_rows, g_scale, devices)``
-  returns a dict with the dummy's structure (its cotangent) from the forward
-  part and the output gradient rows ``(rows, d_out)``; ``devices`` is the
-  number of ``shard_map`` devices the batch is split over (1 elsewhere), whose
-  loss there is the ``pmean`` of the per-device losses; ``finalize(ct, info)``
-  turns the summed cotangent (leading stacking axes possible) into the
-  statistics. Cotangents of a replicated dummy are summed over devices.
-  """
-
-  def zeros(self, info: LayerInfo) -> dict:
-    raise NotImplementedError
-
-  def forward(self, call: layers_lib.LayerCall) -> dict:
-    raise NotImplementedError
-
-  def backward(self, fwd: dict, dy_rows: jax.Array, g_scale: float, devices: int) -> dict:
-    raise NotImplementedError
-
-  def finalize(self, ct: dict, info: LayerInfo) -> dict:
-    raise NotImplementedError
-
-
-class Rank1(StatKind):
-  """MKOR's and Eva's statistics: the mean input ``a`` and output gradient ``g``."""
-
-  def zeros(self, info):
-    return {'input_sum': jnp.zeros((info.d_in,), jnp.float32),
-            'rows': jnp.zeros((), jnp.float32),
-            'g': jnp.zeros((info.d_out,), jnp.float32)}
-
-  def forward(self, call):
-    return {'input_sum': call.sum_of_inputs(), 'rows': jnp.asarray(call.rows, jnp.float32)}
-
-  def backward(self, fwd, dy_rows, g_scale, devices):
-    del devices  # linear in dy: the sum over devices is already the global statistic
-    g = g_scale * jnp.sum(dy_rows.astype(jnp.float32), axis=0)
-    return {'input_sum': fwd['input_sum'], 'rows': fwd['rows'], 'g': g}
-
-  def finalize(self, ct, info):
-    rows = jnp.maximum(ct['rows'], 1.0)[..., None]
-    a = ct['input_sum'] / rows
-    if info.has_bias:
-      a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
-    return {'a': a, 'g': ct['g']}
-
-
-RANK1 = Rank1()
-
+from mkor_optax.tap import COVARIANCE, RANK1, TAP, Covariance, LayerInfo, Rank1, StatKind, tap  # noqa: F401 (re-exported)
 
 _active = threading.local()  # [module, re-entered] for the layer calls in progress
 
@@ -145,36 +78,10 @@ def _make_interceptor(mode: str, record: dict, kind: StatKind):
       # a call with another parameter tree (a teacher, a frozen copy): not ours
       return y
     record.setdefault('tapped', set()).add(path)
-    return _tap(module.get_variable('params', TAP), y, kind.forward(call), kind,
+    return tap(module.get_variable('params', TAP), y, kind.forward(call), kind,
                 call.out_ndim, call.g_scale)
 
   return interceptor
-
-
-def _tap(dummy, y, fwd, kind, out_ndim, g_scale):
-  """Identity on ``y``; the cotangent of ``dummy`` is the layer's statistic."""
-  axes = layers_lib.varying_axes(y)
-  devices = int(np.prod([jax.lax.axis_size(a) for a in axes]))
-  dummy = {k: dummy[k] for k in dummy}  # a plain dict even inside FrozenDict params
-  dummy, fwd = layers_lib.cast_varying((dummy, fwd), axes)
-
-  @jax.custom_vjp
-  def tap(dummy, y, fwd):
-    del dummy, fwd
-    return y
-
-  def tap_fwd(dummy, y, fwd):
-    del dummy
-    return y, fwd
-
-  def tap_bwd(fwd, ct_y):
-    d_out = int(np.prod(ct_y.shape[ct_y.ndim - out_ndim:]))
-    ct_dummy = kind.backward(fwd, ct_y.reshape(-1, d_out), g_scale, devices)
-    ct_fwd = jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), fwd)
-    return layers_lib.cast_varying(ct_dummy, axes), ct_y, layers_lib.cast_varying(ct_fwd, axes)
-
-  tap.defvjp(tap_fwd, tap_bwd)
-  return tap(dummy, y, fwd)
 
 
 def discover(fun: Callable, params, *args, **kwargs) -> dict:
@@ -241,9 +148,46 @@ def untapped(params):
   return strip(params)
 
 
-def _is_nnx_module(x) -> bool:
-  nnx = sys.modules.get('flax.nnx')
-  return nnx is not None and isinstance(x, nnx.Module)
+# (predicate on the differentiated argument, value_and_grad for it): the NNX
+# capture registers itself here, so this module does not import it.
+_MODEL_CAPTURES: list = []
+
+
+def register_model_capture(is_model: Callable[[object], bool], capture: Callable):
+  """Hands ``value_and_grad`` of arguments for which ``is_model`` holds to
+  ``capture(fun, argnums, has_aux, kind=kind)`` (the NNX capture uses this)."""
+  if (is_model, capture) not in _MODEL_CAPTURES:
+    _MODEL_CAPTURES.append((is_model, capture))
+
+
+def _with_taps(params, infos: dict, kind):
+  """``params`` with a zero dummy next to each located layer's kernel, and
+  ``{path: (prefix, info)}`` of those layers."""
+  tapped, tapped_params = {}, params
+  for path, info in infos.items():
+    where = _locate(params, info)
+    if where is None:
+      continue
+    prefix, stack = where
+    dummy = jax.tree.map(lambda z: jnp.zeros(stack + z.shape, z.dtype), kind.zeros(info))
+    tapped_params = set_at(tapped_params, prefix + path + (TAP,), dummy)
+    tapped[path] = (prefix, info)
+  return tapped_params, tapped
+
+
+def _check_outcome(tapped: dict, seen: set, loss):
+  missing = sorted(path_str(p) for p in tapped if p not in seen)
+  if missing:
+    raise ValueError(
+        f'could not capture statistics for layer(s) {missing}: their parameters did not '
+        'reach the layer with the capture tap. Pass params to apply unchanged as '
+        "{'params': params}; for nn.scan/nn.vmap stack 'params' (variable_axes={'params': 0}).")
+  local = layers_lib.varying_axes(loss)
+  if local:
+    raise ValueError(
+        f'under shard_map the loss differs between devices along {sorted(local)}: make it the '
+        f'mean over devices, lax.pmean(local_loss, {sorted(local)[0]!r}), so that gradients '
+        'and statistics are those of the whole batch.')
 
 
 def value_and_grad(fun: Callable, argnums: int = 0, has_aux: bool = False, *,
@@ -282,7 +226,7 @@ def value_and_grad(fun: Callable, argnums: int = 0, has_aux: bool = False, *,
       under ``shard_map``, for a loss that is not the same on every device
       (not ``lax.pmean``-ed), whose statistics and gradients would be wrong.
   """
-  if not kr.is_int(argnums):
+  if not checks.is_int(argnums):
     raise TypeError(f'value_and_grad: argnums must be an int (one parameter tree), got {argnums!r}')
 
   @functools.wraps(fun)
@@ -291,22 +235,11 @@ def value_and_grad(fun: Callable, argnums: int = 0, has_aux: bool = False, *,
       raise TypeError(f'value_and_grad: argnums={argnums} but only {len(args)} positional '
                       'argument(s) were given')
     params = args[argnums]
-    if _is_nnx_module(params):  # an NNX model: mkor_optax.nnx.value_and_grad
-      from mkor_optax import nnx as nnx_capture  # noqa: PLC0415
-      return nnx_capture.value_and_grad(fun, argnums, has_aux, kind=kind)(*args, **kwargs)
+    for is_model, capture in _MODEL_CAPTURES:  # an NNX model: mkor_optax.nnx.value_and_grad
+      if is_model(params):
+        return capture(fun, argnums, has_aux, kind=kind)(*args, **kwargs)
     call = lambda p: fun(*args[:argnums], p, *args[argnums + 1:], **kwargs)
-    infos = discover(call, params)
-    tapped = {}
-    tapped_params = params
-    for path, info in infos.items():
-      where = _locate(params, info)
-      if where is None:
-        continue
-      prefix, stack = where
-      dummy = jax.tree.map(lambda z: jnp.zeros(stack + z.shape, z.dtype), kind.zeros(info))
-      tapped_params = set_at(tapped_params, prefix + path + (TAP,), dummy)
-      tapped[path] = (prefix, info)
-
+    tapped_params, tapped = _with_taps(params, discover(call, params), kind)
     record: dict = {}
 
     def inner(p):
@@ -323,20 +256,7 @@ def value_and_grad(fun: Callable, argnums: int = 0, has_aux: bool = False, *,
           ) from e
 
     value, grads = jax.value_and_grad(inner, has_aux=has_aux)(tapped_params)
-    seen = record.get('tapped', set())
-    missing = sorted(path_str(p) for p in tapped if p not in seen)
-    if missing:
-      raise ValueError(
-          f'could not capture statistics for layer(s) {missing}: their parameters did not '
-          'reach the layer with the capture tap. Pass params to apply unchanged as '
-          "{'params': params}; for nn.scan/nn.vmap stack 'params' (variable_axes={'params': 0}).")
-    loss = value[0] if has_aux else value
-    local = layers_lib.varying_axes(loss)
-    if local:
-      raise ValueError(
-          f'under shard_map the loss differs between devices along {sorted(local)}: make it the '
-          f'mean over devices, lax.pmean(local_loss, {sorted(local)[0]!r}), so that gradients '
-          'and statistics are those of the whole batch.')
+    _check_outcome(tapped, record.get('tapped', set()), value[0] if has_aux else value)
     stats = {}
     for path, (prefix, info) in tapped.items():
       stats[path_str(prefix + path)] = kind.finalize(get_at(grads, prefix + path + (TAP,)), info)
@@ -344,69 +264,3 @@ def value_and_grad(fun: Callable, argnums: int = 0, has_aux: bool = False, *,
     return value, grads, stats
 
   return wrapped
-
-
-class Covariance(StatKind):
-  """K-FAC's statistics: full second moments of inputs and output gradients.
-
-      A = (1/R) sum_rows x_aug x_aug^T          (x_aug = [x, 1] with a bias)
-      G = (1/R) sum_rows h h^T,  h = n * dL/dy_row
-
-  ``R`` rows, ``n = R * g_scale`` examples (``R/P`` for a convolution), so
-  ``h`` is the per-example loss gradient for a loss that is a mean over
-  examples. A layer called several times averages ``G`` over its calls. A
-  side larger than ``max_dim`` is not collected (it is preconditioned by the
-  identity: keep ``max_dim`` equal to the transform's ``max_factor_dim``).
-  """
-
-  def __init__(self, max_dim: int = 4096):
-    self.max_dim = max_dim
-
-  def _sides(self, d_in_aug, d_out):
-    return d_in_aug <= self.max_dim, d_out <= self.max_dim
-
-  def zeros(self, info):
-    d_in = info.d_in + int(info.has_bias)
-    has_a, has_g = self._sides(d_in, info.d_out)
-    out = {'rows': jnp.zeros((), jnp.float32), 'calls': jnp.zeros((), jnp.float32)}
-    if has_a:
-      out['xx'] = jnp.zeros((d_in, d_in), jnp.float32)
-    if has_g:
-      out['hh'] = jnp.zeros((info.d_out, info.d_out), jnp.float32)
-    return out
-
-  def forward(self, call):
-    d_out = int(np.prod(call.kernel_shape[len(call.kernel_shape) - call.out_ndim:]))
-    d_in = int(np.prod(call.kernel_shape)) // d_out + int(call.has_bias)
-    has_a, _ = self._sides(d_in, d_out)
-    out = {'rows': jnp.asarray(call.rows, jnp.float32),
-           'n': jnp.asarray(call.rows * call.g_scale, jnp.float32)}
-    if has_a:
-      x = call.input_rows()
-      if call.has_bias:
-        x = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)
-      out['xx'] = x.T @ x
-    return out
-
-  def backward(self, fwd, dy_rows, g_scale, devices):
-    # Under shard_map dL/dy carries the pmean's 1/devices: undo it, so h is the
-    # per-example gradient; the sums over devices of hh and of calls then
-    # average G over devices.
-    out = {'rows': fwd['rows'], 'calls': jnp.ones_like(fwd['rows'])}
-    if 'xx' in fwd:
-      out['xx'] = fwd['xx']
-    if dy_rows.shape[-1] <= self.max_dim:
-      h = dy_rows.astype(jnp.float32) * (fwd['n'] * devices)
-      out['hh'] = (h.T @ h) / fwd['rows']
-    return out
-
-  def finalize(self, ct, info):
-    out = {}
-    if 'xx' in ct:
-      out['A'] = ct['xx'] / jnp.maximum(ct['rows'], 1.0)[..., None, None]
-    if 'hh' in ct:
-      out['G'] = ct['hh'] / jnp.maximum(ct['calls'], 1.0)[..., None, None]
-    return out
-
-
-COVARIANCE = Covariance()

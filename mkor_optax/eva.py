@@ -1,8 +1,7 @@
 """Eva: Kronecker-vector preconditioning from the rank-1 statistics only.
 
 Zhang, Li, Chu, Wang (2023), *Eva: A General Vectorized Approximation
-Framework for Second-order Optimization*, ICLR 2023, arXiv:2308.02123
-(SPEC section 3).
+Framework for Second-order Optimization*, ICLR 2023, arXiv:2308.02123.
 
 Per second-order layer, with the rank-1 ``a`` and ``g`` of
 ``mkor_optax.value_and_grad`` (the same statistics as MKOR), keep only their
@@ -28,17 +27,24 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mkor_optax import checks
 from mkor_optax import kronecker as kr
-from mkor_optax import sharding
 from mkor_optax.numerics import norm_ratio, safe_norm, unit_statistic
 
 
 class EvaState(NamedTuple):
-  """``count``; per layer path the EMAs ``a`` ``(S, d_in+1)`` and ``g`` ``(S, d_out)``."""
+  """Eva's state.
+
+  Attributes:
+    count: ``()`` int32, updates done.
+    input_side: layer path -> ``(S, d_in + 1)`` float32, the EMA of ``a``.
+    output_side: layer path -> ``(S, d_out)`` float32, the EMA of ``g``.
+  """
 
   count: jax.Array
-  a: dict
-  g: dict
+  input_side: dict
+  output_side: dict
+  KIND = 'RANK1'
 
 
 def kronecker_vector_precondition(grad, a, g, damping):
@@ -65,12 +71,33 @@ def kronecker_vector_precondition(grad, a, g, damping):
   return (grad - g_g[:, :, None] * g[:, None, :]) / damping
 
 
+def eva_rule(*, damping, gamma) -> kr.FactorRule:
+  """Eva's :class:`~mkor_optax.kronecker.FactorRule`: EMAs of ``a`` and ``g``,
+  the Kronecker-vector inverse, one joint rescale of all layers."""
+
+  def init_side(width, n_stack):
+    return jnp.zeros((n_stack, width), jnp.float32)
+
+  def precondition(sides, prep):
+    a, g = sides
+    pre = {k: kronecker_vector_precondition(m, a.get(k), g.get(k), damping)
+           for k, (_, m) in prep.grads.items()}
+    if not pre:
+      return {}
+    # one rescale of all preconditioned layers together, overflow-safe
+    joint = lambda ms: jnp.stack([safe_norm(m) for m in ms])
+    scale = norm_ratio(joint([m for _, m in prep.grads.values()]), joint(list(pre.values())))
+    return {k: u * scale for k, u in pre.items()}
+
+  return kr.FactorRule(init_side, lambda sides, prep: kr.ema_sides(sides, prep, gamma), precondition)
+
+
 def scale_by_eva(
     *,
     damping: float = 0.03,
     gamma: float = 0.95,
     axis_name: Optional[str] = None,
-    max_factor_dim: int = 4096,
+    max_factor_dim: int = kr.MAX_FACTOR_DIM,
     exclude: kr.Exclude = None,
     layouts: Optional[dict] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -86,50 +113,14 @@ def scale_by_eva(
     An ``optax.GradientTransformationExtraArgs``; ``update(grads, state,
     params=None, *, stats)`` with the rank-1 ``stats``.
   """
-  kr.validate(
+  checks.validate(
       damping=(damping, lambda v: v > 0, 'must be > 0'),
-      **kr.common_checks(gamma=gamma, inv_freq=1, max_factor_dim=max_factor_dim),
+      **checks.common_checks(gamma=gamma, inv_freq=1, max_factor_dim=max_factor_dim),
   )
-  excluded = kr.exclude_predicate(exclude)
-
-  def init(params):
-    plan = kr.plan_layers(params, layouts=layouts, excluded=excluded,
-                          max_factor_dim=max_factor_dim, who='scale_by_eva')
-    r_sizes, l_sizes = kr.side_sizes(plan)
-    zeros = lambda sizes: {k: jnp.zeros((s, n), jnp.float32) for k, (n, s) in sizes.items()}
-    return EvaState(jnp.zeros([], jnp.int32), zeros(r_sizes), zeros(l_sizes))
-
-  def update(updates, state, params=None, *, stats=None, **extra_args):
-    del params, extra_args
-    plan = kr.plan_layers(updates, layouts=layouts, excluded=excluded,
-                          max_factor_dim=max_factor_dim, sides=(state.a, state.g), who='scale_by_eva')
-    prep = kr.prepare(updates, stats, plan, excluded, 'scale_by_eva', axis_name)
-    first = state.count == 0
-    kr.report_if(~prep.finite, 'scale_by_eva: non-finite gradients or statistics: '
-                 'the statistics EMAs are left as they were')
-
-    def ema(old, key):
-      out = {}
-      for k, v in old.items():
-        if k not in prep.stats:
-          out[k] = v
-          continue
-        stat = prep.stats[k][key]
-        new = jnp.where(first, stat, gamma * v + (1 - gamma) * stat)
-        out[k] = jnp.where(prep.finite & prep.present[k], new, v)
-      return out
-
-    a, g = ema(state.a, 'a'), ema(state.g, 'g')
-    pre = {k: kronecker_vector_precondition(gm, a.get(k), g.get(k), damping)
-           for k, (_, gm) in prep.grads.items()}
-    out = {}
-    if pre:  # one rescale of all preconditioned layers together, overflow-safe
-      joint = lambda ms: jnp.stack([safe_norm(m) for m in ms])
-      scale = norm_ratio(joint([gm for _, gm in prep.grads.values()]), joint(list(pre.values())))
-      out = {k: u * scale for k, u in pre.items()}
-    return kr.write_layers(prep, out), EvaState(kr.increment(state.count), a, g)
-
-  return optax.GradientTransformationExtraArgs(init, update)
+  return kr.scale_by_kronecker(eva_rule(damping=damping, gamma=gamma), EvaState,
+                               who='scale_by_eva', kind='RANK1', axis_name=axis_name,
+                               max_factor_dim=max_factor_dim, exclude=exclude, layouts=layouts,
+                               guarded='the statistics EMAs are left as they were')
 
 
 def eva(
@@ -140,14 +131,13 @@ def eva(
     damping: float = 0.03,
     gamma: float = 0.95,
     axis_name: Optional[str] = None,
-    max_factor_dim: int = 4096,
+    max_factor_dim: int = kr.MAX_FACTOR_DIM,
     exclude: kr.Exclude = None,
     layouts: Optional[dict] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Eva with a LAMB backend: ``optax.chain(scale_by_eva(...), backend)``.
   Works with ``optax.inject_hyperparams``."""
-  from mkor_optax.mkor import default_backend
-  return sharding.on_params_mesh(optax.chain(
+  return kr.with_backend(
       scale_by_eva(damping=damping, gamma=gamma, axis_name=axis_name,
                    max_factor_dim=max_factor_dim, exclude=exclude, layouts=layouts),
-      backend or default_backend(learning_rate, weight_decay)))
+      backend, learning_rate, weight_decay)

@@ -1,7 +1,7 @@
 """MKOR-H: MKOR until second-order steps stop paying, then first-order for good.
 
-SPEC section 2; the MKOR paper (arXiv:2306.01685) switches MKOR off by hand
-once the loss flattens. The rule here, evaluated inside the jitted update
+The MKOR paper (Mohammadi et al. 2023, arXiv:2306.01685) switches MKOR off by
+hand once the loss flattens; MKOR-H makes the switch itself. The rule here, evaluated inside the jitted update
 from the loss passed as optax's extra argument ``value=``:
 
 * keep an EMA of the loss, ``m_t = beta m_{t-1} + (1 - beta) loss_t``,
@@ -34,9 +34,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mkor_optax import checks, sharding
 from mkor_optax import kronecker as kr
-from mkor_optax import sharding
-from mkor_optax.mkor import GAMMA, LOW_RANK, LOW_RANK_MIN_DIM, MKORState, default_backend, scale_by_mkor
+from mkor_optax.mkor import (EPSILON, GAMMA, LOW_RANK, LOW_RANK_MIN_DIM, ZETA, MKORState, mkor_args,
+                             scale_by_mkor)
 
 
 class MKORHState(NamedTuple):
@@ -64,13 +65,13 @@ def scale_by_mkor_h(
     patience: int = 2,
     beta: float = 0.9,
     gamma: float = GAMMA,
-    zeta: float = 0.9,
-    epsilon: float = 2.0,
-    inv_freq: int = 10,
+    zeta: float = ZETA,
+    epsilon: float = EPSILON,
+    inv_freq: int = kr.INV_FREQ,
     refresh: str = 'ema',
     axis_name: Optional[str] = None,
     factor_dtype: Any = None,
-    max_factor_dim: int = 4096,
+    max_factor_dim: int = kr.MAX_FACTOR_DIM,
     low_rank: Optional[int] = LOW_RANK,
     low_rank_min_dim: int = LOW_RANK_MIN_DIM,
     shard_factors: bool = True,
@@ -98,17 +99,13 @@ def scale_by_mkor_h(
     ``update(grads, state, params=None, *, stats, value)`` with ``value`` the
     step's loss.
   """
-  kr.validate(
+  checks.validate(
       window=(window, None, ''),
       threshold=(threshold, lambda v: 0.0 < v < 1.0, 'must be in (0, 1)'),
       patience=(patience, None, ''),
       beta=(beta, lambda v: 0.0 <= v < 1.0, 'must be in [0, 1)'),
   )
-  inner = scale_by_mkor(gamma=gamma, zeta=zeta, epsilon=epsilon, inv_freq=inv_freq,
-                        refresh=refresh, axis_name=axis_name, factor_dtype=factor_dtype,
-                        max_factor_dim=max_factor_dim, low_rank=low_rank,
-                        low_rank_min_dim=low_rank_min_dim, shard_factors=shard_factors,
-                        exclude=exclude, layouts=layouts)
+  inner = scale_by_mkor(**mkor_args(locals()))
 
   def init(params):
     f32 = lambda v: jnp.asarray(v, jnp.float32)
@@ -136,7 +133,7 @@ def scale_by_mkor_h(
     level = ema / (1 - beta ** jnp.maximum(seen, 1).astype(jnp.float32))
     first = jnp.logical_and(finite, state.finite_count == 0)
     window_start = jnp.where(first, loss, state.window_start)
-    t = kr.increment(state.count)
+    t = checks.increment(state.count)
     at_end = jnp.logical_and(t % window == 0, seen > 0)
     rate = (window_start - level) / window
     peak = jnp.where(at_end, jnp.maximum(state.peak_rate, rate), state.peak_rate)
@@ -162,13 +159,13 @@ def mkor_h(
     patience: int = 2,
     beta: float = 0.9,
     gamma: float = GAMMA,
-    zeta: float = 0.9,
-    epsilon: float = 2.0,
-    inv_freq: int = 10,
+    zeta: float = ZETA,
+    epsilon: float = EPSILON,
+    inv_freq: int = kr.INV_FREQ,
     refresh: str = 'ema',
     axis_name: Optional[str] = None,
     factor_dtype: Any = None,
-    max_factor_dim: int = 4096,
+    max_factor_dim: int = kr.MAX_FACTOR_DIM,
     low_rank: Optional[int] = LOW_RANK,
     low_rank_min_dim: int = LOW_RANK_MIN_DIM,
     shard_factors: bool = True,
@@ -186,12 +183,8 @@ def mkor_h(
   structure of the chain. Works with ``optax.inject_hyperparams``.
   """
   hybrid = scale_by_mkor_h(window=window, threshold=threshold, patience=patience, beta=beta,
-                           gamma=gamma, zeta=zeta, epsilon=epsilon, inv_freq=inv_freq,
-                           refresh=refresh, axis_name=axis_name, factor_dtype=factor_dtype,
-                           max_factor_dim=max_factor_dim, low_rank=low_rank,
-                           low_rank_min_dim=low_rank_min_dim, shard_factors=shard_factors,
-                           exclude=exclude, layouts=layouts)
-  back = backend or default_backend(learning_rate, weight_decay)
+                           **mkor_args(locals()))
+  back = backend or kr.default_backend(learning_rate, weight_decay)
   chained = optax.chain(hybrid, back)
   if not reset_backend:
     return chained

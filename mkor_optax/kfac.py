@@ -3,8 +3,7 @@
 Martens & Grosse (2015), *Optimizing Neural Networks with Kronecker-factored
 Approximate Curvature*, ICML, arXiv:1503.05671; Grosse & Martens (2016) for
 convolutions; Pauloski et al. (2021), *KAISA*, SC'21, arXiv:2107.01739, for
-the refresh-every-``inv_freq``-steps schedule MKOR is compared against
-(SPEC section 3).
+the refresh-every-``inv_freq``-steps schedule MKOR is compared against.
 
 Per second-order layer, with ``A`` and ``G`` from
 ``mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.COVARIANCE)``
@@ -32,29 +31,37 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mkor_optax import checks
 from mkor_optax import kronecker as kr
-from mkor_optax import sharding
+from mkor_optax.precondition import precondition, rescale_to
+
+
+class CovarianceFactor(NamedTuple):
+  """One K-FAC side: ``cov`` ``(S, d, d)`` float32, the EMA of the
+  covariance statistic, and ``inv`` ``(S, d, d)`` (``factor_dtype``), its
+  damped inverse at the last refresh."""
+
+  cov: jax.Array
+  inv: jax.Array
+
+  @property
+  def shape(self) -> tuple:
+    return self.cov.shape
 
 
 class KFACState(NamedTuple):
-  """``count``; per layer path, stacked ``(S, d, d)``: the factor EMAs
-  ``a_cov``/``g_cov`` and their damped inverses ``a_inv``/``g_inv``."""
+  """K-FAC's state.
+
+  Attributes:
+    count: ``()`` int32, updates done.
+    input_side: layer path -> :class:`CovarianceFactor` of ``A`` (``d_in + 1`` square).
+    output_side: layer path -> :class:`CovarianceFactor` of ``G`` (``d_out`` square).
+  """
 
   count: jax.Array
-  a_cov: dict
-  g_cov: dict
-  a_inv: dict
-  g_inv: dict
-
-
-def covariance_shapes(lp: kr.LayerPlan) -> dict:
-  """The covariance statistics a planned layer needs (only its factored sides)."""
-  d, out = lp.dims, {}
-  if lp.has_r:
-    out['A'] = d.stack + (d.d_in_aug, d.d_in_aug)
-  if lp.has_l:
-    out['G'] = d.stack + (d.d_out, d.d_out)
-  return out
+  input_side: dict
+  output_side: dict
+  KIND = 'COVARIANCE'
 
 
 def damped_inverse(f, damping_per_side, relative: bool = False):
@@ -75,15 +82,48 @@ def damped_inverse(f, damping_per_side, relative: bool = False):
   return solve(chol)
 
 
+def kfac_rule(*, damping, relative_damping, gamma, inv_freq, dtype) -> kr.FactorRule:
+  """K-FAC's :class:`~mkor_optax.kronecker.FactorRule`: covariance EMAs every
+  step, damped inverses every ``inv_freq`` steps, then ``A^-1 G G^-1``, rescaled."""
+
+  def init_side(width, n_stack):
+    return CovarianceFactor(jnp.zeros((n_stack, width, width), jnp.float32),
+                            jnp.broadcast_to(jnp.eye(width, dtype=dtype), (n_stack, width, width)))
+
+  def refresh(sides, prep):
+    covs = kr.ema_sides(tuple({k: f.cov for k, f in s.items()} for s in sides), prep, gamma)
+    root = jnp.sqrt(jnp.asarray(damping, jnp.float32))
+
+    def inverted(olds):
+      out = []
+      for cov, old in zip(covs, olds):
+        new = {k: damped_inverse(f, root, relative_damping) for k, f in cov.items()}
+        out.append({k: jnp.where(jnp.all(jnp.isfinite(v)), v, old[k]).astype(dtype)
+                    for k, v in new.items()})
+      return tuple(out)
+
+    due = jnp.logical_and(prep.count % inv_freq == 0, prep.finite)
+    olds = tuple({k: f.inv for k, f in s.items()} for s in sides)
+    invs = jax.lax.cond(due, inverted, lambda old: old, olds)
+    return tuple({k: CovarianceFactor(cov[k], inv[k]) for k in cov} for cov, inv in zip(covs, invs))
+
+  def precondition_all(sides, prep):
+    a, g = ({k: f.inv for k, f in s.items()} for s in sides)
+    return {k: rescale_to(precondition(m, a.get(k), g.get(k)), m, prep.sq_norms[k])
+            for k, (_, m) in prep.grads.items()}
+
+  return kr.FactorRule(init_side, refresh, precondition_all)
+
+
 def scale_by_kfac(
     *,
     damping: float = 1e-3,
     relative_damping: bool = False,
     gamma: float = 0.95,
-    inv_freq: int = 10,
+    inv_freq: int = kr.INV_FREQ,
     axis_name: Optional[str] = None,
     factor_dtype: Any = None,
-    max_factor_dim: int = 4096,
+    max_factor_dim: int = kr.MAX_FACTOR_DIM,
     shard_factors: bool = True,
     exclude: kr.Exclude = None,
     layouts: Optional[dict] = None,
@@ -112,67 +152,17 @@ def scale_by_kfac(
     An ``optax.GradientTransformationExtraArgs``; ``update(grads, state,
     params=None, *, stats)`` with ``stats`` of kind ``COVARIANCE``.
   """
-  kr.validate(
+  checks.validate(
       damping=(damping, lambda v: v > 0, 'must be > 0'),
-      **kr.common_checks(gamma=gamma, inv_freq=inv_freq, max_factor_dim=max_factor_dim),
+      **checks.common_checks(gamma=gamma, inv_freq=inv_freq, max_factor_dim=max_factor_dim),
   )
-  dtype = kr.resolve_dtype('factor_dtype', factor_dtype)
-  excluded = kr.exclude_predicate(exclude)
-
-  def init(params):
-    plan = kr.plan_layers(params, layouts=layouts, excluded=excluded,
-                          max_factor_dim=max_factor_dim, who='scale_by_kfac')
-    r_sizes, l_sizes = kr.side_sizes(plan)
-    mesh = sharding.partitioned_mesh(params) if shard_factors else None
-    zeros = lambda sizes: sharding.place_factors(
-        {k: jnp.zeros((s, n, n), jnp.float32) for k, (n, s) in sizes.items()}, mesh)
-    eyes = lambda sizes: sharding.place_factors(
-        {k: kr.identity_stack(n, s, dtype) for k, (n, s) in sizes.items()}, mesh)
-    return sharding.place_state(KFACState(jnp.zeros([], jnp.int32), zeros(r_sizes), zeros(l_sizes),
-                                          eyes(r_sizes), eyes(l_sizes)), params)
-
-  def update(updates, state, params=None, *, stats=None, **extra_args):
-    del params, extra_args
-    plan = kr.plan_layers(updates, layouts=layouts, excluded=excluded,
-                          max_factor_dim=max_factor_dim, sides=(state.a_cov, state.g_cov), who='scale_by_kfac')
-    prep = kr.prepare(updates, stats, plan, excluded, 'scale_by_kfac', axis_name,
-                      covariance_shapes, 'COVARIANCE')
-    first = state.count == 0
-    kr.report_if(~prep.finite, 'scale_by_kfac: non-finite gradients or statistics: '
-                 'the covariances and inverses are left as they were')
-
-    def ema(old, key):
-      out = {}
-      for k, f in old.items():
-        if k not in prep.stats:
-          out[k] = f
-          continue
-        stat = prep.stats[k][key].astype(jnp.float32)
-        new = jnp.where(first, stat, gamma * f.astype(jnp.float32) + (1 - gamma) * stat)
-        out[k] = jnp.where(prep.finite & prep.present[k], new, f).astype(f.dtype)
-      return out
-
-    a_cov, g_cov = ema(state.a_cov, 'A'), ema(state.g_cov, 'G')
-    root = jnp.sqrt(jnp.asarray(damping, jnp.float32))
-
-    def inverted(old):
-      def inv(covs, olds):
-        out = {}
-        for k, f in covs.items():
-          new = damped_inverse(f, root, relative_damping)
-          out[k] = jnp.where(jnp.all(jnp.isfinite(new)), new, olds[k]).astype(dtype)
-        return out
-      return inv(a_cov, old[0]), inv(g_cov, old[1])
-
-    do_refresh = jnp.logical_and(state.count % inv_freq == 0, prep.finite)
-    a_inv, g_inv = jax.lax.cond(do_refresh, inverted, lambda old: old,
-                                (state.a_inv, state.g_inv))
-    out = {k: kr.rescale_to(kr.precondition(g, a_inv.get(k), g_inv.get(k)), g, prep.sq_norms[k])
-           for k, (_, g) in prep.grads.items()}
-    return kr.write_layers(prep, out), KFACState(kr.increment(state.count), a_cov, g_cov, a_inv,
-                                                  g_inv)
-
-  return optax.GradientTransformationExtraArgs(init, update)
+  dtype = checks.resolve_dtype('factor_dtype', factor_dtype)
+  rule = kfac_rule(damping=damping, relative_damping=relative_damping, gamma=gamma,
+                   inv_freq=inv_freq, dtype=dtype)
+  return kr.scale_by_kronecker(rule, KFACState, who='scale_by_kfac', kind='COVARIANCE',
+                               axis_name=axis_name, max_factor_dim=max_factor_dim,
+                               exclude=exclude, layouts=layouts, shard_factors=shard_factors,
+                               guarded='the covariances and inverses are left as they were')
 
 
 def kfac(
@@ -183,19 +173,17 @@ def kfac(
     damping: float = 1e-3,
     relative_damping: bool = False,
     gamma: float = 0.95,
-    inv_freq: int = 10,
+    inv_freq: int = kr.INV_FREQ,
     axis_name: Optional[str] = None,
     factor_dtype: Any = None,
-    max_factor_dim: int = 4096,
+    max_factor_dim: int = kr.MAX_FACTOR_DIM,
     shard_factors: bool = True,
     exclude: kr.Exclude = None,
     layouts: Optional[dict] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """K-FAC with a LAMB backend: ``optax.chain(scale_by_kfac(...), backend)``,
   as :func:`mkor_optax.mkor`. Works with ``optax.inject_hyperparams``."""
-  from mkor_optax.mkor import default_backend
-  return sharding.on_params_mesh(optax.chain(
-      scale_by_kfac(damping=damping, relative_damping=relative_damping, gamma=gamma, inv_freq=inv_freq, axis_name=axis_name,
-                    factor_dtype=factor_dtype, max_factor_dim=max_factor_dim,
-                    shard_factors=shard_factors, exclude=exclude, layouts=layouts),
-      backend or default_backend(learning_rate, weight_decay)))
+  kw = dict(locals())
+  for k in ('learning_rate', 'weight_decay', 'backend'):
+    del kw[k]
+  return kr.with_backend(scale_by_kfac(**kw), backend, learning_rate, weight_decay)

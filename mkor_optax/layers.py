@@ -1,7 +1,8 @@
 """Which Flax layers are second-order layers, and how each one is a matrix.
 
 Every captured layer is viewed as ``y = x W + b`` with ``W`` of shape
-``(d_in, d_out)`` (MKOR, SPEC section 1.1):
+``(d_in, d_out)``, as in K-FAC and MKOR (Martens & Grosse 2015;
+Mohammadi et al. 2023):
 
 * ``nn.Dense``: the kernel as it is; rows are all leading axes of the input.
 * ``nn.DenseGeneral`` (the q/k/v/out projections of
@@ -269,7 +270,8 @@ def call_innermost(stack: list, module, run):
 
 def conv_reader(patches, patch_sum, kshape, has_bias: bool):
   """A convolution's ``read(y) -> LayerCall``: ``rows`` are the output
-  positions of the batch, ``g`` is scaled by ``1 / positions`` (SPEC 1.1)."""
+  positions of the batch, ``g`` is scaled by ``1 / positions`` (the mean over positions,
+  as K-FAC for convolutions, Grosse & Martens 2016)."""
   def read(y):
     n_spatial = len(kshape) - 2
     positions = int(np.prod(y.shape[y.ndim - 1 - n_spatial:-1]))

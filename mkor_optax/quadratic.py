@@ -40,7 +40,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mkor_optax import kronecker as kr
+from mkor_optax import checks
+from mkor_optax.numerics import all_finite, report_if
 
 
 class QuadraticStepState(NamedTuple):
@@ -90,6 +91,57 @@ def gauss_newton(outputs_fn: Callable, loss_of_outputs: Callable) -> Callable:
   return gram
 
 
+def _check_update_args(params, grad, curvature, value, value_fn):
+  if params is None or grad is None or curvature is None:
+    raise ValueError(
+        'scale_by_quadratic_step.update needs params, grad= (the raw gradient) and '
+        'curvature= (mkor_optax.gauss_newton(outputs_fn, loss_of_outputs)).')
+  if value is not None and jnp.ndim(value) != 0:
+    raise ValueError(f'scale_by_quadratic_step: value= must be the scalar loss, got shape '
+                     f'{jnp.shape(value)} (reduce it, e.g. with jnp.mean)')
+  if value_fn is not None:
+    out_shape = jax.eval_shape(value_fn, params).shape
+    if out_shape != ():
+      raise ValueError(f'scale_by_quadratic_step: value_fn must return the scalar loss, got '
+                       f'shape {out_shape}')
+
+
+def _fit(grad, proposal, prev, lam, gram, momentum: bool):
+  """``(alpha, mu, predicted decrease, gram, g.p, p.p)`` minimising the damped model."""
+  gp = _dot(grad, proposal)
+  pp = _dot(proposal, proposal)
+  if momentum:
+    gq, qq, pq = _dot(grad, prev), _dot(prev, prev), _dot(proposal, prev)
+    a = jnp.array([[gram[0, 0] + lam * pp, gram[0, 1] + lam * pq],
+                   [gram[1, 0] + lam * pq, gram[1, 1] + lam * qq]])
+    b = -jnp.array([gp, gq])
+    two = jnp.linalg.solve(a, b)
+    one = b[0] / a[0, 0]
+    use_two = jnp.logical_and(qq > 0, jnp.all(jnp.isfinite(two)))
+    alpha = jnp.where(use_two, two[0], one)
+    mu = jnp.where(use_two, two[1], 0.0)
+    predicted = 0.5 * (alpha * gp + mu * gq)
+  else:
+    alpha = -gp / (gram[0, 0] + lam * pp)
+    mu = jnp.zeros([], jnp.float32)
+    predicted = 0.5 * alpha * gp
+  return alpha, mu, predicted, gram, gp, pp
+
+
+def _adapt(lam, omega, measure, params, step, value, value_fn, predicted):
+  """Levenberg-Marquardt: ``lambda`` down by ``omega`` where the reduction
+  ratio ``rho`` exceeds 0.75, up where it is below 0.25 (or NaN)."""
+  def ratio(_):
+    moved = jax.tree.map(lambda p, d: (p + d).astype(p.dtype), params, step)
+    return ((jnp.asarray(value_fn(moved), jnp.float32) - jnp.asarray(value, jnp.float32))
+            / predicted)
+
+  rho = jax.lax.cond(measure, ratio, lambda _: jnp.float32(jnp.nan), None)
+  lam = jnp.where(measure & (rho > 0.75), lam * omega, lam)
+  lam = jnp.where(measure & ~(rho >= 0.25), lam / omega, lam)  # NaN rho counts as bad
+  return lam, rho
+
+
 def scale_by_quadratic_step(
     *,
     damping: float = 1e-3,
@@ -117,7 +169,7 @@ def scale_by_quadratic_step(
     one whose gradient, direction or curvature is not finite is a zero update
     and leaves the state as it was (with a ``NumericalWarning``).
   """
-  kr.validate(
+  checks.validate(
       damping=(damping, lambda v: v > 0, 'must be > 0'),
       adapt_every=(adapt_every, None, ''),
       decay=(decay, lambda v: 0.0 < v < 1.0, 'must be in (0, 1)'),
@@ -134,68 +186,30 @@ def scale_by_quadratic_step(
   def update(updates, state, params=None, *, grad=None, curvature=None, value=None,
              value_fn=None, **extra_args):
     del extra_args
-    if params is None or grad is None or curvature is None:
-      raise ValueError(
-          'scale_by_quadratic_step.update needs params, grad= (the raw gradient) and '
-          'curvature= (mkor_optax.gauss_newton(outputs_fn, loss_of_outputs)).')
-    if value is not None and jnp.ndim(value) != 0:
-      raise ValueError(f'scale_by_quadratic_step: value= must be the scalar loss, got shape '
-                       f'{jnp.shape(value)} (reduce it, e.g. with jnp.mean)')
-    if value_fn is not None:
-      out_shape = jax.eval_shape(value_fn, params).shape
-      if out_shape != ():
-        raise ValueError(f'scale_by_quadratic_step: value_fn must return the scalar loss, got '
-                         f'shape {out_shape}')
-    lam = state.damping
+    _check_update_args(params, grad, curvature, value, value_fn)
     proposal = jax.tree.map(lambda u: -u.astype(jnp.float32), updates)
-    prev = state.previous
-    gram = curvature(params, [proposal, prev] if momentum else [proposal])
-    gp = _dot(grad, proposal)
-    pp = _dot(proposal, proposal)
-    if momentum:
-      gq, qq, pq = _dot(grad, prev), _dot(prev, prev), _dot(proposal, prev)
-      a = jnp.array([[gram[0, 0] + lam * pp, gram[0, 1] + lam * pq],
-                     [gram[1, 0] + lam * pq, gram[1, 1] + lam * qq]])
-      b = -jnp.array([gp, gq])
-      two = jnp.linalg.solve(a, b)
-      one = b[0] / a[0, 0]
-      use_two = jnp.logical_and(qq > 0, jnp.all(jnp.isfinite(two)))
-      alpha = jnp.where(use_two, two[0], one)
-      mu = jnp.where(use_two, two[1], 0.0)
-      predicted = 0.5 * (alpha * gp + mu * gq)
-    else:
-      alpha = -gp / (gram[0, 0] + lam * pp)
-      mu = jnp.zeros([], jnp.float32)
-      predicted = 0.5 * alpha * gp
+    alpha, mu, predicted, gram, gp, pp = _fit(grad, proposal, state.previous, state.damping,
+                                              curvature(params, [proposal, state.previous]
+                                                        if momentum else [proposal]), momentum)
     # non-finite inputs (a NaN gradient entry, an overflowing curvature): a zero
     # update and the state as it was (0 * NaN is NaN, so zero by selection)
-    inputs_ok = kr.all_finite(gram, jnp.stack([gp, pp]), grad, proposal)
+    inputs_ok = all_finite(gram, jnp.stack([gp, pp]), grad, proposal)
     ok = jnp.logical_and(jnp.isfinite(predicted), predicted < 0) & inputs_ok
     alpha, mu = jnp.where(ok, alpha, 0.0), jnp.where(ok, mu, 0.0)
-    step = jax.tree.map(lambda d, d0: jnp.where(ok, alpha * d + mu * d0, 0.0), proposal, prev)
-    kr.report_if(~inputs_ok, 'scale_by_quadratic_step: non-finite gradient, direction or '
-                 'curvature: a zero update, the state left as it was')
-
-    t = kr.increment(state.count)
+    step = jax.tree.map(lambda d, d0: jnp.where(ok, alpha * d + mu * d0, 0.0), proposal,
+                        state.previous)
+    report_if(~inputs_ok, 'scale_by_quadratic_step: non-finite gradient, direction or '
+              'curvature: a zero update, the state left as it was')
+    lam, rho = state.damping, jnp.float32(jnp.nan)
+    omega = jnp.asarray(decay, jnp.float32) ** adapt_every
     if value is not None and value_fn is not None:
       measure = jnp.logical_and(ok, state.count % adapt_every == 0)
-
-      def ratio(_):
-        moved = jax.tree.map(lambda p, d: (p + d).astype(p.dtype), params, step)
-        return ((jnp.asarray(value_fn(moved), jnp.float32) - jnp.asarray(value, jnp.float32))
-                / predicted)
-
-      rho = jax.lax.cond(measure, ratio, lambda _: jnp.float32(jnp.nan), None)
-      omega = jnp.asarray(decay, jnp.float32) ** adapt_every
-      lam = jnp.where(measure & (rho > 0.75), lam * omega, lam)
-      lam = jnp.where(measure & ~(rho >= 0.25), lam / omega, lam)  # NaN rho counts as bad
-    else:
-      rho = jnp.float32(jnp.nan)
-    lam = jnp.where(ok, lam, lam / jnp.asarray(decay, jnp.float32) ** adapt_every)
+      lam, rho = _adapt(lam, omega, measure, params, step, value, value_fn, predicted)
+    lam = jnp.where(ok, lam, lam / omega)
     lam = jnp.clip(lam, min_damping, max_damping)
     out = jax.tree.map(lambda d, u: d.astype(u.dtype), step, updates)
-    new_state = QuadraticStepState(t, lam.astype(jnp.float32), step, alpha.astype(jnp.float32),
-                                   mu.astype(jnp.float32), rho)
+    new_state = QuadraticStepState(checks.increment(state.count), lam.astype(jnp.float32), step,
+                                   alpha.astype(jnp.float32), mu.astype(jnp.float32), rho)
     return out, jax.tree.map(lambda new, old: jnp.where(inputs_ok, new, old), new_state, state)
 
   return optax.GradientTransformationExtraArgs(init, update)

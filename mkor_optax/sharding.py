@@ -72,7 +72,7 @@ def _place(x, spec, mesh):
 
 
 def place_factor(f, mesh):
-  """One factor (dense ``(S, d, d)`` or low-rank) placed on ``mesh``."""
+  """One side's entry (dense ``(S, d, d)`` arrays or low-rank) placed on ``mesh``."""
   if mesh is None:
     return f
   if isinstance(f, lowrank.LowRankInverse):
@@ -80,7 +80,8 @@ def place_factor(f, mesh):
     return lowrank.LowRankInverse(_place(f.c, replicated, mesh),
                                   _place(f.q, array_spec(f.q.shape, (2, 1, 0), mesh), mesh),
                                   _place(f.s, replicated, mesh))
-  return _place(f, array_spec(np.shape(f), (1, 0), mesh), mesh)
+  # a dense (S, d, d) array, or a tuple of them (a K-FAC covariance and its inverse)
+  return jax.tree.map(lambda x: _place(x, array_spec(np.shape(x), (1, 0), mesh), mesh), f)
 
 
 def place_factors(factors: dict, mesh) -> dict:

@@ -1,8 +1,7 @@
 """SONew: sparsified online Newton with a tridiagonal or banded preconditioner.
 
 Devvrit, Duvvuri, Anil, Gupta, Hsieh, Dhillon (2023), *A Computationally
-Efficient Sparsified Online Newton Method*, NeurIPS 2023, arXiv:2311.10085
-(SPEC section 4). Needs no capture: it works on every parameter tensor,
+Efficient Sparsified Online Newton Method*, NeurIPS 2023, arXiv:2311.10085. Needs no capture: it works on every parameter tensor,
 flattened to a vector of ``n`` entries ``g``.
 
 State per tensor: EMAs ``m`` of ``g`` (``b1``), ``d`` of ``g_i^2`` and
@@ -26,6 +25,7 @@ direction. Memory: ``(2 + band) n`` floats per tensor.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mkor_optax import kronecker as kr
+from mkor_optax import checks
 from mkor_optax import numerics
 
 _GRAFTS = ('adam', 'sgd', 'momentum')
@@ -111,6 +111,46 @@ def apply_ldl(psi, dinv, m):
   return u
 
 
+def _shift(d_raw, e_hat, damping):
+  """``damping`` times the largest absolute row sum of the banded statistics."""
+  n, band = e_hat.shape
+  below = sum(jnp.concatenate([jnp.zeros((k,)), jnp.abs(e_hat[:n - k, k - 1])])[:n]
+              for k in range(1, band + 1))
+  return damping * jnp.max(d_raw + jnp.sum(jnp.abs(e_hat), axis=-1) + below)
+
+
+def _precondition_tensor(g, m, d, e, t, *, b1, b2, damping, relative_damping, graft, graft_eps):
+  """One tensor's SONew step: ``(update, m, d, e)``."""
+  band = e.shape[-1]  # from the state, so an array-valued band (inject_hyperparams) is fine
+  gf = g.reshape(-1).astype(jnp.float32)
+  n = gf.shape[0]
+  g_pad = jnp.concatenate([gf, jnp.zeros((band,), jnp.float32)])
+  products = gf[:, None] * g_pad[np.arange(n)[:, None] + 1 + np.arange(band)[None, :]]
+  m = b1 * m + (1 - b1) * gf
+  d = b2 * d + (1 - b2) * gf * gf
+  e = b2 * e + (1 - b2) * products
+  m_hat = m / (1 - b1 ** t)
+  d_raw = d / (1 - b2 ** t)
+  e_hat = e / (1 - b2 ** t)
+  shift = _shift(d_raw, e_hat, damping) if relative_damping else damping
+  # Safe zero: statistics that are all zero (a tensor the loss has not used
+  # yet, the layer behind a zero-initialised head) give shift 0; the
+  # preconditioner is then the identity on them (its direction m is 0 too).
+  d_hat = d_raw + shift
+  d_hat = jnp.where(d_hat > 0, d_hat, 1.0)
+  if band == 1:
+    psi, dinv = tridiagonal_factors(d_hat, e_hat[:, 0])
+    psi = psi[:, None]
+  else:
+    psi, dinv = banded_factors(d_hat, e_hat)
+  u = apply_ldl(psi, dinv, m_hat)
+  root = jnp.sqrt(d_raw) + graft_eps
+  ref = {'adam': lambda: jnp.where(root > 0, m_hat / jnp.where(root > 0, root, 1.0), 0.0),
+         'sgd': lambda: gf, 'momentum': lambda: m_hat}[graft]()
+  u = u * numerics.norm_ratio(ref, u)
+  return u.reshape(g.shape).astype(g.dtype), m, d, e
+
+
 def scale_by_sonew(
     *,
     b1: float = 0.9,
@@ -134,7 +174,7 @@ def scale_by_sonew(
     graft: ``'adam'``, ``'sgd'`` or ``'momentum'``: whose per-tensor norm ``u`` takes.
     graft_eps: the epsilon of the Adam graft direction.
   """
-  kr.validate(
+  checks.validate(
       b1=(b1, lambda v: 0.0 <= v < 1.0, 'must be in [0, 1)'),
       b2=(b2, lambda v: 0.0 <= v < 1.0, 'must be in [0, 1)'),
       damping=(damping, lambda v: v > 0, 'must be > 0'),
@@ -150,39 +190,8 @@ def scale_by_sonew(
     return SONewState(jnp.zeros([], jnp.int32), jax.tree.map(flat, params),
                       jax.tree.map(flat, params), jax.tree.map(lambda p: flat(p, width), params))
 
-  def one(g, m, d, e, t):
-    band = e.shape[-1]  # from the state, so an array-valued band (inject_hyperparams) is fine
-    gf = g.reshape(-1).astype(jnp.float32)
-    n = gf.shape[0]
-    g_pad = jnp.concatenate([gf, jnp.zeros((band,), jnp.float32)])
-    products = gf[:, None] * g_pad[np.arange(n)[:, None] + 1 + np.arange(band)[None, :]]
-    m = b1 * m + (1 - b1) * gf
-    d = b2 * d + (1 - b2) * gf * gf
-    e = b2 * e + (1 - b2) * products
-    m_hat = m / (1 - b1 ** t)
-    d_raw = d / (1 - b2 ** t)
-    e_hat = e / (1 - b2 ** t)
-    shift = damping
-    if relative_damping:
-      below = sum(jnp.concatenate([jnp.zeros((k,)), jnp.abs(e_hat[:n - k, k - 1])])[:n]
-                  for k in range(1, band + 1))
-      shift = damping * jnp.max(d_raw + jnp.sum(jnp.abs(e_hat), axis=-1) + below)
-    # Safe zero: statistics that are all zero (a tensor the loss has not used
-    # yet, the layer behind a zero-initialised head) give shift 0; the
-    # preconditioner is then the identity on them (its direction m is 0 too).
-    d_hat = d_raw + shift
-    d_hat = jnp.where(d_hat > 0, d_hat, 1.0)
-    if band == 1:
-      psi, dinv = tridiagonal_factors(d_hat, e_hat[:, 0])
-      psi = psi[:, None]
-    else:
-      psi, dinv = banded_factors(d_hat, e_hat)
-    u = apply_ldl(psi, dinv, m_hat)
-    root = jnp.sqrt(d_raw) + graft_eps
-    ref = {'adam': lambda: jnp.where(root > 0, m_hat / jnp.where(root > 0, root, 1.0), 0.0),
-           'sgd': lambda: gf, 'momentum': lambda: m_hat}[graft]()
-    u = u * numerics.norm_ratio(ref, u)
-    return u.reshape(g.shape).astype(g.dtype), m, d, e
+  one = functools.partial(_precondition_tensor, b1=b1, b2=b2, damping=damping,
+                          relative_damping=relative_damping, graft=graft, graft_eps=graft_eps)
 
   def update(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -199,7 +208,7 @@ def scale_by_sonew(
     numerics.report_if(~finite, 'scale_by_sonew: non-finite gradients: the state is left as '
                  'it was and the gradients are handed on unchanged')
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_state = SONewState(jnp.where(finite, kr.increment(state.count), state.count),
+    new_state = SONewState(jnp.where(finite, checks.increment(state.count), state.count),
                            keep(m, state.m), keep(d, state.d), keep(e, state.e))
     return keep(u, updates), new_state
 
@@ -231,8 +240,8 @@ def scale_by_finite_learning_rate(learning_rate: optax.ScalarOrSchedule,
   :class:`~mkor_optax.numerics.NumericalWarning`) when the learning rate (a
   schedule's value, or an array from ``optax.inject_hyperparams``) is not
   finite, so a bad schedule value cannot write NaN into the parameters."""
-  if kr.is_concrete(learning_rate):
-    kr.validate(learning_rate=(learning_rate, lambda v: True, ''))
+  if checks.is_concrete(learning_rate):
+    checks.validate(learning_rate=(learning_rate, lambda v: True, ''))
   base = optax.scale_by_learning_rate(learning_rate)
 
   def update(updates, state, params=None):

@@ -86,7 +86,7 @@ def test_nan_leaves_factors_unchanged_and_exclude_and_one_sided():
   params = init_params()
   tx = mkor_optax.scale_by_kfac(inv_freq=1, exclude='out', max_factor_dim=5)
   state = tx.init(params)
-  assert set(state.a_inv) == {'hidden'} and set(state.g_inv) == set()  # d_out 6 > 5
+  assert set(state.input_side) == {'hidden'} and set(state.output_side) == set()  # d_out 6 > 5
   _, grads, stats = GRAD(params, *batch(0))
   u, state = tx.update(grads, state, params, stats=stats)
   np.testing.assert_array_equal(u['out']['kernel'], grads['out']['kernel'])

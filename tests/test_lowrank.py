@@ -113,9 +113,9 @@ def refreshed(d, k, n_stack, seed, dtype=jnp.float32):
 
 @pytest.mark.parametrize('sides', ['both', 'left', 'right', 'dense+low', 'bf16'])
 def test_preconditioning_equals_dense_float64_products_rescaled(sides):
-  """kr.precondition_rescaled with low-rank sides: the norm of R G L comes from
+  """factors.precondition_rescaled with low-rank sides: the norm of R G L comes from
   k-sized products (the Gram of Q included, so bf16 factors are exact too)."""
-  from mkor_optax import kronecker as kr
+  from mkor_optax import factors as kr
   m, n = 14, 11
   dtype = jnp.bfloat16 if sides == 'bf16' else jnp.float32
   r, l = refreshed(m, 4, 2, seed=6, dtype=dtype), refreshed(n, 3, 2, seed=7, dtype=dtype)
@@ -147,9 +147,9 @@ def test_mkor_update_with_low_rank_factors_equals_dense_float64_reference(refres
   hp = dict(gamma=0.9, zeta=0.8, epsilon=1.5, inv_freq=2)
   tx = mkor_optax.scale_by_mkor(refresh=refresh, low_rank=4, low_rank_min_dim=0, **hp)
   state = tx.init(params)
-  assert isinstance(state.r_inv['hidden'], LowRankInverse)
-  assert isinstance(state.l_inv['hidden'], LowRankInverse)
-  assert not isinstance(state.l_inv['out'], LowRankInverse)  # 3 <= rank: dense
+  assert isinstance(state.input_side['hidden'], LowRankInverse)
+  assert isinstance(state.output_side['hidden'], LowRankInverse)
+  assert not isinstance(state.output_side['out'], LowRankInverse)  # 3 <= rank: dense
   steps, got = [], []
   update = jitted_update(tx)
   for t in range(7):
@@ -174,11 +174,11 @@ def test_low_rank_is_chosen_by_width_and_costs_d_times_k_memory():
 
   params = Wide().init(jax.random.PRNGKey(0), jnp.ones((2, 40)))['params']
   state = mkor_optax.scale_by_mkor().init(params)  # defaults: rank 8 from width 256
-  wide = state.l_inv['wide']
+  wide = state.output_side['wide']
   assert isinstance(wide, LowRankInverse) and wide.q.shape == (1, 600, 8)
   assert wide.shape == (1, 600, 600)
-  assert not isinstance(state.r_inv['wide'], LowRankInverse)  # d_in + 1 = 41
-  assert isinstance(state.r_inv['head'], LowRankInverse)  # 601
+  assert not isinstance(state.input_side['wide'], LowRankInverse)  # d_in + 1 = 41
+  assert isinstance(state.input_side['head'], LowRankInverse)  # 601
   dense_state = mkor_optax.scale_by_mkor(low_rank=None).init(params)
   nbytes = lambda t: sum(x.nbytes for x in jax.tree.leaves(t))
   assert nbytes(state) < 0.1 * nbytes(dense_state)
@@ -236,6 +236,6 @@ def test_bfloat16_low_rank_factors_stay_close_to_float32():
       u, state = update(grads, state, params, stats)
     outs[dtype] = u
     if dtype:
-      assert state.r_inv['hidden'].q.dtype == jnp.bfloat16
+      assert state.input_side['hidden'].q.dtype == jnp.bfloat16
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0.05, atol=1e-3),
                outs['bfloat16'], outs[None])

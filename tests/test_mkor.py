@@ -71,7 +71,7 @@ def test_factor_inverses_refresh_only_every_inv_freq_steps():
   for t in range(7):
     _, grads, stats = GRAD(params, *batch(t))
     _, state = tx.update(grads, state, params, stats=stats)
-    history.append(np.asarray(state.l_inv['hidden']))
+    history.append(np.asarray(state.output_side['hidden']))
   changed = [not np.array_equal(history[t], history[t - 1]) for t in range(1, 7)]
   assert not np.array_equal(history[0], np.eye(6)[None])
   assert changed == [False, False, True, False, False, True]
@@ -123,7 +123,7 @@ def test_missing_or_mismatched_stats_raise_naming_the_layer():
     u, new = tx.update(grads, state, params, stats={'hidden': stats['hidden']})
   np.testing.assert_array_equal(u['out']['kernel'], grads['out']['kernel'])
   assert not np.allclose(u['hidden']['kernel'], grads['hidden']['kernel'])
-  np.testing.assert_array_equal(new.l_inv['out'], state.l_inv['out'])
+  np.testing.assert_array_equal(new.output_side['out'], state.output_side['out'])
   bad = dict(stats, hidden={'a': stats['hidden']['a'][:3], 'g': stats['hidden']['g']})
   with pytest.raises(ValueError, match="'hidden'"):
     tx.update(grads, state, params, stats=bad)
@@ -148,7 +148,7 @@ def test_non_finite_step_leaves_factor_inverses_unchanged(where):
   else:
     stats = dict(stats, out={'a': stats['out']['a'].at[1].set(jnp.inf), 'g': stats['out']['g']})
   _, after = jax.jit(tx.update)(grads, state, params, stats=stats)
-  for k in ('r_inv', 'l_inv'):
+  for k in ('input_side', 'output_side'):
     jax.tree.map(np.testing.assert_array_equal, getattr(after, k), getattr(before, k))
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(after))
   assert int(after.count) == 2
@@ -184,14 +184,14 @@ def test_bfloat16_dense_factors_are_refused_with_the_reason():
       mkor_optax.scale_by_mkor(factor_dtype=jnp.bfloat16, **kw)
   # the low-rank form takes it: bases in bfloat16, sides no wider than the rank dense float32
   state = mkor_optax.scale_by_mkor(factor_dtype='bfloat16', low_rank=3, low_rank_min_dim=0).init(params)
-  assert state.r_inv['hidden'].q.dtype == jnp.bfloat16 and state.l_inv['out'].dtype == jnp.float32
+  assert state.input_side['hidden'].q.dtype == jnp.bfloat16 and state.output_side['out'].dtype == jnp.float32
 
 
 def test_max_factor_dim_makes_large_sides_identity():
   params = init_params()
   tx = mkor_optax.scale_by_mkor(max_factor_dim=5, inv_freq=1, gamma=0.9, zeta=0.8)
   state = tx.init(params)
-  assert set(state.r_inv) == {'hidden'} and set(state.l_inv) == {'out'}
+  assert set(state.input_side) == {'hidden'} and set(state.output_side) == {'out'}
   _, grads, stats = GRAD(params, *batch(0))
   u, state = tx.update(grads, state, params, stats=stats)
   g = np.vstack([grads['hidden']['kernel'], grads['hidden']['bias'][None]]).astype(np.float64)
@@ -207,7 +207,7 @@ def test_exclude_passes_layers_through_unchanged():
   for exclude in (['^out$'], 'out', lambda path: path == 'out'):
     tx = mkor_optax.scale_by_mkor(exclude=exclude)
     state = tx.init(params)
-    assert set(state.r_inv) == {'hidden'}
+    assert set(state.input_side) == {'hidden'}
     _, grads, stats = GRAD(params, *batch(0))
     u, _ = tx.update(grads, state, params, stats=stats)
     np.testing.assert_array_equal(u['out']['kernel'], grads['out']['kernel'])
@@ -252,7 +252,7 @@ def test_scanned_layers_are_preconditioned_per_layer(use_bias):
   assert layouts == {'fc': mkor_optax.Layout(1, 1, use_bias)}
   tx = mkor_optax.scale_by_mkor(layouts=layouts)
   u, state = tx.update(grads, tx.init(params), params, stats=stats)
-  assert state.l_inv['fc'].shape == (3, 4, 4)
+  assert state.output_side['fc'].shape == (3, 4, 4)
   for i in range(3):  # each layer on its own, through the unstacked 2-D path
     one = jax.tree.map(lambda t: t[i], params['fc'])
     one_stats = {'': jax.tree.map(lambda t: t[i], stats['fc'])}

@@ -175,8 +175,8 @@ def test_init_reads_layouts_from_the_modules():
   model = NNXNet(nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
   state = mkor_optax.scale_by_mkor().init(params)  # the model is in this frame
-  assert state.r_inv['stem'].shape == (1, 18, 18) and state.l_inv['stem'].shape == (1, 3, 3)
-  assert state.r_inv['attn/out'].shape == (1, 5, 5)  # (heads * head_dim) + bias
+  assert state.input_side['stem'].shape == (1, 18, 18) and state.output_side['stem'].shape == (1, 3, 3)
+  assert state.input_side['attn/out'].shape == (1, 5, 5)  # (heads * head_dim) + bias
   assert mkor_optax.nnx.layouts(model)['stem'] == mkor_optax.Layout(0, 1, False)
   # plain arrays of a layer never seen, without the modules: asks for layouts=
   fresh = {'other': {'kernel': jnp.zeros((3, 3, 2, 5))}}
@@ -371,7 +371,7 @@ def test_scan_vmap_stacked_and_rematted_layers_get_their_own_statistics():
                              rgrads['layers'][1]['lin']['kernel'][...], rtol=1e-5, atol=1e-7)
   # the bias-free (L, D, D) kernel: one stacking axis, known from the module at init
   optimizer = nnx.Optimizer(model, mkor_optax.mkor(1e-2), wrt=nnx.Param)
-  assert optimizer.opt_state[0].r_inv['blocks/lin'].shape == (L, D, D)
+  assert optimizer.opt_state[0].input_side['blocks/lin'].shape == (L, D, D)
   optimizer.update(model, grads, stats=stats)
   assert np.all(np.isfinite(model.blocks.lin.kernel[...]))
 
@@ -474,7 +474,7 @@ def test_einsum_matrix_layer_is_captured_and_a_batched_one_passes_through():
     warnings.simplefilter('always')
     state = mkor_optax.scale_by_mkor().init(nnx.state(model, nnx.Param))
   assert any("['heads']" in str(w.message) for w in caught)
-  assert 'mat' in state.r_inv and 'heads' not in state.r_inv
+  assert 'mat' in state.input_side and 'heads' not in state.input_side
 
 
 # ------------------------------------------------------------- data parallel

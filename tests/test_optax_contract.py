@@ -99,8 +99,8 @@ def test_inject_hyperparams_takes_dtype_names_and_static_predicates():
       exclude=lambda path: path == 'out')
   params, state = run(opt, 'mkor')
   mkor_state = state.inner_state[0]
-  assert mkor_state.r_inv['hidden'].q.dtype == jnp.bfloat16
-  assert 'out' not in mkor_state.l_inv
+  assert mkor_state.input_side['hidden'].q.dtype == jnp.bfloat16
+  assert 'out' not in mkor_state.output_side
 
 
 @pytest.mark.parametrize('name', NAMES)

@@ -160,7 +160,7 @@ def test_boxed_params_train_like_unboxed_ones(logical):
   assert isinstance(boxed['Dense_0']['kernel'], nn.Partitioned)
   opt = mkor_optax.mkor(1e-2)
   state = opt.init(boxed)  # lm1b's flow: the optimizer is created on boxed params
-  assert set(state[0].r_inv) == {'Dense_0', 'Dense_1'}
+  assert set(state[0].input_side) == {'Dense_0', 'Dense_1'}
   grad_fn = mkor_optax.value_and_grad(loss)
   got, _ = train(opt, boxed, grad_fn=grad_fn)
   want, _ = train(opt, nn.unbox(boxed), grad_fn=grad_fn)
@@ -374,8 +374,8 @@ def test_kfac_bfloat16_factors_with_large_mean_inputs_stay_finite():
     u, state = opt.update(grads, state, params, stats=stats)
     assert all(np.all(np.isfinite(np.asarray(l, np.float32))) for l in jax.tree.leaves(u))
     params = optax.apply_updates(params, u)
-  assert state[0].a_cov['hidden'].dtype == jnp.float32
-  assert state[0].a_inv['hidden'].dtype == jnp.bfloat16
+  assert state[0].input_side['hidden'].cov.dtype == jnp.float32
+  assert state[0].input_side['hidden'].inv.dtype == jnp.bfloat16
 
 
 def test_mkor_h_skips_a_non_finite_first_loss():

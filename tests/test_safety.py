@@ -52,8 +52,8 @@ def mkor_factors(state):
   is_mkor = lambda x: isinstance(x, mkor_optax.MKORState)
   for node in jax.tree.leaves(state, is_leaf=is_mkor):
     if is_mkor(node):
-      yield from node.r_inv.values()
-      yield from node.l_inv.values()
+      yield from node.input_side.values()
+      yield from node.output_side.values()
 
 
 def nan_like(tree):
@@ -406,12 +406,12 @@ def test_multisteps_refreshes_a_layer_from_the_micro_batches_that_had_it():
   ref = mkor_optax.scale_by_mkor(inv_freq=1)
   rstate = ref.init(params)
   _, rstate = ref.update(g1, rstate, params, stats=s1)
-  for side, stat in ((mk.r_inv, 'a'), (mk.l_inv, 'g')):
+  for side, stat in ((mk.input_side, 'a'), (mk.output_side, 'g')):
     want = refresh_inverse(
         jnp.eye(side['head_b'].shape[-1])[None], s1['head_b'][stat][None], gamma=GAMMA,
         zeta=0.9, epsilon=2.0)
     np.testing.assert_allclose(side['head_b'], want, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(mk.r_inv['head_b'], rstate.r_inv['head_b'], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(mk.input_side['head_b'], rstate.input_side['head_b'], rtol=1e-5, atol=1e-6)
 
 
 def test_multisteps_layer_absent_from_every_micro_batch_keeps_its_factors():
@@ -426,8 +426,8 @@ def test_multisteps_layer_absent_from_every_micro_batch_keeps_its_factors():
       _, g, s = grad(params, x[half], y[half], False)
       u, state = acc.update(g, state, params, stats=s)
   mk = state.inner.inner_opt_state[0]
-  np.testing.assert_array_equal(mk.r_inv['head_b'], jnp.eye(7)[None])
-  assert not np.allclose(mk.r_inv['head_a'], jnp.eye(7)[None])
+  np.testing.assert_array_equal(mk.input_side['head_b'], jnp.eye(7)[None])
+  assert not np.allclose(mk.input_side['head_a'], jnp.eye(7)[None])
   assert finite(u)
 
 
@@ -524,7 +524,7 @@ def test_sharded_factor_state_restores_into_init_as_the_target(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, restored, state)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(target)):
     assert a.sharding.is_equivalent_to(b.sharding, a.ndim)  # placed as init places them
-  assert not restored[0].l_inv['wide'].q.sharding.is_fully_replicated
+  assert not restored[0].output_side['wide'].q.sharding.is_fully_replicated
   a1, _ = step(params, restored)
   a2, _ = step(params, state)
   jax.tree.map(np.testing.assert_array_equal, nn.unbox(a1), nn.unbox(a2))
@@ -589,8 +589,8 @@ def test_property_random_scales_zero_rows_and_non_finite_entries(seed):
       u, state = update(g, state, st)
       assert finite(state), (seed, t, hp, what)
       if what in ('nan', 'inf', 'grad_nan'):
-        jax.tree.map(np.testing.assert_array_equal, state.r_inv, before.r_inv)
-        jax.tree.map(np.testing.assert_array_equal, state.l_inv, before.l_inv)
+        jax.tree.map(np.testing.assert_array_equal, state.input_side, before.input_side)
+        jax.tree.map(np.testing.assert_array_equal, state.output_side, before.output_side)
       else:
         assert finite(u), (seed, t, hp, what)
       for f in mkor_factors(state):

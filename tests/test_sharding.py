@@ -62,7 +62,7 @@ def train(params, tx, steps=3, grad=GRAD):
 
 
 def factors(state):
-  return state[0].r_inv, state[0].l_inv
+  return state[0].input_side, state[0].output_side
 
 
 def test_factors_split_over_devices_and_updates_equal_one_device():
@@ -75,8 +75,8 @@ def test_factors_split_over_devices_and_updates_equal_one_device():
     assert len(sizes) == n
     per_device[n] = max(sizes.values())
     # still split after jitted steps: the low-rank Q over its rank axis
-    q = state[0].l_inv['wide'].q
-    assert isinstance(state[0].l_inv['wide'], LowRankInverse)
+    q = state[0].output_side['wide'].q
+    assert isinstance(state[0].output_side['wide'], LowRankInverse)
     if n > 1:
       assert not q.sharding.is_fully_replicated
       assert max(bytes_per_device(factors(state)).values()) <= per_device[n]
@@ -101,8 +101,8 @@ def test_replicated_params_and_opt_out_keep_factors_replicated():
 def test_dense_factors_split_where_the_width_divides():
   tx = mkor_optax.mkor(1e-2, low_rank=None)
   state = tx.init(on_mesh(4))
-  assert state[0].l_inv['wide'].sharding.spec == P(None, ('model',), None)  # 640 = 4 x 160
-  assert state[0].r_inv['head'].sharding.is_fully_replicated  # 641: odd, not split
+  assert state[0].output_side['wide'].sharding.spec == P(None, ('model',), None)  # 640 = 4 x 160
+  assert state[0].input_side['head'].sharding.is_fully_replicated  # 641: odd, not split
 
 
 def test_kfac_covariances_and_inverses_split_too():
@@ -116,7 +116,7 @@ def test_kfac_covariances_and_inverses_split_too():
   for n in (1, 4):
     params, _, state = train(on_mesh(n), tx, grad=grad)
     kstate = state[0]
-    arrays = (kstate.a_cov, kstate.g_cov, kstate.a_inv, kstate.g_inv)
+    arrays = (kstate.input_side, kstate.output_side)
     per_device[n] = max(bytes_per_device(arrays).values())
     final[n] = jax.tree.map(np.asarray, nn.unbox(params))
     if n == 4:  # the 640- and 64-wide factors are split, the odd 49 and 641 cannot be

@@ -1,0 +1,115 @@
+r"""The rank-1 refresh of a dense factor inverse (Sherman-Morrison), MKOR's core.
+
+A factor ``F`` of a layer side is an exponential moving average of rank-1
+statistics ``v v^T`` (``v = a``, the mean layer input with a 1 for the bias,
+on the input side; ``v = g``, the mean output gradient, on the output side).
+Its inverse ``P = F^-1`` is kept and refreshed directly in ``O(d^2)``:
+
+1. stabiliser: if ``max|P| > epsilon``, ``P <- zeta P + (1 - zeta) I``;
+2. ``refresh='ema'``, the exact inverse of ``F_t = gamma F_{t-1} + (1 - gamma) v v^T``:
+
+   .. math::
+
+      F_t^{-1} = \frac{P}{\gamma} - \frac{(1-\gamma)/\gamma^2}{1 + ((1-\gamma)/\gamma)\, v^T P v}
+                 (P v)(P v)^T
+
+   (the MKOR paper, Mohammadi et al. 2023, prints ``gamma P``, a plus sign
+   and ``gamma (1 - gamma)`` here, which is not the inverse);
+   ``refresh='blend'``, the authors' code: ``P <- gamma P + (1-gamma) I``,
+   then ``P <- P - (P v)(P v)^T / (1 + v^T P v)``.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from mkor_optax import checks
+from mkor_optax.numerics import rank1_coefficients, unit_statistic
+
+REFRESH_RULES = ('ema', 'blend')
+
+
+def refresh_inverse(p, v, *, gamma: float, zeta: float, epsilon: float, refresh: str = 'ema'):
+  """One factor-inverse refresh, batched over leading axes of ``p`` and ``v``.
+
+  Stabiliser then rank-1 rule (module docstring), computed in at least
+  float32 and returned in ``p``'s dtype. Both steps are affine in ``P`` up to
+  the rank-1 term, so the whole refresh is one pass over ``P`` for the
+  max-abs test, one for ``P v`` and one fused write::
+
+      P' = alpha P + beta I                       (stabiliser; 'blend' too)
+      u  = P' v = alpha (P v) + beta v
+      P+ = kappa P' - lam u u^T
+
+  ``ema``: ``kappa = 1/gamma``, ``lam = ((1-gamma)/gamma^2) / (1 + ((1-gamma)/gamma) v^T u)``;
+  ``blend``: ``kappa = 1``, ``lam = 1 / (1 + v^T u)``. The result is exactly
+  symmetric whenever ``P`` is (``u_i u_j == u_j u_i`` in floating point), so no
+  re-symmetrisation pass is needed.
+
+  Safety: ``v`` enters as ``|v| v_hat`` (:func:`unit_statistic`), so no
+  product of two statistics is formed. A ``P`` that the refresh finds not
+  positive definite (``v^T P' v <= 0``) or not finite is reset to ``I``
+  before the rank-1 term, and a result that is not finite keeps ``p``:
+  see :func:`refresh_inverse_checked`, which also says which entries were reset.
+  """
+  return refresh_inverse_checked(p, v, gamma=gamma, zeta=zeta, epsilon=epsilon,
+                                 refresh=refresh)[0]
+
+
+def refresh_inverse_checked(p, v, *, gamma, zeta, epsilon, refresh: str = 'ema'):
+  """:func:`refresh_inverse` and a boolean per stack entry: ``True`` where
+  the factor was found indefinite or non-finite and reset."""
+  if refresh not in REFRESH_RULES:
+    raise ValueError(f'refresh: must be one of {REFRESH_RULES}, got {refresh!r}')
+  dtype = p.dtype
+  compute = jnp.promote_types(dtype, jnp.float32)
+  p = p.astype(compute)
+  unit, inv_sq = unit_statistic(v.astype(compute))
+  top = jnp.max(jnp.abs(p), axis=(-2, -1))
+  big = top > epsilon
+  alpha = jnp.where(big, zeta, 1.0).astype(compute)
+  beta = jnp.where(big, 1.0 - zeta, 0.0).astype(compute)
+  if refresh == 'blend':
+    alpha, beta = gamma * alpha, gamma * beta + (1.0 - gamma)
+  pv = jnp.einsum('...ij,...j->...i', p, unit)
+  u = alpha[..., None] * pv + beta[..., None] * unit
+  vu = jnp.sum(unit * u, axis=-1)
+  moved = jnp.any(unit != 0, axis=-1)
+  bad = (moved & ~(vu > 0)) | ~jnp.isfinite(vu)
+  # reset to I: P' = I, u = v_hat, v_hat^T u = 1
+  alpha, beta = jnp.where(bad, 0.0, alpha), jnp.where(bad, 1.0, beta)
+  u = jnp.where(bad[..., None], unit, u)
+  vu = jnp.where(bad, jnp.sum(unit * unit, axis=-1), vu)
+  scale = jnp.where(bad, 1.0, alpha * top + beta)  # bounds the entries of P'
+  kappa, lam = rank1_coefficients(vu, inv_sq, gamma, refresh, scale)
+  eye = jnp.eye(p.shape[-1], dtype=compute)
+  base = jnp.where(bad[..., None, None], 0.0, alpha[..., None, None] * p)
+  new = (kappa[..., None, None] * (base + beta[..., None, None] * eye)
+         - lam[..., None, None] * (u[..., :, None] * u[..., None, :]))
+  ok = jnp.all(jnp.isfinite(new), axis=(-2, -1))
+  new = jnp.where(ok[..., None, None], new, p)
+  return new.astype(dtype), bad | ~ok
+
+
+
+
+def check_stabiliser(gamma, zeta, refresh: str):
+  """``refresh='ema'`` needs ``zeta < gamma``.
+
+  A direction the statistics never visit is multiplied by ``1/gamma`` at
+  every refresh; once ``max|P| > epsilon`` the stabiliser multiplies it by
+  ``zeta`` and adds ``(1 - zeta)``, so per refresh it becomes
+  ``(zeta P + 1 - zeta) / gamma``. That map is a contraction, with fixed point
+  ``(1 - zeta) / (gamma - zeta)``, only when ``zeta < gamma``; at
+  ``zeta == gamma`` the inverse grows linearly, above it exponentially (by
+  ``zeta/gamma`` per refresh) until it overflows. ``'blend'`` contracts toward
+  ``I`` by itself and needs no rule. Arrays (``inject_hyperparams``) are not checked.
+  """
+  if refresh == 'ema' and checks.is_concrete(gamma) and checks.is_concrete(zeta) and not zeta < gamma:
+    raise ValueError(
+        f'zeta: must be < gamma with refresh=\'ema\' (got zeta={zeta!r}, gamma={gamma!r}): '
+        f'directions the statistics never visit grow by 1/gamma per refresh and the stabiliser '
+        f'shrinks them by zeta, so with zeta >= gamma the factor inverse grows without bound '
+        f'(exponentially for zeta > gamma) until it overflows. Lower zeta (e.g. zeta={0.9 * gamma:.3g}).')
+
+

@@ -1,0 +1,112 @@
+"""The layer statistics ``update`` receives: their shapes per kind, the
+checks against the layer plan, and their gathering (and averaging over a
+data-parallel axis).
+
+Per layer, ``mkor_optax.value_and_grad`` returns (stacking axes first):
+
+* ``RANK1``: ``a`` ``(d_in + 1,)``, the mean input row with a 1 appended for
+  the bias, and ``g`` ``(d_out,)``, the mean per-example output gradient;
+* ``COVARIANCE``: ``A = E[a a^T]`` ``(d_in + 1, d_in + 1)`` and ``G``
+  ``(d_out, d_out)``, the mean of per-example outer products.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mkor_optax.layout import LAYOUTS_FIX, LayerPlan
+from mkor_optax.paths import get_at, unbox
+
+
+def rank1_shapes(lp: LayerPlan) -> dict:
+  """Shapes of the rank-1 statistics (``mkor_optax.RANK1``) a layer's factored sides need."""
+  d, out = lp.dims, {}
+  if lp.has_r:
+    out['a'] = d.stack + (d.d_in_aug,)
+  if lp.has_l:
+    out['g'] = d.stack + (d.d_out,)
+  return out
+
+
+def covariance_shapes(lp: LayerPlan) -> dict:
+  """The covariance statistics (``mkor_optax.COVARIANCE``) a layer's factored sides need."""
+  d, out = lp.dims, {}
+  if lp.has_r:
+    out['A'] = d.stack + (d.d_in_aug, d.d_in_aug)
+  if lp.has_l:
+    out['G'] = d.stack + (d.d_out, d.d_out)
+  return out
+
+
+SHAPES = {'RANK1': rank1_shapes, 'COVARIANCE': covariance_shapes}
+NAMES = {'RANK1': ('a', 'g'), 'COVARIANCE': ('A', 'G')}  # (input side, output side)
+
+
+def _check_known(stats, plan, params, excluded, who, kind):
+  if stats is None:
+    raise ValueError(
+        f'{who}.update needs the layer statistics: call it as update(grads, state, params, '
+        f'stats=stats) with stats from mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.{kind}).')
+  if not hasattr(stats, 'keys'):
+    raise ValueError(f'{who}: stats must be the dict returned by mkor_optax.value_and_grad')
+  plain = unbox(params) if params is not None else None
+  unknown = [name for name in stats if name not in plan and not excluded(name)
+             and plain is not None and get_at(plain, tuple(name.split('/')) + ('kernel',)) is None]
+  if unknown:
+    raise ValueError(f'{who}: stats has layer(s) {sorted(unknown)} but params has no kernel there')
+
+
+def check_stats(stats, plan: dict, params, excluded: Callable[[str], bool], who: str,
+                kind: str = 'RANK1'):
+  """Checks ``stats`` against ``plan``; returns the planned layers that have none.
+
+  Raises ``ValueError`` naming every offending layer for statistics of a
+  layer that ``params`` lacks, or of the wrong kind or shape (the stacking
+  axes may come flattened, as ``mkor_optax.MultiSteps`` hands them on).
+  Planned layers without statistics (a layer the capture does not know, or
+  one the loss did not call) pass through unpreconditioned, with one warning
+  naming all of them each time ``update`` is traced.
+  """
+  _check_known(stats, plan, params, excluded, who, kind)
+  shapes, bad = SHAPES[kind], []
+  for name, lp in plan.items():
+    if name not in stats:
+      continue
+    want = shapes(lp)
+    if not hasattr(stats[name], 'get') or any(k not in stats[name] for k in want):
+      raise ValueError(
+          f'{who}: statistics for layer {name!r} lack {sorted(want)}: compute them with '
+          f'mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.{kind}).')
+    got = {k: tuple(np.shape(stats[name][k])) for k in want}
+    flat = {k: (lp.dims.n_stack,) + v[len(lp.dims.stack):] for k, v in want.items()}
+    if got != want and got != flat:
+      bad.append(f'{name!r}: {got}, read from its parameters as {want} ({lp.dims})')
+  if bad:
+    raise ValueError(
+        f'{who}: statistics of the wrong shape for ' + '; '.join(bad) + '. If a layout was '
+        f'guessed wrongly, {LAYOUTS_FIX}.')
+  lacking = sorted(name for name in plan if name not in stats)
+  if lacking:
+    warnings.warn(
+        f'{who}: no statistics for layer(s) {lacking}; they pass through unpreconditioned. '
+        'The capture does not know their class (register it with mkor_optax.register_layer), '
+        'or the loss did not call them; exclude=[...] silences this.', stacklevel=4)
+  return lacking
+
+
+def gather_stats(stats, plan: dict, axis_name: Optional[str], kind: str = 'RANK1') -> dict:
+  """The ``kind`` statistics of the planned layers, stacking axes flattened
+  to one (``(S, ...)``), averaged over ``axis_name`` when given."""
+  out, shapes = {}, SHAPES[kind]
+  for name, lp in plan.items():
+    want = shapes(lp)
+    out[name] = {k: jnp.reshape(stats[name][k], (lp.dims.n_stack,) + want[k][len(lp.dims.stack):])
+                 for k in want}
+  if axis_name is not None:
+    out = jax.lax.pmean(out, axis_name)
+  return out
