@@ -11,7 +11,6 @@ wider ones a :class:`~mkor_optax.lowrank.LowRankInverse`
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from mkor_optax import lowrank, rank1
@@ -90,7 +89,3 @@ def precondition_rescaled(g_aug, r_inv=None, l_inv=None, blocks=None, g_sq=None)
   h_sq = g_sq if dense_r is None and dense_l is None else None
   return lowrank.precondition_rescaled([h], low_r, low_l, g_norm, h_sq)[0]
 
-
-def where(flag, new, old):
-  """``new`` where the scalar ``flag`` holds, else ``old`` (either form)."""
-  return jax.tree.map(lambda a, b: jnp.where(flag, a, b), new, old)

@@ -141,7 +141,7 @@ def scale_by_kronecker(rule: FactorRule, state_type, *, who: str, kind: str,
                        layouts: Optional[dict], shard_factors: bool = False,
                        guarded: str = 'the factors are left as they were'
                        ) -> optax.GradientTransformationExtraArgs:
-  """The transform of ``rule``; its state is ``state_type(count, input, output)``.
+  """The transform of ``rule``; its state is ``state_type(count, input_side, output_side)``.
 
   ``kind``: the statistics it reads (``'RANK1'`` or ``'COVARIANCE'``);
   ``shard_factors``: place the side entries over the mesh of partitioned
@@ -162,16 +162,16 @@ def scale_by_kronecker(rule: FactorRule, state_type, *, who: str, kind: str,
 
   def update(updates, state, params=None, *, stats=None, **extra_args):
     del params, extra_args
-    sides = (state[1], state[2])
+    sides = (state.input_side, state.output_side)
     shapes = tuple({k: side_shape(f) for k, f in side.items()} for side in sides)
     plan = plan_from_state(updates, shapes, layouts=layouts, excluded=excluded,
                            max_factor_dim=max_factor_dim, who=who)
-    prep = prepare(updates, stats, plan, state[0], excluded=excluded, who=who,
+    prep = prepare(updates, stats, plan, state.count, excluded=excluded, who=who,
                    axis_name=axis_name, kind=kind)
     report_if(~prep.finite, f'{who}: non-finite gradients or statistics: {guarded}')
     sides = rule.refresh(sides, prep)
     out = rule.precondition(sides, prep)
-    return write_layers(prep, out), state_type(checks.increment(state[0]), *sides)
+    return write_layers(prep, out), state_type(checks.increment(state.count), *sides)
 
   return optax.GradientTransformationExtraArgs(init, update)
 
@@ -185,7 +185,7 @@ def stats_template(opt_state) -> dict:
   for node in jax.tree.leaves(opt_state, is_leaf=is_ours):
     if not is_ours(node):
       continue
-    for entries, name in zip((node[1], node[2]), NAMES[node.KIND]):
+    for entries, name in zip((node.input_side, node.output_side), NAMES[node.KIND]):
       for layer, f in entries.items():
         s, d = side_shape(f)
         shape = (s, d, d) if node.KIND == 'COVARIANCE' else (s, d)

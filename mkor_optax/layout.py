@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Mapping, NamedTuple, Optional, Union
 
 import numpy as np
 
+from mkor_optax import checks
 from mkor_optax.paths import get_at, path_str, unbox
 
 Exclude = Union[None, str, Iterable[str], Callable[[str], bool]]
@@ -266,7 +267,7 @@ def plan_from_state(params, shapes: tuple, *, layouts: Optional[dict],
       continue
     d = _layer_dims(name, module, layout)
     held = tuple(name in s for s in shapes)
-    if not any(held) and _is_number(max_factor_dim) and min(d.d_in_aug, d.d_out) <= max_factor_dim:
+    if not any(held) and checks.is_concrete(max_factor_dim) and min(d.d_in_aug, d.d_out) <= max_factor_dim:
       unknown.append(name)
     for side, has, side_shapes in zip(SIDES, held, shapes):
       if has and tuple(side_shapes[name]) != (d.n_stack, d.width(side)):
@@ -287,14 +288,3 @@ def plan_from_state(params, shapes: tuple, *, layouts: Optional[dict],
     raise ValueError(f'{who}: layer(s) changed shape since init: ' + '; '.join(reshaped)
                      + '. Re-run init after changing the model.')
   return plan
-
-
-def _is_number(value) -> bool:
-  return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
-def side_sizes(plan: dict):
-  """``({path: (d_in+1, S)}, {path: (d_out, S)})`` of the factored sides."""
-  r = {k: (lp.dims.d_in_aug, lp.dims.n_stack) for k, lp in plan.items() if lp.has_r}
-  l = {k: (lp.dims.d_out, lp.dims.n_stack) for k, lp in plan.items() if lp.has_l}
-  return r, l

@@ -83,7 +83,7 @@ def mkor_rule(*, gamma, zeta, epsilon, inv_freq, refresh, dtype, low_rank, low_r
           continue
         fresh, reset = factors.refresh_checked(p, prep.stats[k][side], gamma=gamma, zeta=zeta,
                                                epsilon=epsilon, refresh=refresh)
-        out[k] = factors.where(prep.present[k], fresh, p)
+        out[k] = prep.keep_unless_fresh(k, fresh, p)  # finite here: the refresh is due
         flags[f'{k} ({side} side)'] = jnp.any(reset) & prep.present[k]
       new.append(out)
     return tuple(new), flags
