@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import weakref
 from typing import Callable, NamedTuple
 
 import flax.linen as nn
@@ -45,16 +46,57 @@ from mkor_optax.tap import COVARIANCE, RANK1, TAP, Covariance, LayerInfo, Rank1,
 _active = threading.local()  # [module, re-entered] for the layer calls in progress
 
 
+def _capture(mode: str, record: dict, kind: StatKind, path: tuple, call, y, dummy):
+  """One layer call: recorded (``'discover'``) or tapped (``'tap'``, when the
+  layer has its ``dummy``; a call with another parameter tree has none)."""
+  if mode == 'discover':
+    d_out = int(np.prod(call.kernel_shape[len(call.kernel_shape) - call.out_ndim:]))
+    d_in = int(np.prod(call.kernel_shape)) // d_out
+    info = LayerInfo(path, tuple(call.kernel_shape), d_in, d_out, call.out_ndim, call.has_bias)
+    old = record.get(path)
+    if old is not None and old != info:
+      raise ValueError(f'layer {path_str(path)!r} is called with inconsistent shapes: '
+                       f'{old} vs {info}')
+    record[path] = info
+    return y
+  if dummy is None:
+    return y
+  record.setdefault('tapped', set()).add(path)
+  return tap(dummy, y, kind.forward(call), kind, call.out_ndim, call.g_scale)
+
+
+def _composite_call(mode, record, kind, module, children_fn, args, kwargs):
+  """A composite layer (``layers._COMPOSITES``) recomputed with one captured
+  product per child kernel."""
+  _, fn = children_fn
+  params = module.variables['params']
+
+  def dense(name, x):
+    child = params[name]
+    kernel, bias = unbox(child['kernel']), child.get('bias')
+    bias = None if bias is None else unbox(bias)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=getattr(module, 'dtype', None))
+    y = jnp.dot(x, kernel) + (0 if bias is None else bias)
+    call = layers_lib.rows_call(x.reshape(-1, x.shape[-1]), 1, bias is not None, kernel.shape)
+    return _capture(mode, record, kind, tuple(module.scope.path) + (name,), call, y, child.get(TAP))
+
+  return fn(module, args, kwargs, dense)
+
+
 def _make_interceptor(mode: str, record: dict, kind: StatKind):
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
-    if context.method_name != '__call__' or layers_lib.capture_disabled():
+    if (context.method_name != '__call__' or layers_lib.capture_disabled()
+        or module.scope is None):
       return next_fun(*args, **kwargs)
+    composite = layers_lib.composite_for(module)
+    if composite is not None:
+      return _composite_call(mode, record, kind, module, composite, args, kwargs)
     stack = getattr(_active, 'stack', None)
     if stack is None:
       stack = _active.stack = []
     adapter = layers_lib.adapter_for(module)
-    if adapter is None or module.scope is None or not module.has_variable('params', 'kernel'):
+    if adapter is None or not module.has_variable('params', 'kernel'):
       return next_fun(*args, **kwargs)
     read = adapter(module, args, kwargs)
     if read is None:
@@ -62,24 +104,8 @@ def _make_interceptor(mode: str, record: dict, kind: StatKind):
     y, innermost = layers_lib.call_innermost(stack, module, lambda: next_fun(*args, **kwargs))
     if not innermost:
       return y
-    call = read(y)
-    path = tuple(module.scope.path)
-    if mode == 'discover':
-      d_out = int(np.prod(call.kernel_shape[len(call.kernel_shape) - call.out_ndim:]))
-      d_in = int(np.prod(call.kernel_shape)) // d_out
-      info = LayerInfo(path, tuple(call.kernel_shape), d_in, d_out, call.out_ndim, call.has_bias)
-      old = record.get(path)
-      if old is not None and old != info:
-        raise ValueError(f'layer {path_str(path)!r} is called with inconsistent shapes: '
-                         f'{old} vs {info}')
-      record[path] = info
-      return y
-    if not module.has_variable('params', TAP):
-      # a call with another parameter tree (a teacher, a frozen copy): not ours
-      return y
-    record.setdefault('tapped', set()).add(path)
-    return tap(module.get_variable('params', TAP), y, kind.forward(call), kind,
-                call.out_ndim, call.g_scale)
+    dummy = module.get_variable('params', TAP) if module.has_variable('params', TAP) else None
+    return _capture(mode, record, kind, tuple(module.scope.path), read(y), y, dummy)
 
   return interceptor
 
@@ -92,6 +118,49 @@ def discover(fun: Callable, params, *args, **kwargs) -> dict:
   with nn.intercept_methods(_make_interceptor('discover', record, RANK1)):
     jax.eval_shape(lambda p: fun(p, *args, **kwargs), params)
   return record
+
+
+# fun -> {signature of its arguments: discover's answer}, for eager calls: an
+# unjitted training loop would otherwise trace the whole model abstractly on
+# every step (under jit the trace happens once anyway, and nothing is kept)
+_DISCOVERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _signature(args, kwargs):
+  """A hashable key for the shapes, dtypes and static values of the arguments,
+  or ``None`` when they are traced or not hashable (nothing is cached then)."""
+  leaves, treedef = jax.tree.flatten((args, kwargs))
+  key = [treedef]
+  for x in leaves:
+    if isinstance(x, jax.core.Tracer):
+      return None
+    if hasattr(x, 'shape') and hasattr(x, 'dtype'):
+      key.append((type(x), tuple(x.shape), str(x.dtype), bool(getattr(x, 'weak_type', False))))
+    else:
+      key.append((type(x), x))
+  try:
+    hash(tuple(key))
+  except TypeError:
+    return None
+  return tuple(key)
+
+
+def _discover_cached(fun, argnums, args, kwargs, run: Callable[[], dict]) -> dict:
+  """``run()`` (a :func:`discover`), remembered per ``fun`` and argument
+  signature when the call is eager."""
+  sig = _signature(args, kwargs)
+  try:
+    cache = _DISCOVERED.setdefault(fun, {}) if sig is not None else None
+  except TypeError:  # fun cannot be weakly referenced
+    cache = None
+  if cache is None:
+    return run()
+  key = (argnums, sig)
+  if key not in cache:
+    if len(cache) >= 8:
+      cache.pop(next(iter(cache)))
+    cache[key] = run()
+  return cache[key]
 
 
 def _locate(params, info: LayerInfo):
@@ -239,7 +308,8 @@ def value_and_grad(fun: Callable, argnums: int = 0, has_aux: bool = False, *,
       if is_model(params):
         return capture(fun, argnums, has_aux, kind=kind)(*args, **kwargs)
     call = lambda p: fun(*args[:argnums], p, *args[argnums + 1:], **kwargs)
-    tapped_params, tapped = _with_taps(params, discover(call, params), kind)
+    infos = _discover_cached(fun, argnums, args, kwargs, lambda: discover(call, params))
+    tapped_params, tapped = _with_taps(params, infos, kind)
     record: dict = {}
 
     def inner(p):

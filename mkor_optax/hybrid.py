@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from mkor_optax import checks, sharding
+from mkor_optax.eager import compiled_when_eager
 from mkor_optax import kronecker as kr
 from mkor_optax.mkor import (EPSILON, GAMMA, LOW_RANK, LOW_RANK_MIN_DIM, ZETA, MKORState, mkor_args,
                              scale_by_mkor)
@@ -120,11 +121,16 @@ def scale_by_mkor_h(
     if jnp.ndim(value) != 0:
       raise ValueError(f'scale_by_mkor_h: value= must be the scalar loss of the step, got shape '
                        f'{jnp.shape(value)} (reduce it, e.g. with jnp.mean, before update)')
+    del extra_args
+    return step(updates, state, stats, value)
+
+  @compiled_when_eager
+  def step(updates, state, stats, value):
     switched = state.switch_step >= 0
     new_updates, mkor_state = jax.lax.cond(
         switched,
         lambda: (updates, state.mkor),
-        lambda: inner.update(updates, state.mkor, params, stats=stats, **extra_args))
+        lambda: inner.update(updates, state.mkor, stats=stats))
 
     loss = jnp.asarray(value, jnp.float32)
     finite = jnp.isfinite(loss)

@@ -17,6 +17,14 @@ Mohammadi et al. 2023):
   channel, computed by a clone of the layer itself so that every padding mode
   Flax supports (SAME, VALID, explicit, CIRCULAR, CAUSAL, dilations) is honoured.
 
+* ``nn.OptimizedLSTMCell``: its eight gate kernels live in parameter-only
+  children and are multiplied as one concatenated matrix, so no child call
+  has an output to tap. It is a *composite*: the capture recomputes the cell
+  as ``nn.LSTMCell`` does, one product per gate kernel, from the same
+  parameters (:func:`optimized_lstm`); each gate kernel is a Dense layer.
+  (``nn.LSTMCell``, ``nn.GRUCell``, ``nn.MGUCell`` and ``nn.SimpleCell`` call
+  ``nn.Dense`` children and need nothing.)
+
 An adapter reads one call of a layer and returns a :class:`LayerCall`, or
 ``None`` to let that call pass through uncaptured (for example a grouped
 convolution). Custom layers opt in with :func:`register_layer`.
@@ -177,14 +185,17 @@ def _has_bias(module: nn.Module) -> bool:
   return bool(getattr(module, 'use_bias', False)) and module.has_variable('params', 'bias')
 
 
+def rows_call(rows, out_ndim: int, has_bias: bool, kernel_shape: tuple) -> LayerCall:
+  """The :class:`LayerCall` of a dense-like product whose input rows are ``rows``."""
+  input_rows = lambda: jax.lax.stop_gradient(rows.astype(jnp.float32))
+  return LayerCall(input_rows, int(rows.shape[0]), out_ndim, 1.0, has_bias, tuple(kernel_shape))
+
+
 def _rows_reader(module, rows, out_ndim):
   """A ``read(y)`` for a dense-like layer whose input rows are ``rows``."""
-  input_rows = lambda: jax.lax.stop_gradient(rows.astype(jnp.float32))
-
   def read(y):
     del y
-    return LayerCall(input_rows, int(rows.shape[0]), out_ndim, 1.0, _has_bias(module),
-                     _kernel_shape(module))
+    return rows_call(rows, out_ndim, _has_bias(module), _kernel_shape(module))
 
   return read
 
@@ -280,6 +291,51 @@ def conv_reader(patches, patch_sum, kshape, has_bias: bool):
 
   return read
 
+
+# ------------------------------------------------------------------ composites
+
+# module type -> (children whose kernels it multiplies, recompute function)
+_COMPOSITES: dict[type, tuple] = {}
+
+
+def composite_for(module) -> Optional[tuple]:
+  """``(children, fn)`` when ``module`` is a composite whose child kernels
+  all exist (in ``init`` they do not yet: the module then runs as it is)."""
+  entry = next((_COMPOSITES[c] for c in type(module).__mro__ if c in _COMPOSITES), None)
+  if entry is None:
+    return None
+  params = module.variables.get('params', {})
+  if not all('kernel' in params.get(c, {}) for c in entry[0]):
+    return None
+  return entry
+
+
+_LSTM_GATES = ('i', 'f', 'g', 'o')
+
+
+def optimized_lstm(module, args, kwargs, dense):
+  r"""``nn.OptimizedLSTMCell`` as ``nn.LSTMCell`` computes it, one product per gate:
+
+  .. math::
+     z_k = h W_{hk} + b_{hk} + x W_{ik}, \quad
+     c' = \sigma(z_f) c + \sigma(z_i) \tanh(z_g), \quad
+     h' = \sigma(z_o) \tanh(c')
+
+  (``gate_fn`` and ``activation_fn`` as the cell has them). ``dense(name,
+  x)`` is the capture's product ``x W (+ b)`` with child ``name``'s
+  parameters, in the cell's ``dtype``.
+  """
+  carry = args[0] if args else kwargs['carry']
+  inputs = args[1] if len(args) > 1 else kwargs['inputs']
+  c, h = carry
+  z = {k: dense('h' + k, h) + dense('i' + k, inputs) for k in _LSTM_GATES}
+  new_c = module.gate_fn(z['f']) * c + module.gate_fn(z['i']) * module.activation_fn(z['g'])
+  new_h = module.gate_fn(z['o']) * module.activation_fn(new_c)
+  return (new_c, new_h), new_h
+
+
+_COMPOSITES[nn.OptimizedLSTMCell] = (tuple(p + k for p in 'ih' for k in _LSTM_GATES),
+                                     optimized_lstm)
 
 register_layer(nn.Dense, dense_adapter)
 register_layer(nn.DenseGeneral, dense_general_adapter)

@@ -252,29 +252,54 @@ def plan_layers(params, *, layouts: Optional[dict], excluded: Callable[[str], bo
   return plan
 
 
+def _state_dims(module, held: tuple) -> Optional[Dims]:
+  """The matrix view of ``module``'s kernel (and bias) that the state's factor
+  shapes imply; ``held`` is ``(S, width)`` or ``None`` per side. ``None``
+  unless exactly one ``(S, d_in, d_out, has_bias)`` fits."""
+  kshape = tuple(np.shape(module['kernel']))
+  bshape = tuple(np.shape(module['bias'])) if 'bias' in module else None
+  fits = {}
+  for k in range(len(kshape) - 1):
+    for m in range(1, len(kshape) - k):
+      for has_bias in (False, True):
+        if has_bias and bshape != kshape[:k] + kshape[len(kshape) - m:]:
+          continue
+        d = dims(kshape, Layout(k, m, has_bias))
+        if all(h is None or tuple(h) == (d.n_stack, d.width(side)) for side, h in zip(SIDES, held)):
+          fits.setdefault((d.n_stack, d.d_in, d.d_out, has_bias), d)
+  return next(iter(fits.values())) if len(fits) == 1 else None
+
+
 def plan_from_state(params, shapes: tuple, *, layouts: Optional[dict],
                     excluded: Callable[[str], bool], max_factor_dim, who: str) -> dict:
   """The plan in ``update``: the layers of ``params`` that the state holds
   factors for. ``shapes``: per side, ``{layer: (S, width)}`` of the state's
   factors (nothing static is recomputed from hyperparameters, which
-  ``optax.inject_hyperparams`` may turn into arrays). A state layer missing
-  from ``params``, a layer whose shape differs from its factor's, and (with
-  a Python ``max_factor_dim``) a layer of ``params`` that the state lacks
-  are errors naming them."""
+  ``optax.inject_hyperparams`` may turn into arrays). A layer's matrix view
+  is its layout's (``layouts=``, hints, or shapes and names) when that agrees
+  with the state, else the one view the state's shapes allow, so ``update``
+  needs nothing remembered from ``init``. A state layer missing from
+  ``params``, a layer whose shape differs from its factor's, and (with a
+  Python ``max_factor_dim``) a layer of ``params`` that the state lacks are
+  errors naming them."""
   plan, unknown, reshaped = {}, [], []
   for name, path, layout, module in _layers(params, layouts, excluded):
-    if isinstance(layout, str):
+    held = tuple(tuple(s[name]) if name in s else None for s in shapes)
+    d = None if isinstance(layout, str) else _layer_dims(name, module, layout)
+    agrees = d is not None and all(h is None or h == (d.n_stack, d.width(side))
+                                   for side, h in zip(SIDES, held))
+    if any(held) and not agrees:
+      d = _state_dims(module, held) or d
+    if d is None:
       continue
-    d = _layer_dims(name, module, layout)
-    held = tuple(name in s for s in shapes)
     if not any(held) and checks.is_concrete(max_factor_dim) and min(d.d_in_aug, d.d_out) <= max_factor_dim:
       unknown.append(name)
-    for side, has, side_shapes in zip(SIDES, held, shapes):
-      if has and tuple(side_shapes[name]) != (d.n_stack, d.width(side)):
+    for side, h in zip(SIDES, held):
+      if h is not None and h != (d.n_stack, d.width(side)):
         reshaped.append(f'{name!r}: gradients give {(d.n_stack, d.width(side))} (stack, width) '
-                        f'on the {side} side, the state holds {tuple(side_shapes[name])}')
+                        f'on the {side} side, the state holds {h}')
     if any(held):
-      plan[name] = LayerPlan(path, d, *held)
+      plan[name] = LayerPlan(path, d, *(h is not None for h in held))
   lost = sorted(set().union(*shapes) - set(plan))
   if lost:
     raise ValueError(f'{who}: the optimizer state has factors for layer(s) {lost}, which the '

@@ -38,7 +38,7 @@ from mkor_optax import checks
 from mkor_optax import layout as layout_lib
 from mkor_optax import layers as layers_lib
 from mkor_optax import tap as tap_lib
-from mkor_optax.nnx_layers import layers_of, layout_hints, layouts, remember  # noqa: F401 (public)
+from mkor_optax.nnx_layers import layers_of, layout_hints, layouts  # noqa: F401 (public)
 from mkor_optax.paths import path_str
 
 TAP_ATTR = '_mkor_tap'
@@ -174,7 +174,6 @@ def value_and_grad(fun: Callable, argnums=0, has_aux: bool = False, *,
       if TAP_ATTR in vars(layer.module):
         raise ValueError(f'layer {path_str(path)!r} already carries a capture tap '
                          '(nested mkor_optax.value_and_grad on the same model?)')
-      remember(path_str(path), layer.stack + layer.info.kernel_shape, layer.layout)
       zeros = jax.tree.map(lambda z, s=layer.stack: jnp.zeros(s + z.shape, z.dtype),
                            kind.zeros(layer.info))
       setattr(layer.module, TAP_ATTR,

@@ -6,14 +6,16 @@ read one call of each built-in NNX layer (``nnx.Linear``, ``nnx.LinearGeneral``,
 At ``init`` the transform is given ``nnx.state(model, nnx.Param)``, whose
 ``Param`` objects are the model's own: :func:`layout_hints` finds the modules
 that own them in the calling frames (``nnx.Optimizer.__init__`` holds
-``model``), and remembers the layouts per ``(path, kernel shape)`` for
-``update``, which is given plain arrays.
+``model``; the walk is :func:`_caller_modules`, the only place that reads
+frames). Nothing is remembered between calls: ``update``, given plain
+arrays, reads each layer's matrix view from the shapes of the factors the
+state holds (:func:`mkor_optax.layout.plan_from_state`), so two models never
+see each other's layouts.
 """
 
 from __future__ import annotations
 
 import sys
-import threading
 import types
 from typing import NamedTuple, Optional
 
@@ -153,18 +155,6 @@ def layouts(model) -> dict:
   return out
 
 
-# (path, kernel shape) -> layout, for update (plain arrays); None = conflicting
-_SEEN: dict = {}
-_SEEN_LOCK = threading.Lock()
-
-
-def remember(name: str, kshape: tuple, layout):
-  with _SEEN_LOCK:
-    key = (name, tuple(kshape))
-    old = _SEEN.get(key, layout)
-    _SEEN[key] = layout if old == layout else None
-
-
 def _kernel_leaves(tree, prefix=()):
   """``(path, kernel leaf)`` of every mapping in ``tree`` holding a ``'kernel'``."""
   if not hasattr(tree, 'items'):
@@ -177,6 +167,9 @@ def _kernel_leaves(tree, prefix=()):
 
 
 def _caller_modules(depth: int = 64):
+  """The NNX modules held by the local variables of the calling frames,
+  innermost first (``init`` is handed the model's ``Param`` objects but not
+  the model; ``nnx.Optimizer.__init__`` has it as a local)."""
   seen = set()
   frame = sys._getframe(2)
   while frame is not None and depth > 0:
@@ -196,11 +189,11 @@ def is_nnx_tree(params) -> bool:
 
 def layout_hints(params) -> dict:
   """``{path: Layout or UNSUPPORTED}`` for the kernels of an NNX parameter
-  tree, from the modules that own them: found in the calling frames when
+  tree, from the modules that own them, found in the calling frames when
   ``params`` holds the model's own ``nnx.Param`` objects (as
-  ``nnx.state(model, nnx.Param)`` does), else remembered from an earlier
-  ``init`` or capture of the same path and kernel shape. ``{}`` for a
-  non-NNX tree."""
+  ``nnx.state(model, nnx.Param)`` does). ``{}`` for plain arrays (then
+  pass ``layouts=mkor_optax.nnx.layouts(model)`` for a kernel whose layout
+  its shapes do not tell) and for a non-NNX tree."""
   if not is_nnx_tree(params):
     return {}
   kernels = {}
@@ -217,15 +210,6 @@ def layout_hints(params) -> dict:
             hints[by_id[id(node.kernel)]] = layout
       if len(hints) == len(by_id):
         break
-  for name, leaf in kernels.items():
-    kshape = _param_shape(leaf)
-    if name in hints:
-      remember(name, kshape, hints[name])
-    else:
-      with _SEEN_LOCK:
-        layout = _SEEN.get((name, kshape))
-      if layout is not None:
-        hints[name] = layout
   return hints
 
 

@@ -22,7 +22,7 @@ def report_if(pred, message: str, *args, names=None):
   branch, so steps where nothing went wrong pay nothing. With ``names`` (one
   per entry of ``pred``), ``{names}`` in the message lists those whose entry
   holds. ``pred`` is re-checked on the host (under ``vmap`` a ``cond`` runs
-  both branches)."""
+  both branches). Outside a trace it warns directly."""
   def warn(flag, *values):
     flag = np.asarray(flag).reshape(-1)
     if not flag.any():
@@ -34,6 +34,9 @@ def report_if(pred, message: str, *args, names=None):
   def branch(flag, *values):
     jax.debug.callback(warn, flag, *values)
 
+  if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((pred, args))):
+    warn(pred, *args)  # called eagerly: an eager cond would compile its branches on every call
+    return
   jax.lax.cond(jnp.any(pred), branch, lambda *_: None, pred, *args)
 
 

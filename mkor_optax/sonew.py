@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 from mkor_optax import checks
+from mkor_optax.eager import compiled_when_eager
 from mkor_optax import numerics
 
 _GRAFTS = ('adam', 'sgd', 'momentum')
@@ -196,6 +197,10 @@ def scale_by_sonew(
   def update(updates, state, params=None, **extra_args):
     del params, extra_args
     check_shapes(updates, state.m)
+    return step(updates, state)
+
+  @compiled_when_eager
+  def step(updates, state):
     t = (state.count + 1).astype(jnp.float32)
     out = jax.tree.map(lambda g, m, d, e: one(g, m, d, e, t), updates, state.m, state.d, state.e)
     treedef = jax.tree.structure(updates)

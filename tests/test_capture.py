@@ -5,6 +5,8 @@ im2col loops for convolutions), and output gradients come from perturbing a
 hand-written forward pass (``y + delta``, gradient at ``delta = 0``).
 """
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -296,3 +298,93 @@ def test_frozen_dict_params_keep_their_type():
   tx = mkor_optax.mkor(1e-2)
   updates, _ = tx.update(grads, tx.init(params), params, stats=stats)
   assert jax.tree.structure(updates) == jax.tree.structure(params)
+
+
+# ------------------------------------------------------------ recurrent cells
+
+class _Seq(nn.Module):
+  cell: type
+  hidden: int = 6
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.RNN(self.cell(self.hidden, name='cell'))(x)
+
+
+def test_optimized_lstm_cell_gates_against_a_hand_unrolled_lstm():
+  """flax's OptimizedLSTMCell multiplies one concatenated kernel: every gate
+  kernel still gets its own a and g, those of a hand-written LSTM."""
+  B, T, D, H = 3, 4, 5, 6
+  x = jax.random.normal(KEY, (B, T, D))
+  params, w, stats = stats_of(_Seq(nn.OptimizedLSTMCell, H), x)
+  cell = jax.tree.map(np.asarray, params['cell'])
+  sig = jax.nn.sigmoid
+
+  def unrolled(deltas):
+    c = h = jnp.zeros((B, H))
+    hs, prev = [], []
+    for t in range(T):
+      prev.append(h)
+      z = {k: x[:, t] @ cell['i' + k]['kernel'] + h @ cell['h' + k]['kernel']
+              + cell['h' + k]['bias'] + deltas[k][t] for k in 'ifgo'}
+      c = sig(z['f']) * c + sig(z['i']) * jnp.tanh(z['g'])
+      h = sig(z['o']) * jnp.tanh(c)
+      hs.append(h)
+    return head(jnp.stack(hs, 1), w), jnp.stack(prev)
+
+  zeros = {k: jnp.zeros((T, B, H)) for k in 'ifgo'}
+  dz = jax.grad(lambda d: unrolled(d)[0])(zeros)
+  prev = np.asarray(unrolled(zeros)[1]).reshape(-1, H)
+  assert len(stats) == 8
+  for k in 'ifgo':
+    g = np.asarray(dz[k]).sum((0, 1))
+    s_i, s_h = stats[f'cell/i{k}'], stats[f'cell/h{k}']
+    np.testing.assert_allclose(s_i['a'], np.asarray(x).reshape(-1, D).mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s_h['a'], with_one(prev.mean(0), True), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(s_i['g'], g, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(s_h['g'], g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('cell', [nn.OptimizedLSTMCell, nn.LSTMCell, nn.GRUCell, nn.MGUCell,
+                                  nn.SimpleCell])
+def test_every_layer_init_gives_factors_receives_statistics(cell):
+  x = jax.random.normal(KEY, (2, 3, 4))
+  model = _Seq(cell)
+  params = model.init(KEY, x)['params']
+  loss = lambda p: jnp.mean(model.apply({'params': p}, x) ** 2)
+  tx = mkor_optax.scale_by_mkor(inv_freq=1)
+  state = tx.init(params)
+  _, grads, stats = mkor_optax.value_and_grad(loss)(params)
+  assert set(state.input_side) == set(state.output_side) == set(stats)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')  # no "no statistics for layer(s)" warning
+    u, state = tx.update(grads, state, params, stats=stats)
+  assert all(not np.allclose(u['cell'][n]['kernel'], grads['cell'][n]['kernel'])
+             for n in stats_names(stats))
+
+
+def stats_names(stats):
+  return [k.split('/')[-1] for k in stats]
+
+
+# ------------------------------------------------------------------ eager use
+
+def test_eager_capture_traces_the_model_once_per_argument_shapes(monkeypatch):
+  from mkor_optax import capture
+  calls = []
+  real = capture.discover
+  monkeypatch.setattr(capture, 'discover', lambda *a, **k: calls.append(1) or real(*a, **k))
+  model = nn.Dense(3)
+  loss = lambda p, x: jnp.mean(model.apply({'params': p}, x) ** 2)
+  x = jax.random.normal(KEY, (4, 5))
+  params = model.init(KEY, x)['params']
+  grad_fn = mkor_optax.value_and_grad(loss)
+  first = grad_fn(params, x)
+  for i in range(3):
+    again = mkor_optax.value_and_grad(loss)(params, x)  # a new wrapper, the same loss
+  assert len(calls) == 1
+  jax.tree.map(np.testing.assert_array_equal, again, first)
+  grad_fn(params, jnp.ones((7, 5)))  # another batch shape: traced again
+  assert len(calls) == 2
+  jax.jit(grad_fn)(params, x)  # under jit nothing is cached
+  assert len(calls) == 3

@@ -510,3 +510,56 @@ def test_sharded_batch_under_nnx_jit_equals_one_device():
   got_losses, got = run(jax.device_put(x, sharded), jax.device_put(y, sharded))
   np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
+
+
+class _StackedLinear(nnx.Module):
+  """'layer': L bias-free Linear(D, D) stacked on axis 0, kernel (L, D, D)."""
+
+  def __init__(self, rngs):
+    @nnx.split_rngs(splits=L)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs):
+      return nnx.Linear(D, D, use_bias=False, rngs=rngs)
+
+    self.layer = create(rngs)
+    self.head = nnx.Linear(D, 2, rngs=rngs)
+
+  def __call__(self, x):  # x: (B, L, D), slice i through layer i
+    @nnx.vmap(in_axes=(0, 1), out_axes=1)
+    def each(layer, x):
+      return layer(x)
+
+    return self.head(jnp.tanh(each(self.layer, x)).mean(1))
+
+
+class _GeneralLinear(nnx.Module):
+  """'layer': one LinearGeneral (L, D) -> D, the same path and kernel shape (L, D, D)."""
+
+  def __init__(self, rngs):
+    self.layer = nnx.LinearGeneral((L, D), D, axis=(-2, -1), use_bias=False, rngs=rngs)
+    self.head = nnx.Linear(D, 2, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(jnp.tanh(self.layer(x)))
+
+
+def test_two_models_with_one_path_and_kernel_shape_keep_their_own_layouts():
+  """Nothing is remembered across models: each one's optimizer preconditions
+  it as an optimizer given its exact layouts= does, whatever was built before."""
+  x = jax.random.normal(jax.random.PRNGKey(3), (B, L, D))
+  y = jax.random.randint(jax.random.PRNGKey(4), (B,), 0, 2)
+  loss_fn = lambda m, x, y: xent(m(x), y)
+  models = {cls: cls(nnx.Rngs(0)) for cls in (_StackedLinear, _GeneralLinear)}
+  optimizers = {cls: nnx.Optimizer(m, mkor_optax.mkor(1e-2), wrt=nnx.Param)
+                for cls, m in models.items()}  # both built before either steps
+  shapes = {cls: o.opt_state[0].input_side['layer'].shape for cls, o in optimizers.items()}
+  assert shapes == {_StackedLinear: (L, D, D), _GeneralLinear: (1, L * D, L * D)}
+  for cls, model in models.items():
+    ref_model = cls(nnx.Rngs(0))
+    ref = nnx.Optimizer(ref_model, mkor_optax.mkor(1e-2, layouts=mkor_optax.nnx.layouts(ref_model)),
+                        wrt=nnx.Param)
+    for m, o in ((model, optimizers[cls]), (ref_model, ref)):
+      for _ in range(3):
+        _, grads, stats = nnx.jit(mkor_optax.value_and_grad(loss_fn))(m, x, y)
+        o.update(m, grads, stats=stats)
+    np.testing.assert_allclose(model.layer.kernel[...], ref_model.layer.kernel[...], rtol=1e-6)

@@ -220,3 +220,33 @@ def test_multisteps_under_jit_compiles_once():
   assert len(traces) == 1
   assert int(state.inner.gradient_step) == 2
   assert bool(acc.has_updated(state))
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_an_unjitted_loop_compiles_nothing_after_its_first_steps(name):
+  """Eager use (flax's VAE example does not jit its step): once the first
+  steps have compiled, further steps lower no new XLA computation."""
+  alias = METHODS[name][0]
+  opt = alias(1e-2)
+  params = init_params()
+  state = opt.init(params)
+  lowered = []
+  listener = lambda event, duration, **kw: (
+      lowered.append(event) if event == '/jax/core/compile/jaxpr_to_mlir_module_duration' else None)
+
+  def step(i, params, state):
+    x, y = batch(i)
+    _, grads, extra = grads_and_extra(name, params, x, y)
+    u, state = opt.update(grads, state, params, **extra)
+    return optax.apply_updates(params, u), state
+
+  for i in range(2):
+    params, state = step(i, params, state)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    for i in range(2, 5):
+      params, state = step(i, params, state)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert lowered == []
+  assert all(np.all(np.isfinite(l)) for l in jax.tree.leaves(params))
