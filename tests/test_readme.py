@@ -64,3 +64,26 @@ def test_nnx_block_runs_as_printed():
             for _ in range(20)]
   assert np.isfinite(losses).all() and losses[-1] < losses[0]
   assert int(scope['optimizer'].step[...]) == 20
+
+
+def test_split_step_block_runs_as_printed():
+  text = README.read_text()
+  section = text[text.index('## Quickstart'):text.index('## What is preconditioned')]
+  block = re.findall(r'```python\n(.*?)```', section, re.S)[3]
+  assert 'def compute_grads' in block and 'def apply_grads' in block
+  import mkor_optax
+  (x, y), _ = load_digits()
+  model = MLP((32,))
+  params = model.init(jax.random.PRNGKey(0), x[:2])['params']
+  scope = {'model': model, 'params': params}
+  exec(compile(re.findall(r'```python\n(.*?)```', section, re.S)[0], str(README), 'exec'), scope)
+  exec(compile(block, str(README), 'exec'), scope)
+  state = mkor_optax.TrainState.create(apply_fn=model.apply, params=params,
+                                       tx=mkor_optax.mkor(1e-2))
+  losses = []
+  for _ in range(20):
+    grads, stats, loss = scope['compute_grads'](state, x[:128], y[:128])
+    state = scope['apply_grads'](state, grads, stats)
+    losses.append(float(loss))
+  assert np.isfinite(losses).all() and losses[-1] < losses[0]
+  assert int(state.step) == 20
