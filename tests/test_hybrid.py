@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import mkor_optax
-from helpers import batch, init_params, loss_fn, orbax_round_trip
+from helpers import batch, init_params, loss_fn
 
 GRAD = mkor_optax.value_and_grad(loss_fn)
 
@@ -132,19 +132,6 @@ def test_missing_value_is_a_clear_error():
 def test_invalid_hyperparameters(kwargs, name):
   with pytest.raises(ValueError, match=name):
     mkor_optax.mkor_h(1e-3, **kwargs)
-
-
-def test_state_checkpoints(tmp_path):
-  params = init_params()
-  opt = mkor_optax.mkor_h(1e-2, window=2)
-  state = opt.init(params)
-  for i in range(5):
-    loss, grads, stats = GRAD(params, *batch(i))
-    updates, state = opt.update(grads, state, params, stats=stats, value=loss)
-    params = optax.apply_updates(params, updates)
-  restored = orbax_round_trip(state, tmp_path / 's')
-  assert jax.tree.structure(restored) == jax.tree.structure(state)
-  jax.tree.map(np.testing.assert_array_equal, restored, state)
 
 
 def test_reset_backend_restarts_lamb_at_the_first_first_order_step():
