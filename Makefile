@@ -43,4 +43,4 @@ compare-kfac-jax: .venv-kfac/.installed
 	.venv-kfac/bin/python benchmarks/kfac_jax_compare.py
 
 clean:
-	rm -rf $(VENV) .venv-kfac .pytest_cache
+	rm -rf $(VENV) .venv-kfac .pytest_cache .jax_cache

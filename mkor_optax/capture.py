@@ -146,8 +146,8 @@ def _signature(args, kwargs):
 
 
 def _discover_cached(fun, argnums, args, kwargs, run: Callable[[], dict]) -> dict:
-  """``run()`` (a :func:`discover`), remembered per ``fun`` and argument
-  signature when the call is eager."""
+  """``run()`` (a :func:`discover`), remembered per ``fun``, argument
+  signature and layer registry when the call is eager."""
   sig = _signature(args, kwargs)
   try:
     cache = _DISCOVERED.setdefault(fun, {}) if sig is not None else None
@@ -155,7 +155,7 @@ def _discover_cached(fun, argnums, args, kwargs, run: Callable[[], dict]) -> dic
     cache = None
   if cache is None:
     return run()
-  key = (argnums, sig)
+  key = (argnums, sig, layers_lib.registry_key())
   if key not in cache:
     if len(cache) >= 8:
       cache.pop(next(iter(cache)))

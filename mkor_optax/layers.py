@@ -170,6 +170,12 @@ def nnx_layout_fn(module) -> Optional[Callable]:
   return None
 
 
+def registry_key() -> tuple:
+  """What decides which calls are captured: the registered classes and
+  adapters (a cached discovery is valid while this is the same)."""
+  return tuple(_REGISTRY.items())
+
+
 def adapter_for(module) -> Optional[Adapter]:
   for cls in type(module).__mro__:
     if cls in _REGISTRY:
