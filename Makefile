@@ -15,11 +15,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+test: $(STAMP)  # one worker per core; the 15 slowest tests are listed at the end
+	$(PY) -m pytest -q -n auto --durations=15
 
 test-all: $(STAMP)  # the slow end-to-end runs too
-	$(PY) -m pytest -q -m ''
+	$(PY) -m pytest -q -n auto --durations=15 -m ''
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_time.py

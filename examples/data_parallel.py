@@ -10,6 +10,9 @@
 
 Each mode checks that it matches the single-device full-batch run. Run:
     python examples/data_parallel.py --mode shard_map [--steps 20] [--smoke]
+A comma list (--mode distributed,distributed-sharded) runs several modes in
+one go, against one single-device run (the distributed modes in one pair of
+processes; they cannot be mixed with the others).
 """
 
 import argparse
@@ -18,11 +21,25 @@ import subprocess
 import sys
 
 
+MODES = ('pmap', 'shard_map', 'distributed', 'sharded', 'distributed-sharded')
+
+
+def modes(text):
+  names = text.split(',')
+  unknown = [n for n in names if n not in MODES]
+  if unknown:
+    raise argparse.ArgumentTypeError(f'unknown mode(s) {unknown}; choose from {list(MODES)}')
+  if len({n.startswith('distributed') for n in names}) > 1:
+    raise argparse.ArgumentTypeError('the distributed modes run in processes of their own: '
+                                     'do not mix them with the others in one --mode')
+  return names
+
+
 def parse():
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument('--mode', choices=('pmap', 'shard_map', 'distributed', 'sharded',
-                                     'distributed-sharded'), default='shard_map')
+  ap.add_argument('--mode', type=modes, default=['shard_map'],
+                  help=f'one of {list(MODES)}, or a comma list of them')
   ap.add_argument('--steps', type=int, default=20)
   ap.add_argument('--smoke', action='store_true')
   ap.add_argument('--process-id', type=int, default=None, help=argparse.SUPPRESS)
@@ -32,7 +49,10 @@ def parse():
 
 ARGS = parse()
 LOCAL_DEVICES = 2 if ARGS.process_id is not None else 4
-os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={LOCAL_DEVICES}'
+_OTHER_FLAGS = [f for f in os.environ.get('XLA_FLAGS', '').split()
+                if not f.startswith('--xla_force_host_platform_device_count')]  # kept
+os.environ['XLA_FLAGS'] = ' '.join(_OTHER_FLAGS + [
+    f'--xla_force_host_platform_device_count={LOCAL_DEVICES}'])
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import jax  # noqa: E402  (after XLA_FLAGS)
@@ -172,23 +192,25 @@ def launch_two_processes(mode, steps, smoke):
 
 def main():
   steps = 3 if ARGS.smoke else ARGS.steps
-  if ARGS.mode.startswith('distributed') and ARGS.process_id is None:
-    launch_two_processes(ARGS.mode, steps, ARGS.smoke)
+  if ARGS.mode[0].startswith('distributed') and ARGS.process_id is None:
+    launch_two_processes(','.join(ARGS.mode), steps, ARGS.smoke)
     return
   (x, y), _ = load_digits()
   it = batches(x, y, BATCH, seed=0)
   data = [next(it) for _ in range(steps)]
   params = MODEL.init(jax.random.PRNGKey(0), x[:2])['params']
-  run = {'pmap': run_pmap, 'sharded': run_sharded,
-         'distributed-sharded': run_sharded}.get(ARGS.mode, run_shard_map)
-  got, loss = run(params, data, steps)
   want, want_loss = single_device(params, data, steps)
-  diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
-  who = f'process {jax.process_index()}/{jax.process_count()}, ' if jax.process_count() > 1 else ''
-  print(f'{ARGS.mode}: {who}{jax.device_count()} devices, {steps} steps, loss {loss:.4f} '
-        f'(single device {want_loss:.4f}), max |param difference| {diff:.2e}')
-  if diff > 1e-4:
-    sys.exit('data-parallel run does not match the single-device run')
+  for mode in ARGS.mode:
+    run = {'pmap': run_pmap, 'sharded': run_sharded,
+           'distributed-sharded': run_sharded}.get(mode, run_shard_map)
+    got, loss = run(params, data, steps)
+    diff = max(float(np.max(np.abs(a - b)))
+               for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+    who = f'process {jax.process_index()}/{jax.process_count()}, ' if jax.process_count() > 1 else ''
+    print(f'{mode}: {who}{jax.device_count()} devices, {steps} steps, loss {loss:.4f} '
+          f'(single device {want_loss:.4f}), max |param difference| {diff:.2e}')
+    if diff > 1e-4:
+      sys.exit(f'{mode}: data-parallel run does not match the single-device run')
 
 
 if __name__ == '__main__':

@@ -29,10 +29,9 @@ EXAMPLES = [
     ['cnn.py', '--smoke'],
     ['cnn_nnx.py', '--smoke', '--optimizers', 'mkor'],
     ['bert_mlm.py', '--smoke'],
-    pytest.param(['data_parallel.py', '--smoke', '--mode', 'pmap'], marks=SLOW),
-    pytest.param(['data_parallel.py', '--smoke', '--mode', 'shard_map'], marks=SLOW),
-    ['data_parallel.py', '--smoke', '--mode', 'distributed'],
-    ['data_parallel.py', '--smoke', '--mode', 'distributed-sharded'],
+    pytest.param(['data_parallel.py', '--smoke', '--mode', 'pmap,shard_map'], marks=SLOW),
+    # both jax.distributed modes in one pair of processes
+    ['data_parallel.py', '--smoke', '--mode', 'distributed,distributed-sharded'],
 ]
 
 
@@ -51,8 +50,7 @@ def run_here(args, tmp_path, monkeypatch, capsys):
 
 
 def run(args, tmp_path):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env['MPLBACKEND'] = 'Agg'
+  env = dict(os.environ, MPLBACKEND='Agg')  # the example sets its own device count
   proc = subprocess.run([sys.executable, str(ROOT / 'examples' / args[0]), *args[1:]],
                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -64,8 +62,12 @@ def test_example_runs(args, tmp_path, monkeypatch, capsys):
   own_process = args[0] == 'data_parallel.py'  # XLA_FLAGS before jax, or jax.distributed
   out = run(args, tmp_path) if own_process else run_here(args, tmp_path, monkeypatch, capsys)
   if args[0] == 'data_parallel.py':
-    assert 'max |param difference|' in out
-    if 'sharded' in args[-1]:
+    modes = args[-1].split(',')
+    processes = 2 if modes[0].startswith('distributed') else 1
+    for mode in modes:  # every process checked every mode against one device
+      assert out.count(f'{mode}: ') == processes, out
+    assert out.count('max |param difference|') == processes * len(modes)
+    if 'distributed-sharded' in modes:
       assert out.count('factor state:') == 2  # both processes checked their split
   elif not args[0].startswith('quickstart'):
     assert '| optimizer |' in out
