@@ -88,3 +88,12 @@ def orbax_round_trip(tree, directory):
   ckpt.save(directory, tree)
   ckpt.wait_until_finished()
   return ckpt.restore(directory, jax.tree.map(ocp.utils.to_shape_dtype_struct, tree))
+
+
+def compiled_optimised(fun, *args):
+  """``jax.jit(fun)`` compiled for ``args`` at XLA's full optimisation level.
+
+  The suite compiles at LLVM level 0 (conftest: its programs are tiny, so
+  compiling is their cost); a long training run inside one program is the
+  exception, and is compiled this way."""
+  return jax.jit(fun).lower(*args).compile(compiler_options={'xla_backend_optimization_level': 2})

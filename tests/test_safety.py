@@ -24,7 +24,7 @@ from mkor_optax import lowrank
 from mkor_optax.mkor import GAMMA, refresh_inverse
 from mkor_optax.numerics import NumericalWarning
 
-from helpers import batch, init_params, loss_fn
+from helpers import batch, compiled_optimised, init_params, loss_fn
 
 GRAD = mkor_optax.value_and_grad(loss_fn)
 COV_GRAD = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.COVARIANCE)
@@ -85,7 +85,6 @@ def train_digits(tx, steps, *, scale=1.0, stat_scale=1.0, kind=mkor_optax.RANK1,
   grad = (mkor_optax.value_and_grad(digits_loss, kind=kind) if kind is not None
           else lambda p, x, y: (*jax.value_and_grad(digits_loss)(p, x, y), None))
 
-  @jax.jit
   def run(params, state):
     def body(carry, i):
       params, state = carry
@@ -100,6 +99,8 @@ def train_digits(tx, steps, *, scale=1.0, stat_scale=1.0, kind=mkor_optax.RANK1,
       return (optax.apply_updates(params, u), state), loss
     return jax.lax.scan(body, (params, state), jnp.arange(steps))
 
+  # a long run is execution-bound: compiled at full optimisation (see helpers)
+  run = compiled_optimised(run, params, state) if steps >= 1000 else jax.jit(run)
   (params, state), losses = run(params, state)
   return np.asarray(losses), params, state
 
