@@ -14,16 +14,16 @@ from mkor_optax.sharding import bytes_per_device
 
 
 class Wide(nn.Module):
-  """48 -> 640 -> 64, kernels partitioned over 'model' on their output axis."""
+  """24 -> 320 -> 64, kernels partitioned over 'model' on their output axis."""
 
   @nn.compact
   def __call__(self, x):
     part = lambda: nn.with_partitioning(nn.initializers.lecun_normal(), (None, 'model'))
-    h = nn.tanh(nn.Dense(640, kernel_init=part(), name='wide')(x))
+    h = nn.tanh(nn.Dense(320, kernel_init=part(), name='wide')(x))
     return nn.Dense(64, kernel_init=part(), name='head')(h)
 
 
-X = jax.random.normal(jax.random.PRNGKey(0), (32, 48))
+X = jax.random.normal(jax.random.PRNGKey(0), (32, 24))
 Y = jax.random.normal(jax.random.PRNGKey(1), (32, 64))
 MODEL = Wide()
 BOXED = MODEL.init(jax.random.PRNGKey(2), X)['params']
@@ -66,7 +66,7 @@ def factors(state):
 
 
 def test_factors_split_over_devices_and_updates_equal_one_device():
-  # 641- and 640-wide sides low-rank (default from width 256); SGD backend as in the K-FAC test
+  # 321- and 320-wide sides low-rank (default from width 256); SGD backend as in the K-FAC test
   tx = mkor_optax.mkor(1e-2, inv_freq=1, backend=optax.sgd(1.0))
   per_device, final = {}, {}
   for n in (1, 2, 4):
@@ -101,15 +101,15 @@ def test_replicated_params_and_opt_out_keep_factors_replicated():
 def test_dense_factors_split_where_the_width_divides():
   tx = mkor_optax.mkor(1e-2, low_rank=None)
   state = tx.init(on_mesh(4))
-  assert state[0].output_side['wide'].sharding.spec == P(None, ('model',), None)  # 640 = 4 x 160
-  assert state[0].input_side['head'].sharding.is_fully_replicated  # 641: odd, not split
+  assert state[0].output_side['wide'].sharding.spec == P(None, ('model',), None)  # 320 = 4 x 80
+  assert state[0].input_side['head'].sharding.is_fully_replicated  # 321: odd, not split
 
 
 def test_kfac_covariances_and_inverses_split_too():
   # SGD after K-FAC: params move linearly with the preconditioned gradient, so
   # float32 summation-order noise is not amplified as LAMB/Adam amplify it on
   # entries whose gradient is near their epsilon (a CI run failed on 2 of 40,960
-  # entries that way). 32 rows, 641-wide: damping 0.1 keeps it conditioned.
+  # entries that way). 32 rows, 321-wide: damping 0.1 keeps it conditioned.
   tx = mkor_optax.kfac(1e-2, inv_freq=1, damping=0.1, backend=optax.sgd(1.0))
   grad = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.COVARIANCE)
   per_device, final = {}, {}
@@ -119,7 +119,7 @@ def test_kfac_covariances_and_inverses_split_too():
     arrays = (kstate.input_side, kstate.output_side)
     per_device[n] = max(bytes_per_device(arrays).values())
     final[n] = jax.tree.map(np.asarray, nn.unbox(params))
-    if n == 4:  # the 640- and 64-wide factors are split, the odd 49 and 641 cannot be
+    if n == 4:  # the 320- and 64-wide factors are split, the odd 25 and 321 cannot be
       for leaf in jax.tree.leaves(arrays):
         assert leaf.sharding.is_fully_replicated == (leaf.shape[1] % 4 != 0), leaf.shape
   assert per_device[4] < per_device[1]
