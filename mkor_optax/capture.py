@@ -65,10 +65,9 @@ def _capture(mode: str, record: dict, kind: StatKind, path: tuple, call, y, dumm
   return tap(dummy, y, kind.forward(call), kind, call.out_ndim, call.g_scale)
 
 
-def _composite_call(mode, record, kind, module, children_fn, args, kwargs):
-  """A composite layer (``layers._COMPOSITES``) recomputed with one captured
-  product per child kernel."""
-  _, fn = children_fn
+def _composite_call(mode, record, kind, module, fn, args, kwargs):
+  """A composite layer recomputed by its ``fn`` (``layers.composite_for``)
+  with one captured product per child kernel."""
   params = module.variables['params']
 
   def dense(name, x):

@@ -16,7 +16,8 @@ import functools
 import jax
 
 
-def _traced(tree) -> bool:
+def traced(tree) -> bool:
+  """Whether any leaf of ``tree`` is a tracer (we are inside a transformation)."""
   return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
 
 
@@ -27,6 +28,6 @@ def compiled_when_eager(update):
 
   @functools.wraps(update)
   def run(*arrays):
-    return (update if _traced(arrays) else compiled)(*arrays)
+    return (update if traced(arrays) else compiled)(*arrays)
 
   return run

@@ -304,16 +304,15 @@ def conv_reader(patches, patch_sum, kshape, has_bias: bool):
 _COMPOSITES: dict[type, tuple] = {}
 
 
-def composite_for(module) -> Optional[tuple]:
-  """``(children, fn)`` when ``module`` is a composite whose child kernels
+def composite_for(module) -> Optional[Callable]:
+  """The recompute function when ``module`` is a composite whose child kernels
   all exist (in ``init`` they do not yet: the module then runs as it is)."""
   entry = next((_COMPOSITES[c] for c in type(module).__mro__ if c in _COMPOSITES), None)
   if entry is None:
     return None
+  children, fn = entry
   params = module.variables.get('params', {})
-  if not all('kernel' in params.get(c, {}) for c in entry[0]):
-    return None
-  return entry
+  return fn if all('kernel' in params.get(c, {}) for c in children) else None
 
 
 _LSTM_GATES = ('i', 'f', 'g', 'o')

@@ -252,6 +252,11 @@ def plan_layers(params, *, layouts: Optional[dict], excluded: Callable[[str], bo
   return plan
 
 
+def _matches(d: Dims, held: tuple) -> bool:
+  """Whether ``d`` gives every held side its ``(S, width)``."""
+  return all(h is None or tuple(h) == (d.n_stack, d.width(side)) for side, h in zip(SIDES, held))
+
+
 def _state_dims(module, held: tuple) -> Optional[Dims]:
   """The matrix view of ``module``'s kernel (and bias) that the state's factor
   shapes imply; ``held`` is ``(S, width)`` or ``None`` per side. ``None``
@@ -265,7 +270,7 @@ def _state_dims(module, held: tuple) -> Optional[Dims]:
         if has_bias and bshape != kshape[:k] + kshape[len(kshape) - m:]:
           continue
         d = dims(kshape, Layout(k, m, has_bias))
-        if all(h is None or tuple(h) == (d.n_stack, d.width(side)) for side, h in zip(SIDES, held)):
+        if _matches(d, held):
           fits.setdefault((d.n_stack, d.d_in, d.d_out, has_bias), d)
   return next(iter(fits.values())) if len(fits) == 1 else None
 
@@ -286,9 +291,7 @@ def plan_from_state(params, shapes: tuple, *, layouts: Optional[dict],
   for name, path, layout, module in _layers(params, layouts, excluded):
     held = tuple(tuple(s[name]) if name in s else None for s in shapes)
     d = None if isinstance(layout, str) else _layer_dims(name, module, layout)
-    agrees = d is not None and all(h is None or h == (d.n_stack, d.width(side))
-                                   for side, h in zip(SIDES, held))
-    if any(held) and not agrees:
+    if any(held) and (d is None or not _matches(d, held)):
       d = _state_dims(module, held) or d
     if d is None:
       continue

@@ -28,7 +28,6 @@ from mkor_optax import layout as layout_lib
 from mkor_optax import layers as layers_lib
 from mkor_optax import tap as tap_lib
 from mkor_optax.layout import Layout
-from mkor_optax.layers import LayerCall
 from mkor_optax.paths import path_str
 
 # ------------------------------------------------------------------ layouts
@@ -220,12 +219,9 @@ def _inputs(args, kwargs):
 
 
 def _reader(module, rows, out_ndim):
-  input_rows = lambda: jax.lax.stop_gradient(rows.astype(jnp.float32))
-
   def read(y):
     del y
-    return LayerCall(input_rows, int(rows.shape[0]), out_ndim, 1.0, _has_bias(module),
-                     _param_shape(module.kernel))
+    return layers_lib.rows_call(rows, out_ndim, _has_bias(module), _param_shape(module.kernel))
 
   return read
 

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mkor_optax.eager import traced
+
 
 class NumericalWarning(UserWarning):
   """A step the optimizer guarded against: non-finite gradients or
@@ -34,7 +36,7 @@ def report_if(pred, message: str, *args, names=None):
   def branch(flag, *values):
     jax.debug.callback(warn, flag, *values)
 
-  if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((pred, args))):
+  if not traced((pred, args)):
     warn(pred, *args)  # called eagerly: an eager cond would compile its branches on every call
     return
   jax.lax.cond(jnp.any(pred), branch, lambda *_: None, pred, *args)

@@ -563,3 +563,5 @@ def test_two_models_with_one_path_and_kernel_shape_keep_their_own_layouts():
         _, grads, stats = nnx.jit(mkor_optax.value_and_grad(loss_fn))(m, x, y)
         o.update(m, grads, stats=stats)
     np.testing.assert_allclose(model.layer.kernel[...], ref_model.layer.kernel[...], rtol=1e-6)
+    factor = np.asarray(optimizers[cls].opt_state[0].input_side['layer'])
+    assert not np.allclose(factor, np.eye(factor.shape[-1]))  # refreshed, not left alone
