@@ -91,9 +91,11 @@ def orbax_round_trip(tree, directory):
 
 
 def compiled_optimised(fun, *args):
-  """``jax.jit(fun)`` compiled for ``args`` at XLA's full optimisation level.
+  """``jax.jit(fun)`` compiled for ``args`` as XLA compiles a user's program.
 
-  The suite compiles at LLVM level 0 (conftest: its programs are tiny, so
-  compiling is their cost); a long training run inside one program is the
-  exception, and is compiled this way."""
-  return jax.jit(fun).lower(*args).compile(compiler_options={'xla_backend_optimization_level': 2})
+  The suite compiles with LLVM at level 0 and XLA's older loop emitters
+  (conftest: its programs are tiny, so compiling is their cost); a long
+  training run inside one program is the exception, and is compiled with
+  XLA's defaults (full optimisation, fusion emitters)."""
+  options = {'xla_backend_optimization_level': 2, 'xla_cpu_use_fusion_emitters': True}
+  return jax.jit(fun).lower(*args).compile(compiler_options=options)
