@@ -27,6 +27,7 @@ import optax
 
 from mkor_optax import checks
 from mkor_optax.kronecker import stats_template
+from mkor_optax.statistics import sketch_count
 
 
 class MultiStepsState(NamedTuple):
@@ -80,6 +81,10 @@ class MultiSteps:
       if not hasattr(stats, 'keys'):
         raise ValueError('mkor_optax.MultiSteps: stats must be the dict returned by '
                          'mkor_optax.value_and_grad')
+      if sketch_count(stats) is not None:
+        raise ValueError(
+            'mkor_optax.MultiSteps: accumulating sketched statistics (mkor_optax.Sketch) over '
+            'micro-batches is not supported yet; use kind=mkor_optax.RANK1 with MultiSteps.')
       # each layer's mean is over the micro-batches that had statistics for it
       new_acc, new_counts = dict(acc), dict(counts)
       for layer, fields in acc.items():

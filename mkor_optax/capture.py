@@ -41,7 +41,8 @@ from mkor_optax import layers as layers_lib
 from mkor_optax.layout import Layout
 from mkor_optax.paths import DELETE, get_at, path_str, set_at, unbox
 
-from mkor_optax.tap import COVARIANCE, RANK1, TAP, Covariance, LayerInfo, Rank1, StatKind, tap  # noqa: F401 (re-exported)
+from mkor_optax.tap import (COVARIANCE, RANK1, SKETCH, TAP, Covariance, LayerInfo, Rank1,  # noqa: F401 (re-exported)
+                            Sketch, StatKind, tap)
 
 _active = threading.local()  # [module, re-entered] for the layer calls in progress
 
@@ -62,7 +63,7 @@ def _capture(mode: str, record: dict, kind: StatKind, path: tuple, call, y, dumm
   if dummy is None:
     return y
   record.setdefault('tapped', set()).add(path)
-  return tap(dummy, y, kind.forward(call), kind, call.out_ndim, call.g_scale)
+  return tap(dummy, y, kind.forward(call._replace(output=y)), kind, call.out_ndim, call.g_scale)
 
 
 def _composite_call(mode, record, kind, module, fn, args, kwargs):

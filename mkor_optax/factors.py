@@ -12,6 +12,7 @@ wider ones a :class:`~mkor_optax.lowrank.LowRankInverse`
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 from mkor_optax import lowrank, rank1
 from mkor_optax.numerics import report_if
@@ -45,10 +46,34 @@ def identity(n: int, s: int, *, rank, min_dim, dtype):
   return jnp.broadcast_to(jnp.eye(n, dtype=jnp.promote_types(dtype, jnp.float32)), (s, n, n))
 
 
-def refresh_checked(p, v, **kw):
-  """``(refreshed p, per-entry reset flag)`` for either form."""
+def refresh_checked(p, v, *, gamma, zeta, epsilon, refresh: str):
+  r"""``(refreshed p, per-entry reset flag)`` for either form.
+
+  ``v`` is one statistic per stack entry, ``(S, d)``, or ``k`` sketches,
+  ``(S, k, d)``. Sketches refresh the factor with their average outer
+  product,
+
+  .. math::  F_t = \gamma F_{t-1} + \frac{1-\gamma}{k} \sum_j v_j v_j^T
+
+  (``refresh='ema'``; ``'blend'`` blends ``P`` toward ``I`` once, then takes
+  the ``k`` terms ``v_j v_j^T / k``), as ``k`` rank-1 steps: the first is the
+  rule itself with ``v_1 / sqrt(k)`` (stabiliser included); each further one
+  adds its term without decay, which is the ``'blend'`` rule at ``gamma = 1``
+  and ``zeta = 1`` (no blend, no stabiliser) with ``v_j`` scaled by
+  ``sqrt((1 - gamma) / k)`` (``ema``) or ``1 / sqrt(k)`` (``blend``). Each
+  step keeps its own safety checks.
+  """
   rule = lowrank.refresh_checked if isinstance(p, lowrank.LowRankInverse) else rank1.refresh_inverse_checked
-  return rule(p, v, **kw)
+  if v.ndim == 2:
+    return rule(p, v, gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh)
+  k = v.shape[1]
+  p, reset = rule(p, v[:, 0] / np.sqrt(k), gamma=gamma, zeta=zeta, epsilon=epsilon,
+                  refresh=refresh)
+  weight = jnp.sqrt((1.0 - gamma) / k) if refresh == 'ema' else 1.0 / np.sqrt(k)
+  for j in range(1, k):
+    p, again = rule(p, v[:, j] * weight, gamma=1.0, zeta=1.0, epsilon=epsilon, refresh='blend')
+    reset = reset | again
+  return p, reset
 
 
 def report_resets(resets: dict, who: str):

@@ -34,7 +34,7 @@ from mkor_optax.layout import INPUT, OUTPUT, SIDES, Exclude, exclude_predicate, 
 from mkor_optax.numerics import all_finite, report_if
 from mkor_optax.paths import rebox_like, unbox
 from mkor_optax.precondition import layer_grads, row_blocks, write_layer
-from mkor_optax.statistics import NAMES, check_stats, gather_stats
+from mkor_optax.statistics import NAMES, check_stats, gather_stats, kind_of
 
 __all__ = ['Exclude', 'FactorRule', 'Prepared', 'scale_by_kronecker', 'with_backend',
            'default_backend', 'decay_mask', 'stats_template', 'INPUT', 'OUTPUT', 'SIDES']
@@ -85,13 +85,14 @@ class FactorRule(NamedTuple):
   precondition: Callable[[tuple, Prepared], dict]
 
 
-def prepare(updates, stats, plan: dict, count, *, excluded, who: str, axis_name, kind: str) -> Prepared:
+def prepare(updates, stats, plan: dict, count, *, excluded, who: str, axis_name, kind) -> Prepared:
   """Checks ``stats`` against the layers of ``plan``, gathers (and averages)
   the statistics and the layers' gradient matrices, and says whether all of
   them are finite (the statistics entry by entry, the gradients by their
   squared norms, so a gradient above ~1e19 counts as non-finite too). Layers
   without statistics are dropped from the plan."""
   checks.check_accumulation(who)
+  kind = kind_of(stats, (kind,) if isinstance(kind, str) else tuple(kind))
   lacking = check_stats(stats, plan, updates, excluded, who, kind)
   plan = {k: lp for k, lp in plan.items() if k not in lacking}
   if plan:
@@ -137,14 +138,15 @@ def ema_sides(sides: tuple, prep: Prepared, gamma):
   return tuple(out)
 
 
-def scale_by_kronecker(rule: FactorRule, state_type, *, who: str, kind: str,
+def scale_by_kronecker(rule: FactorRule, state_type, *, who: str, kind,
                        axis_name: Optional[str], max_factor_dim, exclude: Exclude,
                        layouts: Optional[dict], shard_factors: bool = False,
                        guarded: str = 'the factors are left as they were'
                        ) -> optax.GradientTransformationExtraArgs:
   """The transform of ``rule``; its state is ``state_type(count, input_side, output_side)``.
 
-  ``kind``: the statistics it reads (``'RANK1'`` or ``'COVARIANCE'``);
+  ``kind``: the statistics it reads (``'RANK1'``, ``'COVARIANCE'``, or a
+  tuple of kinds the rule takes, such as ``('RANK1', 'SKETCH')``);
   ``shard_factors``: place the side entries over the mesh of partitioned
   parameters (:mod:`mkor_optax.sharding`). A step with non-finite gradients
   or statistics warns (``guarded`` says what was kept) and the rule keeps

@@ -62,6 +62,9 @@ class LayerCall(NamedTuple):
       leading stacking axes that ``nn.scan``/``nn.vmap`` split off).
     input_sum: optional ``() -> (d_in,)``, the sum of ``input_rows()`` computed
       more cheaply; by default the rows are summed.
+    output: the layer's output ``y`` (the capture sets it before handing
+      the call to a statistic kind; :class:`~mkor_optax.tap.Sketch` draws
+      its random signs from it).
   """
 
   input_rows: Callable[[], jax.Array]
@@ -71,6 +74,7 @@ class LayerCall(NamedTuple):
   has_bias: bool
   kernel_shape: tuple
   input_sum: Optional[Callable[[], jax.Array]] = None
+  output: Optional[jax.Array] = None
 
   def sum_of_inputs(self) -> jax.Array:
     if self.input_sum is not None:

@@ -198,7 +198,7 @@ def scale_by_mkor(
                           low_rank_min_dim=low_rank_min_dim)
   rule = mkor_rule(gamma=gamma, zeta=zeta, epsilon=epsilon, inv_freq=inv_freq, refresh=refresh,
                    dtype=dtype, low_rank=low_rank, low_rank_min_dim=low_rank_min_dim)
-  return kr.scale_by_kronecker(rule, MKORState, who='scale_by_mkor', kind='RANK1',
+  return kr.scale_by_kronecker(rule, MKORState, who='scale_by_mkor', kind=('RANK1', 'SKETCH'),
                                axis_name=axis_name, max_factor_dim=max_factor_dim,
                                exclude=exclude, layouts=layouts, shard_factors=shard_factors)
 

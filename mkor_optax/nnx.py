@@ -80,7 +80,7 @@ def _wrap(original):
       raise ValueError(f'layer {name!r}: the call used a kernel of shape {tuple(call.kernel_shape)}'
                        f', its module says {tuple(want)}')
     record.setdefault('tapped', set()).add(name)
-    return tap_lib.tap(tap.get_value(), y, kind.forward(call), kind, call.out_ndim,
+    return tap_lib.tap(tap.get_value(), y, kind.forward(call._replace(output=y)), kind, call.out_ndim,
                        call.g_scale)
 
   __call__.__mkor_original__ = original

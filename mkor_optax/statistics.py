@@ -7,7 +7,10 @@ Per layer, ``mkor_optax.value_and_grad`` returns (stacking axes first):
 * ``RANK1``: ``a`` ``(d_in + 1,)``, the mean input row with a 1 appended for
   the bias, and ``g`` ``(d_out,)``, the mean per-example output gradient;
 * ``COVARIANCE``: ``A = E[a a^T]`` ``(d_in + 1, d_in + 1)`` and ``G``
-  ``(d_out, d_out)``, the mean of per-example outer products.
+  ``(d_out, d_out)``, the mean of per-example outer products;
+* ``Sketch(k)``: ``a_sketches`` ``(k, d_in + 1)`` and ``g_sketches``
+  ``(k, d_out)``, random-sign sketches whose outer products average to ``A``
+  and ``G``.
 """
 
 from __future__ import annotations
@@ -43,8 +46,39 @@ def covariance_shapes(lp: LayerPlan) -> dict:
   return out
 
 
-SHAPES = {'RANK1': rank1_shapes, 'COVARIANCE': covariance_shapes}
-NAMES = {'RANK1': ('a', 'g'), 'COVARIANCE': ('A', 'G')}  # (input side, output side)
+def sketch_shapes(lp: LayerPlan, k: int) -> dict:
+  """The ``k`` sketches per side (``mkor_optax.Sketch(k)``) a layer's factored sides need."""
+  d, out = lp.dims, {}
+  if lp.has_r:
+    out['a_sketches'] = d.stack + (k, d.d_in_aug)
+  if lp.has_l:
+    out['g_sketches'] = d.stack + (k, d.d_out)
+  return out
+
+
+SHAPES = {'RANK1': rank1_shapes, 'COVARIANCE': covariance_shapes, 'SKETCH': sketch_shapes}
+# (input side, output side)
+NAMES = {'RANK1': ('a', 'g'), 'COVARIANCE': ('A', 'G'), 'SKETCH': ('a_sketches', 'g_sketches')}
+
+
+def sketch_count(stats) -> Optional[int]:
+  """``k`` when ``stats`` are sketches (``mkor_optax.Sketch``), else ``None``."""
+  for fields in (stats or {}).values():
+    for name in NAMES['SKETCH']:
+      if hasattr(fields, 'get') and fields.get(name) is not None:
+        return int(np.shape(fields[name])[-2])
+  return None
+
+
+def kind_of(stats, kinds: tuple) -> str:
+  """The kind among ``kinds`` that ``stats`` hold (the first one when unclear)."""
+  if 'SKETCH' in kinds and sketch_count(stats) is not None:
+    return 'SKETCH'
+  return kinds[0]
+
+
+def _shapes(kind: str, lp: LayerPlan, stats) -> dict:
+  return sketch_shapes(lp, sketch_count(stats)) if kind == 'SKETCH' else SHAPES[kind](lp)
 
 
 def _check_known(stats, plan, params, excluded, who, kind):
@@ -73,11 +107,11 @@ def check_stats(stats, plan: dict, params, excluded: Callable[[str], bool], who:
   naming all of them each time ``update`` is traced.
   """
   _check_known(stats, plan, params, excluded, who, kind)
-  shapes, bad = SHAPES[kind], []
+  bad = []
   for name, lp in plan.items():
     if name not in stats:
       continue
-    want = shapes(lp)
+    want = _shapes(kind, lp, stats)
     if not hasattr(stats[name], 'get') or any(k not in stats[name] for k in want):
       raise ValueError(
           f'{who}: statistics for layer {name!r} lack {sorted(want)}: compute them with '
@@ -102,11 +136,15 @@ def check_stats(stats, plan: dict, params, excluded: Callable[[str], bool], who:
 def gather_stats(stats, plan: dict, axis_name: Optional[str], kind: str = 'RANK1') -> dict:
   """The ``kind`` statistics of the planned layers, stacking axes flattened
   to one (``(S, ...)``), averaged over ``axis_name`` when given."""
-  out, shapes = {}, SHAPES[kind]
+  out = {}
   for name, lp in plan.items():
-    want = shapes(lp)
+    want = _shapes(kind, lp, stats)
     out[name] = {k: jnp.reshape(stats[name][k], (lp.dims.n_stack,) + want[k][len(lp.dims.stack):])
                  for k in want}
   if axis_name is not None:
     out = jax.lax.pmean(out, axis_name)
+    if kind == 'SKETCH':
+      # a sketch of the pooled rows is the sum of the devices' sketches over
+      # the root of their number, not their mean (whose square shrinks by it)
+      out = jax.tree.map(lambda v: v * np.sqrt(jax.lax.axis_size(axis_name)), out)
   return out

@@ -15,7 +15,10 @@ A *statistic kind* (:class:`StatKind`) decides what the dummy holds:
   output positions), the mean per-example output gradient for a loss that
   is a mean over examples (Mohammadi et al. 2023, arXiv:2306.01685);
 * :data:`COVARIANCE` (K-FAC): the full second moments ``A`` and ``G``
-  (Martens & Grosse 2015, arXiv:1503.05671).
+  (Martens & Grosse 2015, arXiv:1503.05671);
+* :class:`Sketch` (:data:`SKETCH`): ``k`` random-sign sketches of each side,
+  whose outer products are ``A`` and ``G`` in expectation, at ``k`` vectors
+  per side instead of a ``d x d`` matrix.
 """
 
 from __future__ import annotations
@@ -186,3 +189,85 @@ class Covariance(StatKind):
 
 
 COVARIANCE = Covariance()
+
+
+class Sketch(StatKind):
+  r"""Random-sign sketches of both sides' second moments, ``k`` per side.
+
+  With the ``N`` input rows ``X`` of a layer (a 1 appended for the bias) and
+  its ``R`` per-example output-gradient rows ``H`` (as in
+  :class:`Covariance`), and independent random signs ``s_j`` per row,
+
+  .. math::
+
+     a_j = X^T s_j / \sqrt{N}, \quad g_j = H^T s'_j / \sqrt{R}, \qquad
+     E[a_j a_j^T] = X^T X / N = A, \quad E[g_j g_j^T] = H^T H / R = G,
+
+  so ``k`` sketches give MKOR ``k`` rank-1 directions per refresh whose
+  average is K-FAC's factor, where the mean statistic gives one (and under a
+  training-mode BatchNorm, whose mean output gradient is zero, none).
+
+  The randomness costs no argument: each call's signs come from a key
+  hashed from the bits of ``sum(y)``, the layer's output, which changes with
+  the batch and, through the kernel, with every step (so a repeated batch
+  is sketched afresh), and which differs between devices that see
+  different data. A layer called several times (shared, or under
+  ``nn.scan``'s steps) pools its calls as :class:`Covariance` does. Under
+  ``shard_map`` each device sketches its own rows with its own signs and
+  the summed sketch, divided by the root of the global row count, sketches
+  the global moments; over a ``pmap``/``shard_map`` ``axis_name`` the
+  transforms sum the per-device sketches and divide by the root of the
+  device count (:func:`mkor_optax.statistics.gather_stats`).
+
+  Statistics per layer (stacking axes first): ``a_sketches``
+  ``(k, d_in + 1)`` and ``g_sketches`` ``(k, d_out)``.
+  """
+
+  def __init__(self, k: int = 4):
+    if not (isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 1):
+      raise ValueError(f'Sketch: k must be an integer >= 1, got {k!r}')
+    self.k = int(k)
+
+  def __repr__(self):
+    return f'Sketch(k={self.k})'
+
+  def zeros(self, info):
+    d_in = info.d_in + int(info.has_bias)
+    return {'xs': jnp.zeros((self.k, d_in), jnp.float32),
+            'hs': jnp.zeros((self.k, info.d_out), jnp.float32),
+            'rows': jnp.zeros((), jnp.float32), 'calls': jnp.zeros((), jnp.float32)}
+
+  def forward(self, call):
+    if call.output is None:
+      raise ValueError('Sketch: the layer call carries no output to draw its signs from')
+    total = jnp.sum(jax.lax.stop_gradient(call.output).astype(jnp.float32))
+    seed = jax.lax.bitcast_convert_type(total, jnp.uint32)
+    key = jax.random.fold_in(jax.random.key(0), seed)
+    x = call.input_rows()
+    signs = jax.random.rademacher(jax.random.fold_in(key, 0), (x.shape[0], self.k), jnp.float32)
+    xs = signs.T @ x
+    if call.has_bias:
+      xs = jnp.concatenate([xs, jnp.sum(signs, axis=0)[:, None]], axis=1)
+    # the key travels as exact float32 halves (a residual here must be a float array)
+    bits = jax.random.key_data(key)
+    halves = jnp.stack([bits >> 16, bits & 0xFFFF]).astype(jnp.float32)
+    return {'xs': xs, 'rows': jnp.asarray(call.rows, jnp.float32),
+            'n': jnp.asarray(call.rows * call.g_scale, jnp.float32), 'key': halves}
+
+  def backward(self, fwd, dy_rows, g_scale, devices):
+    # per-example rows h as in Covariance (undoing shard_map's pmean)
+    halves = fwd['key'].astype(jnp.uint32)
+    key = jax.random.wrap_key_data((halves[0] << 16) | halves[1])
+    rows = dy_rows.shape[0]
+    signs = jax.random.rademacher(jax.random.fold_in(key, 1), (rows, self.k), jnp.float32)
+    h = dy_rows.astype(jnp.float32) * (fwd['n'] * devices)
+    return {'xs': fwd['xs'], 'rows': fwd['rows'], 'calls': jnp.ones_like(fwd['rows']),
+            'hs': (signs.T @ h) / jnp.sqrt(jnp.asarray(rows, jnp.float32))}
+
+  def finalize(self, ct, info):
+    rows = jnp.maximum(ct['rows'], 1.0)[..., None, None]
+    calls = jnp.maximum(ct['calls'], 1.0)[..., None, None]
+    return {'a_sketches': ct['xs'] / jnp.sqrt(rows), 'g_sketches': ct['hs'] / jnp.sqrt(calls)}
+
+
+SKETCH = Sketch(4)
