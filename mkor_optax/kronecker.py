@@ -34,7 +34,8 @@ from mkor_optax.layout import INPUT, OUTPUT, SIDES, Exclude, exclude_predicate, 
 from mkor_optax.numerics import all_finite, report_if
 from mkor_optax.paths import rebox_like, unbox
 from mkor_optax.precondition import layer_grads, row_blocks, write_layer
-from mkor_optax.statistics import NAMES, check_stats, gather_stats, kind_of
+from mkor_optax.statistics import (CANCELLED_FIX, NAMES, cancelled_means, check_stats, gather_stats,
+                                   kind_of)
 
 __all__ = ['Exclude', 'FactorRule', 'Prepared', 'scale_by_kronecker', 'with_backend',
            'default_backend', 'decay_mask', 'stats_template', 'INPUT', 'OUTPUT', 'SIDES']
@@ -176,6 +177,10 @@ def scale_by_kronecker(rule: FactorRule, state_type, *, who: str, kind,
     prep = prepare(updates, stats, plan, state.count, excluded=excluded, who=who,
                    axis_name=axis_name, kind=kind)
     report_if(~prep.finite, f'{who}: non-finite gradients or statistics: {guarded}')
+    zero = cancelled_means(stats, prep.plan)
+    if zero:
+      names = sorted(zero)
+      report_if(jnp.stack([zero[k] for k in names]), CANCELLED_FIX.format(who=who), names=names)
     sides = rule.refresh(sides, prep)
     out = rule.precondition(sides, prep)
     return write_layers(prep, out), state_type(checks.increment(state.count), *sides)

@@ -148,3 +148,33 @@ def gather_stats(stats, plan: dict, axis_name: Optional[str], kind: str = 'RANK1
       # the root of their number, not their mean (whose square shrinks by it)
       out = jax.tree.map(lambda v: v * np.sqrt(jax.lax.axis_size(axis_name)), out)
   return out
+
+
+# |g| / g_mass below this: the output-gradient rows cancel by construction.
+# Unrelated rows give about 1/sqrt(rows), above 1e-5 up to 1e10 rows; a
+# training-mode BatchNorm after the layer gives rounding level (~1e-8).
+CANCELLED = 1e-5
+
+CANCELLED_FIX = (
+    '{who}: the mean output gradient g of layer(s) {{names}} is numerically zero: its rows '
+    'cancel (|g| < 1e-5 of the sum of their norms), as they do when a training-mode BatchNorm '
+    'follows the layer, so the output-side factors of these layers stay the identity. Capture '
+    'sketched statistics instead, which see the curvature there: '
+    'mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.SKETCH) with mkor/mkor_h '
+    '(or exclude=[...] these layers).')
+
+
+def cancelled_means(stats, plan: dict) -> dict:
+  """``{layer: bool}``: the layers of ``plan`` whose mean output gradient
+  (``RANK1``'s ``g``) is numerically zero against its ``g_mass`` (any stack
+  entry), for the layers whose statistics carry ``g_mass``."""
+  out = {}
+  for name, lp in plan.items():
+    fields = stats.get(name)
+    if not lp.has_l or not hasattr(fields, 'get') or fields.get('g_mass') is None:
+      continue
+    g = jnp.reshape(fields['g'], (lp.dims.n_stack, -1)).astype(jnp.float32)
+    mass = jnp.reshape(fields['g_mass'], (lp.dims.n_stack,)).astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(jnp.square(g / jnp.maximum(mass, 1e-30)[:, None]), axis=1))
+    out[name] = jnp.any((mass > 0) & (norm < CANCELLED))
+  return out

@@ -73,27 +73,36 @@ class StatKind:
 
 
 class Rank1(StatKind):
-  """MKOR's and Eva's statistics: the mean input ``a`` and output gradient ``g``."""
+  """MKOR's and Eva's statistics: the mean input ``a`` and output gradient ``g``.
+
+  Besides ``a`` and ``g`` it returns ``g_mass``, ``s sum_rows |dL/dy_row|``:
+  what ``|g|`` would be if the rows did not cancel. ``|g| / g_mass`` is
+  about ``1/sqrt(rows)`` for unrelated rows and at rounding level when the
+  rows cancel by construction (a training-mode BatchNorm after the layer),
+  which the transforms warn about.
+  """
 
   def zeros(self, info):
     return {'input_sum': jnp.zeros((info.d_in,), jnp.float32),
             'rows': jnp.zeros((), jnp.float32),
-            'g': jnp.zeros((info.d_out,), jnp.float32)}
+            'g': jnp.zeros((info.d_out,), jnp.float32), 'g_mass': jnp.zeros((), jnp.float32)}
 
   def forward(self, call):
     return {'input_sum': call.sum_of_inputs(), 'rows': jnp.asarray(call.rows, jnp.float32)}
 
   def backward(self, fwd, dy_rows, g_scale, devices):
     del devices  # linear in dy: the sum over devices is already the global statistic
-    g = g_scale * jnp.sum(dy_rows.astype(jnp.float32), axis=0)
-    return {'input_sum': fwd['input_sum'], 'rows': fwd['rows'], 'g': g}
+    dy = dy_rows.astype(jnp.float32)
+    g = g_scale * jnp.sum(dy, axis=0)
+    mass = g_scale * jnp.sum(jnp.sqrt(jnp.sum(jnp.square(dy), axis=1)))
+    return {'input_sum': fwd['input_sum'], 'rows': fwd['rows'], 'g': g, 'g_mass': mass}
 
   def finalize(self, ct, info):
     rows = jnp.maximum(ct['rows'], 1.0)[..., None]
     a = ct['input_sum'] / rows
     if info.has_bias:
       a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
-    return {'a': a, 'g': ct['g']}
+    return {'a': a, 'g': ct['g'], 'g_mass': ct['g_mass']}
 
 
 RANK1 = Rank1()

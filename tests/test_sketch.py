@@ -3,6 +3,7 @@ K-FAC's covariances, on every layer kind and data-parallel set-up, and MKOR's
 refresh from k sketches equals a dense float64 inverse."""
 
 import functools
+import warnings
 
 import flax.linen as nn
 import jax
@@ -14,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import mkor_optax
 from mkor_optax import factors, lowrank, statistics
+from mkor_optax.numerics import NumericalWarning
 from helpers import KEY, batch, head, init_params, loss_fn
 
 K = 4096  # sketches for the expectation tests: a standard error of ~1.6% per entry
@@ -317,19 +319,39 @@ def test_mkor_behind_batchnorm_moves_the_output_side_only_with_sketches(low_rank
       return optax.apply_updates(params, u), bstats, state, l
 
     losses = []
-    for t in range(4):
-      params, bstats, state, l = step(params, bstats, state, *batch(t, n=16))
-      losses.append(float(l))
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter('always')
+      for t in range(4):
+        params, bstats, state, l = step(params, bstats, state, *batch(t, n=16))
+        losses.append(float(l))
+      jax.effects_barrier()
+    said = [str(w.message) for w in caught if issubclass(w.category, NumericalWarning)]
     side = state[0].output_side['hidden']
     dense = lowrank.to_dense(side) if isinstance(side, lowrank.LowRankInverse) else side
     dense = np.asarray(dense[0], np.float64)
-    return losses, np.max(np.abs(dense - np.mean(np.diag(dense)) * np.eye(8)))
+    return losses, np.max(np.abs(dense - np.mean(np.diag(dense)) * np.eye(8))), said
 
-  _, off_identity_mean = run(mkor_optax.RANK1)
-  losses, off_identity_sketch = run(mkor_optax.Sketch(2))
+  _, off_identity_mean, said = run(mkor_optax.RANK1)
   assert off_identity_mean < 1e-6  # the mean statistic is zero behind the BatchNorm
-  assert off_identity_sketch > 1e-3
+  assert said and all("['hidden'] is numerically zero" in m and 'kind=mkor_optax.SKETCH' in m
+                      for m in said), said  # the layer is named, and the fix
+  losses, off_identity_sketch, said = run(mkor_optax.Sketch(2))
+  assert off_identity_sketch > 1e-3 and not said
   assert np.all(np.isfinite(losses))
+
+
+def test_ordinary_layers_do_not_warn_of_cancelled_means():
+  """|g| / g_mass is about 1/sqrt(rows) for rows that do not cancel."""
+  params = init_params()
+  tx = mkor_optax.mkor(1e-2, inv_freq=1)
+  state = tx.init(params)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', NumericalWarning)
+    for t in range(3):
+      _, grads, stats = mkor_optax.value_and_grad(loss_fn)(params, *batch(t, n=256))
+      state = tx.update(grads, state, params, stats=stats)[1]
+  ratio = np.linalg.norm(stats['out']['g']) / float(stats['out']['g_mass'])
+  assert 1e-3 < ratio < 1.0, ratio
 
 
 def test_eva_and_multisteps_say_what_to_pass_for_sketches():
