@@ -11,6 +11,7 @@ wider ones a :class:`~mkor_optax.lowrank.LowRankInverse`
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -74,6 +75,39 @@ def refresh_checked(p, v, *, gamma, zeta, epsilon, refresh: str):
     p, again = rule(p, v[:, j] * weight, gamma=1.0, zeta=1.0, epsilon=epsilon, refresh='blend')
     reset = reset | again
   return p, reset
+
+
+def power(p, exponent):
+  r"""``P^exponent`` of a side's inverse ``P = F^{-1}``, in the form ``p`` has.
+
+  A :class:`~mkor_optax.lowrank.LowRankInverse` ``c I + Q diag(s) Q^T`` has
+  eigenvalues ``c + s_i`` on ``Q``'s columns and ``c`` elsewhere, so
+
+  .. math::  P^e = c^e I + Q \operatorname{diag}((c + s)^e - c^e) Q^T
+
+  at no more cost than ``P`` itself; a dense ``P`` goes through ``eigh``
+  (``O(d^3)`` per call; its eigenvalues are floored at ``1e-30``). ``e = 1``
+  (or ``None``) returns ``p``; ``1/2`` and ``1/4`` are the inverse square and
+  fourth roots of the factor ``F`` (the Shampoo family's power).
+  """
+  if exponent is None or (isinstance(exponent, (int, float)) and exponent == 1):
+    return p
+  one = jnp.asarray(exponent) == 1  # an array under optax.inject_hyperparams: keep P exactly
+  if isinstance(p, lowrank.LowRankInverse):
+    c = jnp.maximum(p.c, 1e-30)
+    top = jnp.maximum(c[:, None] + p.s, 1e-30)
+    c_e = c ** exponent
+    return lowrank.LowRankInverse(jnp.where(one, p.c, c_e), p.q,
+                                  jnp.where(one, p.s, top ** exponent - c_e[:, None]))
+
+  def rooted(p):
+    lam, vec = jnp.linalg.eigh(p.astype(jnp.float32))
+    lam = jnp.maximum(lam, 1e-30) ** exponent
+    return jnp.einsum('sij,sj,skj->sik', vec, lam, vec).astype(p.dtype)
+
+  if isinstance(exponent, (int, float)):
+    return rooted(p)
+  return jax.lax.cond(one, lambda p: p, rooted, p)  # no eigh on steps where it is 1
 
 
 def report_resets(resets: dict, who: str):

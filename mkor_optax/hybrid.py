@@ -75,6 +75,7 @@ def scale_by_mkor_h(
     max_factor_dim: int = kr.MAX_FACTOR_DIM,
     low_rank: Optional[int] = LOW_RANK,
     low_rank_min_dim: int = LOW_RANK_MIN_DIM,
+    factor_power: float = 1.0,
     shard_factors: bool = True,
     exclude: kr.Exclude = None,
     layouts: Optional[dict] = None,
@@ -88,8 +89,8 @@ def scale_by_mkor_h(
     patience: consecutive strikes that trigger the (permanent) switch.
     beta: decay of the loss EMA, in [0, 1).
     gamma, zeta, epsilon, inv_freq, refresh, axis_name, factor_dtype,
-      max_factor_dim, low_rank, low_rank_min_dim, shard_factors, exclude,
-      layouts: as in :func:`mkor_optax.scale_by_mkor`.
+      max_factor_dim, low_rank, low_rank_min_dim, factor_power, shard_factors,
+      exclude, layouts: as in :func:`mkor_optax.scale_by_mkor`.
 
   Non-finite losses are skipped by the rule: they neither enter the EMA nor
   count for its bias correction, and a window in which no finite loss has
@@ -174,6 +175,7 @@ def mkor_h(
     max_factor_dim: int = kr.MAX_FACTOR_DIM,
     low_rank: Optional[int] = LOW_RANK,
     low_rank_min_dim: int = LOW_RANK_MIN_DIM,
+    factor_power: float = 1.0,
     shard_factors: bool = True,
     exclude: kr.Exclude = None,
     layouts: Optional[dict] = None,

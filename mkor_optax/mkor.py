@@ -66,7 +66,7 @@ class MKORState(NamedTuple):
 
 
 def mkor_rule(*, gamma, zeta, epsilon, inv_freq, refresh, dtype, low_rank, low_rank_min_dim,
-              who: str = 'scale_by_mkor') -> kr.FactorRule:
+              factor_power=1.0, who: str = 'scale_by_mkor') -> kr.FactorRule:
   """MKOR's :class:`~mkor_optax.kronecker.FactorRule`: rank-1 refreshes of
   the inverses every ``inv_freq`` steps, then ``R^-1 G L^-1``, rescaled."""
   def init_side(width, n_stack):  # at init, where low_rank is a Python number
@@ -100,7 +100,7 @@ def mkor_rule(*, gamma, zeta, epsilon, inv_freq, refresh, dtype, low_rank, low_r
     return sides
 
   def precondition(sides, prep):
-    r_inv, l_inv = sides
+    r_inv, l_inv = ({k: factors.power(p, factor_power) for k, p in side.items()} for side in sides)
     return {k: factors.precondition_rescaled(g, r_inv.get(k), l_inv.get(k), prep.blocks(k),
                                              prep.sq_norms[k])
             for k, (_, g) in prep.grads.items()}
@@ -109,11 +109,12 @@ def mkor_rule(*, gamma, zeta, epsilon, inv_freq, refresh, dtype, low_rank, low_r
 
 
 def check_mkor_args(*, gamma, zeta, epsilon, inv_freq, refresh, factor_dtype, max_factor_dim,
-                    low_rank, low_rank_min_dim):
+                    low_rank, low_rank_min_dim, factor_power=1.0):
   """Validates ``scale_by_mkor``'s hyperparameters; returns the factor dtype."""
   checks.validate(
       zeta=(zeta, lambda v: 0.0 <= v <= 1.0, 'must be in [0, 1]'),
       epsilon=(epsilon, lambda v: v > 0, 'must be > 0'),
+      factor_power=(factor_power, lambda v: 0.0 < v <= 1.0, 'must be in (0, 1]'),
       **checks.common_checks(gamma=gamma, inv_freq=inv_freq, max_factor_dim=max_factor_dim),
   )
   if low_rank is not None:
@@ -144,6 +145,7 @@ def scale_by_mkor(
     max_factor_dim: int = kr.MAX_FACTOR_DIM,
     low_rank: Optional[int] = LOW_RANK,
     low_rank_min_dim: int = LOW_RANK_MIN_DIM,
+    factor_power: float = 1.0,
     shard_factors: bool = True,
     exclude: kr.Exclude = None,
     layouts: Optional[dict] = None,
@@ -176,6 +178,12 @@ def scale_by_mkor(
     low_rank_min_dim: smallest side dimension (``d_in+1`` or ``d_out``) held
       in low-rank form; ``0`` puts every side with ``d > low_rank`` in it.
       Both are read at ``init`` only.
+    factor_power: the power of each side's inverse that preconditions:
+      ``1`` (default) is ``R^-1 G L^-1``, MKOR's and K-FAC's; ``0.5`` and
+      ``0.25`` use the inverse square and fourth roots of the factors (the
+      Shampoo family, whose limit without accumulation is Muon's update).
+      Free for low-rank sides (their eigen form); a dense side costs an
+      ``eigh`` per step. In ``(0, 1]``.
     shard_factors: when ``init`` sees partitioned parameters (a mesh
       ``NamedSharding``, model parallel), split each factor over that mesh's
       devices instead of replicating it (:mod:`mkor_optax.sharding`).
@@ -195,9 +203,10 @@ def scale_by_mkor(
   dtype = check_mkor_args(gamma=gamma, zeta=zeta, epsilon=epsilon, inv_freq=inv_freq,
                           refresh=refresh, factor_dtype=factor_dtype,
                           max_factor_dim=max_factor_dim, low_rank=low_rank,
-                          low_rank_min_dim=low_rank_min_dim)
+                          low_rank_min_dim=low_rank_min_dim, factor_power=factor_power)
   rule = mkor_rule(gamma=gamma, zeta=zeta, epsilon=epsilon, inv_freq=inv_freq, refresh=refresh,
-                   dtype=dtype, low_rank=low_rank, low_rank_min_dim=low_rank_min_dim)
+                   dtype=dtype, low_rank=low_rank, low_rank_min_dim=low_rank_min_dim,
+                   factor_power=factor_power)
   return kr.scale_by_kronecker(rule, MKORState, who='scale_by_mkor', kind=('RANK1', 'SKETCH'),
                                axis_name=axis_name, max_factor_dim=max_factor_dim,
                                exclude=exclude, layouts=layouts, shard_factors=shard_factors)
@@ -205,8 +214,8 @@ def scale_by_mkor(
 
 # The arguments of scale_by_mkor, which mkor and the MKOR-H transforms hand on.
 MKOR_ARGS = ('gamma', 'zeta', 'epsilon', 'inv_freq', 'refresh', 'axis_name', 'factor_dtype',
-             'max_factor_dim', 'low_rank', 'low_rank_min_dim', 'shard_factors', 'exclude',
-             'layouts')
+             'max_factor_dim', 'low_rank', 'low_rank_min_dim', 'factor_power', 'shard_factors',
+             'exclude', 'layouts')
 
 
 def mkor_args(arguments: dict) -> dict:
@@ -229,6 +238,7 @@ def mkor(
     max_factor_dim: int = kr.MAX_FACTOR_DIM,
     low_rank: Optional[int] = LOW_RANK,
     low_rank_min_dim: int = LOW_RANK_MIN_DIM,
+    factor_power: float = 1.0,
     shard_factors: bool = True,
     exclude: kr.Exclude = None,
     layouts: Optional[dict] = None,

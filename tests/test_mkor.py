@@ -15,8 +15,15 @@ from helpers import (KEY, assert_tree_close, aug_blocks, batch, from_blocks, ini
 GRAD = mkor_optax.value_and_grad(loss_fn)
 
 
-def reference_run(grads_stats, gamma, zeta, epsilon, inv_freq, refresh='ema'):
-  """Dense float64 MKOR: explicit inverses of the factors, no Sherman-Morrison."""
+def matrix_power(p, e):
+  """float64 ``p^e`` of a symmetric positive definite ``p`` by ``eigh``."""
+  lam, vec = np.linalg.eigh(p)
+  return (vec * lam ** e) @ vec.T
+
+
+def reference_run(grads_stats, gamma, zeta, epsilon, inv_freq, refresh='ema', power=1.0):
+  """Dense float64 MKOR: explicit inverses of the factors, no Sherman-Morrison
+  (with ``power``: the inverses raised to it before they precondition)."""
   rinv = {'hidden': np.eye(5), 'out': np.eye(6)}
   linv = {'hidden': np.eye(6), 'out': np.eye(3)}
 
@@ -37,7 +44,7 @@ def reference_run(grads_stats, gamma, zeta, epsilon, inv_freq, refresh='ema'):
         linv[k] = refreshed(linv[k], np.asarray(stats[k]['g'], np.float64))
     out = {}
     for k, g in aug_blocks(grads).items():
-      u = rinv[k] @ g @ linv[k]
+      u = matrix_power(rinv[k], power) @ g @ matrix_power(linv[k], power)
       out[k] = u * np.linalg.norm(g) / np.linalg.norm(u)
     outs.append(from_blocks(out, grads))
   return outs
