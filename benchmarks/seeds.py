@@ -7,7 +7,9 @@ rate of the task's grid (compare.GRIDS), per seed.
 Studies (``STUDIES``): ``backend`` (each backend with and without MKOR, K-FAC under LAMB and SGD, Muon), ``defaults`` (MKOR's defaults against one change at
 a time: inv_freq, gamma, zeta, epsilon, the refresh rule, the backend) and
 ``gamma`` (the factor EMA's
-momentum, 0.95 to 0.999, the rest at the defaults) and ``low_rank`` (dense factors vs low-rank-plus-identity factors forced on every
+momentum, 0.95 to 0.999, the rest at the defaults), ``sketch`` (mean statistics
+against k = 1, 2, 4, 8 random-sign sketches and the factor powers 1/2, 1/4,
+beside K-FAC, Muon and AdamW) and ``low_rank`` (dense factors vs low-rank-plus-identity factors forced on every
 side, ranks 4 ... 32). Steps are deterministic for a
 seed; no timing here (see width_sweep.py and compare.py for seconds).
 Writes results/seeds/<study>.{json,md}.
@@ -56,7 +58,7 @@ def kfac_method(make_backend=None, **kw):
 # SGD-style backends take the raw gradient's norm (MKOR's rescale), not a
 # trust ratio, so their grid is wider; Muon's reaches past compare.py's top.
 SGD_GRIDS = {'autoencoder': (1e-2, 3e-2, 1e-1, 3e-1), 'bert': (1e-2, 3e-2, 1e-1, 3e-1)}
-MUON_GRIDS = {'autoencoder': (1e-2, 3e-2, 1e-1), 'bert': (3e-3, 1e-2, 3e-2)}
+MUON_GRIDS = {'autoencoder': (1e-2, 3e-2, 1e-1), 'bert': (3e-3, 1e-2, 3e-2), 'cnn': (1e-2, 3e-2, 1e-1)}
 
 
 def sgd_momentum(lr):
@@ -100,6 +102,18 @@ STUDIES = {
         'sgd + momentum 0.9': Config(lambda lr, task: sgd_momentum(lr), None, SGD_GRIDS),
         'mkor + sgd momentum': Config(backend_method(sgd_momentum), grids=SGD_GRIDS),
         'kfac + sgd momentum': kfac_method(sgd_momentum)._replace(grids=SGD_GRIDS),
+    },
+    # MKOR's statistics: the batch mean (default) against k random-sign
+    # sketches per refresh, the factor powers, beside K-FAC and Muon
+    'sketch': {
+        'mkor mean': mkor_method(),
+        **{f'mkor sketch k={k}': Config(mkor_method(), mkor_optax.Sketch(k)) for k in (1, 2, 4, 8)},
+        **{f'mkor sketch k=4 power {p:g}': Config(mkor_method(factor_power=p), mkor_optax.Sketch(4))
+           for p in (0.5, 0.25)},
+        'mkor mean power 0.5': mkor_method(factor_power=0.5),
+        'kfac (LAMB)': kfac_method(),
+        'muon': Config(lambda lr, task: optax.contrib.muon(lr), None, MUON_GRIDS),
+        'adamw': Config(lambda lr, task: optax.adamw(lr), None),
     },
     'low_rank': {
         'mkor dense': mkor_method(low_rank=None),
