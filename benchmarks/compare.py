@@ -43,7 +43,8 @@ from mkor_optax.kfac import damped_inverse  # noqa: E402
 from mkor_optax.mkor import refresh_inverse  # noqa: E402
 from step_time import interleaved, refresh_update_fns  # noqa: E402
 
-GRIDS = {'autoencoder': (3e-3, 1e-2, 3e-2), 'bert': (2e-3, 5e-3, 1e-2), 'cnn': (3e-3, 1e-2, 3e-2)}
+GRIDS = {'autoencoder': (3e-3, 1e-2, 3e-2), 'bert': (2e-3, 5e-3, 1e-2), 'cnn': (3e-3, 1e-2, 3e-2),
+         'resnet': (3e-3, 1e-2, 3e-2)}
 ORDER = ('adamw', 'lamb', 'muon', 'psgd_kron', 'mkor', 'mkor_adam', 'mkor_muon', 'mkor_h', 'kfac', 'eva', 'sonew')
 # The peers users pick in 2026: optax's Muon (Adam on the non-matrix leaves, its
 # default) and PSGD Kron (the optional `distributed-kron` package, an optax
@@ -80,6 +81,8 @@ def mkor_peers(max_factor_dim=4096):
 TASK_METHODS = {
     'autoencoder': dict(METHODS, **PEERS, **mkor_peers()),
     'cnn': dict(METHODS, **PEERS, **mkor_peers()),
+    'resnet': dict(METHODS, **PEERS, **mkor_peers(),
+                   mkor_sketch=Method(lambda lr: mkor_optax.mkor(lr), mkor_optax.SKETCH)),
     'bert': dict(METHODS, **PEERS, **mkor_peers(BERT_FACTOR_DIM),
                  mkor=Method(lambda lr: mkor_optax.mkor(lr, weight_decay=0.0, max_factor_dim=BERT_FACTOR_DIM),
                              mkor_optax.RANK1),
@@ -91,7 +94,7 @@ TASK_METHODS = {
                  eva=Method(lambda lr: mkor_optax.eva(lr, weight_decay=0.0, max_factor_dim=BERT_FACTOR_DIM),
                             mkor_optax.RANK1)),
 }
-FACTOR_DIM = {'autoencoder': 4096, 'bert': BERT_FACTOR_DIM, 'cnn': 4096}
+FACTOR_DIM = {'autoencoder': 4096, 'bert': BERT_FACTOR_DIM, 'cnn': 4096, 'resnet': 4096}
 
 
 def build(task, quick, seed=0):
@@ -109,6 +112,13 @@ def build(task, quick, seed=0):
     loss_fn = classification_loss(model)
     make_iter = lambda: batches(x, y, 64, seed=seed)
     steps = 60 if quick else 300
+  elif task == 'resnet':
+    from resnet import ResNet, init, train_mode_loss  # examples/resnet.py: BatchNorm after every conv
+    (x, y), _ = load_digits()
+    model = ResNet()
+    params, batch_stats = init(model, x[:2], seed)
+    make_iter = lambda: batches(x, y, 64, seed=seed)
+    return params, make_iter, train_mode_loss(model, batch_stats), 60 if quick else 300
   else:
     tokens, vocab = load_pydoc_tokens(64, 2000)
     model = Encoder(vocab=len(vocab), d=64, depth=2, heads=4, max_len=64)

@@ -58,7 +58,8 @@ def kfac_method(make_backend=None, **kw):
 # SGD-style backends take the raw gradient's norm (MKOR's rescale), not a
 # trust ratio, so their grid is wider; Muon's reaches past compare.py's top.
 SGD_GRIDS = {'autoencoder': (1e-2, 3e-2, 1e-1, 3e-1), 'bert': (1e-2, 3e-2, 1e-1, 3e-1)}
-MUON_GRIDS = {'autoencoder': (1e-2, 3e-2, 1e-1), 'bert': (3e-3, 1e-2, 3e-2), 'cnn': (1e-2, 3e-2, 1e-1)}
+MUON_GRIDS = {'autoencoder': (1e-2, 3e-2, 1e-1), 'bert': (3e-3, 1e-2, 3e-2), 'cnn': (1e-2, 3e-2, 1e-1),
+              'resnet': (1e-2, 3e-2, 1e-1)}
 
 
 def sgd_momentum(lr):

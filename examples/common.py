@@ -214,13 +214,14 @@ def example_args(description, steps, lr, methods, extra=None):
   return args
 
 
-def compare(args, params0, make_iter, loss_fn, evaluate=None):
+def compare(args, params0, make_iter, loss_fn, evaluate=None, methods=None):
   """Trains every ``args.optimizers`` from ``params0`` on the same data and
-  prints final loss, an optional evaluation and ms/step as a table."""
+  prints final loss, an optional evaluation and ms/step as a table
+  (``methods``: the name -> :class:`Method` table, ``METHODS`` by default)."""
   rows = []
   for name in args.optimizers.split(','):
     params, losses, times = run_method(name, params0, make_iter(), args.steps, loss_fn, args.lr,
-                                       progress=not args.smoke, desc=name)
+                                       methods=methods, progress=not args.smoke, desc=name)
     tail = losses[-max(1, len(losses) // 10):].mean()
     ms = 1e3 * (np.median(np.diff(times)) if len(times) > 1 else times[0])
     rows.append((name, tail, None if evaluate is None else evaluate(params), ms))

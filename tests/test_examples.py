@@ -27,6 +27,7 @@ EXAMPLES = [
     pytest.param(['autoencoder.py', '--smoke', '--optimizers', 'lamb,mkor,mkor_h,kfac,eva,sonew,adamw'],
                  marks=SLOW),
     ['cnn.py', '--smoke'],
+    ['resnet.py', '--smoke', '--kind', 'sketch'],
     ['cnn_nnx.py', '--smoke', '--optimizers', 'mkor'],
     ['bert_mlm.py', '--smoke'],
     pytest.param(['data_parallel.py', '--smoke', '--mode', 'pmap,shard_map'], marks=SLOW),
