@@ -65,6 +65,9 @@ class LayerCall(NamedTuple):
     output: the layer's output ``y`` (the capture sets it before handing
       the call to a statistic kind; :class:`~mkor_optax.tap.Sketch` draws
       its random signs from it).
+    input_sketch: optional ``signs (rows, k) -> (k, d_in)``, ``signs^T
+      input_rows()`` computed without the rows; by default the rows are
+      multiplied.
   """
 
   input_rows: Callable[[], jax.Array]
@@ -75,11 +78,18 @@ class LayerCall(NamedTuple):
   kernel_shape: tuple
   input_sum: Optional[Callable[[], jax.Array]] = None
   output: Optional[jax.Array] = None
+  input_sketch: Optional[Callable[[jax.Array], jax.Array]] = None
 
   def sum_of_inputs(self) -> jax.Array:
     if self.input_sum is not None:
       return self.input_sum()
     return jnp.sum(self.input_rows(), axis=0)
+
+  def sketch_of_inputs(self, signs) -> jax.Array:
+    """``signs^T input_rows()``, ``(k, d_in)`` for ``signs`` ``(rows, k)``."""
+    if self.input_sketch is not None:
+      return self.input_sketch(signs)
+    return signs.T @ self.input_rows()
 
 
 Adapter = Callable[[nn.Module, tuple, dict], Optional[Callable[[jax.Array], LayerCall]]]
@@ -248,27 +258,49 @@ def conv_adapter(module, args, kwargs):
   if getattr(module, 'feature_group_count', 1) != 1 or getattr(module, 'transpose_kernel', False):
     return None  # grouped: a block-diagonal kernel; transposed kernel: output axis not last
   x = jnp.asarray(args[0] if args else kwargs['inputs'])
-  kshape = _kernel_shape(module)
-  d_in = int(np.prod(kshape[:-1]))
   x32 = jax.lax.stop_gradient(x.astype(jnp.float32))
-  probe = lambda features: module.clone(parent=None, features=features, use_bias=False,
-                                        dtype=jnp.float32, param_dtype=jnp.float32, mask=None)
+
+  def run(kernel):
+    probe = module.clone(parent=None, features=kernel.shape[-1], use_bias=False,
+                         dtype=jnp.float32, param_dtype=jnp.float32, mask=None)
+    return probe.apply({'params': {'kernel': kernel}}, x32)
+
+  return probe_conv_reader(run, _kernel_shape(module), x32, _has_bias(module))
+
+
+def probe_conv_reader(run, kshape: tuple, x32, has_bias: bool):
+  """A convolution's ``read(y)`` from ``run(kernel)``, the layer's own
+  convolution of its float32 input ``x32`` with a probe kernel of shape
+  ``kshape[:-1] + (c,)`` (so every padding mode is the layer's):
+
+  * the patch sketch ``S^T P`` is the kernel gradient of ``<S, run(K)>``
+    (``c = k``, no patches formed), and the patch sum its ``S = 1`` case;
+  * the patches ``P`` themselves (for kinds that need rows) are ``run`` of
+    the identity on the ``prod(window) * c_in`` patch entries.
+  """
+  d_in = int(np.prod(kshape[:-1]))
+
+  def sketch(signs):
+    # varying like x under shard_map, so that its gradient is this device's sum only
+    zeros = cast_varying(jnp.zeros(kshape[:-1] + (signs.shape[1],), jnp.float32),
+                         varying_axes(x32))
+    with _no_capture():
+      y, pull = jax.vjp(run, zeros)
+      (grad,) = pull(signs.reshape(y.shape).astype(y.dtype))
+    return jax.lax.stop_gradient(grad.reshape(d_in, -1).T)
 
   def patch_sum():
-    # varying like x under shard_map, so that its gradient is this device's sum only
-    ones = cast_varying(jnp.ones(kshape[:-1] + (1,), jnp.float32), varying_axes(x32))
-    conv = probe(1)
-    with _no_capture():
-      total = jax.grad(lambda k: conv.apply({'params': {'kernel': k}}, x32).sum())(ones)
-    return jax.lax.stop_gradient(total.reshape(-1))
+    rows = int(np.prod(jax.eval_shape(run, jax.ShapeDtypeStruct(kshape[:-1] + (1,),
+                                                                jnp.float32)).shape))
+    return sketch(jnp.ones((rows, 1), jnp.float32))[0]
 
   def patches():
     eye = jnp.eye(d_in, dtype=jnp.float32).reshape(kshape[:-1] + (d_in,))
     with _no_capture():
-      out = probe(d_in).apply({'params': {'kernel': eye}}, x32)
+      out = run(eye)
     return jax.lax.stop_gradient(out.reshape(-1, d_in))
 
-  return conv_reader(patches, patch_sum, kshape, _has_bias(module))
+  return conv_reader(patches, patch_sum, kshape, has_bias, sketch)
 
 
 def call_innermost(stack: list, module, run):
@@ -289,7 +321,7 @@ def call_innermost(stack: list, module, run):
   return y, not entry[1]
 
 
-def conv_reader(patches, patch_sum, kshape, has_bias: bool):
+def conv_reader(patches, patch_sum, kshape, has_bias: bool, sketch=None):
   """A convolution's ``read(y) -> LayerCall``: ``rows`` are the output
   positions of the batch, ``g`` is scaled by ``1 / positions`` (the mean over positions,
   as K-FAC for convolutions, Grosse & Martens 2016)."""
@@ -297,7 +329,8 @@ def conv_reader(patches, patch_sum, kshape, has_bias: bool):
     n_spatial = len(kshape) - 2
     positions = int(np.prod(y.shape[y.ndim - 1 - n_spatial:-1]))
     rows = int(np.prod(y.shape[:-1]))
-    return LayerCall(patches, rows, 1, 1.0 / positions, has_bias, kshape, patch_sum)
+    return LayerCall(patches, rows, 1, 1.0 / positions, has_bias, kshape, patch_sum,
+                     input_sketch=sketch)
 
   return read
 

@@ -279,31 +279,16 @@ def conv_adapter(module, args, kwargs):
   base = fnnx.ConvTranspose if isinstance(module, fnnx.ConvTranspose) else fnnx.Conv
   call = _original_call(base)
   x = _inputs(args, kwargs)
-  kshape = _param_shape(module.kernel)
-  d_in = int(np.prod(kshape[:-1]))
   x32 = jax.lax.stop_gradient(x.astype(jnp.float32))
 
-  def probe(kernel):
+  def run(kernel):
     attrs = dict(vars(module))
     attrs.update(kernel=kernel, bias=None, use_bias=False, mask=None, dtype=jnp.float32,
                  param_dtype=jnp.float32, kernel_shape=tuple(kernel.shape),
                  out_features=kernel.shape[-1], preferred_element_type=None)
     return call(types.SimpleNamespace(**attrs), x32)
 
-  def patch_sum():
-    ones = layers_lib.cast_varying(jnp.ones(kshape[:-1] + (1,), jnp.float32),
-                                   layers_lib.varying_axes(x32))
-    with layers_lib._no_capture():
-      total = jax.grad(lambda k: probe(k).sum())(ones)
-    return jax.lax.stop_gradient(total.reshape(-1))
-
-  def patches():
-    eye = jnp.eye(d_in, dtype=jnp.float32).reshape(kshape[:-1] + (d_in,))
-    with layers_lib._no_capture():
-      out = probe(eye)
-    return jax.lax.stop_gradient(out.reshape(-1, d_in))
-
-  return layers_lib.conv_reader(patches, patch_sum, kshape, _has_bias(module))
+  return layers_lib.probe_conv_reader(run, _param_shape(module.kernel), x32, _has_bias(module))
 
 
 for _cls, _adapter in ((fnnx.Linear, linear_adapter), (fnnx.LinearGeneral, linear_general_adapter),

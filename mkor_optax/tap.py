@@ -252,9 +252,8 @@ class Sketch(StatKind):
     total = jnp.sum(jax.lax.stop_gradient(call.output).astype(jnp.float32))
     seed = jax.lax.bitcast_convert_type(total, jnp.uint32)
     key = jax.random.fold_in(jax.random.key(0), seed)
-    x = call.input_rows()
-    signs = jax.random.rademacher(jax.random.fold_in(key, 0), (x.shape[0], self.k), jnp.float32)
-    xs = signs.T @ x
+    signs = jax.random.rademacher(jax.random.fold_in(key, 0), (call.rows, self.k), jnp.float32)
+    xs = call.sketch_of_inputs(signs)
     if call.has_bias:
       xs = jnp.concatenate([xs, jnp.sum(signs, axis=0)[:, None]], axis=1)
     # the key travels as exact float32 halves (a residual here must be a float array)
