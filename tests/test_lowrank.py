@@ -13,7 +13,7 @@ from mkor_optax import lowrank
 from mkor_optax.lowrank import LowRankInverse
 
 from helpers import batch, init_params, loss_fn, orbax_round_trip
-from test_mkor import GRAD, reference_run
+from test_mkor import GRAD, assert_matches_reference
 
 RULE = dict(gamma=0.9, zeta=0.8, epsilon=1.5)
 REFRESH = jax.jit(lowrank.refresh, static_argnames=('gamma', 'zeta', 'epsilon', 'refresh'))
@@ -150,18 +150,7 @@ def test_mkor_update_with_low_rank_factors_equals_dense_float64_reference(refres
   assert isinstance(state.input_side['hidden'], LowRankInverse)
   assert isinstance(state.output_side['hidden'], LowRankInverse)
   assert not isinstance(state.output_side['out'], LowRankInverse)  # 3 <= rank: dense
-  steps, got = [], []
-  update = jitted_update(tx)
-  for t in range(7):
-    _, grads, stats = JGRAD(params, *batch(t))
-    steps.append((grads, stats))
-    u, state = update(grads, state, params, stats)
-    got.append(u)
-    params = optax.apply_updates(params, jax.tree.map(lambda x: -0.1 * x, u))
-  want = reference_run(steps, refresh=refresh, **hp)
-  for t, (g, w) in enumerate(zip(got, want)):
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6,
-                                                         err_msg=f'step {t}'), g, w)
+  assert_matches_reference(tx, hp, jit=True, refresh=refresh)
 
 
 def test_low_rank_is_chosen_by_width_and_costs_d_times_k_memory():

@@ -50,22 +50,33 @@ def reference_run(grads_stats, gamma, zeta, epsilon, inv_freq, refresh='ema', po
   return outs
 
 
-@pytest.mark.parametrize('refresh', ['ema', 'blend'])
-def test_full_update_equals_dense_float64_reference(refresh):
+def assert_matches_reference(tx, hp, *, n_steps=7, jit=False, refresh='ema', power=1.0,
+                             rtol=2e-4, atol=1e-6):
+  """Runs ``tx`` (an MKOR transform with hyperparameters ``hp``) on Net for
+  ``n_steps`` steps and compares every update with :func:`reference_run`;
+  returns the final state."""
   params = init_params()
-  hp = dict(gamma=0.9, zeta=0.8, epsilon=1.5, inv_freq=2)
-  tx = mkor_optax.scale_by_mkor(refresh=refresh, **hp)
   state = tx.init(params)
+  update = lambda g, s, p, st: tx.update(g, s, p, stats=st)
+  update = jax.jit(update) if jit else update
   steps, got = [], []
-  for t in range(7):
+  for t in range(n_steps):
     _, grads, stats = GRAD(params, *batch(t))
     steps.append((grads, stats))
-    u, state = tx.update(grads, state, params, stats=stats)
+    u, state = update(grads, state, params, stats)
     got.append(u)
     params = optax.apply_updates(params, jax.tree.map(lambda x: -0.1 * x, u))
-  want = reference_run(steps, refresh=refresh, **hp)
+  want = reference_run(steps, refresh=refresh, power=power, **hp)
   for t, (g, w) in enumerate(zip(got, want)):
-    assert_tree_close(g, w, msg=f'step {t}')
+    assert_tree_close(g, w, rtol=rtol, atol=atol, msg=f'step {t}')
+  return state
+
+
+@pytest.mark.parametrize('refresh', ['ema', 'blend'])
+def test_full_update_equals_dense_float64_reference(refresh):
+  hp = dict(gamma=0.9, zeta=0.8, epsilon=1.5, inv_freq=2)
+  state = assert_matches_reference(mkor_optax.scale_by_mkor(refresh=refresh, **hp), hp,
+                                   refresh=refresh)
   assert int(state.count) == 7
 
 

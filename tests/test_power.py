@@ -4,14 +4,12 @@ raised to 1, 1/2 or 1/4 before it preconditions, against float64 matrix powers."
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import mkor_optax
 from mkor_optax import factors, lowrank
-from helpers import batch, init_params
 from test_lowrank import refreshed
-from test_mkor import GRAD, matrix_power, reference_run
+from test_mkor import assert_matches_reference, matrix_power
 
 
 @pytest.mark.parametrize('e', [1.0, 0.5, 0.25])
@@ -38,23 +36,10 @@ def test_power_one_under_inject_hyperparams_keeps_the_inverse_exactly():
 @pytest.mark.parametrize('power', [0.5, 0.25])
 @pytest.mark.parametrize('low_rank_min_dim', [256, 0])  # dense sides / low-rank sides (exact)
 def test_mkor_update_with_a_factor_power_equals_float64(power, low_rank_min_dim):
-  params = init_params()
   hp = dict(gamma=0.9, zeta=0.8, epsilon=1.5, inv_freq=2)
   tx = mkor_optax.scale_by_mkor(factor_power=power, low_rank=4,
                                 low_rank_min_dim=low_rank_min_dim, **hp)
-  state = tx.init(params)
-  update = jax.jit(lambda g, s, p, st: tx.update(g, s, p, stats=st))
-  steps, got = [], []
-  for t in range(5):
-    _, grads, stats = GRAD(params, *batch(t))
-    steps.append((grads, stats))
-    u, state = update(grads, state, params, stats)
-    got.append(u)
-    params = optax.apply_updates(params, jax.tree.map(lambda x: -0.1 * x, u))
-  want = reference_run(steps, power=power, **hp)
-  for t, (g, w) in enumerate(zip(got, want)):
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=5e-4, atol=2e-6,
-                                                         err_msg=f'step {t}'), g, w)
+  assert_matches_reference(tx, hp, n_steps=5, jit=True, power=power, rtol=5e-4, atol=2e-6)
 
 
 def test_factor_power_is_validated():
