@@ -280,7 +280,10 @@ def value_and_grad(fun: Callable, argnums: int = 0, has_aux: bool = False, *,
     argnums: which positional argument holds the parameters (an int, as
       the optimizer preconditions one parameter tree).
     has_aux: as in ``jax.value_and_grad``.
-    kind: the statistic kind (default: MKOR's rank-1 means).
+    kind: the statistic kind: ``mkor_optax.RANK1`` (default; MKOR's, MKOR-H's
+      and Eva's mean statistics), ``mkor_optax.SKETCH`` / ``Sketch(k)``
+      (random-sign sketches for MKOR and MKOR-H) or ``mkor_optax.COVARIANCE``
+      (K-FAC).
 
   Returns:
     A function ``(*args, **kwargs) -> (value, grads, stats)`` where

@@ -142,7 +142,7 @@ def value_and_grad(fun: Callable, argnums=0, has_aux: bool = False, *,
       than ``nnx.Param`` (the capture's :class:`Tap` dummies are added to it).
     has_aux: as in ``nnx.value_and_grad``.
     kind: the statistic kind (default: MKOR's rank-1 means;
-      ``mkor_optax.COVARIANCE`` for K-FAC).
+      ``mkor_optax.SKETCH`` for sketches; ``mkor_optax.COVARIANCE`` for K-FAC).
     **grad_kwargs: other arguments of ``nnx.value_and_grad``.
 
   Returns:
