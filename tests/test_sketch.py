@@ -364,3 +364,24 @@ def test_eva_and_multisteps_say_what_to_pass_for_sketches():
   acc = mkor_optax.MultiSteps(mkor_optax.mkor(1e-2), 2)
   with pytest.raises(ValueError, match='not supported yet'):
     acc.update(grads, acc.init(params), params, stats=sk)
+
+
+def test_mkor_h_takes_sketches_and_refreshes_from_them():
+  params = init_params()
+  tx = mkor_optax.mkor_h(1e-2, inv_freq=1)
+  state = tx.init(params)
+  grad = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.Sketch(3))
+
+  @jax.jit
+  def step(params, state, x, y):
+    loss, grads, stats = grad(params, x, y)
+    u, state = tx.update(grads, state, params, stats=stats, value=loss)
+    return optax.apply_updates(params, u), state, loss
+
+  losses = []
+  for t in range(6):
+    params, state, loss = step(params, state, *batch(t))
+    losses.append(float(loss))
+  inverses = [x for x in jax.tree.leaves(state) if np.ndim(x) == 3 and x.shape[-1] == x.shape[-2]]
+  assert inverses and all(np.max(np.abs(p[0] - np.eye(p.shape[-1]))) > 1e-4 for p in inverses)
+  assert np.all(np.isfinite(losses))
