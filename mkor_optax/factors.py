@@ -70,10 +70,16 @@ def refresh_checked(p, v, *, gamma, zeta, epsilon, refresh: str):
   k = v.shape[1]
   p, reset = rule(p, v[:, 0] / np.sqrt(k), gamma=gamma, zeta=zeta, epsilon=epsilon,
                   refresh=refresh)
+  if k == 1:
+    return p, reset
   weight = jnp.sqrt((1.0 - gamma) / k) if refresh == 'ema' else 1.0 / np.sqrt(k)
-  for j in range(1, k):
-    p, again = rule(p, v[:, j] * weight, gamma=1.0, zeta=1.0, epsilon=epsilon, refresh='blend')
-    reset = reset | again
+
+  def add(carry, v_j):  # one copy of the rule in the program, whatever k is
+    p, reset = carry
+    p, again = rule(p, v_j * weight, gamma=1.0, zeta=1.0, epsilon=epsilon, refresh='blend')
+    return (p, reset | again), None
+
+  (p, reset), _ = jax.lax.scan(add, (p, reset), jnp.swapaxes(v[:, 1:], 0, 1))
   return p, reset
 
 

@@ -216,8 +216,8 @@ class Sketch(StatKind):
   average is K-FAC's factor, where the mean statistic gives one (and under a
   training-mode BatchNorm, whose mean output gradient is zero, none).
 
-  The randomness costs no argument: each call's signs come from a key
-  hashed from the bits of ``sum(y)``, the layer's output, which changes with
+  The randomness costs no argument: each call's signs are hashes of the
+  row index and of the bits of ``sum(y)``, the layer's output, which changes with
   the batch and, through the kernel, with every step (so a repeated batch
   is sketched afresh), and which differs between devices that see
   different data. A layer called several times (shared, or under
@@ -250,24 +250,21 @@ class Sketch(StatKind):
     if call.output is None:
       raise ValueError('Sketch: the layer call carries no output to draw its signs from')
     total = jnp.sum(jax.lax.stop_gradient(call.output).astype(jnp.float32))
-    seed = jax.lax.bitcast_convert_type(total, jnp.uint32)
-    key = jax.random.fold_in(jax.random.key(0), seed)
-    signs = jax.random.rademacher(jax.random.fold_in(key, 0), (call.rows, self.k), jnp.float32)
+    seed = _hash(jax.lax.bitcast_convert_type(total, jnp.uint32))
+    signs = _signs(seed, 0, call.rows, self.k)
     xs = call.sketch_of_inputs(signs)
     if call.has_bias:
       xs = jnp.concatenate([xs, jnp.sum(signs, axis=0)[:, None]], axis=1)
-    # the key travels as exact float32 halves (a residual here must be a float array)
-    bits = jax.random.key_data(key)
-    halves = jnp.stack([bits >> 16, bits & 0xFFFF]).astype(jnp.float32)
+    # the seed travels as two exact float32 halves (a residual here must be a float array)
+    halves = jnp.stack([seed >> 16, seed & 0xFFFF]).astype(jnp.float32)
     return {'xs': xs, 'rows': jnp.asarray(call.rows, jnp.float32),
-            'n': jnp.asarray(call.rows * call.g_scale, jnp.float32), 'key': halves}
+            'n': jnp.asarray(call.rows * call.g_scale, jnp.float32), 'seed': halves}
 
   def backward(self, fwd, dy_rows, g_scale, devices):
     # per-example rows h as in Covariance (undoing shard_map's pmean)
-    halves = fwd['key'].astype(jnp.uint32)
-    key = jax.random.wrap_key_data((halves[0] << 16) | halves[1])
+    halves = fwd['seed'].astype(jnp.uint32)
     rows = dy_rows.shape[0]
-    signs = jax.random.rademacher(jax.random.fold_in(key, 1), (rows, self.k), jnp.float32)
+    signs = _signs((halves[0] << 16) | halves[1], 1, rows, self.k)
     h = dy_rows.astype(jnp.float32) * (fwd['n'] * devices)
     return {'xs': fwd['xs'], 'rows': fwd['rows'], 'calls': jnp.ones_like(fwd['rows']),
             'hs': (signs.T @ h) / jnp.sqrt(jnp.asarray(rows, jnp.float32))}
@@ -279,3 +276,22 @@ class Sketch(StatKind):
 
 
 SKETCH = Sketch(4)
+
+
+def _hash(x):
+  """A 32-bit integer hash with full avalanche (``lowbias32``, C. Wellons)."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def _signs(seed, side: int, rows: int, k: int):
+  """``(rows, k)`` float32 signs, one hash per entry of ``seed``'s stream
+  ``side``: a few integer operations each, where a counter-based generator
+  such as threefry would add its twenty rounds to every captured layer's
+  program."""
+  idx = jnp.arange(rows * k, dtype=jnp.uint32).reshape(rows, k)
+  bits = _hash(idx * jnp.uint32(2) + jnp.uint32(side) + _hash(seed))
+  return 1.0 - 2.0 * (bits >> 31).astype(jnp.float32)
