@@ -286,7 +286,7 @@ def probe_conv_reader(run, kshape: tuple, x32, has_bias: bool):
                          varying_axes(x32))
     with _no_capture():
       y, pull = jax.vjp(run, zeros)
-      (grad,) = pull(signs.reshape(y.shape).astype(y.dtype))
+      (grad,) = pull(cast_varying(signs.reshape(y.shape).astype(y.dtype), varying_axes(y)))
     return jax.lax.stop_gradient(grad.reshape(d_in, -1).T)
 
   def patch_sum():
