@@ -44,7 +44,7 @@ from mkor_optax.mkor import refresh_inverse  # noqa: E402
 from step_time import interleaved, refresh_update_fns  # noqa: E402
 
 GRIDS = {'autoencoder': (3e-3, 1e-2, 3e-2), 'bert': (2e-3, 5e-3, 1e-2), 'cnn': (3e-3, 1e-2, 3e-2),
-         'resnet': (3e-3, 1e-2, 3e-2)}
+         'resnet': (1e-3, 3e-3, 1e-2)}
 ORDER = ('adamw', 'lamb', 'muon', 'psgd_kron', 'mkor', 'mkor_adam', 'mkor_muon', 'mkor_h', 'kfac', 'eva', 'sonew')
 # The peers users pick in 2026: optax's Muon (Adam on the non-matrix leaves, its
 # default) and PSGD Kron (the optional `distributed-kron` package, an optax
