@@ -34,8 +34,8 @@ from mkor_optax.layout import INPUT, OUTPUT, SIDES, Exclude, exclude_predicate, 
 from mkor_optax.numerics import all_finite, report_if
 from mkor_optax.paths import rebox_like, unbox
 from mkor_optax.precondition import layer_grads, row_blocks, write_layer
-from mkor_optax.statistics import (CANCELLED_FIX, NAMES, cancelled_means, check_stats, gather_stats,
-                                   kind_of)
+from mkor_optax.statistics import (CANCELLED_FIX, NAMES, TAILS, cancelled_means, check_stats,
+                                   gather_stats, kind_of)
 
 __all__ = ['Exclude', 'FactorRule', 'Prepared', 'scale_by_kronecker', 'with_backend',
            'default_backend', 'decay_mask', 'stats_template', 'INPUT', 'OUTPUT', 'SIDES']
@@ -200,7 +200,7 @@ def stats_template(opt_state) -> dict:
     for entries, name in zip((node.input_side, node.output_side), NAMES[node.KIND]):
       for layer, f in entries.items():
         s, d = side_shape(f)
-        shape = (s, d, d) if node.KIND == 'COVARIANCE' else (s, d)
+        shape = (s,) + TAILS[node.KIND](d, None)
         out.setdefault(layer, {})[name] = jnp.zeros(shape, jnp.float32)
   return out
 

@@ -280,19 +280,21 @@ def probe_conv_reader(run, kshape: tuple, x32, has_bias: bool):
   """
   d_in = int(np.prod(kshape[:-1]))
 
-  def sketch(signs):
+  def kernel_grad(channels: int, cotangent):
+    """``(channels, d_in)``: the probe kernel's gradient for the output
+    cotangent ``cotangent(y)``, i.e. ``cotangent^T P`` over the rows."""
     # varying like x under shard_map, so that its gradient is this device's sum only
-    zeros = cast_varying(jnp.zeros(kshape[:-1] + (signs.shape[1],), jnp.float32),
-                         varying_axes(x32))
+    zeros = cast_varying(jnp.zeros(kshape[:-1] + (channels,), jnp.float32), varying_axes(x32))
     with _no_capture():
       y, pull = jax.vjp(run, zeros)
-      (grad,) = pull(cast_varying(signs.reshape(y.shape).astype(y.dtype), varying_axes(y)))
-    return jax.lax.stop_gradient(grad.reshape(d_in, -1).T)
+      (grad,) = pull(cast_varying(cotangent(y).astype(y.dtype), varying_axes(y)))
+    return jax.lax.stop_gradient(grad.reshape(d_in, channels).T)
+
+  def sketch(signs):
+    return kernel_grad(signs.shape[1], lambda y: signs.reshape(y.shape))
 
   def patch_sum():
-    rows = int(np.prod(jax.eval_shape(run, jax.ShapeDtypeStruct(kshape[:-1] + (1,),
-                                                                jnp.float32)).shape))
-    return sketch(jnp.ones((rows, 1), jnp.float32))[0]
+    return kernel_grad(1, jnp.ones_like)[0]
 
   def patches():
     eye = jnp.eye(d_in, dtype=jnp.float32).reshape(kshape[:-1] + (d_in,))

@@ -26,48 +26,26 @@ from mkor_optax.layout import LAYOUTS_FIX, LayerPlan
 from mkor_optax.paths import get_at, unbox
 
 
-def rank1_shapes(lp: LayerPlan) -> dict:
-  """Shapes of the rank-1 statistics (``mkor_optax.RANK1``) a layer's factored sides need."""
-  d, out = lp.dims, {}
-  if lp.has_r:
-    out['a'] = d.stack + (d.d_in_aug,)
-  if lp.has_l:
-    out['g'] = d.stack + (d.d_out,)
-  return out
-
-
-def covariance_shapes(lp: LayerPlan) -> dict:
-  """The covariance statistics (``mkor_optax.COVARIANCE``) a layer's factored sides need."""
-  d, out = lp.dims, {}
-  if lp.has_r:
-    out['A'] = d.stack + (d.d_in_aug, d.d_in_aug)
-  if lp.has_l:
-    out['G'] = d.stack + (d.d_out, d.d_out)
-  return out
-
-
-def sketch_shapes(lp: LayerPlan, k: int) -> dict:
-  """The ``k`` sketches per side (``mkor_optax.Sketch(k)``) a layer's factored sides need."""
-  d, out = lp.dims, {}
-  if lp.has_r:
-    out['a_sketches'] = d.stack + (k, d.d_in_aug)
-  if lp.has_l:
-    out['g_sketches'] = d.stack + (k, d.d_out)
-  return out
-
-
-SHAPES = {'RANK1': rank1_shapes, 'COVARIANCE': covariance_shapes, 'SKETCH': sketch_shapes}
 # (input side, output side)
 NAMES = {'RANK1': ('a', 'g'), 'COVARIANCE': ('A', 'G'), 'SKETCH': ('a_sketches', 'g_sketches')}
+# the trailing shape of one side's statistic, for a side of width d (k sketches)
+TAILS = {'RANK1': lambda d, k: (d,), 'COVARIANCE': lambda d, k: (d, d),
+         'SKETCH': lambda d, k: (k, d)}
+
+
+def _layer_sketches(fields) -> Optional[int]:
+  """``k`` when one layer's ``fields`` hold sketches, else ``None``."""
+  for name in NAMES['SKETCH']:
+    if hasattr(fields, 'get') and fields.get(name) is not None:
+      return int(np.shape(fields[name])[-2])
+  return None
 
 
 def sketch_count(stats) -> Optional[int]:
   """``k`` when ``stats`` are sketches (``mkor_optax.Sketch``), else ``None``."""
-  for fields in (stats or {}).values():
-    for name in NAMES['SKETCH']:
-      if hasattr(fields, 'get') and fields.get(name) is not None:
-        return int(np.shape(fields[name])[-2])
-  return None
+  if not hasattr(stats, 'values'):  # None, or not the dict of value_and_grad (an error later)
+    return None
+  return next((k for k in map(_layer_sketches, stats.values()) if k is not None), None)
 
 
 def kind_of(stats, kinds: tuple) -> str:
@@ -77,8 +55,14 @@ def kind_of(stats, kinds: tuple) -> str:
   return kinds[0]
 
 
-def _shapes(kind: str, lp: LayerPlan, stats) -> dict:
-  return sketch_shapes(lp, sketch_count(stats)) if kind == 'SKETCH' else SHAPES[kind](lp)
+def stat_shapes(kind: str, lp: LayerPlan, fields=None) -> dict:
+  """The ``kind`` statistics a layer's factored sides need (stacking axes
+  first); for ``'SKETCH'``, ``k`` is read from the layer's own ``fields``."""
+  k = _layer_sketches(fields) if kind == 'SKETCH' else None
+  d, tail = lp.dims, TAILS[kind]
+  sides = ((lp.has_r, d.d_in_aug), (lp.has_l, d.d_out))
+  return {name: d.stack + tail(width, k)
+          for name, (has, width) in zip(NAMES[kind], sides) if has}
 
 
 def _check_known(stats, plan, params, excluded, who, kind):
@@ -111,7 +95,7 @@ def check_stats(stats, plan: dict, params, excluded: Callable[[str], bool], who:
   for name, lp in plan.items():
     if name not in stats:
       continue
-    want = _shapes(kind, lp, stats)
+    want = stat_shapes(kind, lp, stats[name])
     if not hasattr(stats[name], 'get') or any(k not in stats[name] for k in want):
       raise ValueError(
           f'{who}: statistics for layer {name!r} lack {sorted(want)}: compute them with '
@@ -138,7 +122,7 @@ def gather_stats(stats, plan: dict, axis_name: Optional[str], kind: str = 'RANK1
   to one (``(S, ...)``), averaged over ``axis_name`` when given."""
   out = {}
   for name, lp in plan.items():
-    want = _shapes(kind, lp, stats)
+    want = stat_shapes(kind, lp, stats[name])
     out[name] = {k: jnp.reshape(stats[name][k], (lp.dims.n_stack,) + want[k][len(lp.dims.stack):])
                  for k in want}
   if axis_name is not None:

@@ -25,13 +25,20 @@ def jitted_update(tx):
 
 
 def dense_refresh(p, v, gamma, zeta, epsilon, refresh):
-  """float64: stabiliser, then the exact inverse of the refreshed factor."""
+  """float64: stabiliser, then the exact inverse of the refreshed factor.
+
+  ``v`` is one statistic ``(d,)`` or ``k`` sketches ``(k, d)``, whose term is
+  their average outer product: ``F = gamma F' + (1-gamma) T`` (ema) or
+  ``F = inv(gamma P' + (1-gamma) I) + T`` (blend)."""
+  p = np.asarray(p, np.float64)
   eye = np.eye(len(p))
   if np.abs(p).max() > epsilon:
     p = zeta * p + (1 - zeta) * eye
+  vs = np.atleast_2d(np.asarray(v, np.float64))
+  term = vs.T @ vs / len(vs)
   if refresh == 'ema':
-    return np.linalg.inv(gamma * np.linalg.inv(p) + (1 - gamma) * np.outer(v, v))
-  return np.linalg.inv(np.linalg.inv(gamma * p + (1 - gamma) * eye) + np.outer(v, v))
+    return np.linalg.inv(gamma * np.linalg.inv(p) + (1 - gamma) * term)
+  return np.linalg.inv(np.linalg.inv(gamma * p + (1 - gamma) * eye) + term)
 
 
 def stats_stream(d, n, seed, scale=0.6):

@@ -17,6 +17,7 @@ import mkor_optax
 from mkor_optax import factors, lowrank, statistics
 from mkor_optax.numerics import NumericalWarning
 from helpers import KEY, batch, head, init_params, loss_fn
+from test_lowrank import dense_refresh
 
 K = 4096  # sketches for the expectation tests: a standard error of ~1.6% per entry
 
@@ -233,19 +234,6 @@ def test_jit_sharded_batch_sketches_the_same_covariance():
 
 # ------------------------------------------------- the refresh from sketches
 
-def dense_reference(p0, vs, *, gamma, zeta, epsilon, refresh):
-  """float64: stabiliser, then F = gamma F' + (1-gamma)/k sum v v^T (ema) or
-  F = inv(gamma P' + (1-gamma) I) + (1/k) sum v v^T (blend), inverted."""
-  p0 = np.asarray(p0, np.float64)
-  eye = np.eye(p0.shape[0])
-  if np.max(np.abs(p0)) > epsilon:
-    p0 = zeta * p0 + (1 - zeta) * eye
-  terms = sum(np.outer(v, v) for v in np.asarray(vs, np.float64)) / len(vs)
-  if refresh == 'ema':
-    return np.linalg.inv(gamma * np.linalg.inv(p0) + (1 - gamma) * terms)
-  return np.linalg.inv(np.linalg.inv(gamma * p0 + (1 - gamma) * eye) + terms)
-
-
 @pytest.mark.parametrize('refresh', ['ema', 'blend'])
 @pytest.mark.parametrize('epsilon', [0.5, 100.0])  # the stabiliser fires / does not
 def test_dense_refresh_from_k_sketches_equals_the_float64_inverse(refresh, epsilon):
@@ -258,7 +246,7 @@ def test_dense_refresh_from_k_sketches_equals_the_float64_inverse(refresh, epsil
   got, reset = factors.refresh_checked(jnp.asarray(p0[None], jnp.float32),
                                        jnp.asarray(vs[None], jnp.float32), **kw)
   assert not np.any(reset)
-  np.testing.assert_allclose(got[0], dense_reference(p0, vs, **kw), rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose(got[0], dense_refresh(p0, vs, **kw), rtol=2e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize('refresh', ['ema', 'blend'])
@@ -272,7 +260,7 @@ def test_low_rank_refresh_from_k_sketches_is_exact_within_its_rank(refresh):
   for _ in range(2):
     vs = rng.normal(size=(k, d)) / np.sqrt(d)
     p, reset = factors.refresh_checked(p, jnp.asarray(vs[None], jnp.float32), **kw)
-    dense = dense_reference(dense, vs, **kw)
+    dense = dense_refresh(dense, vs, **kw)
     assert not np.any(reset)
   np.testing.assert_allclose(lowrank.to_dense(p)[0], dense, rtol=2e-4, atol=2e-5)
 
