@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all bench compare compare-kfac-jax clean
+.PHONY: demo test test-all bench compare compare-kfac-jax docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,4 +43,14 @@ compare-kfac-jax: .venv-kfac/.installed
 	.venv-kfac/bin/python benchmarks/kfac_jax_compare.py
 
 clean:
-	rm -rf $(VENV) .venv-kfac .pytest_cache .jax_cache
+	rm -rf $(VENV) .venv-kfac .pytest_cache .jax_cache docs/_build docs/_autosummary docs/_generated
+
+# the documentation site: docs/_build/html/index.html (warnings are errors)
+DOCS_STAMP := $(VENV)/.installed-docs
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,examples,docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	rm -rf docs/_build docs/_autosummary docs/_generated
+	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
