@@ -50,6 +50,23 @@ class MultiSteps:
   micro-batch; the inner optimizer receives the mean of the gradients and of
   the statistics when the ``k``-th micro-batch arrives. Other extra arguments
   (``value=`` for MKOR-H) are handed on as they are, as optax does.
+
+  Args:
+    opt: the inner transform (``mkor_optax.mkor(...)``, ...).
+    every_k_schedule: an int ``k >= 1``, or ``step -> k``, as in
+      ``optax.MultiSteps``.
+    use_grad_mean, should_skip_update_fn: as in ``optax.MultiSteps``.
+
+  Example:
+    >>> opt = mkor_optax.MultiSteps(mkor_optax.mkor(1e-2), every_k_schedule=2)
+    >>> state = opt.init(params)
+    >>> grad_fn = mkor_optax.value_and_grad(loss_fn)
+    >>> for half in (slice(0, 4), slice(4, 8)):  # two micro-batches, one update
+    ...   loss, grads, stats = grad_fn(params, x[half], y[half])
+    ...   updates, state = opt.update(grads, state, params, stats=stats)
+    ...   params = optax.apply_updates(params, updates)
+    >>> bool(opt.has_updated(state))
+    True
   """
 
   def __init__(self, opt: optax.GradientTransformation,

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mkor_optax import checks
+from mkor_optax import checks, composites
 from mkor_optax import layers as layers_lib
 from mkor_optax.layout import Layout
 from mkor_optax.paths import DELETE, get_at, path_str, set_at, unbox
@@ -67,7 +67,7 @@ def _capture(mode: str, record: dict, kind: StatKind, path: tuple, call, y, dumm
 
 
 def _composite_call(mode, record, kind, module, fn, args, kwargs):
-  """A composite layer recomputed by its ``fn`` (``layers.composite_for``)
+  """A composite layer recomputed by its ``fn`` (``composites.composite_for``)
   with one captured product per child kernel."""
   params = module.variables['params']
 
@@ -89,7 +89,7 @@ def _make_interceptor(mode: str, record: dict, kind: StatKind):
     if (context.method_name != '__call__' or layers_lib.capture_disabled()
         or module.scope is None):
       return next_fun(*args, **kwargs)
-    composite = layers_lib.composite_for(module)
+    composite = composites.composite_for(module)
     if composite is not None:
       return _composite_call(mode, record, kind, module, composite, args, kwargs)
     stack = getattr(_active, 'stack', None)
@@ -187,6 +187,20 @@ def layer_layouts(fun: Callable, params, *args, **kwargs) -> dict:
 
   Pass the result as ``scale_by_mkor(layouts=...)`` when ``init`` says a
   layout cannot be told from the parameter shapes and names alone.
+
+  Args:
+    fun: the loss, as for :func:`value_and_grad`.
+    params: its parameters.
+    *args, **kwargs: one batch of its other arguments (only shapes are used:
+      one abstract trace, nothing is computed).
+
+  Returns:
+    ``{path: Layout}`` for every captured layer.
+
+  Example:
+    >>> mkor_optax.layer_layouts(loss_fn, params, x, y)['layers_0']
+    Layout(stack_ndim=0, out_ndim=1, has_bias=True)
+    >>> opt = mkor_optax.mkor(1e-2, layouts=mkor_optax.layer_layouts(loss_fn, params, x, y))
   """
   out = {}
   for path, info in discover(fun, params, *args, **kwargs).items():
@@ -206,6 +220,22 @@ def untapped(params):
   model's structure (an L2-SP or EWC penalty, a pruning mask) uses
   ``untapped(params)`` for that; gradients flow through it unchanged.
   Outside the capture it returns ``params`` as it is.
+
+  Args:
+    params: the parameters a loss receives inside :func:`value_and_grad`
+      (or any tree).
+
+  Returns:
+    The same tree without the ``'__mkor_tap__'`` entries.
+
+  Example:
+    >>> reference = jax.tree.map(jnp.zeros_like, params)
+    >>> def penalised(p, x, y):  # an L2-SP penalty zips p with another tree
+    ...   d = jax.tree.map(lambda a, b: jnp.sum((a - b) ** 2),
+    ...                    mkor_optax.untapped(p), reference)
+    ...   return loss_fn(p, x, y) + 1e-3 * sum(jax.tree.leaves(d))
+    >>> sorted(mkor_optax.value_and_grad(penalised)(params, x, y)[2])
+    ['layers_0', 'layers_2']
   """
   def strip(node):
     if not hasattr(node, 'items'):
@@ -297,6 +327,14 @@ def value_and_grad(fun: Callable, argnums: int = 0, has_aux: bool = False, *,
       parameters went through a transform that dropped or re-arranged them);
       under ``shard_map``, for a loss that is not the same on every device
       (not ``lax.pmean``-ed), whose statistics and gradients would be wrong.
+
+  Example:
+    >>> loss, grads, stats = mkor_optax.value_and_grad(loss_fn)(params, x, y)
+    >>> jax.tree.map(jnp.shape, stats['layers_0'])  # d_in + 1 = 4, d_out = 8
+    {'a': (4,), 'g': (8,), 'g_mass': ()}
+    >>> sketch = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.Sketch(2))
+    >>> sketch(params, x, y)[2]['layers_2']['g_sketches'].shape
+    (2, 2)
   """
   if not checks.is_int(argnums):
     raise TypeError(f'value_and_grad: argnums must be an int (one parameter tree), got {argnums!r}')

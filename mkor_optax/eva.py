@@ -112,6 +112,14 @@ def scale_by_eva(
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update(grads, state,
     params=None, *, stats)`` with the rank-1 ``stats``.
+
+  Example:
+    >>> opt = optax.chain(mkor_optax.scale_by_eva(damping=0.1), optax.sgd(1e-2))
+    >>> state = opt.init(params)
+    >>> loss, grads, stats = mkor_optax.value_and_grad(loss_fn)(params, x, y)
+    >>> updates, state = opt.update(grads, state, params, stats=stats)
+    >>> bool(jnp.isfinite(updates['layers_0']['kernel']).all())
+    True
   """
   checks.validate(
       damping=(damping, lambda v: v > 0, 'must be > 0'),
@@ -136,7 +144,23 @@ def eva(
     layouts: Optional[dict] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Eva with a LAMB backend: ``optax.chain(scale_by_eva(...), backend)``.
-  Works with ``optax.inject_hyperparams``."""
+  Works with ``optax.inject_hyperparams``.
+
+  Args:
+    learning_rate, weight_decay, backend: as in :func:`mkor_optax.mkor`.
+    damping, gamma, axis_name, max_factor_dim, exclude, layouts: as in
+      :func:`mkor_optax.scale_by_eva`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` takes the rank-1
+    ``stats=``.
+
+  Example:
+    >>> opt = mkor_optax.eva(1e-2)
+    >>> state = opt.init(params)
+    >>> loss, grads, stats = mkor_optax.value_and_grad(loss_fn)(params, x, y)
+    >>> updates, state = opt.update(grads, state, params, stats=stats)
+  """
   return kr.with_backend(
       scale_by_eva(damping=damping, gamma=gamma, axis_name=axis_name,
                    max_factor_dim=max_factor_dim, exclude=exclude, layouts=layouts),

@@ -100,6 +100,14 @@ def scale_by_mkor_h(
     An ``optax.GradientTransformationExtraArgs`` whose update is
     ``update(grads, state, params=None, *, stats, value)`` with ``value`` the
     step's loss.
+
+  Example:
+    >>> opt = optax.chain(mkor_optax.scale_by_mkor_h(window=20), optax.adam(1e-3))
+    >>> state = opt.init(params)
+    >>> loss, grads, stats = mkor_optax.value_and_grad(loss_fn)(params, x, y)
+    >>> updates, state = opt.update(grads, state, params, stats=stats, value=loss)
+    >>> int(state[0].switch_step)  # -1: still second-order
+    -1
   """
   checks.validate(
       window=(window, None, ''),
@@ -189,6 +197,25 @@ def mkor_h(
   autoencoder this lowers the final loss from 15.296 +- 0.004 to 15.159 +-
   0.010 over 3 seeds (``benchmarks/mkor_h_switch.py``). The state keeps the
   structure of the chain. Works with ``optax.inject_hyperparams``.
+
+  Args:
+    learning_rate, weight_decay, backend: as in :func:`mkor_optax.mkor`.
+    reset_backend: re-initialise the backend's state at the switch.
+    window, threshold, patience, beta, gamma, zeta, epsilon, inv_freq, refresh,
+      axis_name, factor_dtype, max_factor_dim, low_rank, low_rank_min_dim,
+      factor_power, shard_factors, exclude, layouts: as in
+      :func:`mkor_optax.scale_by_mkor_h`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` takes ``stats=``
+    and ``value=`` (the step's loss).
+
+  Example:
+    >>> opt = mkor_optax.mkor_h(1e-2)
+    >>> state = opt.init(params)
+    >>> loss, grads, stats = mkor_optax.value_and_grad(loss_fn)(params, x, y)
+    >>> updates, state = opt.update(grads, state, params, stats=stats, value=loss)
+    >>> params = optax.apply_updates(params, updates)
   """
   hybrid = scale_by_mkor_h(window=window, threshold=threshold, patience=patience, beta=beta,
                            **mkor_args(locals()))

@@ -151,6 +151,15 @@ def scale_by_kfac(
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update(grads, state,
     params=None, *, stats)`` with ``stats`` of kind ``COVARIANCE``.
+
+  Example:
+    >>> opt = optax.chain(mkor_optax.scale_by_kfac(damping=1e-2), optax.sgd(1e-2))
+    >>> state = opt.init(params)
+    >>> kind = mkor_optax.COVARIANCE
+    >>> loss, grads, stats = mkor_optax.value_and_grad(loss_fn, kind=kind)(params, x, y)
+    >>> updates, state = opt.update(grads, state, params, stats=stats)
+    >>> stats['layers_0']['A'].shape  # (d_in + 1) x (d_in + 1)
+    (4, 4)
   """
   checks.validate(
       damping=(damping, lambda v: v > 0, 'must be > 0'),
@@ -182,7 +191,25 @@ def kfac(
     layouts: Optional[dict] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """K-FAC with a LAMB backend: ``optax.chain(scale_by_kfac(...), backend)``,
-  as :func:`mkor_optax.mkor`. Works with ``optax.inject_hyperparams``."""
+  as :func:`mkor_optax.mkor`. Works with ``optax.inject_hyperparams``.
+
+  Args:
+    learning_rate, weight_decay, backend: as in :func:`mkor_optax.mkor`.
+    damping, relative_damping, gamma, inv_freq, axis_name, factor_dtype,
+      max_factor_dim, shard_factors, exclude, layouts: as in
+      :func:`mkor_optax.scale_by_kfac`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` takes ``stats=``
+    of kind ``COVARIANCE``.
+
+  Example:
+    >>> opt = mkor_optax.kfac(1e-2)
+    >>> state = opt.init(params)
+    >>> grad_fn = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.COVARIANCE)
+    >>> loss, grads, stats = grad_fn(params, x, y)
+    >>> updates, state = opt.update(grads, state, params, stats=stats)
+  """
   kw = dict(locals())
   for k in ('learning_rate', 'weight_decay', 'backend'):
     del kw[k]

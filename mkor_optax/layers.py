@@ -17,13 +17,10 @@ Mohammadi et al. 2023):
   channel, computed by a clone of the layer itself so that every padding mode
   Flax supports (SAME, VALID, explicit, CIRCULAR, CAUSAL, dilations) is honoured.
 
-* ``nn.OptimizedLSTMCell``: its eight gate kernels live in parameter-only
-  children and are multiplied as one concatenated matrix, so no child call
-  has an output to tap. It is a *composite*: the capture recomputes the cell
-  as ``nn.LSTMCell`` does, one product per gate kernel, from the same
-  parameters (:func:`optimized_lstm`); each gate kernel is a Dense layer.
-  (``nn.LSTMCell``, ``nn.GRUCell``, ``nn.MGUCell`` and ``nn.SimpleCell`` call
-  ``nn.Dense`` children and need nothing.)
+* ``nn.OptimizedLSTMCell`` is a *composite* (:mod:`mkor_optax.composites`):
+  the capture recomputes it one gate kernel at a time. (``nn.LSTMCell``,
+  ``nn.GRUCell``, ``nn.MGUCell`` and ``nn.SimpleCell`` call ``nn.Dense``
+  children and need nothing.)
 
 An adapter reads one call of a layer and returns a :class:`LayerCall`, or
 ``None`` to let that call pass through uncaptured (for example a grouped
@@ -68,6 +65,11 @@ class LayerCall(NamedTuple):
     input_sketch: optional ``signs (rows, k) -> (k, d_in)``, ``signs^T
       input_rows()`` computed without the rows; by default the rows are
       multiplied.
+
+  Example: see :func:`mkor_optax.register_layer`.
+
+    >>> mkor_optax.LayerCall._fields[:3]
+    ('input_rows', 'rows', 'out_ndim')
   """
 
   input_rows: Callable[[], jax.Array]
@@ -133,23 +135,39 @@ def cast_varying(tree, axes: frozenset):
 def register_layer(module_type: type, adapter: Adapter, *, layout=None) -> None:
   """Lets calls of ``module_type`` (and its subclasses) be preconditioned.
 
-  ``module_type`` is a ``flax.linen.Module`` or a ``flax.nnx.Module``
-  subclass; the adapter has one shape for both APIs.
-  ``adapter(module, args, kwargs)`` is called with the module (for linen,
-  bound) and the arguments of its ``__call__`` before the call runs. It
-  returns ``None`` to leave that call alone, or a function ``read(y) ->
-  LayerCall`` that is given the call's output. The module's parameters must be
-  named ``'kernel'`` (of shape ``(*in_axes, *out_axes)``, flattening to
-  ``(d_in, d_out)`` in C order) and, if ``LayerCall.has_bias``, ``'bias'``
-  (of shape ``out_axes``): for linen, entries of its ``'params'``
-  collection; for NNX, ``nnx.Param`` attributes ``module.kernel`` and
-  ``module.bias``. See :func:`dense_adapter` and :func:`_rows_reader` for a
-  complete example (``mkor_optax/nnx.py`` has the NNX built-ins).
+  The module's parameters must be named ``'kernel'`` (shape ``(*in_axes,
+  *out_axes)``, flattening to ``(d_in, d_out)`` in C order) and, if
+  ``LayerCall.has_bias``, ``'bias'`` (shape ``out_axes``): entries of the
+  ``'params'`` collection (linen), or ``nnx.Param`` attributes (NNX).
 
-  ``layout`` (NNX only, optional): ``layout(module) ->``
-  :class:`~mkor_optax.kronecker.Layout` (or ``None`` for a module that cannot
-  be preconditioned), read at ``init`` and before each capture; by default
-  it is read off the kernel and bias shapes as for linen parameters.
+  Args:
+    module_type: a ``flax.linen.Module`` or ``flax.nnx.Module`` subclass.
+    adapter: ``adapter(module, args, kwargs)``, called with the module (for
+      linen, bound) and its ``__call__`` arguments before the call runs;
+      returns ``None`` to leave the call alone, or ``read(y) -> LayerCall``,
+      given the call's output (:func:`dense_adapter` is the built-in one).
+    layout: NNX only, optional: ``layout(module) -> Layout`` (``None``: not
+      preconditioned), read at ``init`` and before each capture; by default
+      read off the kernel and bias shapes.
+
+  Returns:
+    None; the registration holds for the process.
+
+  Example:
+    >>> class Doubled(nn.Module):  # y = 2 x @ kernel: a layer of one's own
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     return 2.0 * x @ self.param('kernel', nn.initializers.lecun_normal(), (3, 8))
+    >>> def adapter(module, args, kwargs):
+    ...   rows = args[0].reshape(-1, args[0].shape[-1])
+    ...   shape = module.get_variable('params', 'kernel').shape
+    ...   return lambda y: mkor_optax.LayerCall(lambda: rows, len(rows), 1, 1.0, False, shape)
+    >>> mkor_optax.register_layer(Doubled, adapter)
+    >>> net = nn.Sequential([Doubled(), nn.tanh, nn.Dense(2)])
+    >>> f = lambda p, x, y: jnp.mean((net.apply({'params': p}, x) - y) ** 2)
+    >>> p = net.init(jax.random.PRNGKey(0), x)['params']
+    >>> mkor_optax.value_and_grad(f)(p, x, y)[2]['layers_0']['a'].shape  # no bias row
+    (3,)
   """
   nnx = _nnx_if_loaded()
   is_linen = isinstance(module_type, type) and issubclass(module_type, nn.Module)
@@ -336,50 +354,6 @@ def conv_reader(patches, patch_sum, kshape, has_bias: bool, sketch=None):
 
   return read
 
-
-# ------------------------------------------------------------------ composites
-
-# module type -> (children whose kernels it multiplies, recompute function)
-_COMPOSITES: dict[type, tuple] = {}
-
-
-def composite_for(module) -> Optional[Callable]:
-  """The recompute function when ``module`` is a composite whose child kernels
-  all exist (in ``init`` they do not yet: the module then runs as it is)."""
-  entry = next((_COMPOSITES[c] for c in type(module).__mro__ if c in _COMPOSITES), None)
-  if entry is None:
-    return None
-  children, fn = entry
-  params = module.variables.get('params', {})
-  return fn if all('kernel' in params.get(c, {}) for c in children) else None
-
-
-_LSTM_GATES = ('i', 'f', 'g', 'o')
-
-
-def optimized_lstm(module, args, kwargs, dense):
-  r"""``nn.OptimizedLSTMCell`` as ``nn.LSTMCell`` computes it, one product per gate:
-
-  .. math::
-     z_k = h W_{hk} + b_{hk} + x W_{ik}, \quad
-     c' = \sigma(z_f) c + \sigma(z_i) \tanh(z_g), \quad
-     h' = \sigma(z_o) \tanh(c')
-
-  (``gate_fn`` and ``activation_fn`` as the cell has them). ``dense(name,
-  x)`` is the capture's product ``x W (+ b)`` with child ``name``'s
-  parameters, in the cell's ``dtype``.
-  """
-  carry = args[0] if args else kwargs['carry']
-  inputs = args[1] if len(args) > 1 else kwargs['inputs']
-  c, h = carry
-  z = {k: dense('h' + k, h) + dense('i' + k, inputs) for k in _LSTM_GATES}
-  new_c = module.gate_fn(z['f']) * c + module.gate_fn(z['i']) * module.activation_fn(z['g'])
-  new_h = module.gate_fn(z['o']) * module.activation_fn(new_c)
-  return (new_c, new_h), new_h
-
-
-_COMPOSITES[nn.OptimizedLSTMCell] = (tuple(p + k for p in 'ih' for k in _LSTM_GATES),
-                                     optimized_lstm)
 
 register_layer(nn.Dense, dense_adapter)
 register_layer(nn.DenseGeneral, dense_general_adapter)

@@ -36,7 +36,11 @@ SIDES = (INPUT, OUTPUT)
 
 class Layout(NamedTuple):
   """How a kernel leaf splits: ``stack_ndim`` leading stacking axes, then the
-  input axes, then ``out_ndim`` output axes; ``has_bias`` adds the bias row."""
+  input axes, then ``out_ndim`` output axes; ``has_bias`` adds the bias row.
+
+  Example:
+    >>> opt = mkor_optax.mkor(1e-2, layouts={'layers_0': mkor_optax.Layout(0, 1, True)})
+  """
 
   stack_ndim: int
   out_ndim: int

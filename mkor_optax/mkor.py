@@ -199,6 +199,14 @@ def scale_by_mkor(
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose update is
     ``update(grads, state, params=None, *, stats)``.
+
+  Example:
+    >>> opt = optax.chain(mkor_optax.scale_by_mkor(inv_freq=5), optax.adam(1e-3))
+    >>> state = opt.init(params)
+    >>> loss, grads, stats = mkor_optax.value_and_grad(loss_fn)(params, x, y)
+    >>> updates, state = opt.update(grads, state, params, stats=stats)
+    >>> int(state[0].count)
+    1
   """
   dtype = check_mkor_args(gamma=gamma, zeta=zeta, epsilon=epsilon, inv_freq=inv_freq,
                           refresh=refresh, factor_dtype=factor_dtype,
@@ -245,11 +253,30 @@ def mkor(
 ) -> optax.GradientTransformationExtraArgs:
   """MKOR with a LAMB backend: ``optax.chain(scale_by_mkor(...), backend)``.
 
-  The default backend is ``optax.lamb(learning_rate, weight_decay=...)`` with
-  weight decay masked off biases and norm scales (the paper's BERT runs). With
-  an explicit ``backend``, ``learning_rate`` and ``weight_decay`` are unused
-  (the backend carries its own). The other arguments are
-  :func:`scale_by_mkor`'s. Works with ``optax.inject_hyperparams``.
+  Args:
+    learning_rate: the backend's learning rate or schedule.
+    weight_decay: LAMB's weight decay, masked off biases, norm scales and 1-D
+      leaves (the paper's BERT runs).
+    backend: the transform after the preconditioner (default
+      ``optax.lamb(learning_rate, weight_decay=...)``). With an explicit
+      backend, ``learning_rate`` and ``weight_decay`` are unused (the backend
+      carries its own).
+    gamma, zeta, epsilon, inv_freq, refresh, axis_name, factor_dtype,
+      max_factor_dim, low_rank, low_rank_min_dim, factor_power, shard_factors,
+      exclude, layouts: as in :func:`scale_by_mkor`.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``; ``update`` takes
+    ``stats=`` from :func:`mkor_optax.value_and_grad`. Works with
+    ``optax.inject_hyperparams``.
+
+  Example:
+    >>> opt = mkor_optax.mkor(1e-2)
+    >>> state = opt.init(params)
+    >>> loss, grads, stats = mkor_optax.value_and_grad(loss_fn)(params, x, y)
+    >>> updates, state = opt.update(grads, state, params, stats=stats)
+    >>> bool(loss_fn(optax.apply_updates(params, updates), x, y) < loss)
+    True
   """
   return kr.with_backend(scale_by_mkor(**mkor_args(locals())), backend, learning_rate,
                          weight_decay)

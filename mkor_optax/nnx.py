@@ -46,7 +46,13 @@ TAP_ATTR = '_mkor_tap'
 
 class Tap(fnnx.Param):
   """The capture's zero dummy on a layer module (an ``nnx.Param``, so that it
-  is differentiated, stacked and split exactly like the layer's kernel)."""
+  is differentiated, stacked and split exactly like the layer's kernel).
+
+  Example:
+    >>> from flax import nnx
+    >>> isinstance(mkor_optax.nnx.Tap(jnp.zeros(3)), nnx.Param)
+    True
+  """
 
 
 # ------------------------------------------------------------ the call hook
@@ -151,6 +157,17 @@ def value_and_grad(fun: Callable, argnums=0, has_aux: bool = False, *,
     ``nnx.Optimizer.update(model, grads, stats=stats)``), and ``stats``
     keyed by each called layer's path in ``nnx.state(model, nnx.Param)``
     (``'blocks/linear'``), as for linen.
+
+  Example:
+    >>> from flax import nnx
+    >>> net = nnx.Sequential(nnx.Linear(3, 8, rngs=nnx.Rngs(0)), nnx.tanh,
+    ...                      nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
+    >>> optimizer = nnx.Optimizer(net, mkor_optax.mkor(1e-2), wrt=nnx.Param)
+    >>> nnx_loss = lambda m, x, y: jnp.mean((m(x) - y) ** 2)
+    >>> loss, grads, stats = mkor_optax.nnx.value_and_grad(nnx_loss)(net, x, y)
+    >>> _ = optimizer.update(net, grads, stats=stats)
+    >>> sorted(stats)
+    ['layers/0', 'layers/2']
   """
   if isinstance(argnums, fnnx.DiffState):
     index, wrt = argnums.argnum, argnums.filter

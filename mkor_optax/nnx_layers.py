@@ -144,7 +144,21 @@ def layouts(model) -> dict:
   from the modules), keyed like ``nnx.state(model, nnx.Param)``: pass it as
   ``layouts=`` to a transform built where the model cannot be found at
   ``init`` (parameters given as plain arrays, with a layer whose layout
-  cannot be told from its shapes)."""
+  cannot be told from its shapes).
+
+  Args:
+    model: an ``nnx.Module``.
+
+  Returns:
+    ``{path: Layout}``.
+
+  Example:
+    >>> from flax import nnx
+    >>> net = nnx.Sequential(nnx.Linear(3, 8, rngs=nnx.Rngs(0)), nnx.tanh,
+    ...                      nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
+    >>> mkor_optax.nnx.layouts(net)['layers/0']
+    Layout(stack_ndim=0, out_ndim=1, has_bias=True)
+  """
   out = {}
   for path, node in fnnx.iter_graph(model):
     if isinstance(node, fnnx.Module):

@@ -74,6 +74,13 @@ def gauss_newton(outputs_fn: Callable, loss_of_outputs: Callable) -> Callable:
     ``gram(params, vectors) -> (k, k)``: ``v_i^T J^T H J v_j`` for a list of
     ``k`` parameter-shaped ``vectors``, from ``k`` Jacobian-vector products of
     the model and ``k`` Hessian-vector products of the loss in its outputs.
+
+  Example:
+    >>> gram = mkor_optax.gauss_newton(lambda p: model.apply({'params': p}, x),
+    ...                                lambda out: jnp.mean((out - y) ** 2))
+    >>> g = jax.grad(loss_fn)(params, x, y)
+    >>> gram(params, [g, g]).shape
+    (2, 2)
   """
 
   def gram(params, vectors):
@@ -168,6 +175,19 @@ def scale_by_quadratic_step(
     whose model predicts no decrease is a zero update and raises ``lambda``;
     one whose gradient, direction or curvature is not finite is a zero update
     and leaves the state as it was (with a ``NumericalWarning``).
+
+  Example:
+    >>> opt = optax.chain(mkor_optax.scale_by_kfac(), mkor_optax.scale_by_quadratic_step())
+    >>> state = opt.init(params)
+    >>> kind = mkor_optax.COVARIANCE
+    >>> loss, grads, stats = mkor_optax.value_and_grad(loss_fn, kind=kind)(params, x, y)
+    >>> curvature = mkor_optax.gauss_newton(lambda p: model.apply({'params': p}, x),
+    ...                                     lambda out: jnp.mean((out - y) ** 2))
+    >>> updates, state = opt.update(grads, state, params, stats=stats, grad=grads,
+    ...                             curvature=curvature, value=loss,
+    ...                             value_fn=lambda p: loss_fn(p, x, y))
+    >>> bool(loss_fn(optax.apply_updates(params, updates), x, y) < loss)
+    True
   """
   checks.validate(
       damping=(damping, lambda v: v > 0, 'must be > 0'),

@@ -174,6 +174,16 @@ def scale_by_sonew(
     band: 1 for tridiagonal (the O(n) path), ``b > 1`` for banded.
     graft: ``'adam'``, ``'sgd'`` or ``'momentum'``: whose per-tensor norm ``u`` takes.
     graft_eps: the epsilon of the Adam graft direction.
+
+  Returns:
+    An ``optax.GradientTransformation`` (plain gradients, no statistics).
+
+  Example:
+    >>> opt = optax.chain(mkor_optax.scale_by_sonew(band=2), optax.scale(-1e-2))
+    >>> state = opt.init(params)
+    >>> updates, state = opt.update(jax.grad(loss_fn)(params, x, y), state, params)
+    >>> updates['layers_0']['kernel'].shape
+    (3, 8)
   """
   checks.validate(
       b1=(b1, lambda v: 0.0 <= v < 1.0, 'must be in [0, 1)'),
@@ -232,7 +242,25 @@ def sonew(
     graft_eps: float = 1e-8,
 ) -> optax.GradientTransformationExtraArgs:
   """``optax.chain(scale_by_sonew(...), scale_by_learning_rate(learning_rate))``.
-  Works with ``optax.inject_hyperparams``."""
+  Works with ``optax.inject_hyperparams``.
+
+  Args:
+    learning_rate: the learning rate or schedule.
+    b1, b2, damping, relative_damping, band, graft, graft_eps: as in
+      :func:`mkor_optax.scale_by_sonew`.
+
+  Returns:
+    An ``optax.GradientTransformation`` that needs no statistics: plain
+    ``jax.grad`` gradients.
+
+  Example:
+    >>> opt = mkor_optax.sonew(1e-2)
+    >>> state = opt.init(params)
+    >>> loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+    >>> updates, state = opt.update(grads, state, params)
+    >>> bool(loss_fn(optax.apply_updates(params, updates), x, y) < loss)
+    True
+  """
   return optax.chain(
       scale_by_sonew(b1=b1, b2=b2, damping=damping, relative_damping=relative_damping,
                      band=band, graft=graft, graft_eps=graft_eps),

@@ -57,6 +57,10 @@ class StatKind:
   loss there is the ``pmean`` of the per-device losses; ``finalize(ct, info)``
   turns the summed cotangent (leading stacking axes possible) into the
   statistics. Cotangents of a replicated dummy are summed over devices.
+
+  Example:
+    >>> [isinstance(k, mkor_optax.StatKind) for k in (mkor_optax.RANK1, mkor_optax.SKETCH)]
+    [True, True]
   """
 
   def zeros(self, info: LayerInfo) -> dict:
@@ -80,6 +84,11 @@ class Rank1(StatKind):
   about ``1/sqrt(rows)`` for unrelated rows and at rounding level when the
   rows cancel by construction (a training-mode BatchNorm after the layer),
   which the transforms warn about.
+
+  Example:
+    >>> stats = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1)(params, x, y)[2]
+    >>> bool(jnp.allclose(stats['layers_0']['a'][:3], x.mean(0)))  # the mean input row
+    True
   """
 
   def zeros(self, info):
@@ -145,6 +154,12 @@ class Covariance(StatKind):
   examples. A layer called several times averages ``G`` over its calls. A
   side larger than ``max_dim`` is not collected (it is preconditioned by the
   identity: keep ``max_dim`` equal to the transform's ``max_factor_dim``).
+
+  Example:
+    >>> kind = mkor_optax.Covariance(max_dim=4)  # the 8-wide side is not collected
+    >>> stats = mkor_optax.value_and_grad(loss_fn, kind=kind)(params, x, y)[2]
+    >>> jax.tree.map(jnp.shape, stats['layers_0'])
+    {'A': (4, 4)}
   """
 
   def __init__(self, max_dim: int = 4096):
@@ -230,6 +245,14 @@ class Sketch(StatKind):
 
   Statistics per layer (stacking axes first): ``a_sketches``
   ``(k, d_in + 1)`` and ``g_sketches`` ``(k, d_out)``.
+
+  Example:
+    >>> grad_fn = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.Sketch(8))
+    >>> loss, grads, stats = grad_fn(params, x, y)
+    >>> stats['layers_0']['a_sketches'].shape  # (k, d_in + 1)
+    (8, 4)
+    >>> opt = mkor_optax.mkor(1e-2)  # MKOR refreshes from all k sketches
+    >>> updates, state = opt.update(grads, opt.init(params), params, stats=stats)
   """
 
   def __init__(self, k: int = 4):

@@ -24,7 +24,19 @@ _OWG = getattr(train_state, 'OVERWRITE_WITH_GRADIENT', '_overwrite_with_gradient
 
 
 class TrainState(train_state.TrainState):
-  """``flax.training.train_state.TrainState`` for optimizers that take statistics."""
+  """``flax.training.train_state.TrainState`` for optimizers that take statistics.
+
+  ``apply_gradients(grads=..., stats=..., value=...)`` hands ``stats`` and
+  ``value`` to the optimizer's ``update``; everything else is Flax's.
+
+  Example:
+    >>> state = mkor_optax.TrainState.create(apply_fn=model.apply, params=params,
+    ...                                      tx=mkor_optax.mkor(1e-2))
+    >>> loss, grads, stats = mkor_optax.value_and_grad(loss_fn)(state.params, x, y)
+    >>> state = state.apply_gradients(grads=grads, stats=stats)
+    >>> int(state.step)
+    1
+  """
 
   def apply_gradients(self, *, grads, stats: Optional[dict] = None, value: Any = None,
                       extra_args: Optional[dict] = None, **kwargs):
