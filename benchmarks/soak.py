@@ -19,7 +19,7 @@ smallest eigenvalue of every factor inverse (positive definite or not):
   with inputs x1000;
 * ``scale1e20``: MKOR, MKOR-H and Eva fed statistics x1e20.
 
-Writes results/soak.md (the README's "Errors and safety" section quotes it).
+Writes results/soak.md (docs/guides/safety.md quotes it).
 """
 
 from __future__ import annotations

@@ -35,12 +35,12 @@ from mkor_optax.layout import SIDES
 from mkor_optax.rank1 import REFRESH_RULES, check_stabiliser, refresh_inverse, refresh_inverse_checked  # noqa: F401
 
 # Low-rank factors by default for sides of at least this width (measured:
-# benchmarks/width_sweep.py, README "Wide layers").
+# benchmarks/width_sweep.py, docs/guides/wide_layers.md).
 LOW_RANK = 8
 LOW_RANK_MIN_DIM = 256
 # The factor EMA's momentum. The paper runs 0.95; 0.98 took the fewest steps to
 # LAMB's final loss on both compare.py tasks over 3 seeds (autoencoder 0.884x,
-# BERT-style MLM 0.935x the steps of 0.95; results/seeds/gamma_*.md, README
+# BERT-style MLM 0.935x the steps of 0.95; results/seeds/gamma_*.md, docs/benchmarks.md
 # "Defaults").
 GAMMA = 0.98
 ZETA = 0.9
