@@ -24,7 +24,7 @@ extensions = [
     'sphinx.ext.viewcode',
 ]
 
-source_suffix = {'.md': 'myst-nb', '.ipynb': 'myst-nb'}
+source_suffix = {'.rst': 'restructuredtext', '.md': 'myst-nb', '.ipynb': 'myst-nb'}  # autosummary writes .rst stubs
 exclude_patterns = ['_build', 'README.md']
 myst_enable_extensions = ['dollarmath', 'amsmath', 'colon_fence', 'deflist']
 myst_heading_anchors = 3

@@ -191,8 +191,9 @@ def layer_layouts(fun: Callable, params, *args, **kwargs) -> dict:
   Args:
     fun: the loss, as for :func:`value_and_grad`.
     params: its parameters.
-    *args, **kwargs: one batch of its other arguments (only shapes are used:
-      one abstract trace, nothing is computed).
+    *args: one batch of its other arguments (only shapes are used: one
+      abstract trace, nothing is computed).
+    **kwargs: its keyword arguments, likewise.
 
   Returns:
     ``{path: Layout}`` for every captured layer.

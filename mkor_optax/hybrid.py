@@ -88,9 +88,10 @@ def scale_by_mkor_h(
       peak rate is a strike, in (0, 1).
     patience: consecutive strikes that trigger the (permanent) switch.
     beta: decay of the loss EMA, in [0, 1).
-    gamma, zeta, epsilon, inv_freq, refresh, axis_name, factor_dtype,
-      max_factor_dim, low_rank, low_rank_min_dim, factor_power, shard_factors,
-      exclude, layouts: as in :func:`mkor_optax.scale_by_mkor`.
+    gamma, zeta, epsilon, inv_freq, refresh, axis_name: as in :func:`mkor_optax.scale_by_mkor`.
+    factor_dtype, max_factor_dim, low_rank: as in :func:`mkor_optax.scale_by_mkor`.
+    low_rank_min_dim, factor_power, shard_factors, exclude: as in :func:`mkor_optax.scale_by_mkor`.
+    layouts: as in :func:`mkor_optax.scale_by_mkor`.
 
   Non-finite losses are skipped by the rule: they neither enter the EMA nor
   count for its bias correction, and a window in which no finite loss has
@@ -201,10 +202,10 @@ def mkor_h(
   Args:
     learning_rate, weight_decay, backend: as in :func:`mkor_optax.mkor`.
     reset_backend: re-initialise the backend's state at the switch.
-    window, threshold, patience, beta, gamma, zeta, epsilon, inv_freq, refresh,
-      axis_name, factor_dtype, max_factor_dim, low_rank, low_rank_min_dim,
-      factor_power, shard_factors, exclude, layouts: as in
-      :func:`mkor_optax.scale_by_mkor_h`.
+    window, threshold, patience, beta, gamma, zeta, epsilon: as in :func:`mkor_optax.scale_by_mkor_h`.
+    inv_freq, refresh, axis_name, factor_dtype: as in :func:`mkor_optax.scale_by_mkor_h`.
+    max_factor_dim, low_rank, low_rank_min_dim: as in :func:`mkor_optax.scale_by_mkor_h`.
+    factor_power, shard_factors, exclude, layouts: as in :func:`mkor_optax.scale_by_mkor_h`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` takes ``stats=``

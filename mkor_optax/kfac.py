@@ -195,9 +195,9 @@ def kfac(
 
   Args:
     learning_rate, weight_decay, backend: as in :func:`mkor_optax.mkor`.
-    damping, relative_damping, gamma, inv_freq, axis_name, factor_dtype,
-      max_factor_dim, shard_factors, exclude, layouts: as in
-      :func:`mkor_optax.scale_by_kfac`.
+    damping, relative_damping, gamma, inv_freq, axis_name: as in :func:`mkor_optax.scale_by_kfac`.
+    factor_dtype, max_factor_dim, shard_factors, exclude: as in :func:`mkor_optax.scale_by_kfac`.
+    layouts: as in :func:`mkor_optax.scale_by_kfac`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` takes ``stats=``

@@ -261,9 +261,10 @@ def mkor(
       ``optax.lamb(learning_rate, weight_decay=...)``). With an explicit
       backend, ``learning_rate`` and ``weight_decay`` are unused (the backend
       carries its own).
-    gamma, zeta, epsilon, inv_freq, refresh, axis_name, factor_dtype,
-      max_factor_dim, low_rank, low_rank_min_dim, factor_power, shard_factors,
-      exclude, layouts: as in :func:`scale_by_mkor`.
+    gamma, zeta, epsilon, inv_freq, refresh, axis_name: as in :func:`scale_by_mkor`.
+    factor_dtype, max_factor_dim, low_rank: as in :func:`scale_by_mkor`.
+    low_rank_min_dim, factor_power, shard_factors, exclude: as in :func:`scale_by_mkor`.
+    layouts: as in :func:`scale_by_mkor`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` takes
