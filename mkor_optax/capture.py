@@ -14,7 +14,7 @@ layer called several times pools all its calls: the cotangents of a shared
 input add up.
 
 A *statistic kind* (:class:`StatKind`) decides what the dummy holds. The
-rank-1 kind used by MKOR (Mohammadi et al. 2023, arXiv:2306.01685) collects, per layer,
+rank-1 kind used by MKOR (Mozaffari et al. 2023, arXiv:2306.01685) collects, per layer,
 
     a = (1/N) sum_rows x_row            (with a trailing 1 when there is a bias)
     g = s * sum_rows dL/dy_row          (s = 1 dense, 1/P conv)

@@ -1,7 +1,7 @@
 """Eva: Kronecker-vector preconditioning from the rank-1 statistics only.
 
-Zhang, Li, Chu, Wang (2023), *Eva: A General Vectorized Approximation
-Framework for Second-order Optimization*, ICLR 2023, arXiv:2308.02123.
+Zhang, Shi, Li (2023), *Eva: Practical Second-Order Optimization with
+Kronecker-Vectorized Approximation*, ICLR 2023 (extended as arXiv:2308.02123).
 
 Per second-order layer, with the rank-1 ``a`` and ``g`` of
 ``mkor_optax.value_and_grad`` (the same statistics as MKOR), keep only their

@@ -1,6 +1,6 @@
 """MKOR-H: MKOR until second-order steps stop paying, then first-order for good.
 
-The MKOR paper (Mohammadi et al. 2023, arXiv:2306.01685) switches MKOR off by
+The MKOR paper (Mozaffari et al. 2023, arXiv:2306.01685) switches MKOR off by
 hand once the loss flattens; MKOR-H makes the switch itself. The rule here, evaluated inside the jitted update
 from the loss passed as optax's extra argument ``value=``:
 

@@ -2,7 +2,7 @@
 
 Every captured layer is viewed as ``y = x W + b`` with ``W`` of shape
 ``(d_in, d_out)``, as in K-FAC and MKOR (Martens & Grosse 2015;
-Mohammadi et al. 2023):
+Mozaffari et al. 2023):
 
 * ``nn.Dense``: the kernel as it is; rows are all leading axes of the input.
 * ``nn.DenseGeneral`` (the q/k/v/out projections of

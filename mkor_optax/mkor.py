@@ -1,6 +1,6 @@
 r"""MKOR: Kronecker-factored preconditioning with rank-1 inverse refreshes.
 
-Mohammadi, Nikdan, Alistarh, Dehnavi (2023), *MKOR: Momentum-Enabled
+Mozaffari, Li, Zhang, Mehri Dehnavi (2023), *MKOR: Momentum-Enabled
 Kronecker-Factor-Based Optimizer Using Rank-1 Updates*, NeurIPS 2023,
 arXiv:2306.01685.
 

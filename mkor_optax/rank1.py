@@ -13,7 +13,7 @@ Its inverse ``P = F^-1`` is kept and refreshed directly in ``O(d^2)``:
       F_t^{-1} = \frac{P}{\gamma} - \frac{(1-\gamma)/\gamma^2}{1 + ((1-\gamma)/\gamma)\, v^T P v}
                  (P v)(P v)^T
 
-   (the MKOR paper, Mohammadi et al. 2023, prints ``gamma P``, a plus sign
+   (the MKOR paper, Mozaffari et al. 2023, prints ``gamma P``, a plus sign
    and ``gamma (1 - gamma)`` here, which is not the inverse);
    ``refresh='blend'``, the authors' code: ``P <- gamma P + (1-gamma) I``,
    then ``P <- P - (P v)(P v)^T / (1 + v^T P v)``.

@@ -13,7 +13,7 @@ A *statistic kind* (:class:`StatKind`) decides what the dummy holds:
 * :data:`RANK1` (MKOR, Eva): ``a = (1/N) sum_rows [x_row, 1]`` and
   ``g = s sum_rows dL/dy_row`` (``s = 1`` dense, ``1/P`` conv with ``P``
   output positions), the mean per-example output gradient for a loss that
-  is a mean over examples (Mohammadi et al. 2023, arXiv:2306.01685);
+  is a mean over examples (Mozaffari et al. 2023, arXiv:2306.01685);
 * :data:`COVARIANCE` (K-FAC): the full second moments ``A`` and ``G``
   (Martens & Grosse 2015, arXiv:1503.05671);
 * :class:`Sketch` (:data:`SKETCH`): ``k`` random-sign sketches of each side,
