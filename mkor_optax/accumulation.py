@@ -34,7 +34,13 @@ class MultiStepsState(NamedTuple):
   """``inner``: optax's ``MultiStepsState``; ``acc_stats``: per layer the
   running mean of the micro-batch statistics, stacking axes flattened;
   ``acc_counts``: per layer the number of micro-batches of the current
-  accumulation that had statistics for it (float32 scalars)."""
+  accumulation that had statistics for it (float32 scalars).
+
+  Example:
+    >>> state = mkor_optax.MultiSteps(mkor_optax.mkor(1e-2), 2).init(params)
+    >>> state._fields
+    ('inner', 'acc_stats', 'acc_counts')
+  """
 
   inner: optax.MultiStepsState
   acc_stats: dict

@@ -39,6 +39,11 @@ class EvaState(NamedTuple):
     count: ``()`` int32, updates done.
     input_side: layer path -> ``(S, d_in + 1)`` float32, the EMA of ``a``.
     output_side: layer path -> ``(S, d_out)`` float32, the EMA of ``g``.
+
+  Example:
+    >>> state = mkor_optax.scale_by_eva().init(params)
+    >>> state._fields
+    ('count', 'input_side', 'output_side')
   """
 
   count: jax.Array

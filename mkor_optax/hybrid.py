@@ -47,7 +47,13 @@ class MKORHState(NamedTuple):
   ``finite_count``: finite losses seen (the EMA's bias correction);
   ``window_start``: corrected EMA at the current window's start;
   ``peak_rate``; ``strikes``; ``switch_step`` (-1 while MKOR is on, else the
-  first first-order step)."""
+  first first-order step).
+
+  Example:
+    >>> state = mkor_optax.scale_by_mkor_h().init(params)
+    >>> int(state.switch_step)  # -1 until the switch
+    -1
+  """
 
   mkor: MKORState
   count: jax.Array

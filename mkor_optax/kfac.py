@@ -56,6 +56,11 @@ class KFACState(NamedTuple):
     count: ``()`` int32, updates done.
     input_side: layer path -> :class:`CovarianceFactor` of ``A`` (``d_in + 1`` square).
     output_side: layer path -> :class:`CovarianceFactor` of ``G`` (``d_out`` square).
+
+  Example:
+    >>> state = mkor_optax.scale_by_kfac().init(params)
+    >>> state.input_side['layers_0'].inv.shape[-2:]  # (d_in + 1) square
+    (4, 4)
   """
 
   count: jax.Array

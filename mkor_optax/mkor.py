@@ -57,6 +57,11 @@ class MKORState(NamedTuple):
       ``low_rank_min_dim``, a :class:`~mkor_optax.lowrank.LowRankInverse`.
     output_side: layer path -> the output-side inverse ``L^-1``, ``(S, d_out, d_out)``
       or low-rank. A side wider than ``max_factor_dim`` has no entry (identity).
+
+  Example:
+    >>> state = mkor_optax.scale_by_mkor().init(params)
+    >>> int(state.count)
+    0
   """
 
   count: jax.Array

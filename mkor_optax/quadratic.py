@@ -46,7 +46,13 @@ from mkor_optax.numerics import all_finite, report_if
 
 class QuadraticStepState(NamedTuple):
   """``count``; ``damping`` (lambda); ``previous`` (the last update, float32);
-  ``alpha``, ``mu`` and ``rho`` of the last step (``rho`` NaN when not measured)."""
+  ``alpha``, ``mu`` and ``rho`` of the last step (``rho`` NaN when not measured).
+
+  Example:
+    >>> state = mkor_optax.scale_by_quadratic_step().init(params)
+    >>> float(state.damping) > 0
+    True
+  """
 
   count: jax.Array
   damping: jax.Array

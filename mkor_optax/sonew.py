@@ -42,7 +42,13 @@ _GRAFTS = ('adam', 'sgd', 'momentum')
 
 class SONewState(NamedTuple):
   """``count``; per parameter leaf (flattened, float32): ``m`` ``(n,)``,
-  ``d`` ``(n,)`` and ``e`` ``(n, band)`` (``e[i, k-1] ~ g_i g_{i+k}``)."""
+  ``d`` ``(n,)`` and ``e`` ``(n, band)`` (``e[i, k-1] ~ g_i g_{i+k}``).
+
+  Example:
+    >>> state = mkor_optax.scale_by_sonew().init(params)
+    >>> state._fields
+    ('count', 'm', 'd', 'e')
+  """
 
   count: jax.Array
   m: object
