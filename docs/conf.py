@@ -46,7 +46,6 @@ nb_execution_show_tb = True
 
 html_theme = 'sphinx_book_theme'
 html_title = 'mkor_optax'
-html_static_path = ['_static']
 html_theme_options = {
     'show_toc_level': 2,
     'navigation_with_keys': False,

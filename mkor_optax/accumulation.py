@@ -14,6 +14,12 @@ of :mod:`mkor_optax.capture`: ``a`` and ``A`` are means over rows, ``g`` is
 the mean per-example output gradient and ``G`` the mean of per-example outer
 products. So ``k`` accumulated micro-batches give the same factors and the
 same update as one step on their concatenation.
+
+Sketches (``MultiSteps(..., kind=mkor_optax.Sketch(k))``) are summed instead
+and handed on divided by ``sqrt(M)`` after ``M`` micro-batches: with
+``a_m = X_m^T s_m / sqrt(N)`` for ``N`` rows each,
+``sum_m a_m / sqrt(M) = X^T s / sqrt(M N)`` is a sketch of the whole batch
+``X`` with the signs ``s = [s_1, ..., s_M]``.
 """
 
 from __future__ import annotations
@@ -28,11 +34,13 @@ import optax
 from mkor_optax import checks
 from mkor_optax.kronecker import stats_template
 from mkor_optax.statistics import sketch_count
+from mkor_optax.tap import Sketch, StatKind
 
 
 class MultiStepsState(NamedTuple):
   """``inner``: optax's ``MultiStepsState``; ``acc_stats``: per layer the
-  running mean of the micro-batch statistics, stacking axes flattened;
+  running mean of the micro-batch statistics (of sketches: their running
+  sum), stacking axes flattened;
   ``acc_counts``: per layer the number of micro-batches of the current
   accumulation that had statistics for it (float32 scalars).
 
@@ -62,6 +70,9 @@ class MultiSteps:
     every_k_schedule: an int ``k >= 1``, or ``step -> k``, as in
       ``optax.MultiSteps``.
     use_grad_mean, should_skip_update_fn: as in ``optax.MultiSteps``.
+    kind: the statistics ``update`` will receive, when they are sketches
+      (``mkor_optax.Sketch(k)``: their shape is fixed at ``init``); the
+      other kinds are read off the inner transform.
 
   Example:
     >>> opt = mkor_optax.MultiSteps(mkor_optax.mkor(1e-2), every_k_schedule=2)
@@ -78,12 +89,17 @@ class MultiSteps:
   def __init__(self, opt: optax.GradientTransformation,
                every_k_schedule: Union[int, Callable[[jax.Array], jax.Array]],
                use_grad_mean: bool = True,
-               should_skip_update_fn: Optional[Callable[..., Any]] = None):
+               should_skip_update_fn: Optional[Callable[..., Any]] = None, *,
+               kind: Optional[StatKind] = None):
     if not use_grad_mean:
       raise ValueError('mkor_optax.MultiSteps: use_grad_mean=False would sum the statistics '
                        'over micro-batches, which no statistic kind means; keep it True.')
     if not callable(every_k_schedule):
       checks.validate(every_k_schedule=(every_k_schedule, None, ''))
+    if kind is not None and not isinstance(kind, StatKind):
+      raise ValueError(f'mkor_optax.MultiSteps: kind must be a statistic kind such as '
+                       f'mkor_optax.Sketch(4), got {kind!r}')
+    self._sketches = kind.k if isinstance(kind, Sketch) else None
     self._multi = optax.MultiSteps(opt, every_k_schedule, use_grad_mean, should_skip_update_fn)
 
   @property
@@ -92,7 +108,7 @@ class MultiSteps:
 
   def init(self, params) -> MultiStepsState:
     inner = self._multi.init(params)
-    template = stats_template(inner.inner_opt_state)
+    template = stats_template(inner.inner_opt_state, self._sketches)
     return MultiStepsState(inner, template, {k: jnp.zeros([], jnp.float32) for k in template})
 
   def update(self, updates, state: MultiStepsState, params=None, *, stats=None, **extra_args):
@@ -104,19 +120,8 @@ class MultiSteps:
       if not hasattr(stats, 'keys'):
         raise ValueError('mkor_optax.MultiSteps: stats must be the dict returned by '
                          'mkor_optax.value_and_grad')
-      if sketch_count(stats) is not None:
-        raise ValueError(
-            'mkor_optax.MultiSteps: accumulating sketched statistics (mkor_optax.Sketch) over '
-            'micro-batches is not supported yet; use kind=mkor_optax.RANK1 with MultiSteps.')
-      # each layer's mean is over the micro-batches that had statistics for it
-      new_acc, new_counts = dict(acc), dict(counts)
-      for layer, fields in acc.items():
-        if layer in stats:
-          n = counts[layer]
-          new_acc[layer] = {
-              k: v + (jnp.reshape(stats[layer][k], v.shape).astype(jnp.float32) - v) / (n + 1.0)
-              for k, v in fields.items()}
-          new_counts[layer] = n + 1.0
+      self._check_sketches(sketch_count(stats))
+      new_acc, new_counts = self._accumulate(acc, counts, stats)
       absent = sorted(layer for layer in acc if layer not in stats)
       if absent:
         warnings.warn(
@@ -125,8 +130,8 @@ class MultiSteps:
             'statistics for them, and left as they are when none had.', stacklevel=2)
       # every layer with factors is handed on, marked absent when no
       # micro-batch of the accumulation had it (its factors are then kept)
-      handed = {layer: dict(new_acc[layer], **{checks.PRESENT: new_counts[layer] > 0})
-                for layer in acc}
+      handed = {layer: dict(self._handed(new_acc[layer], new_counts[layer]),
+                            **{checks.PRESENT: new_counts[layer] > 0}) for layer in acc}
       handed.update({k: v for k, v in stats.items() if k not in acc})
     with checks.accumulated_stats():
       kw = dict(extra_args) if handed is None else dict(extra_args, stats=handed)
@@ -136,6 +141,35 @@ class MultiSteps:
     keep = lambda new, prev: jax.tree.map(lambda a, b: jnp.where(advanced, a, b), new, prev)
     reset = lambda tree: jax.tree.map(lambda v: jnp.where(emitted, jnp.zeros_like(v), v), tree)
     return out, MultiStepsState(inner, reset(keep(new_acc, acc)), reset(keep(new_counts, counts)))
+
+  def _check_sketches(self, k):
+    if k == self._sketches:
+      return
+    if self._sketches is None:
+      raise ValueError(f'mkor_optax.MultiSteps: these statistics are {k} sketches per layer; '
+                       f'build it with MultiSteps(..., kind=mkor_optax.Sketch({k})) so that '
+                       'init makes room for them.')
+    got = 'mean (or covariance) statistics' if k is None else f'{k} sketches per layer'
+    raise ValueError(f'mkor_optax.MultiSteps was built for kind=mkor_optax.Sketch('
+                     f'{self._sketches}) but got {got}.')
+
+  def _accumulate(self, acc, counts, stats):
+    """Each layer's running mean (sketches: running sum) over the micro-batches
+    that had statistics for it."""
+    new_acc, new_counts = dict(acc), dict(counts)
+    for layer, fields in acc.items():
+      if layer in stats:
+        n = counts[layer]
+        x = {k: jnp.reshape(stats[layer][k], v.shape).astype(jnp.float32) for k, v in fields.items()}
+        new_acc[layer] = {k: v + x[k] if self._sketches else v + (x[k] - v) / (n + 1.0)
+                          for k, v in fields.items()}
+        new_counts[layer] = n + 1.0
+    return new_acc, new_counts
+
+  def _handed(self, fields, count):
+    if not self._sketches:
+      return fields
+    return {k: v / jnp.sqrt(jnp.maximum(count, 1.0)) for k, v in fields.items()}
 
   def has_updated(self, state: MultiStepsState) -> jax.Array:
     return self._multi.has_updated(state.inner)

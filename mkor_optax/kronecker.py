@@ -188,19 +188,24 @@ def scale_by_kronecker(rule: FactorRule, state_type, *, who: str, kind,
   return optax.GradientTransformationExtraArgs(init, update)
 
 
-def stats_template(opt_state) -> dict:
+def stats_template(opt_state, sketches: Optional[int] = None) -> dict:
   """Zero statistics, ``{layer: {name: (S, ...)}}``, for every layer that a
   transform of this library holds factors for somewhere in ``opt_state``
-  (states of :func:`scale_by_kronecker` carry their statistics ``KIND``)."""
+  (states of :func:`scale_by_kronecker` carry their statistics ``KIND``, and
+  the ``KINDS`` they take); ``sketches=k``: ``k`` sketches for the
+  transforms that take them."""
   out: dict = {}
   is_ours = lambda x: isinstance(getattr(type(x), 'KIND', None), str) and isinstance(x, tuple)
   for node in jax.tree.leaves(opt_state, is_leaf=is_ours):
     if not is_ours(node):
       continue
-    for entries, name in zip((node.input_side, node.output_side), NAMES[node.KIND]):
+    kind = node.KIND
+    if sketches is not None and 'SKETCH' in getattr(type(node), 'KINDS', ()):
+      kind = 'SKETCH'
+    for entries, name in zip((node.input_side, node.output_side), NAMES[kind]):
       for layer, f in entries.items():
         s, d = side_shape(f)
-        shape = (s,) + TAILS[node.KIND](d, None)
+        shape = (s,) + TAILS[kind](d, sketches)
         out.setdefault(layer, {})[name] = jnp.zeros(shape, jnp.float32)
   return out
 

@@ -68,6 +68,7 @@ class MKORState(NamedTuple):
   input_side: dict
   output_side: dict
   KIND = 'RANK1'
+  KINDS = ('RANK1', 'SKETCH')  # the statistics it takes
 
 
 def mkor_rule(*, gamma, zeta, epsilon, inv_freq, refresh, dtype, low_rank, low_rank_min_dim,

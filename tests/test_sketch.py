@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import mkor_optax
 from mkor_optax import factors, lowrank, statistics
 from mkor_optax.numerics import NumericalWarning
-from helpers import KEY, batch, head, init_params, loss_fn
+from helpers import KEY, assert_tree_close, batch, head, init_params, loss_fn
 from test_lowrank import dense_refresh
 
 K = 4096  # sketches for the expectation tests: a standard error of ~1.6% per entry
@@ -346,12 +346,39 @@ def test_eva_and_multisteps_say_what_to_pass_for_sketches():
   params = init_params()
   x, y = batch(0)
   _, grads, sk = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.SKETCH)(params, x, y)
+  _, _, mean = mkor_optax.value_and_grad(loss_fn)(params, x, y)
   tx = mkor_optax.scale_by_eva()
   with pytest.raises(ValueError, match='RANK1'):
     tx.update(grads, tx.init(params), params, stats=sk)
   acc = mkor_optax.MultiSteps(mkor_optax.mkor(1e-2), 2)
-  with pytest.raises(ValueError, match='not supported yet'):
+  with pytest.raises(ValueError, match=r'kind=mkor_optax.Sketch\(4\)'):
     acc.update(grads, acc.init(params), params, stats=sk)
+  acc = mkor_optax.MultiSteps(mkor_optax.mkor(1e-2), 2, kind=mkor_optax.Sketch(2))
+  for stats, got in ((sk, '4 sketches'), (mean, 'mean')):
+    with pytest.raises(ValueError, match=got):
+      acc.update(grads, acc.init(params), params, stats=stats)
+
+
+def test_multisteps_hands_on_the_sum_of_the_micro_batch_sketches_over_sqrt_m():
+  """Two micro-batches of sketches accumulated = one MKOR step given
+  ``(s_1 + s_2) / sqrt(2)`` and the mean gradient (a hand computation of the
+  rule: the sum over sqrt(M) is a sketch of the whole batch)."""
+  params = init_params()
+  kind = mkor_optax.Sketch(3)
+  grad_fn = mkor_optax.value_and_grad(loss_fn, kind=kind)
+  x, y = batch(0, n=16)
+  (_, g1, s1), (_, g2, s2) = grad_fn(params, x[:8], y[:8]), grad_fn(params, x[8:], y[8:])
+  acc = mkor_optax.MultiSteps(mkor_optax.mkor(1e-2, inv_freq=1), 2, kind=kind)
+  state = acc.init(params)
+  u1, state = acc.update(g1, state, params, stats=s1)
+  assert all(np.all(v == 0) for v in jax.tree.leaves(u1))
+  u2, state = acc.update(g2, state, params, stats=s2)
+  ref = mkor_optax.mkor(1e-2, inv_freq=1)
+  mean = lambda a, b: (a + b) / 2
+  summed = jax.tree.map(lambda a, b: (a + b) / np.sqrt(2.0), s1, s2)
+  u_ref, s_ref = ref.update(jax.tree.map(mean, g1, g2), ref.init(params), params, stats=summed)
+  assert_tree_close(u2, u_ref, rtol=1e-5, atol=1e-7)
+  assert_tree_close(state.inner.inner_opt_state[0], s_ref[0], rtol=1e-5, atol=1e-7)
 
 
 def test_mkor_h_takes_sketches_and_refreshes_from_them():
