@@ -17,7 +17,7 @@ install -e '.[bench]') run beside ours. Seconds are medians over
 Learning-rate grid (documented, the same for every optimizer): the three
 values of GRIDS[task]; the best is the one with the lowest final training loss
 (mean of the last 10% of steps). kfac-jax is not included here: it needs its
-own pinned environment (jax 0.9.1), see the README.
+own pinned environment (jax 0.9.1), see docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -95,35 +95,38 @@ TASK_METHODS = {
                             mkor_optax.RANK1)),
 }
 FACTOR_DIM = {'autoencoder': 4096, 'bert': BERT_FACTOR_DIM, 'cnn': 4096, 'resnet': 4096}
+STANDARD_BATCH = {'autoencoder': 256, 'bert': 32, 'cnn': 64, 'resnet': 64}
 
 
-def build(task, quick, seed=0):
-  """(params0, make_iter, loss_fn, steps); ``seed`` sets the init and the data order."""
+def build(task, quick, seed=0, batch=None):
+  """(params0, make_iter, loss_fn, steps); ``seed`` sets the init and the data order,
+  ``batch`` the batch size (None: the task's own, STANDARD_BATCH)."""
+  batch = STANDARD_BATCH[task] if batch is None else batch
   if task == 'autoencoder':
     (x, y), _ = load_digits()
     model = Autoencoder()
     loss_fn = autoencoder_loss(model)
-    make_iter = lambda: batches(x, y, 256, seed=seed)
+    make_iter = lambda: batches(x, y, batch, seed=seed)
     steps = 100 if quick else 500
   elif task == 'cnn':
     from cnn import CNN  # examples/cnn.py: strided and padded convolutions, digits, batch 64
     (x, y), _ = load_digits()
     model = CNN()
     loss_fn = classification_loss(model)
-    make_iter = lambda: batches(x, y, 64, seed=seed)
+    make_iter = lambda: batches(x, y, batch, seed=seed)
     steps = 60 if quick else 300
   elif task == 'resnet':
     from resnet import ResNet, init, train_mode_loss  # examples/resnet.py: BatchNorm after every conv
     (x, y), _ = load_digits()
     model = ResNet()
     params, batch_stats = init(model, x[:2], seed)
-    make_iter = lambda: batches(x, y, 64, seed=seed)
+    make_iter = lambda: batches(x, y, batch, seed=seed)
     return params, make_iter, train_mode_loss(model, batch_stats), 60 if quick else 300
   else:
     tokens, vocab = load_pydoc_tokens(64, 2000)
     model = Encoder(vocab=len(vocab), d=64, depth=2, heads=4, max_len=64)
     loss_fn = mlm_loss(model)
-    make_iter = lambda: mlm_batches(tokens, 32, seed=seed)
+    make_iter = lambda: mlm_batches(tokens, batch, seed=seed)
     steps = 60 if quick else 300
   params = model.init(jax.random.PRNGKey(seed), next(make_iter())[0])['params']
   return params, make_iter, loss_fn, steps
