@@ -1,7 +1,10 @@
 """Does the quadratic-model step (mkor_optax.scale_by_quadratic_step) make each
 step count? Digits autoencoder, steps to LAMB's final loss, over seeds.
 
-    python benchmarks/adaptive_step.py [--steps 500] [--seeds 0,1,2]
+    python benchmarks/adaptive_step.py [--steps 500] [--seeds 0,1,2] [--configs 'a;b'] [--tag t]
+
+The ``sketch`` rows take MKOR's statistics as ``mkor_optax.SKETCH`` (4
+random-sign sketches per layer) instead of the batch mean.
 
 Writes results/adaptive_step/adaptive_step.{json,md}. Steps are deterministic
 for a seed; ms/step is the mean over the run after compilation (this shared
@@ -46,6 +49,13 @@ def configs():
                       optax.scale_by_trust_ratio(), quad(damping=0.1)), mkor_optax.RANK1, True),
       'kfac + quadratic step': (optax.chain(mkor_optax.scale_by_kfac(), quad(damping=0.1)),
                                 mkor_optax.COVARIANCE, True),
+      'mkor sketch + lamb (lr 0.01)': (mkor_optax.mkor(1e-2, weight_decay=0.0), mkor_optax.SKETCH,
+                                       False),
+      'mkor sketch + quadratic step': (optax.chain(mkor_optax.scale_by_mkor(), quad(damping=0.1)),
+                                       mkor_optax.SKETCH, True),
+      'mkor sketch + lamb direction + quadratic step': (
+          optax.chain(mkor_optax.scale_by_mkor(), optax.scale_by_adam(),
+                      optax.scale_by_trust_ratio(), quad(damping=0.1)), mkor_optax.SKETCH, True),
   }
 
 
@@ -90,13 +100,22 @@ def main(argv=None):
   ap = argparse.ArgumentParser()
   ap.add_argument('--steps', type=int, default=500)
   ap.add_argument('--seeds', default='0,1,2')
+  ap.add_argument('--configs', default=None, help="';'-separated subset (LAMB always runs)")
+  ap.add_argument('--tag', default=None, help='suffix of the output names')
   ap.add_argument('--out', default=str(ROOT / 'results' / 'adaptive_step'))
   args = ap.parse_args(argv)
   seeds = [int(s) for s in args.seeds.split(',')]
-  rows = {name: {'steps': [], 'ms': [], 'final': []} for name in configs()}
+  chosen = configs()
+  if args.configs:
+    unknown = set(args.configs.split(';')) - set(chosen)
+    if unknown:
+      ap.error(f'unknown configurations {sorted(unknown)}; choose from {sorted(chosen)}')
+    chosen = {k: v for k, v in chosen.items()
+              if k == 'lamb (lr 0.01)' or k in args.configs.split(';')}
+  rows = {name: {'steps': [], 'ms': [], 'final': []} for name in chosen}
   for seed in seeds:
     curves = {}
-    for name, (opt, kind, quad) in configs().items():
+    for name, (opt, kind, quad) in chosen.items():
       losses, sec = run(opt, kind, quad, seed, args.steps)
       curves[name] = smooth(losses)
       rows[name]['ms'].append(1e3 * sec)
@@ -117,8 +136,9 @@ def main(argv=None):
   print(text)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  (out / 'adaptive_step.md').write_text(text + '\n')
-  (out / 'adaptive_step.json').write_text(json.dumps(rows, indent=1))
+  name = 'adaptive_step' + ('_' + args.tag if args.tag else '')
+  (out / f'{name}.md').write_text(text + '\n')
+  (out / f'{name}.json').write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == '__main__':
