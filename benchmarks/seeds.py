@@ -112,6 +112,11 @@ STUDIES = {
         **{f'mkor sketch k=4 power {p:g}': Config(mkor_method(factor_power=p), mkor_optax.Sketch(4))
            for p in (0.5, 0.25)},
         'mkor mean power 0.5': mkor_method(factor_power=0.5),
+        # the factor EMA tuned for sketches: more of them per step, faster
+        # forgetting of the identity start, a looser stabiliser
+        **{f'mkor sketch k=4 {name}': Config(mkor_method(**kw), mkor_optax.Sketch(4))
+           for name, kw in (('inv_freq 1', dict(inv_freq=1)), ('inv_freq 3', dict(inv_freq=3)),
+                            ('gamma 0.95', dict(gamma=0.95)), ('epsilon 8', dict(epsilon=8.0)))},
         'kfac (LAMB)': kfac_method(),
         'muon': Config(lambda lr, task: optax.contrib.muon(lr), None, MUON_GRIDS),
         'adamw': Config(lambda lr, task: optax.adamw(lr), None),
