@@ -31,7 +31,7 @@ from mkor_optax import checks, sharding
 from mkor_optax.eager import compiled_when_eager
 from mkor_optax.factors import side_shape
 from mkor_optax.layout import INPUT, OUTPUT, SIDES, Exclude, exclude_predicate, plan_from_state, plan_layers
-from mkor_optax.numerics import all_finite, report_if
+from mkor_optax.numerics import all_finite, collect, receipt_total, report_if
 from mkor_optax.paths import rebox_like, unbox
 from mkor_optax.precondition import layer_grads, row_blocks, write_layer
 from mkor_optax.statistics import (CANCELLED_FIX, NAMES, TAILS, cancelled_means, check_stats,
@@ -176,14 +176,16 @@ def scale_by_kronecker(rule: FactorRule, state_type, *, who: str, kind,
                            max_factor_dim=max_factor_dim, who=who)
     prep = prepare(updates, stats, plan, state.count, excluded=excluded, who=who,
                    axis_name=axis_name, kind=kind)
-    report_if(~prep.finite, f'{who}: non-finite gradients or statistics: {guarded}')
-    zero = cancelled_means(stats, prep.plan)
-    if zero:
-      names = sorted(zero)
-      report_if(jnp.stack([zero[k] for k in names]), CANCELLED_FIX.format(who=who), names=names)
-    sides = rule.refresh(sides, prep)
-    out = rule.precondition(sides, prep)
-    return write_layers(prep, out), state_type(checks.increment(state.count), *sides)
+    with collect() as receipts:  # the rule's own checks report into it too
+      report_if(~prep.finite, f'{who}: non-finite gradients or statistics: {guarded}')
+      zero = cancelled_means(stats, prep.plan)
+      if zero:
+        names = sorted(zero)
+        report_if(jnp.stack([zero[k] for k in names]), CANCELLED_FIX.format(who=who), names=names)
+      sides = rule.refresh(sides, prep)
+      out = rule.precondition(sides, prep)
+    count = checks.increment(state.count) + receipt_total(receipts)  # keeps the checks
+    return write_layers(prep, out), state_type(count, *sides)
 
   return optax.GradientTransformationExtraArgs(init, update)
 

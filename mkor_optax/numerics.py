@@ -4,6 +4,8 @@ warnings raised from inside ``jit`` when a step was guarded against."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
 
 import jax
@@ -18,28 +20,75 @@ class NumericalWarning(UserWarning):
   statistics (the state was left as it was), or a factor reset."""
 
 
-def report_if(pred, message: str, *args, names=None):
+class _Receipts(threading.local):
+  def __init__(self):
+    self.open = []  # a list of receipts per enclosing collect()
+
+
+_receipts = _Receipts()
+
+
+@contextlib.contextmanager
+def collect():
+  """Gathers the receipts of the :func:`report_if` calls made inside it: a
+  transform's step opens one and adds ``sum(receipts)`` (zeros) to its
+  counter, so that checks made deep in a factor rule are kept."""
+  got: list = []
+  _receipts.open.append(got)
+  try:
+    yield got
+  finally:
+    _receipts.open.pop()
+
+
+def receipt_total(receipts) -> jax.Array:
+  """The int32 sum of ``receipts`` (zero; ``0`` for none)."""
+  return sum((jnp.asarray(r, jnp.int32) for r in receipts), jnp.zeros((), jnp.int32))
+
+
+def report_if(pred, message: str, *args, names=None) -> jax.Array:
   """Warns ``NumericalWarning(message.format(*args))`` from inside ``jit``
-  when any entry of ``pred`` holds: a host callback in a ``lax.cond``
-  branch, so steps where nothing went wrong pay nothing. With ``names`` (one
-  per entry of ``pred``), ``{names}`` in the message lists those whose entry
-  holds. ``pred`` is re-checked on the host (under ``vmap`` a ``cond`` runs
-  both branches). Outside a trace it warns directly."""
+  when any entry of ``pred`` holds. With ``names`` (one per entry of
+  ``pred``), ``{names}`` in the message lists those whose entry holds.
+  Outside a trace it warns directly.
+
+  Returns a *receipt*, an int32 zero that the caller must add into one of
+  the transform's outputs (an integer counter), or that an enclosing
+  :func:`collect` gathers: the check is a ``jax.pure_callback`` in a
+  ``lax.cond`` branch, so steps where nothing went wrong pay nothing, and a
+  pure callback whose result no output depends on is removed by the
+  compiler. It is a pure callback because an effect (``jax.debug.callback``)
+  anywhere in a program takes every call of it off ``jit``'s C++ dispatch
+  path: about 1 ms per step with an optimizer state of a few hundred arrays
+  (measured on the autoencoder: 1.10 ms -> 0.43 ms per update). Under
+  ``vmap`` the ``cond`` runs both branches; ``pred`` is re-checked on the host.
+  """
   def warn(flag, *values):
-    flag = np.asarray(flag).reshape(-1)
-    if not flag.any():
-      return
-    shown = [np.asarray(v).tolist() for v in values]
-    named = [n for n, f in zip(names, flag) if f] if names is not None else None
-    warnings.warn(message.format(*shown, names=named), NumericalWarning, stacklevel=2)
+    flag = np.asarray(flag)
+    batch = flag.shape[:-1]  # () unless under vmap
+    rows = flag.reshape((-1, flag.shape[-1]))
+    hit = np.flatnonzero(rows.any(axis=1))
+    if hit.size:
+      i = hit[0]  # under vmap: the first member that holds
+      pick = lambda v: np.asarray(v).reshape((-1,) + np.shape(v)[len(batch):])[i]
+      shown = [pick(v).tolist() for v in values]
+      named = [n for n, f in zip(names, rows[i]) if f] if names is not None else None
+      warnings.warn(message.format(*shown, names=named), NumericalWarning, stacklevel=2)
+    return np.zeros(batch, np.int32)
 
-  def branch(flag, *values):
-    jax.debug.callback(warn, flag, *values)
-
+  pred = jnp.reshape(jnp.asarray(pred, bool), (-1,))
   if not traced((pred, args)):
     warn(pred, *args)  # called eagerly: an eager cond would compile its branches on every call
-    return
-  jax.lax.cond(jnp.any(pred), branch, lambda *_: None, pred, *args)
+    out = jnp.zeros((), jnp.int32)
+  else:
+    def branch(flag, *values):
+      return jax.pure_callback(warn, jax.ShapeDtypeStruct((), jnp.int32), flag, *values,
+                               vmap_method='broadcast_all')
+
+    out = jax.lax.cond(jnp.any(pred), branch, lambda *_: jnp.zeros((), jnp.int32), pred, *args)
+  if _receipts.open:
+    _receipts.open[-1].append(out)
+  return out
 
 
 def safe_norm(x, axis=None, keepdims=False):

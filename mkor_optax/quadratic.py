@@ -224,8 +224,8 @@ def scale_by_quadratic_step(
     alpha, mu = jnp.where(ok, alpha, 0.0), jnp.where(ok, mu, 0.0)
     step = jax.tree.map(lambda d, d0: jnp.where(ok, alpha * d + mu * d0, 0.0), proposal,
                         state.previous)
-    report_if(~inputs_ok, 'scale_by_quadratic_step: non-finite gradient, direction or '
-              'curvature: a zero update, the state left as it was')
+    receipt = report_if(~inputs_ok, 'scale_by_quadratic_step: non-finite gradient, direction '
+                        'or curvature: a zero update, the state left as it was')
     lam, rho = state.damping, jnp.float32(jnp.nan)
     omega = jnp.asarray(decay, jnp.float32) ** adapt_every
     if value is not None and value_fn is not None:
@@ -234,8 +234,9 @@ def scale_by_quadratic_step(
     lam = jnp.where(ok, lam, lam / omega)
     lam = jnp.clip(lam, min_damping, max_damping)
     out = jax.tree.map(lambda d, u: d.astype(u.dtype), step, updates)
-    new_state = QuadraticStepState(checks.increment(state.count), lam.astype(jnp.float32), step,
-                                   alpha.astype(jnp.float32), mu.astype(jnp.float32), rho)
+    new_state = QuadraticStepState(checks.increment(state.count) + receipt,
+                                   lam.astype(jnp.float32), step, alpha.astype(jnp.float32),
+                                   mu.astype(jnp.float32), rho)
     return out, jax.tree.map(lambda new, old: jnp.where(inputs_ok, new, old), new_state, state)
 
   return optax.GradientTransformationExtraArgs(init, update)

@@ -226,10 +226,11 @@ def scale_by_sonew(
     # as they are (optax.apply_if_finite downstream then skips the step).
     finite = numerics.all_finite(jax.tree.map(lambda g: jnp.sum(jnp.square(g.astype(jnp.float32))),
                                         updates))
-    numerics.report_if(~finite, 'scale_by_sonew: non-finite gradients: the state is left as '
-                 'it was and the gradients are handed on unchanged')
+    receipt = numerics.report_if(~finite, 'scale_by_sonew: non-finite gradients: the state is '
+                                 'left as it was and the gradients are handed on unchanged')
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_state = SONewState(jnp.where(finite, checks.increment(state.count), state.count),
+    count = jnp.where(finite, checks.increment(state.count), state.count) + receipt
+    new_state = SONewState(count,
                            keep(m, state.m), keep(d, state.d), keep(e, state.e))
     return keep(u, updates), new_state
 
@@ -287,7 +288,9 @@ def scale_by_finite_learning_rate(learning_rate: optax.ScalarOrSchedule,
     out, new_state = base.update(updates, state, params)
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     ok = jnp.all(jnp.isfinite(jnp.asarray(lr, jnp.float32)))
-    numerics.report_if(~ok, f'{who}: the learning rate is not finite ({{}}): a zero update', lr)
+    receipt = numerics.report_if(~ok, f'{who}: the learning rate is not finite ({{}}): a zero '
+                                 'update', lr)
+    ok = ok & (receipt == 0)  # the receipt is zero; depending on it keeps the check
     return jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), out), new_state
 
   return optax.GradientTransformation(base.init, update)

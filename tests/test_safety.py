@@ -602,3 +602,74 @@ def test_property_random_scales_zero_rows_and_non_finite_entries(seed):
         dense = np.asarray(jnp.asarray(dense, jnp.float32), np.float64)
         np.testing.assert_allclose(dense, np.swapaxes(dense, -1, -2), atol=1e-6 * np.abs(dense).max())
         assert min_eig(f) > 0, (seed, t, hp, what)
+
+
+# ------------------------------------------------ warnings from inside jit, at no cost
+WARNING_TRANSFORMS = {
+    'mkor': (lambda: mkor_optax.mkor(1e-2), mkor_optax.RANK1),
+    'mkor sketched': (lambda: mkor_optax.mkor(1e-2), mkor_optax.Sketch(2)),
+    'mkor_h': (lambda: mkor_optax.mkor_h(1e-2), mkor_optax.RANK1),
+    'kfac': (lambda: mkor_optax.kfac(1e-2), mkor_optax.COVARIANCE),
+    'eva': (lambda: mkor_optax.eva(1e-2), mkor_optax.RANK1),
+    'sonew': (lambda: mkor_optax.sonew(1e-2), None),
+}
+
+
+@pytest.mark.parametrize('name', list(WARNING_TRANSFORMS))
+def test_a_jitted_update_warns_of_non_finite_gradients_and_has_no_effects(name):
+  """The checks run in the compiled step (a host call only on a bad step)
+  and leave it effect-free: an effect such as ``jax.debug.callback`` takes
+  every call of the user's jitted step off jit's C++ dispatch path."""
+  make, kind = WARNING_TRANSFORMS[name]
+  params = init_params()
+  tx = make()
+  state = tx.init(params)
+  if kind is None:
+    grads, stats = jax.grad(loss_fn)(params, *batch(0)), None
+  else:
+    _, grads, stats = mkor_optax.value_and_grad(loss_fn, kind=kind)(params, *batch(0))
+  extra = {} if stats is None else {'stats': stats}
+  if name == 'mkor_h':
+    extra['value'] = jnp.float32(1.0)
+  step = jax.jit(lambda g, s: tx.update(g, s, params, **extra))
+  assert jax.make_jaxpr(step)(grads, state).effects == set()
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    u, state = step(grads, state)
+    jax.block_until_ready(u)
+  assert not [w for w in caught if issubclass(w.category, NumericalWarning)]
+  with pytest.warns(NumericalWarning, match='non-finite'):
+    jax.block_until_ready(step(nan_like(grads), state))
+
+
+def test_a_jitted_quadratic_step_warns_of_a_non_finite_gradient():
+  params = init_params()
+  tx = mkor_optax.scale_by_quadratic_step()
+  state = tx.init(params)
+  x, y = batch(0)
+
+  @jax.jit
+  def step(grads, state, loss):
+    return tx.update(grads, state, params, grad=grads, value=loss, **quadratic_inputs(params, x, y))
+
+  loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+  assert jax.make_jaxpr(step)(grads, state, loss).effects == set()
+  with pytest.warns(NumericalWarning, match='non-finite gradient'):
+    jax.block_until_ready(step(nan_like(grads), state, loss))
+
+
+def test_report_if_names_the_flagged_entries_under_jit_and_vmap():
+  from mkor_optax.numerics import report_if
+  msg = 'bad {}: {names}'
+
+  def f(flags, value):
+    return report_if(flags, msg, value, names=['a', 'b', 'c'])
+
+  with pytest.warns(NumericalWarning, match=r"bad 2\.0: \['b', 'c'\]"):
+    assert int(jax.jit(f)(jnp.array([False, True, True]), jnp.float32(2.0))) == 0
+  with pytest.warns(NumericalWarning, match=r"bad 5\.0: \['a'\]"):  # the first member that holds
+    out = jax.jit(jax.vmap(f))(jnp.array([[False] * 3, [True, False, False]]), jnp.array([4.0, 5.0]))
+    np.testing.assert_array_equal(out, [0, 0])
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', NumericalWarning)
+    jax.block_until_ready(jax.jit(f)(jnp.zeros(3, bool), jnp.float32(1.0)))
