@@ -45,7 +45,7 @@ from step_time import interleaved, refresh_update_fns  # noqa: E402
 
 GRIDS = {'autoencoder': (3e-3, 1e-2, 3e-2), 'bert': (2e-3, 5e-3, 1e-2), 'cnn': (3e-3, 1e-2, 3e-2),
          'resnet': (1e-3, 3e-3, 1e-2)}
-ORDER = ('adamw', 'lamb', 'muon', 'psgd_kron', 'mkor', 'mkor_adam', 'mkor_muon', 'mkor_h', 'kfac', 'eva', 'sonew')
+ORDER = ('adamw', 'lamb', 'muon', 'psgd_kron', 'mkor', 'mkor_mean', 'mkor_adam', 'mkor_muon', 'mkor_h', 'kfac', 'eva', 'sonew')
 # The peers users pick in 2026: optax's Muon (Adam on the non-matrix leaves, its
 # default) and PSGD Kron (the optional `distributed-kron` package, an optax
 # transform; pip install -e '.[bench]'). Same lr grid rule as everyone else.
@@ -81,14 +81,16 @@ def mkor_peers(max_factor_dim=4096):
 TASK_METHODS = {
     'autoencoder': dict(METHODS, **PEERS, **mkor_peers()),
     'cnn': dict(METHODS, **PEERS, **mkor_peers()),
-    'resnet': dict(METHODS, **PEERS, **mkor_peers(),
-                   mkor_sketch=Method(lambda lr: mkor_optax.mkor(lr), mkor_optax.SKETCH)),
+    'resnet': dict(METHODS, **PEERS, **mkor_peers()),
     'bert': dict(METHODS, **PEERS, **mkor_peers(BERT_FACTOR_DIM),
                  mkor=Method(lambda lr: mkor_optax.mkor(lr, weight_decay=0.0, max_factor_dim=BERT_FACTOR_DIM),
-                             mkor_optax.RANK1),
+                             mkor_optax.SKETCH),
+                 mkor_mean=Method(lambda lr: mkor_optax.mkor(lr, weight_decay=0.0,
+                                                             max_factor_dim=BERT_FACTOR_DIM),
+                                  mkor_optax.RANK1),
                  mkor_h=Method(lambda lr: mkor_optax.mkor_h(lr, weight_decay=0.0,
                                                             max_factor_dim=BERT_FACTOR_DIM),
-                               mkor_optax.RANK1, True),
+                               mkor_optax.SKETCH, True),
                  kfac=Method(lambda lr: mkor_optax.kfac(lr, weight_decay=0.0, max_factor_dim=BERT_FACTOR_DIM),
                              mkor_optax.Covariance(max_dim=BERT_FACTOR_DIM)),
                  eva=Method(lambda lr: mkor_optax.eva(lr, weight_decay=0.0, max_factor_dim=BERT_FACTOR_DIM),

@@ -63,7 +63,8 @@ def cases():
   yield 'eva', mkor_optax.eva(1e-2), mkor_optax.RANK1, {}
   yield 'sonew', mkor_optax.sonew(1e-2), None, {}
   yield 'chain_adam', optax.chain(mkor_optax.scale_by_mkor(), optax.adamw(1e-3)), mkor_optax.RANK1, {}
-  yield 'multisteps', mkor_optax.MultiSteps(mkor_optax.mkor(1e-2), every_k_schedule=2), \
+  yield 'multisteps', mkor_optax.MultiSteps(mkor_optax.mkor(1e-2), every_k_schedule=2,
+                                                kind=mkor_optax.RANK1), \
       mkor_optax.RANK1, {}
   yield 'quadratic', optax.chain(mkor_optax.scale_by_mkor(), lamb,
                                  mkor_optax.scale_by_quadratic_step()), mkor_optax.RANK1, \
@@ -118,7 +119,7 @@ def run_nnx():
 
   @nnx.jit
   def step(model, opt, x, y):
-    value, grads, stats = mkor_optax.nnx.value_and_grad(loss)(model, x, y)
+    value, grads, stats = mkor_optax.nnx.value_and_grad(loss, kind=mkor_optax.RANK1)(model, x, y)
     opt.update(model, grads, stats=stats)
     return value
 

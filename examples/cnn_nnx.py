@@ -46,8 +46,8 @@ def loss_fn(model, x, y):
 
 OPTIMIZERS = {  # name -> (transform, statistics kind or None, passes the loss)
     'lamb': (lambda lr: optax.lamb(lr), None, False),
-    'mkor': (lambda lr: mkor_optax.mkor(lr), mkor_optax.RANK1, False),
-    'mkor_h': (lambda lr: mkor_optax.mkor_h(lr), mkor_optax.RANK1, True),
+    'mkor': (lambda lr: mkor_optax.mkor(lr), mkor_optax.SKETCH, False),
+    'mkor_h': (lambda lr: mkor_optax.mkor_h(lr), mkor_optax.SKETCH, True),
     'kfac': (lambda lr: mkor_optax.kfac(lr), mkor_optax.COVARIANCE, False),
     'eva': (lambda lr: mkor_optax.eva(lr), mkor_optax.RANK1, False),
     'sonew': (lambda lr: mkor_optax.sonew(lr), None, False),

@@ -135,8 +135,10 @@ class Method(NamedTuple):
 METHODS = {
     'lamb': Method(lambda lr: optax.lamb(lr, weight_decay=0.0)),
     'adamw': Method(lambda lr: optax.adamw(lr, weight_decay=0.0)),
-    'mkor': Method(lambda lr: mkor_optax.mkor(lr, weight_decay=0.0), mkor_optax.RANK1),
-    'mkor_h': Method(lambda lr: mkor_optax.mkor_h(lr, weight_decay=0.0), mkor_optax.RANK1, True),
+    # MKOR as value_and_grad captures by default (SKETCH), and with the batch means
+    'mkor': Method(lambda lr: mkor_optax.mkor(lr, weight_decay=0.0), mkor_optax.SKETCH),
+    'mkor_mean': Method(lambda lr: mkor_optax.mkor(lr, weight_decay=0.0), mkor_optax.RANK1),
+    'mkor_h': Method(lambda lr: mkor_optax.mkor_h(lr, weight_decay=0.0), mkor_optax.SKETCH, True),
     'kfac': Method(lambda lr: mkor_optax.kfac(lr, weight_decay=0.0), mkor_optax.COVARIANCE),
     'eva': Method(lambda lr: mkor_optax.eva(lr, weight_decay=0.0), mkor_optax.RANK1),
     'sonew': Method(lambda lr: mkor_optax.sonew(lr)),

@@ -8,7 +8,14 @@
                       factor state is split over the devices too (not replicated)
   --mode distributed-sharded   the sharded step across two processes, 2 devices each
 
-Each mode checks that it matches the single-device full-batch run. Run:
+Each mode checks that it matches the single-device full-batch run. The
+steps use MKOR's batch-mean statistics (kind=mkor_optax.RANK1), with which
+every mode equals one device to rounding. The default sketched statistics
+are equal to one device's in expectation only (each device sketches its own
+rows with its own signs), so the shard_map and sharded modes (and their
+jax.distributed runs) also check that the mean outer product of 1024
+sketches of one global batch equals the single-device float32 covariances
+within 6 standard errors, entry by entry. Run:
     python examples/data_parallel.py --mode shard_map [--steps 20] [--smoke]
 A comma list (--mode distributed,distributed-sharded) runs several modes in
 one go, against one single-device run (the distributed modes in one pair of
@@ -76,6 +83,10 @@ MODEL = MLP((64, 64))
 LOSS = classification_loss(MODEL)
 
 
+KIND = mkor_optax.RANK1  # exact equality with one device (see the docstring)
+SKETCHES = mkor_optax.Sketch(1024)
+
+
 def make_opt(**kw):
   # low_rank_min_dim=0: this small MLP's sides (> 16) get low-rank factors too,
   # so the sharded mode splits both kinds of factor
@@ -87,7 +98,7 @@ def single_device(params, data, steps):
 
   @jax.jit
   def step(p, s, x, y):
-    loss, g, st = mkor_optax.value_and_grad(LOSS)(p, x, y)
+    loss, g, st = mkor_optax.value_and_grad(LOSS, kind=KIND)(p, x, y)
     u, s = opt.update(g, s, p, stats=st)
     return optax.apply_updates(p, u), s, loss
 
@@ -101,7 +112,7 @@ def run_pmap(params, data, steps):
   opt = make_opt(axis_name='batch')
 
   def step(p, s, x, y):
-    loss, g, st = mkor_optax.value_and_grad(LOSS)(p, x, y)
+    loss, g, st = mkor_optax.value_and_grad(LOSS, kind=KIND)(p, x, y)
     g = jax.lax.pmean(g, 'batch')                      # as in any pmap loop
     u, s = opt.update(g, s, p, stats=st)               # MKOR pmeans a and g itself
     return optax.apply_updates(p, u), s, jax.lax.pmean(loss, 'batch')
@@ -112,7 +123,7 @@ def run_pmap(params, data, steps):
   p, s = rep(params), rep(opt.init(params))
   for x, y in data[:steps]:
     p, s, loss = step(p, s, x.reshape(n, -1, *x.shape[1:]), y.reshape(n, -1))
-  return jax.tree.map(lambda v: v[0], p), float(loss[0])
+  return jax.tree.map(lambda v: v[0], p), float(loss[0]), None
 
 
 def shard_map_step(mesh):
@@ -120,13 +131,33 @@ def shard_map_step(mesh):
 
   def body(p, s, x, y):
     global_loss = lambda p, x, y: jax.lax.pmean(LOSS(p, x, y), 'batch')
-    loss, g, st = mkor_optax.value_and_grad(global_loss)(p, x, y)  # grads already global
+    loss, g, st = mkor_optax.value_and_grad(global_loss, kind=KIND)(p, x, y)  # grads global
     u, s = opt.update(g, s, p, stats=st)
     return optax.apply_updates(p, u), s, loss
 
   step = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P('batch'), P('batch')),
                                out_specs=(P(), P(), P())))
   return opt, step
+
+
+def sketch_deviation(stats, params, x, y):
+  """The largest deviation, in standard errors, of the mean outer products of
+  ``stats``' sketches from the single-device covariances, over every entry of
+  every layer (entries whose covariance terms are all zero, such as a pixel
+  that is zero in every image, must match exactly: infinity otherwise). For
+  random signs ``Var(v_p v_q) <= C_pp C_qq + C_pq^2``."""
+  cov = jax.jit(mkor_optax.value_and_grad(LOSS, kind=mkor_optax.COVARIANCE))(params, x, y)[2]
+  worst = 0.0
+  for name, c in cov.items():
+    for sk, want in ((stats[name]['a_sketches'], c['A']), (stats[name]['g_sketches'], c['G'])):
+      v, want = np.asarray(sk, np.float64), np.asarray(want, np.float64)
+      got = np.einsum('ki,kj->ij', v, v) / v.shape[0]
+      diag = np.diag(want)
+      err = np.sqrt((diag[:, None] * diag[None, :] + want ** 2) / v.shape[0])
+      off = np.abs(got - want)
+      worst = max(worst, float(np.max(np.where(err > 0, off / np.where(err > 0, err, 1.0),
+                                                np.where(off > 1e-7, np.inf, 0.0)))))
+  return worst
 
 
 def run_shard_map(params, data, steps):
@@ -142,7 +173,14 @@ def run_shard_map(params, data, steps):
   p, s = params, opt.init(params)
   for x, y in data[:steps]:
     p, s, loss = step(p, s, put(x), put(y))
-  return jax.tree.map(np.asarray, jax.device_get(p)), float(loss)
+  # sketches of one global batch, each device its own rows and signs
+  global_loss = lambda p, x, y: jax.lax.pmean(LOSS(p, x, y), 'batch')
+  sketch = jax.jit(jax.shard_map(
+      lambda p, x, y: mkor_optax.value_and_grad(global_loss, kind=SKETCHES)(p, x, y)[2],
+      mesh=mesh, in_specs=(P(), P('batch'), P('batch')), out_specs=P()))
+  x, y = data[0]
+  deviation = sketch_deviation(sketch(params, put(x), put(y)), params, x, y)
+  return jax.tree.map(np.asarray, jax.device_get(p)), float(loss), deviation
 
 
 def run_sharded(params, data, steps):
@@ -158,7 +196,7 @@ def run_sharded(params, data, steps):
 
   @jax.jit
   def step(p, s, x, y):
-    loss, g, st = mkor_optax.value_and_grad(LOSS)(p, x, y)
+    loss, g, st = mkor_optax.value_and_grad(LOSS, kind=KIND)(p, x, y)
     u, s = opt.update(g, s, p, stats=st)
     return optax.apply_updates(p, u), s, loss
 
@@ -173,8 +211,13 @@ def run_sharded(params, data, steps):
         f"process's {len(per_device)} devices")
   if max(per_device.values()) > 0.5 * total:
     sys.exit('the factor state is not split over the devices')
-  replicated = jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))(p)
-  return jax.tree.map(np.asarray, replicated), float(loss)
+  replicate = jax.jit(lambda t: t, out_shardings=NamedSharding(mesh, P()))
+  # sketches of one batch with the kernels split over the devices
+  x, y = data[0]
+  sketches = jax.jit(mkor_optax.value_and_grad(LOSS, kind=SKETCHES))(
+      jax.tree.map(lambda v: glob(v, spec(v)), params), glob(x, P()), glob(y, P()))[2]
+  deviation = sketch_deviation(jax.device_get(replicate(sketches)), params, x, y)
+  return jax.tree.map(np.asarray, replicate(p)), float(loss), deviation
 
 
 def launch_two_processes(mode, steps, smoke):
@@ -203,7 +246,7 @@ def main():
   for mode in ARGS.mode:
     run = {'pmap': run_pmap, 'sharded': run_sharded,
            'distributed-sharded': run_sharded}.get(mode, run_shard_map)
-    got, loss = run(params, data, steps)
+    got, loss, deviation = run(params, data, steps)
     diff = max(float(np.max(np.abs(a - b)))
                for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
     who = f'process {jax.process_index()}/{jax.process_count()}, ' if jax.process_count() > 1 else ''
@@ -211,6 +254,11 @@ def main():
           f'(single device {want_loss:.4f}), max |param difference| {diff:.2e}')
     if diff > 1e-4:
       sys.exit(f'{mode}: data-parallel run does not match the single-device run')
+    if deviation is not None:
+      print(f'{mode}: {SKETCHES.k} sketches vs the single-device covariances: largest '
+            f'deviation {deviation:.2f} standard errors (limit 6)')
+      if deviation > 6.0:
+        sys.exit(f'{mode}: the sketches do not sketch the single-device covariances')
 
 
 if __name__ == '__main__':

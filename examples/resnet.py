@@ -1,9 +1,9 @@
 """A small ResNet with BatchNorm on digits: every convolution feeds a
 training-mode BatchNorm, so its mean output gradient is zero. MKOR with the
-default mean statistics warns and names those layers. With sketched
-statistics (``--kind sketch``) their output-side factors see the curvature.
+batch-mean statistics (``--kind mean``) warns and names those layers. With
+the default sketched statistics their output-side factors see the curvature.
 Run:
-    python examples/resnet.py [--optimizers lamb,mkor] [--kind sketch] [--steps 300] [--smoke]
+    python examples/resnet.py [--optimizers lamb,mkor] [--kind sketch|mean] [--steps 300] [--smoke]
 
 The loss is the training-mode loss (batch statistics). The running averages
 that evaluation would use are not kept, because this compares training.
@@ -65,11 +65,11 @@ def train_mode_loss(model, batch_stats):
 
 def main():
   args = example_args(__doc__, steps=300, lr=1e-2, methods='lamb,mkor',
-                      extra={'--kind': dict(default='mean', choices=['mean', 'sketch'],
-                                            help="MKOR's statistics")})
+                      extra={'--kind': dict(default='sketch', choices=['mean', 'sketch'],
+                                            help="MKOR's statistics (sketch: the default)")})
   methods = dict(METHODS)
-  if args.kind == 'sketch':
-    methods['mkor'] = Method(METHODS['mkor'].make, mkor_optax.SKETCH)
+  if args.kind == 'mean':
+    methods['mkor'] = Method(METHODS['mkor'].make, mkor_optax.RANK1)
   (x, y), _ = load_digits(seed=args.seed)
   model = ResNet()
   params, batch_stats = init(model, x[:2], args.seed)

@@ -15,8 +15,8 @@ the mean per-example output gradient and ``G`` the mean of per-example outer
 products. So ``k`` accumulated micro-batches give the same factors and the
 same update as one step on their concatenation.
 
-Sketches (``MultiSteps(..., kind=mkor_optax.Sketch(k))``) are summed instead
-and handed on divided by ``sqrt(M)`` after ``M`` micro-batches: with
+Sketches (the default statistics of MKOR and MKOR-H; ``MultiSteps(...,
+kind=mkor_optax.Sketch(k))`` for another ``k``) are summed instead and handed on divided by ``sqrt(M)`` after ``M`` micro-batches: with
 ``a_m = X_m^T s_m / sqrt(N)`` for ``N`` rows each,
 ``sum_m a_m / sqrt(M) = X^T s / sqrt(M N)`` is a sketch of the whole batch
 ``X`` with the signs ``s = [s_1, ..., s_M]``.
@@ -34,7 +34,7 @@ import optax
 from mkor_optax import checks
 from mkor_optax.kronecker import stats_template
 from mkor_optax.statistics import sketch_count
-from mkor_optax.tap import Sketch, StatKind
+from mkor_optax.tap import SKETCH, Sketch, StatKind
 
 
 class MultiStepsState(NamedTuple):
@@ -70,9 +70,13 @@ class MultiSteps:
     every_k_schedule: an int ``k >= 1``, or ``step -> k``, as in
       ``optax.MultiSteps``.
     use_grad_mean, should_skip_update_fn: as in ``optax.MultiSteps``.
-    kind: the statistics ``update`` will receive, when they are sketches
-      (``mkor_optax.Sketch(k)``: their shape is fixed at ``init``); the
-      other kinds are read off the inner transform.
+    kind: the statistics ``update`` will receive, as passed to
+      :func:`mkor_optax.value_and_grad` (their shape is fixed at ``init``).
+      ``None`` (default): what ``value_and_grad`` gives by default, that is
+      ``mkor_optax.SKETCH`` for the transforms that take sketches (MKOR,
+      MKOR-H) and each other transform's own kind (K-FAC's covariances,
+      Eva's means). Pass ``mkor_optax.RANK1`` to accumulate MKOR's mean
+      statistics, ``mkor_optax.Sketch(k)`` for ``k`` sketches.
 
   Example:
     >>> opt = mkor_optax.MultiSteps(mkor_optax.mkor(1e-2), every_k_schedule=2)
@@ -99,7 +103,8 @@ class MultiSteps:
     if kind is not None and not isinstance(kind, StatKind):
       raise ValueError(f'mkor_optax.MultiSteps: kind must be a statistic kind such as '
                        f'mkor_optax.Sketch(4), got {kind!r}')
-    self._sketches = kind.k if isinstance(kind, Sketch) else None
+    # k sketches, or 0 for no sketches; None: value_and_grad's default
+    self._sketches = None if kind is None else kind.k if isinstance(kind, Sketch) else 0
     self._multi = optax.MultiSteps(opt, every_k_schedule, use_grad_mean, should_skip_update_fn)
 
   @property
@@ -108,7 +113,8 @@ class MultiSteps:
 
   def init(self, params) -> MultiStepsState:
     inner = self._multi.init(params)
-    template = stats_template(inner.inner_opt_state, self._sketches)
+    k = SKETCH.k if self._sketches is None else self._sketches
+    template = stats_template(inner.inner_opt_state, k or None)
     return MultiStepsState(inner, template, {k: jnp.zeros([], jnp.float32) for k in template})
 
   def update(self, updates, state: MultiStepsState, params=None, *, stats=None, **extra_args):
@@ -120,8 +126,10 @@ class MultiSteps:
       if not hasattr(stats, 'keys'):
         raise ValueError('mkor_optax.MultiSteps: stats must be the dict returned by '
                          'mkor_optax.value_and_grad')
-      self._check_sketches(sketch_count(stats))
-      new_acc, new_counts = self._accumulate(acc, counts, stats)
+      sketches = sketch_count(acc)  # what init made room for
+      if acc:
+        self._check_sketches(sketch_count(stats), sketches)
+      new_acc, new_counts = self._accumulate(acc, counts, stats, sketches)
       absent = sorted(layer for layer in acc if layer not in stats)
       if absent:
         warnings.warn(
@@ -130,7 +138,7 @@ class MultiSteps:
             'statistics for them, and left as they are when none had.', stacklevel=2)
       # every layer with factors is handed on, marked absent when no
       # micro-batch of the accumulation had it (its factors are then kept)
-      handed = {layer: dict(self._handed(new_acc[layer], new_counts[layer]),
+      handed = {layer: dict(self._handed(new_acc[layer], new_counts[layer], sketches),
                             **{checks.PRESENT: new_counts[layer] > 0}) for layer in acc}
       handed.update({k: v for k, v in stats.items() if k not in acc})
     with checks.accumulated_stats():
@@ -142,18 +150,17 @@ class MultiSteps:
     reset = lambda tree: jax.tree.map(lambda v: jnp.where(emitted, jnp.zeros_like(v), v), tree)
     return out, MultiStepsState(inner, reset(keep(new_acc, acc)), reset(keep(new_counts, counts)))
 
-  def _check_sketches(self, k):
-    if k == self._sketches:
+  def _check_sketches(self, k, want):
+    if k == want:
       return
-    if self._sketches is None:
-      raise ValueError(f'mkor_optax.MultiSteps: these statistics are {k} sketches per layer; '
-                       f'build it with MultiSteps(..., kind=mkor_optax.Sketch({k})) so that '
-                       'init makes room for them.')
+    built = 'mean (or covariance) statistics' if want is None else f'{want} sketches per layer'
     got = 'mean (or covariance) statistics' if k is None else f'{k} sketches per layer'
-    raise ValueError(f'mkor_optax.MultiSteps was built for kind=mkor_optax.Sketch('
-                     f'{self._sketches}) but got {got}.')
+    fix = 'mkor_optax.RANK1' if k is None else f'mkor_optax.Sketch({k})'
+    raise ValueError(f'mkor_optax.MultiSteps was built for {built} but got {got}: build it with '
+                     f'MultiSteps(..., kind={fix}), the kind passed to value_and_grad, so that '
+                     'init makes room for them.')
 
-  def _accumulate(self, acc, counts, stats):
+  def _accumulate(self, acc, counts, stats, sketches):
     """Each layer's running mean (sketches: running sum) over the micro-batches
     that had statistics for it."""
     new_acc, new_counts = dict(acc), dict(counts)
@@ -161,13 +168,13 @@ class MultiSteps:
       if layer in stats:
         n = counts[layer]
         x = {k: jnp.reshape(stats[layer][k], v.shape).astype(jnp.float32) for k, v in fields.items()}
-        new_acc[layer] = {k: v + x[k] if self._sketches else v + (x[k] - v) / (n + 1.0)
+        new_acc[layer] = {k: v + x[k] if sketches else v + (x[k] - v) / (n + 1.0)
                           for k, v in fields.items()}
         new_counts[layer] = n + 1.0
     return new_acc, new_counts
 
-  def _handed(self, fields, count):
-    if not self._sketches:
+  def _handed(self, fields, count, sketches):
+    if not sketches:
       return fields
     return {k: v / jnp.sqrt(jnp.maximum(count, 1.0)) for k, v in fields.items()}
 

@@ -291,7 +291,7 @@ def _check_outcome(tapped: dict, seen: set, loss):
 
 
 def value_and_grad(fun: Callable, argnums: int = 0, has_aux: bool = False, *,
-                   kind: StatKind = RANK1):
+                   kind: StatKind = SKETCH):
   """Like ``jax.value_and_grad``, returning the layer statistics as well.
 
   The same function serves Flax NNX: when the differentiated argument is an
@@ -311,17 +311,20 @@ def value_and_grad(fun: Callable, argnums: int = 0, has_aux: bool = False, *,
     argnums: which positional argument holds the parameters (an int, as
       the optimizer preconditions one parameter tree).
     has_aux: as in ``jax.value_and_grad``.
-    kind: the statistic kind: ``mkor_optax.RANK1`` (default; MKOR's, MKOR-H's
-      and Eva's mean statistics), ``mkor_optax.SKETCH`` / ``Sketch(k)``
-      (random-sign sketches for MKOR and MKOR-H) or ``mkor_optax.COVARIANCE``
-      (K-FAC).
+    kind: the statistic kind: ``mkor_optax.SKETCH`` (default, ``Sketch(4)``:
+      four random-sign sketches of each side's second moment per step, for
+      MKOR and MKOR-H; the fewest steps to target of the kinds measured),
+      ``Sketch(k)``, ``mkor_optax.RANK1`` (the batch means of the MKOR
+      paper; Eva needs them) or ``mkor_optax.COVARIANCE`` (K-FAC).
 
   Returns:
     A function ``(*args, **kwargs) -> (value, grads, stats)`` where
     ``value`` and ``grads`` are what ``jax.value_and_grad(fun, argnums,
     has_aux)`` gives and ``stats`` maps each captured layer's path ``'a/b/c'``
-    (where ``params['a']['b']['c']['kernel']`` is its kernel) to
-    ``{'a': (*stack, d_in[+1]), 'g': (*stack, d_out)}``.
+    (where ``params['a']['b']['c']['kernel']`` is its kernel) to its
+    statistics: ``{'a_sketches': (*stack, k, d_in[+1]), 'g_sketches': (*stack,
+    k, d_out)}`` for sketches, ``{'a': (*stack, d_in[+1]), 'g': (*stack,
+    d_out), 'g_mass': (*stack,)}`` for ``RANK1``.
 
   Raises:
     ValueError: naming every captured layer that did not receive its tap (its
@@ -331,11 +334,11 @@ def value_and_grad(fun: Callable, argnums: int = 0, has_aux: bool = False, *,
 
   Example:
     >>> loss, grads, stats = mkor_optax.value_and_grad(loss_fn)(params, x, y)
-    >>> jax.tree.map(jnp.shape, stats['layers_0'])  # d_in + 1 = 4, d_out = 8
+    >>> jax.tree.map(jnp.shape, stats['layers_0'])  # k = 4, d_in + 1 = 4, d_out = 8
+    {'a_sketches': (4, 4), 'g_sketches': (4, 8)}
+    >>> means = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1)
+    >>> jax.tree.map(jnp.shape, means(params, x, y)[2]['layers_0'])
     {'a': (4,), 'g': (8,), 'g_mass': ()}
-    >>> sketch = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.Sketch(2))
-    >>> sketch(params, x, y)[2]['layers_2']['g_sketches'].shape
-    (2, 2)
   """
   if not checks.is_int(argnums):
     raise TypeError(f'value_and_grad: argnums must be an int (one parameter tree), got {argnums!r}')

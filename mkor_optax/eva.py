@@ -4,7 +4,9 @@ Zhang, Shi, Li (2023), *Eva: Practical Second-Order Optimization with
 Kronecker-Vectorized Approximation*, ICLR 2023 (extended as arXiv:2308.02123).
 
 Per second-order layer, with the rank-1 ``a`` and ``g`` of
-``mkor_optax.value_and_grad`` (the same statistics as MKOR), keep only their
+``mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1)`` (MKOR's batch
+means; random-sign sketches, the default capture, would average an EMA of
+the vectors themselves to zero), keep only their
 EMAs (``a_0 = a``; ``a_t = gamma a_{t-1} + (1 - gamma) a``, likewise ``g``),
 no matrices, and precondition every step with the closed-form inverse of
 ``a a^T (x) g g^T + lambda I`` (Sherman-Morrison on a rank-1 Kronecker term),
@@ -116,12 +118,12 @@ def scale_by_eva(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update(grads, state,
-    params=None, *, stats)`` with the rank-1 ``stats``.
+    params=None, *, stats)`` with the rank-1 ``stats`` (``value_and_grad(..., kind=mkor_optax.RANK1)``).
 
   Example:
     >>> opt = optax.chain(mkor_optax.scale_by_eva(damping=0.1), optax.sgd(1e-2))
     >>> state = opt.init(params)
-    >>> loss, grads, stats = mkor_optax.value_and_grad(loss_fn)(params, x, y)
+    >>> loss, grads, stats = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1)(params, x, y)
     >>> updates, state = opt.update(grads, state, params, stats=stats)
     >>> bool(jnp.isfinite(updates['layers_0']['kernel']).all())
     True
@@ -163,7 +165,7 @@ def eva(
   Example:
     >>> opt = mkor_optax.eva(1e-2)
     >>> state = opt.init(params)
-    >>> loss, grads, stats = mkor_optax.value_and_grad(loss_fn)(params, x, y)
+    >>> loss, grads, stats = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1)(params, x, y)
     >>> updates, state = opt.update(grads, state, params, stats=stats)
   """
   return kr.with_backend(

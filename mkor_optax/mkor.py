@@ -11,7 +11,11 @@ identity and are refreshed at step 0 and every ``inv_freq`` steps by the
 rank-1 rule of :mod:`mkor_optax.rank1` (a stabiliser, then Sherman-Morrison
 on ``F_t = gamma F_{t-1} + (1 - gamma) v v^T``, ``v = a`` for ``R`` and
 ``v = g`` for ``L``), or for wide sides its low-rank-plus-identity form
-(:mod:`mkor_optax.lowrank`). Every step:
+(:mod:`mkor_optax.lowrank`). With ``k`` sketches per side
+(:class:`mkor_optax.Sketch`, what :func:`mkor_optax.value_and_grad` captures
+by default, ``k = 4``) the refresh is
+``F_t = gamma F_{t-1} + (1 - gamma)/k sum_j v_j v_j^T``, ``k`` rank-1 steps
+whose terms average to K-FAC's covariance factors. Every step:
 
 .. math::  U = R^{-1} [G; g_b] L^{-1}, \quad U \leftarrow U\, \|[G; g_b]\|_F / \|U\|_F,
 

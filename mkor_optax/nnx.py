@@ -136,7 +136,7 @@ def _get(state, path):
 
 
 def value_and_grad(fun: Callable, argnums=0, has_aux: bool = False, *,
-                   kind: tap_lib.StatKind = tap_lib.RANK1, **grad_kwargs):
+                   kind: tap_lib.StatKind = tap_lib.SKETCH, **grad_kwargs):
   """``nnx.value_and_grad`` that also returns the layer statistics.
 
   Args:
@@ -147,8 +147,9 @@ def value_and_grad(fun: Callable, argnums=0, has_aux: bool = False, *,
       ``nnx.DiffState(position, filter)`` to differentiate other variables
       than ``nnx.Param`` (the capture's :class:`Tap` dummies are added to it).
     has_aux: as in ``nnx.value_and_grad``.
-    kind: the statistic kind (default: MKOR's rank-1 means;
-      ``mkor_optax.SKETCH`` for sketches; ``mkor_optax.COVARIANCE`` for K-FAC).
+    kind: the statistic kind, as in :func:`mkor_optax.value_and_grad`
+      (default ``mkor_optax.SKETCH``; ``mkor_optax.RANK1`` for Eva,
+      ``mkor_optax.COVARIANCE`` for K-FAC).
     **grad_kwargs: other arguments of ``nnx.value_and_grad``.
 
   Returns:

@@ -23,7 +23,7 @@ def stats_of(model, x, variables=None):
   params = (variables or model.init(KEY, x))['params']
   w = jax.random.normal(jax.random.PRNGKey(7), model.apply({'params': params}, x).shape)
   loss = lambda p: head(model.apply({'params': p}, x), w)
-  (val, grads, stats) = mkor_optax.value_and_grad(loss)(params)
+  (val, grads, stats) = mkor_optax.value_and_grad(loss, kind=mkor_optax.RANK1)(params)
   ref_val, ref_grads = jax.value_and_grad(loss)(params)
   np.testing.assert_allclose(val, ref_val, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, ref_grads)
@@ -57,7 +57,7 @@ def test_g_equals_bias_gradient_for_mean_loss():
   x = jax.random.normal(KEY, (16, 5))
   params = Net().init(KEY, x)['params']
   loss = lambda p: jnp.mean((Net().apply({'params': p}, x) - 1.0) ** 2)
-  _, grads, stats = mkor_optax.value_and_grad(loss)(params)
+  _, grads, stats = mkor_optax.value_and_grad(loss, kind=mkor_optax.RANK1)(params)
   for name in ('Dense_0', 'Dense_1'):
     np.testing.assert_allclose(stats[name]['g'], grads[name]['bias'], rtol=1e-5, atol=1e-8)
 
@@ -127,7 +127,7 @@ def test_shared_module_pools_rows_of_all_calls():
   params = model.init(KEY, x1, x2)['params']
   wv = jnp.arange(3.0)
   loss = lambda p: jnp.sum(jnp.sin(model.apply({'params': p}, x1, x2)) * wv)
-  _, grads, stats = mkor_optax.value_and_grad(loss)(params)
+  _, grads, stats = mkor_optax.value_and_grad(loss, kind=mkor_optax.RANK1)(params)
   k, b = np.asarray(params['shared']['kernel']), np.asarray(params['shared']['bias'])
   out = (np.asarray(x1) @ k + b).sum(0) + (np.asarray(x2) @ k + b).sum(0)
   dout = np.cos(out) * np.arange(3.0)  # dL/dy for every row of both calls
@@ -163,7 +163,7 @@ def test_remat_gives_the_same_statistics():
   out = []
   for model in (Plain(), Remat()):
     loss = lambda p, m=model: jnp.mean(m.apply({'params': p}, x) ** 2)
-    out.append(jax.jit(mkor_optax.value_and_grad(loss))(params))
+    out.append(jax.jit(mkor_optax.value_and_grad(loss, kind=mkor_optax.RANK1))(params))
   assert set(out[1][2]) == {'b0/fc', 'b1/fc', 'head'}
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), out[0], out[1])
 
@@ -189,8 +189,8 @@ def test_scan_over_layers_captures_each_layer():
   unrolled = {f'l{i}': jax.tree.map(lambda t: t[i], scanned['layers']) for i in range(3)}
   loss_s = lambda p: jnp.mean(Scanned().apply({'params': p}, x) ** 3)
   loss_u = lambda p: jnp.mean(Unrolled().apply({'params': p}, x) ** 3)
-  _, _, s = mkor_optax.value_and_grad(loss_s)(scanned)
-  _, _, u = mkor_optax.value_and_grad(loss_u)(unrolled)
+  _, _, s = mkor_optax.value_and_grad(loss_s, kind=mkor_optax.RANK1)(scanned)
+  _, _, u = mkor_optax.value_and_grad(loss_u, kind=mkor_optax.RANK1)(unrolled)
   assert s['layers/fc']['a'].shape == (3, 5) and s['layers/fc']['g'].shape == (3, 4)
   for i in range(3):
     np.testing.assert_allclose(s['layers/fc']['a'][i], u[f'l{i}/fc']['a'], rtol=1e-5)
@@ -207,7 +207,7 @@ def test_has_aux_and_other_layers_pass_through():
   tokens = jnp.array([[1, 2, 3], [4, 5, 6]])
   params = Net().init(KEY, tokens)['params']
   loss = lambda p: (jnp.mean(Net().apply({'params': p}, tokens) ** 2), {'n': 2})
-  (val, aux), grads, stats = mkor_optax.value_and_grad(loss, has_aux=True)(params)
+  (val, aux), grads, stats = mkor_optax.value_and_grad(loss, has_aux=True, kind=mkor_optax.RANK1)(params)
   assert aux == {'n': 2} and set(stats) == {'Dense_0'}
   assert jax.tree.structure(grads) == jax.tree.structure(params)
 
@@ -230,10 +230,10 @@ def test_custom_layer_opts_in_with_register_layer():
   x = jax.random.normal(KEY, (4, 5))
   params = Scaled().init(KEY, x)['params']
   loss = lambda p: jnp.mean(Scaled().apply({'params': p}, x) ** 2)
-  assert mkor_optax.value_and_grad(loss)(params)[2] == {}
+  assert mkor_optax.value_and_grad(loss, kind=mkor_optax.RANK1)(params)[2] == {}
   mkor_optax.register_layer(Scaled, adapter)
   try:
-    _, _, stats = mkor_optax.value_and_grad(loss)(params)
+    _, _, stats = mkor_optax.value_and_grad(loss, kind=mkor_optax.RANK1)(params)
   finally:
     from mkor_optax import layers
     layers._REGISTRY.pop(Scaled)
@@ -254,7 +254,7 @@ def test_layer_whose_params_lose_the_tap_is_an_error_naming_it():
   # rebuilds the 'head' params from a whitelist of names: the capture's dummy is dropped
   loss = lambda p: jnp.mean(Net().apply({'params': {'body': p['body'], 'head': keep(p['head'])}}, x))
   with pytest.raises(ValueError, match="'head'"):
-    mkor_optax.value_and_grad(loss)(params)
+    mkor_optax.value_and_grad(loss, kind=mkor_optax.RANK1)(params)
 
 
 def test_dropout_rngs_and_mutable_batch_stats_work():
@@ -276,7 +276,7 @@ def test_dropout_rngs_and_mutable_batch_stats_work():
     return jnp.mean(y ** 2), updates['batch_stats']
 
   args = (variables['batch_stats'], x, jax.random.PRNGKey(3))
-  (val, new_stats), grads, stats = jax.jit(mkor_optax.value_and_grad(loss, has_aux=True))(
+  (val, new_stats), grads, stats = jax.jit(mkor_optax.value_and_grad(loss, has_aux=True, kind=mkor_optax.RANK1))(
       variables['params'], *args)
   (ref_val, ref_stats), ref_grads = jax.value_and_grad(loss, has_aux=True)(variables['params'], *args)
   np.testing.assert_allclose(val, ref_val, rtol=1e-6)
@@ -292,7 +292,7 @@ def test_frozen_dict_params_keep_their_type():
   model = nn.Dense(3)
   params = freeze(model.init(KEY, x)['params'])
   loss = lambda p: jnp.mean(model.apply({'params': p}, x) ** 2)
-  _, grads, stats = mkor_optax.value_and_grad(loss)(params)
+  _, grads, stats = mkor_optax.value_and_grad(loss, kind=mkor_optax.RANK1)(params)
   _, ref = jax.value_and_grad(loss)(params)
   assert jax.tree.structure(grads) == jax.tree.structure(ref)
   tx = mkor_optax.mkor(1e-2)
@@ -354,7 +354,7 @@ def test_every_layer_init_gives_factors_receives_statistics(cell):
   loss = lambda p: jnp.mean(model.apply({'params': p}, x) ** 2)
   tx = mkor_optax.scale_by_mkor(inv_freq=1)
   state = tx.init(params)
-  _, grads, stats = mkor_optax.value_and_grad(loss)(params)
+  _, grads, stats = mkor_optax.value_and_grad(loss, kind=mkor_optax.RANK1)(params)
   assert set(state.input_side) == set(state.output_side) == set(stats)
   with warnings.catch_warnings():
     warnings.simplefilter('error')  # no "no statistics for layer(s)" warning
@@ -378,10 +378,10 @@ def test_eager_capture_traces_the_model_once_per_argument_shapes(monkeypatch):
   loss = lambda p, x: jnp.mean(model.apply({'params': p}, x) ** 2)
   x = jax.random.normal(KEY, (4, 5))
   params = model.init(KEY, x)['params']
-  grad_fn = mkor_optax.value_and_grad(loss)
+  grad_fn = mkor_optax.value_and_grad(loss, kind=mkor_optax.RANK1)
   first = grad_fn(params, x)
   for i in range(3):
-    again = mkor_optax.value_and_grad(loss)(params, x)  # a new wrapper, the same loss
+    again = mkor_optax.value_and_grad(loss, kind=mkor_optax.RANK1)(params, x)  # a new wrapper, the same loss
   assert len(calls) == 1
   jax.tree.map(np.testing.assert_array_equal, again, first)
   grad_fn(params, jnp.ones((7, 5)))  # another batch shape: traced again

@@ -9,7 +9,7 @@ import pytest
 import mkor_optax
 from helpers import assert_tree_close, aug_blocks, batch, from_blocks, init_params, loss_fn
 
-GRAD = mkor_optax.value_and_grad(loss_fn)
+GRAD = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1)
 
 
 def explicit(g, a, gv, damping):

@@ -205,7 +205,7 @@ def test_low_rank_state_jits_once_checkpoints_and_accumulates(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, a, b)
   assert len(traces) == 1
   # accumulation of two half batches equals one full batch
-  acc = mkor_optax.MultiSteps(tx, 2)
+  acc = mkor_optax.MultiSteps(tx, 2, kind=mkor_optax.RANK1)
   p1, p2 = init_params(), init_params()
   s1, s2 = acc.init(p1), tx.init(p2)
   x, y = batch(0, n=8)

@@ -12,7 +12,7 @@ import mkor_optax
 
 from helpers import (KEY, assert_tree_close, aug_blocks, batch, from_blocks, init_params, loss_fn)
 
-GRAD = mkor_optax.value_and_grad(loss_fn)
+GRAD = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1)
 
 
 def matrix_power(p, e):
@@ -217,7 +217,7 @@ def test_scanned_layers_are_preconditioned_per_layer(use_bias):
   x, y = jax.random.normal(KEY, (6, 4)), jax.random.normal(jax.random.PRNGKey(3), (6, 4))
   params = model.init(KEY, x)['params']
   loss = lambda p: jnp.mean((model.apply({'params': p}, x) - y) ** 2)
-  _, grads, stats = mkor_optax.value_and_grad(loss)(params)
+  _, grads, stats = mkor_optax.value_and_grad(loss, kind=mkor_optax.RANK1)(params)
   if not use_bias:  # a bias-free stacked kernel (3, 4, 4) cannot be told apart by shape
     tx = mkor_optax.scale_by_mkor()
     with pytest.raises(ValueError, match='layer_layouts'):

@@ -58,7 +58,7 @@ def test_stats_match_dense_references_with_batchnorm_and_dropout():
   model = Probed(nnx.Rngs(params=0, dropout=1))
   x, y = data()
   loss_fn = lambda m, x, y: xent(m(x), y)
-  _, grads, stats = nnx.jit(mkor_optax.value_and_grad(loss_fn))(model, x, y)
+  _, grads, stats = nnx.jit(mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1))(model, x, y)
   assert sorted(stats) == ['conv', 'fc']
   # fc: a = mean of its input rows (with the bias 1), g = sum over rows of dL/dy
   fc_in = np.asarray(model.fc_in[...], np.float64)
@@ -93,7 +93,7 @@ def test_covariance_and_shared_module_pools_its_calls():
   model = Shared(nnx.Rngs(0))
   x1, x2 = jax.random.normal(jax.random.PRNGKey(1), (2, B, 3))
   loss_fn = lambda m, a, b: m(a, b)
-  _, grads, stats = mkor_optax.value_and_grad(loss_fn)(model, x1, x2)
+  _, grads, stats = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1)(model, x1, x2)
   rows = np.concatenate([np.asarray(x1, np.float64), np.asarray(x2, np.float64)])
   dy = np.concatenate([np.asarray(grads['d1'][...], np.float64), np.asarray(grads['d2'][...], np.float64)])
   np.testing.assert_allclose(stats['fc']['a'], np.append(rows.mean(0), 1.0), rtol=1e-5, atol=1e-6)
@@ -146,14 +146,14 @@ def test_mkor_first_update_equals_linen_on_the_same_weights():
 
   @jax.jit
   def linen_step(params, x, y):
-    value, grads, stats = mkor_optax.value_and_grad(linen_loss)(params, x, y)
+    value, grads, stats = mkor_optax.value_and_grad(linen_loss, kind=mkor_optax.RANK1)(params, x, y)
     return value, stats, tx_l.update(grads, tx_l.init(params), params, stats=stats)[0]
 
   optimizer = nnx.Optimizer(model, mkor_optax.mkor(1e-2), wrt=nnx.Param)  # no layouts given
 
   @nnx.jit
   def nnx_step(model, optimizer, x, y):
-    value, grads, stats = mkor_optax.value_and_grad(nnx_loss)(model, x, y)
+    value, grads, stats = mkor_optax.value_and_grad(nnx_loss, kind=mkor_optax.RANK1)(model, x, y)
     return value, stats, optimizer.update(model, grads, stats=stats)
 
   lv, ls, want = linen_step(params, x, y)
@@ -253,7 +253,7 @@ def test_functional_split_merge_jax_jit_loop_equals_nnx_jit_loop():
 
     @nnx.jit
     def step(model, optimizer, x, y):
-      loss, grads, stats = mkor_optax.value_and_grad(small_loss)(model, x, y)
+      loss, grads, stats = mkor_optax.value_and_grad(small_loss, kind=mkor_optax.RANK1)(model, x, y)
       optimizer.update(model, grads, stats=stats)
       return loss
 
@@ -268,7 +268,7 @@ def test_functional_split_merge_jax_jit_loop_equals_nnx_jit_loop():
     @jax.jit
     def step(state, x, y):
       model, optimizer = nnx.merge(graphdef, state)
-      loss, grads, stats = mkor_optax.value_and_grad(small_loss)(model, x, y)
+      loss, grads, stats = mkor_optax.value_and_grad(small_loss, kind=mkor_optax.RANK1)(model, x, y)
       optimizer.update(model, grads, stats=stats)
       return loss, nnx.state((model, optimizer))
 
@@ -288,7 +288,7 @@ def test_functional_split_merge_jax_jit_loop_equals_nnx_jit_loop():
     @jax.jit
     def step(params, rest, opt_state, x, y):
       model = nnx.merge(graphdef, params, rest)
-      loss, grads, stats = mkor_optax.value_and_grad(small_loss)(model, x, y)
+      loss, grads, stats = mkor_optax.value_and_grad(small_loss, kind=mkor_optax.RANK1)(model, x, y)
       updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
       params = optax.apply_updates(params, updates)
       return loss, params, nnx.state(model, nnx.Not(nnx.Param)), opt_state
@@ -359,8 +359,8 @@ def test_scan_vmap_stacked_and_rematted_layers_get_their_own_statistics():
   x = jax.random.normal(jax.random.PRNGKey(3), (B, 5, D))
   y = jax.random.randint(jax.random.PRNGKey(4), (B, 5), 0, 2)
   loss_fn = lambda m, x, y: xent(m(x), y)
-  v, grads, stats = nnx.jit(mkor_optax.value_and_grad(loss_fn))(model, x, y)
-  rv, rgrads, rstats = nnx.jit(mkor_optax.value_and_grad(loss_fn))(ref, x, y)
+  v, grads, stats = nnx.jit(mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1))(model, x, y)
+  rv, rgrads, rstats = nnx.jit(mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1))(ref, x, y)
   np.testing.assert_allclose(v, rv, rtol=1e-6)
   assert stats['blocks/lin']['a'].shape == (L, D) and stats['blocks/lin']['g'].shape == (L, D)
   for i in range(L):
@@ -399,8 +399,8 @@ def test_conv_transpose_and_a_linear_subclass_match_linen():
   x, y = data(shape=(4, 4, 2))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   lv, _, ls = mkor_optax.value_and_grad(
-      lambda p, x, y: xent(LinenNet().apply({'params': p}, x), y))(params, x, y)
-  nv, _, ns = mkor_optax.value_and_grad(lambda m, x, y: xent(m(x), y))(model, x, y)
+      lambda p, x, y: xent(LinenNet().apply({'params': p}, x), y), kind=mkor_optax.RANK1)(params, x, y)
+  nv, _, ns = mkor_optax.value_and_grad(lambda m, x, y: xent(m(x), y), kind=mkor_optax.RANK1)(model, x, y)
   np.testing.assert_allclose(nv, lv, rtol=1e-6)
   assert sorted(ns) == ['fc', 'up']
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), ns, ls)
@@ -445,7 +445,7 @@ def test_register_layer_accepts_nnx_modules():
 
   model = Net(nnx.Rngs(0))
   x, y = jax.random.normal(jax.random.PRNGKey(5), (B, 3)), jnp.arange(B) % 2
-  _, grads, stats = mkor_optax.value_and_grad(lambda m, x, y: xent(m(x), y))(model, x, y)
+  _, grads, stats = mkor_optax.value_and_grad(lambda m, x, y: xent(m(x), y), kind=mkor_optax.RANK1)(model, x, y)
   np.testing.assert_allclose(stats['custom']['a'], np.append(np.asarray(x).mean(0), 1.0), rtol=1e-5)
   np.testing.assert_allclose(stats['custom']['g'], np.asarray(grads['d'][...]).sum(0),
                              rtol=1e-5, atol=1e-7)
@@ -466,7 +466,7 @@ def test_einsum_matrix_layer_is_captured_and_a_batched_one_passes_through():
   model.lin.kernel[...] = model.mat.kernel[...]
   x = jax.random.normal(jax.random.PRNGKey(6), (B, 2, 3))
   y = jnp.arange(B) % 2
-  _, _, stats = mkor_optax.value_and_grad(lambda m, x, y: xent(m(x), y))(model, x, y)
+  _, _, stats = mkor_optax.value_and_grad(lambda m, x, y: xent(m(x), y), kind=mkor_optax.RANK1)(model, x, y)
   assert sorted(stats) == ['lin', 'mat']
   for k in 'ag':  # same weights and the same output gradient: the same statistics
     np.testing.assert_allclose(stats['mat'][k], stats['lin'][k], rtol=1e-6)
@@ -495,7 +495,7 @@ def test_sharded_batch_under_nnx_jit_equals_one_device():
 
     @nnx.jit
     def step(model, optimizer, x, y):
-      loss, grads, stats = mkor_optax.value_and_grad(small_loss)(model, x, y)
+      loss, grads, stats = mkor_optax.value_and_grad(small_loss, kind=mkor_optax.RANK1)(model, x, y)
       optimizer.update(model, grads, stats=stats)
       return loss
 
@@ -560,7 +560,7 @@ def test_two_models_with_one_path_and_kernel_shape_keep_their_own_layouts():
                         wrt=nnx.Param)
     for m, o in ((model, optimizers[cls]), (ref_model, ref)):
       for _ in range(3):
-        _, grads, stats = nnx.jit(mkor_optax.value_and_grad(loss_fn))(m, x, y)
+        _, grads, stats = nnx.jit(mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1))(m, x, y)
         o.update(m, grads, stats=stats)
     np.testing.assert_allclose(model.layer.kernel[...], ref_model.layer.kernel[...], rtol=1e-6)
     factor = np.asarray(optimizers[cls].opt_state[0].input_side['layer'])

@@ -171,7 +171,7 @@ def test_accumulating_micro_batches_equals_one_full_batch_step(name):
   kw = {'inv_freq': 1} if name != 'eva' else {}
   params = init_params()
   full = alias(1e-2, **kw)
-  acc = mkor_optax.MultiSteps(alias(1e-2, **kw), every_k_schedule=2)
+  acc = mkor_optax.MultiSteps(alias(1e-2, **kw), every_k_schedule=2, kind=mkor_optax.RANK1)
   s_full, s_acc = full.init(params), acc.init(params)
   p_full, p_acc = params, params
   full_update = jax.jit(lambda g, s, p, extra: full.update(g, s, p, **extra))
@@ -197,7 +197,7 @@ def test_accumulating_micro_batches_equals_one_full_batch_step(name):
 def test_optax_multisteps_with_stats_is_a_clear_error():
   opt = optax.MultiSteps(mkor_optax.mkor(1e-2), every_k_schedule=2)
   params = init_params()
-  _, grads, stats = mkor_optax.value_and_grad(loss_fn)(params, *batch(0))
+  _, grads, stats = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1)(params, *batch(0))
   with pytest.raises(ValueError, match='mkor_optax.MultiSteps'):
     opt.update(grads, opt.init(params), params, stats=stats)
 

@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import mkor_optax
 from helpers import KEY, Net, assert_tree_close, batch, init_params, loss_fn
 
-GRAD = mkor_optax.value_and_grad(loss_fn)
+GRAD = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1)
 
 
 def train(opt, params, steps=3, grad_fn=GRAD, n=8):
@@ -46,7 +46,7 @@ def test_train_state_is_a_two_line_change():
 
   @jax.jit
   def step(state, x, y):
-    _, grads, stats = mkor_optax.value_and_grad(loss_fn)(state.params, x, y)
+    _, grads, stats = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1)(state.params, x, y)
     return state.apply_gradients(grads=grads, stats=stats, batch_stats=jnp.float32(state.step))
 
   for t in range(3):
@@ -104,7 +104,7 @@ def test_bias_free_attention_and_scanned_layers_need_no_layouts():
   with_layouts = mkor_optax.mkor(1e-2, layouts=exact)
   s1, s2 = opt.init(params), with_layouts.init(params)
   assert jax.tree.map(jnp.shape, s1) == jax.tree.map(jnp.shape, s2)
-  grad_fn = mkor_optax.value_and_grad(transformer_loss)
+  grad_fn = mkor_optax.value_and_grad(transformer_loss, kind=mkor_optax.RANK1)
   _, grads, stats = grad_fn(params, x, y)
   u1, _ = opt.update(grads, s1, params, stats=stats)
   u2, _ = with_layouts.update(grads, s2, params, stats=stats)
@@ -129,7 +129,7 @@ def test_remaining_ambiguity_is_an_init_error_naming_every_layer():
       make(1e-2).init(params)
   layouts = mkor_optax.layer_layouts(loss, params, x, y)
   opt = mkor_optax.mkor(1e-2, layouts=layouts)
-  _, grads, stats = mkor_optax.value_and_grad(loss)(params, x, y)
+  _, grads, stats = mkor_optax.value_and_grad(loss, kind=mkor_optax.RANK1)(params, x, y)
   opt.update(grads, opt.init(params), params, stats=stats)
 
 
@@ -161,7 +161,7 @@ def test_boxed_params_train_like_unboxed_ones(logical):
   opt = mkor_optax.mkor(1e-2)
   state = opt.init(boxed)  # lm1b's flow: the optimizer is created on boxed params
   assert set(state[0].input_side) == {'Dense_0', 'Dense_1'}
-  grad_fn = mkor_optax.value_and_grad(loss)
+  grad_fn = mkor_optax.value_and_grad(loss, kind=mkor_optax.RANK1)
   got, _ = train(opt, boxed, grad_fn=grad_fn)
   want, _ = train(opt, nn.unbox(boxed), grad_fn=grad_fn)
   assert isinstance(got['Dense_0']['kernel'], nn.Partitioned)
@@ -178,7 +178,7 @@ def test_jit_over_a_mesh_with_sharded_params_equals_one_device():
   sharded = jax.tree.map(lambda p, s: jax.device_put(p, NamedSharding(mesh, s)), params, specs)
   assert sharded['Dense_0']['kernel'].sharding.spec == P(None, 'model')
   opt = mkor_optax.mkor(1e-2, inv_freq=1)
-  grad_fn = mkor_optax.value_and_grad(sharded_loss)
+  grad_fn = mkor_optax.value_and_grad(sharded_loss, kind=mkor_optax.RANK1)
   got, state = train(opt, sharded, steps=4, grad_fn=grad_fn)
   want, _ = train(opt, params, steps=4, grad_fn=grad_fn)
   assert_tree_close(got, want, rtol=1e-5, atol=1e-6)
@@ -206,13 +206,13 @@ def test_teacher_and_frozen_copy_calls_are_not_captured():
     return jnp.mean((model.apply({'params': p}, x) - t) ** 2) + 0.1 * jnp.mean(frozen ** 2) \
         + jnp.mean(y)
 
-  v1, g1, s1 = mkor_optax.value_and_grad(distill)(params, x, y)
-  v2, g2, s2 = mkor_optax.value_and_grad(reference)(params, x, y)
+  v1, g1, s1 = mkor_optax.value_and_grad(distill, kind=mkor_optax.RANK1)(params, x, y)
+  v2, g2, s2 = mkor_optax.value_and_grad(reference, kind=mkor_optax.RANK1)(params, x, y)
   np.testing.assert_allclose(v1, v2, rtol=1e-6)
   assert_tree_close(g1, g2, rtol=1e-6, atol=1e-7)
   assert_tree_close(s1, s2, rtol=1e-6, atol=1e-7)
   # and the teacher's different inputs really would have changed `a`
-  _, _, s3 = mkor_optax.value_and_grad(loss_fn)(params, 2 * x, y)
+  _, _, s3 = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1)(params, 2 * x, y)
   assert not np.allclose(s1['hidden']['a'], s3['hidden']['a'])
 
 
@@ -221,7 +221,7 @@ def test_loss_of_the_whole_variables_dict():
   variables = {'params': params}
   x, y = batch(0)
   loss_vars = lambda v, x, y: jnp.mean((Net().apply(v, x) - y) ** 2)
-  _, grads_v, stats_v = mkor_optax.value_and_grad(loss_vars)(variables, x, y)
+  _, grads_v, stats_v = mkor_optax.value_and_grad(loss_vars, kind=mkor_optax.RANK1)(variables, x, y)
   _, grads, stats = GRAD(params, x, y)
   assert set(stats_v) == {'params/hidden', 'params/out'}
   assert_tree_close(stats_v['params/hidden'], stats['hidden'])
@@ -241,9 +241,9 @@ def test_penalties_that_zip_params_with_another_tree():
     return loss_fn(p, x, y) + 1e-2 * penalty
 
   with pytest.raises(ValueError, match='mkor_optax.untapped'):
-    mkor_optax.value_and_grad(l2sp)(params, *batch(0))
+    mkor_optax.value_and_grad(l2sp, kind=mkor_optax.RANK1)(params, *batch(0))
   fixed = lambda p, x, y: l2sp(p, x, y, strip=mkor_optax.untapped)
-  v, g, stats = mkor_optax.value_and_grad(fixed)(params, *batch(0))
+  v, g, stats = mkor_optax.value_and_grad(fixed, kind=mkor_optax.RANK1)(params, *batch(0))
   v_ref, g_ref = jax.value_and_grad(l2sp)(params, *batch(0))
   np.testing.assert_allclose(v, v_ref, rtol=1e-6)
   assert_tree_close(g, g_ref, rtol=1e-6, atol=1e-7)
@@ -254,13 +254,13 @@ def test_argnums_selects_the_parameter_argument():
   params = init_params()
   x, y = batch(0)
   swapped = lambda x, p, y: loss_fn(p, x, y)
-  v, g, s = mkor_optax.value_and_grad(swapped, argnums=1)(x, params, y)
+  v, g, s = mkor_optax.value_and_grad(swapped, argnums=1, kind=mkor_optax.RANK1)(x, params, y)
   v_ref, g_ref, s_ref = GRAD(params, x, y)
   np.testing.assert_allclose(v, v_ref)
   assert_tree_close(g, g_ref, rtol=0, atol=0)
   assert_tree_close(s, s_ref, rtol=0, atol=0)
   with pytest.raises(TypeError, match='argnums'):
-    mkor_optax.value_and_grad(swapped, argnums=(0, 1))
+    mkor_optax.value_and_grad(swapped, argnums=(0, 1), kind=mkor_optax.RANK1)
 
 
 def test_uncaptured_layers_are_all_named_in_one_error():
@@ -268,7 +268,7 @@ def test_uncaptured_layers_are_all_named_in_one_error():
     return jnp.mean((Net().apply({'params': mkor_optax.untapped(p)}, x) - y) ** 2)
 
   with pytest.raises(ValueError, match=r"\['hidden', 'out'\]"):
-    mkor_optax.value_and_grad(lost)(init_params(), *batch(0))
+    mkor_optax.value_and_grad(lost, kind=mkor_optax.RANK1)(init_params(), *batch(0))
 
 
 # --------------------------------------------------------- capture blind spots
@@ -280,7 +280,7 @@ def test_dense_general_statistics_for_every_axis_order(axis):
   params = layer.init(KEY, x)['params']
   w = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 6))
   loss = lambda p, x: jnp.sum(jnp.tanh(layer.apply({'params': p}, x)) * w) / 2
-  _, grads, stats = mkor_optax.value_and_grad(loss)(params, x)
+  _, grads, stats = mkor_optax.value_and_grad(loss, kind=mkor_optax.RANK1)(params, x)
   # Flax contracts axes 1 and 2 in that order (it sorts them): rows are (batch, axis 3)
   rows = np.asarray(x).transpose(0, 3, 1, 2).reshape(-1, 12)
   (s,) = stats.values()
@@ -301,7 +301,7 @@ def test_dense_subclass_calling_super_is_captured_once():
   x, y = batch(0)
   params = M().init(KEY, x)['params']
   loss = lambda p, x, y: jnp.mean((M().apply({'params': p}, x) - y) ** 2)
-  _, grads, stats = mkor_optax.value_and_grad(loss)(params, x, y)
+  _, grads, stats = mkor_optax.value_and_grad(loss, kind=mkor_optax.RANK1)(params, x, y)
   # g is taken at the matrix product's output (nn.Dense's, inside the subclass), where the
   # sum over rows of dL/dy is the bias gradient: neither doubled nor halved
   g = stats['scaled']['g']
@@ -319,7 +319,7 @@ def test_conv_transpose_is_captured():
   params = Up().init(KEY, x)['params']
   w = jax.random.normal(jax.random.PRNGKey(3), Up().apply({'params': params}, x).shape)
   loss = lambda p, x: jnp.sum(jnp.tanh(Up().apply({'params': p}, x)) * w) / 2
-  _, grads, stats = mkor_optax.value_and_grad(loss)(params, x)
+  _, grads, stats = mkor_optax.value_and_grad(loss, kind=mkor_optax.RANK1)(params, x)
   s = stats['up']
   y = Up().apply({'params': params}, x)
   positions = y.shape[1] * y.shape[2]
@@ -349,7 +349,7 @@ def test_grouped_conv_and_einsum_pass_through_with_a_warning():
   opt = mkor_optax.mkor(1e-2)
   with pytest.warns(UserWarning, match=r"\['Einsum_0'\].*pass through"):
     state = opt.init(params)
-  _, grads, stats = mkor_optax.value_and_grad(loss)(params, x, y)
+  _, grads, stats = mkor_optax.value_and_grad(loss, kind=mkor_optax.RANK1)(params, x, y)
   assert set(stats) == {'head'}
   with pytest.warns(UserWarning, match=r"\['grouped'\].*pass through"):
     opt.update(grads, state, params, stats=stats)  # the whole chain runs
@@ -404,7 +404,7 @@ def test_shard_map_with_a_per_device_loss_is_an_error():
   x, y = batch(0, n=16)
 
   def local(p, x, y):
-    return mkor_optax.value_and_grad(loss_fn)(p, x, y)[0]
+    return mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1)(p, x, y)[0]
 
   f = jax.shard_map(local, mesh=mesh, in_specs=(P(), P('batch'), P('batch')), out_specs=P())
   with pytest.raises(ValueError, match='lax.pmean'):

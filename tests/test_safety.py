@@ -26,7 +26,7 @@ from mkor_optax.numerics import NumericalWarning
 
 from helpers import batch, compiled_optimised, init_params, loss_fn
 
-GRAD = mkor_optax.value_and_grad(loss_fn)
+GRAD = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1)
 COV_GRAD = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.COVARIANCE)
 
 
@@ -367,7 +367,7 @@ def test_nnx_layer_swapped_after_init_names_the_layer_and_both_shapes():
   model.b = nnx.Linear(48, 3, rngs=nnx.Rngs(2))
   x, y = batch(0)
   loss = lambda m, x, y: jnp.mean((m(x) - y) ** 2)
-  _, grads, stats = mkor_optax.nnx.value_and_grad(loss)(model, x, y)
+  _, grads, stats = mkor_optax.nnx.value_and_grad(loss, kind=mkor_optax.RANK1)(model, x, y)
   with pytest.raises(ValueError, match=r"changed shape since init: 'a'.*\(1, 48\).*\(1, 32\)"):
     optimizer.update(model, grads, stats=stats)
 
@@ -393,8 +393,9 @@ def two_heads_loss(params, x, y, use_b):
 def test_multisteps_refreshes_a_layer_from_the_micro_batches_that_had_it():
   x, y = batch(0, n=16)
   params = TwoHeads().init(jax.random.PRNGKey(0), x, True)['params']
-  grad = mkor_optax.value_and_grad(two_heads_loss)
-  acc = mkor_optax.MultiSteps(mkor_optax.mkor(1e-2, inv_freq=1), every_k_schedule=2)
+  grad = mkor_optax.value_and_grad(two_heads_loss, kind=mkor_optax.RANK1)
+  acc = mkor_optax.MultiSteps(mkor_optax.mkor(1e-2, inv_freq=1), every_k_schedule=2,
+                              kind=mkor_optax.RANK1)
   state = acc.init(params)
   _, g1, s1 = grad(params, x[:8], y[:8], True)
   _, g2, s2 = grad(params, x[8:], y[8:], False)  # head_b unused: no statistics for it
@@ -418,8 +419,9 @@ def test_multisteps_refreshes_a_layer_from_the_micro_batches_that_had_it():
 def test_multisteps_layer_absent_from_every_micro_batch_keeps_its_factors():
   x, y = batch(0, n=16)
   params = TwoHeads().init(jax.random.PRNGKey(0), x, True)['params']
-  grad = mkor_optax.value_and_grad(two_heads_loss)
-  acc = mkor_optax.MultiSteps(mkor_optax.mkor(1e-2, inv_freq=1), every_k_schedule=2)
+  grad = mkor_optax.value_and_grad(two_heads_loss, kind=mkor_optax.RANK1)
+  acc = mkor_optax.MultiSteps(mkor_optax.mkor(1e-2, inv_freq=1), every_k_schedule=2,
+                              kind=mkor_optax.RANK1)
   state = acc.init(params)
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')

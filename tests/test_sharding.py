@@ -33,7 +33,7 @@ def loss_fn(params, x, y):
   return jnp.mean((MODEL.apply({'params': params}, x) - y) ** 2)
 
 
-GRAD = mkor_optax.value_and_grad(loss_fn)
+GRAD = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1)
 
 
 def on_mesh(n_devices):

@@ -175,7 +175,7 @@ def test_nnx_layers_sketch_their_covariances():
   cov = mkor_optax.nnx.value_and_grad(loss, kind=mkor_optax.COVARIANCE)(model)[2]
   assert_layers_match(sk, cov)
   # behind a training-mode BatchNorm the mean output gradient is zero; a sketch's is not
-  g_mean = mkor_optax.nnx.value_and_grad(loss)(model)[2]['conv']['g']
+  g_mean = mkor_optax.nnx.value_and_grad(loss, kind=mkor_optax.RANK1)(model)[2]['conv']['g']
   assert np.max(np.abs(g_mean)) < 1e-5 * np.max(np.abs(sk['conv']['g_sketches']))
 
 
@@ -336,7 +336,7 @@ def test_ordinary_layers_do_not_warn_of_cancelled_means():
   with warnings.catch_warnings():
     warnings.simplefilter('error', NumericalWarning)
     for t in range(3):
-      _, grads, stats = mkor_optax.value_and_grad(loss_fn)(params, *batch(t, n=256))
+      _, grads, stats = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1)(params, *batch(t, n=256))
       state = tx.update(grads, state, params, stats=stats)[1]
   ratio = np.linalg.norm(stats['out']['g']) / float(stats['out']['g_mass'])
   assert 1e-3 < ratio < 1.0, ratio
@@ -346,11 +346,15 @@ def test_eva_and_multisteps_say_what_to_pass_for_sketches():
   params = init_params()
   x, y = batch(0)
   _, grads, sk = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.SKETCH)(params, x, y)
-  _, _, mean = mkor_optax.value_and_grad(loss_fn)(params, x, y)
+  _, _, mean = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1)(params, x, y)
   tx = mkor_optax.scale_by_eva()
   with pytest.raises(ValueError, match='RANK1'):
     tx.update(grads, tx.init(params), params, stats=sk)
-  acc = mkor_optax.MultiSteps(mkor_optax.mkor(1e-2), 2)
+  acc = mkor_optax.MultiSteps(mkor_optax.mkor(1e-2), 2)  # value_and_grad's default: SKETCH
+  acc.update(grads, acc.init(params), params, stats=sk)
+  with pytest.raises(ValueError, match=r'kind=mkor_optax.RANK1'):
+    acc.update(grads, acc.init(params), params, stats=mean)
+  acc = mkor_optax.MultiSteps(mkor_optax.mkor(1e-2), 2, kind=mkor_optax.RANK1)
   with pytest.raises(ValueError, match=r'kind=mkor_optax.Sketch\(4\)'):
     acc.update(grads, acc.init(params), params, stats=sk)
   acc = mkor_optax.MultiSteps(mkor_optax.mkor(1e-2), 2, kind=mkor_optax.Sketch(2))
