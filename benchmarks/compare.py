@@ -155,8 +155,8 @@ def repeat_timing(first, rerun, repeats):
   return np.median(np.stack(runs), axis=0), runs
 
 
-def run_task(task, methods, quick, timing_repeats=3):
-  params0, make_iter, loss_fn, steps = build(task, quick)
+def run_task(task, methods, quick, timing_repeats=3, seed=0):
+  params0, make_iter, loss_fn, steps = build(task, quick, seed=seed)
   runs = {}
   methods = [m for m in methods if m in TASK_METHODS[task]]
   for name in methods:
