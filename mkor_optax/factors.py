@@ -61,25 +61,34 @@ def refresh_checked(p, v, *, gamma, zeta, epsilon, refresh: str):
   rule itself with ``v_1 / sqrt(k)`` (stabiliser included); each further one
   adds its term without decay, which is the ``'blend'`` rule at ``gamma = 1``
   and ``zeta = 1`` (no blend, no stabiliser) with ``v_j`` scaled by
-  ``sqrt((1 - gamma) / k)`` (``ema``) or ``1 / sqrt(k)`` (``blend``). Each
-  step keeps its own safety checks.
+  ``sqrt((1 - gamma) / k)`` (``ema``) or ``1 / sqrt(k)`` (``blend``). The
+  ``k`` steps run in one ``lax.scan`` whose inputs say each step's rule, so
+  the program holds one copy of the rule whatever ``k`` is. Each step keeps
+  its own safety checks.
   """
   rule = lowrank.refresh_checked if isinstance(p, lowrank.LowRankInverse) else rank1.refresh_inverse_checked
   if v.ndim == 2:
     return rule(p, v, gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh)
   k = v.shape[1]
-  p, reset = rule(p, v[:, 0] / np.sqrt(k), gamma=gamma, zeta=zeta, epsilon=epsilon,
-                  refresh=refresh)
   if k == 1:
-    return p, reset
+    return rule(p, v[:, 0], gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh)
   weight = jnp.sqrt((1.0 - gamma) / k) if refresh == 'ema' else 1.0 / np.sqrt(k)
+  later = jnp.ones((k - 1,), jnp.float32)
+  steps = (jnp.swapaxes(v, 0, 1),  # (k, S, d)
+           jnp.concatenate([jnp.reshape(jnp.asarray(gamma, jnp.float32), (1,)), later]),
+           jnp.concatenate([jnp.reshape(jnp.asarray(zeta, jnp.float32), (1,)), later]),
+           jnp.arange(k) == 0 if refresh == 'ema' else jnp.zeros((k,), bool),  # the rule: ema?
+           jnp.concatenate([jnp.full((1,), 1.0 / np.sqrt(k), jnp.float32),
+                            jnp.broadcast_to(jnp.asarray(weight, jnp.float32), (k - 1,))]))
 
-  def add(carry, v_j):  # one copy of the rule in the program, whatever k is
+  def step(carry, x):
     p, reset = carry
-    p, again = rule(p, v_j * weight, gamma=1.0, zeta=1.0, epsilon=epsilon, refresh='blend')
+    v_j, gamma_j, zeta_j, ema_j, scale_j = x
+    p, again = rule(p, v_j * scale_j, gamma=gamma_j, zeta=zeta_j, epsilon=epsilon, refresh=ema_j)
     return (p, reset | again), None
 
-  (p, reset), _ = jax.lax.scan(add, (p, reset), jnp.swapaxes(v[:, 1:], 0, 1))
+  reset = jnp.zeros(v.shape[:1], bool)
+  (p, reset), _ = jax.lax.scan(step, (p, reset), steps)
   return p, reset
 
 

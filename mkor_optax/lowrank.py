@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mkor_optax.numerics import rank1_coefficients, unit_statistic
+from mkor_optax.numerics import blend_first, rank1_coefficients, unit_statistic
 
 
 class LowRankInverse(NamedTuple):
@@ -126,8 +126,7 @@ def refresh_checked(p: LowRankInverse, v: jax.Array, *, gamma, zeta, epsilon, re
   big = top > epsilon
   alpha = jnp.where(big, zeta, 1.0)
   beta = jnp.where(big, 1.0 - zeta, 0.0)
-  if refresh == 'blend':
-    alpha, beta = gamma * alpha, gamma * beta + (1.0 - gamma)
+  alpha, beta = blend_first(alpha, beta, gamma, refresh)
   c1 = alpha * p.c + beta
   s1 = alpha[:, None] * p.s
   proj = jnp.einsum('sik,si->sk', q, v)

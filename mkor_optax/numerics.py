@@ -135,7 +135,18 @@ def unit_statistic(v):
 MIN_EIGENVALUE = 1e-4
 
 
-def rank1_coefficients(vu, inv_sq, gamma, refresh: str, scale=1.0):
+def blend_first(alpha, beta, gamma, refresh):
+  """The affine step ``P' = alpha P + beta I`` of a refresh rule:
+  ``'ema'`` keeps the stabiliser's ``(alpha, beta)``; ``'blend'`` also blends
+  toward ``I`` by ``gamma``. ``refresh`` may be a traced boolean, ``True``
+  for ``'ema'`` (a refresh whose steps differ in rule, one program for all)."""
+  if isinstance(refresh, str):
+    return (alpha, beta) if refresh == 'ema' else (gamma * alpha, gamma * beta + (1.0 - gamma))
+  return (jnp.where(refresh, alpha, gamma * alpha),
+          jnp.where(refresh, beta, gamma * beta + (1.0 - gamma)))
+
+
+def rank1_coefficients(vu, inv_sq, gamma, refresh, scale=1.0):
   """``(kappa, lam)`` of ``P+ = kappa P' - lam u u^T`` for the unit statistic
   (``u = P' v_hat``, ``vu = v_hat^T u``, ``inv_sq = 1/|v|^2``): the rules of
   :func:`mkor_optax.mkor.refresh_inverse` with ``|v|^2`` divided out of
@@ -151,9 +162,17 @@ def rank1_coefficients(vu, inv_sq, gamma, refresh: str, scale=1.0):
   input at unit scale has ``|a|^2 ~ 10``).
   """
   scale = jnp.maximum(scale, 0.0)
-  if refresh == 'ema':
+
+  def ema():
     c = (1.0 - gamma) / gamma
-    inv_sq = jnp.maximum(inv_sq, MIN_EIGENVALUE * c * scale)
-    return jnp.broadcast_to(1.0 / gamma, vu.shape), (c / gamma) / (inv_sq + c * vu)
-  inv_sq = jnp.maximum(inv_sq, MIN_EIGENVALUE * scale)
-  return jnp.ones_like(vu), 1.0 / (inv_sq + vu)
+    floored = jnp.maximum(inv_sq, MIN_EIGENVALUE * c * scale)
+    return jnp.broadcast_to(1.0 / gamma, vu.shape), (c / gamma) / (floored + c * vu)
+
+  def blend():
+    floored = jnp.maximum(inv_sq, MIN_EIGENVALUE * scale)
+    return jnp.ones_like(vu), 1.0 / (floored + vu)
+
+  if isinstance(refresh, str):
+    return ema() if refresh == 'ema' else blend()
+  # a traced boolean, True for 'ema' (see blend_first)
+  return tuple(jnp.where(refresh, e, b) for e, b in zip(ema(), blend()))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from mkor_optax import checks
-from mkor_optax.numerics import rank1_coefficients, unit_statistic
+from mkor_optax.numerics import blend_first, rank1_coefficients, unit_statistic
 
 REFRESH_RULES = ('ema', 'blend')
 
@@ -59,7 +59,7 @@ def refresh_inverse(p, v, *, gamma: float, zeta: float, epsilon: float, refresh:
 def refresh_inverse_checked(p, v, *, gamma, zeta, epsilon, refresh: str = 'ema'):
   """:func:`refresh_inverse` and a boolean per stack entry: ``True`` where
   the factor was found indefinite or non-finite and reset."""
-  if refresh not in REFRESH_RULES:
+  if isinstance(refresh, str) and refresh not in REFRESH_RULES:
     raise ValueError(f'refresh: must be one of {REFRESH_RULES}, got {refresh!r}')
   dtype = p.dtype
   compute = jnp.promote_types(dtype, jnp.float32)
@@ -69,8 +69,7 @@ def refresh_inverse_checked(p, v, *, gamma, zeta, epsilon, refresh: str = 'ema')
   big = top > epsilon
   alpha = jnp.where(big, zeta, 1.0).astype(compute)
   beta = jnp.where(big, 1.0 - zeta, 0.0).astype(compute)
-  if refresh == 'blend':
-    alpha, beta = gamma * alpha, gamma * beta + (1.0 - gamma)
+  alpha, beta = blend_first(alpha, beta, gamma, refresh)
   pv = jnp.einsum('...ij,...j->...i', p, unit)
   u = alpha[..., None] * pv + beta[..., None] * unit
   vu = jnp.sum(unit * u, axis=-1)
