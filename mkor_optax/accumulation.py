@@ -16,7 +16,8 @@ products. So ``k`` accumulated micro-batches give the same factors and the
 same update as one step on their concatenation.
 
 Sketches (the default statistics of MKOR and MKOR-H; ``MultiSteps(...,
-kind=mkor_optax.Sketch(k))`` for another ``k``) are summed instead and handed on divided by ``sqrt(M)`` after ``M`` micro-batches: with
+kind=mkor_optax.Sketch(k))`` for another ``k``) are summed instead and handed
+on divided by ``sqrt(M)`` after ``M`` micro-batches: with
 ``a_m = X_m^T s_m / sqrt(N)`` for ``N`` rows each,
 ``sum_m a_m / sqrt(M) = X^T s / sqrt(M N)`` is a sketch of the whole batch
 ``X`` with the signs ``s = [s_1, ..., s_M]``.
@@ -34,7 +35,7 @@ import optax
 from mkor_optax import checks
 from mkor_optax.kronecker import stats_template
 from mkor_optax.statistics import sketch_count
-from mkor_optax.tap import SKETCH, Sketch, StatKind
+from mkor_optax.tap import DEFAULT_KIND, Sketch, StatKind
 
 
 class MultiStepsState(NamedTuple):
@@ -103,8 +104,8 @@ class MultiSteps:
     if kind is not None and not isinstance(kind, StatKind):
       raise ValueError(f'mkor_optax.MultiSteps: kind must be a statistic kind such as '
                        f'mkor_optax.Sketch(4), got {kind!r}')
-    # k sketches, or 0 for no sketches; None: value_and_grad's default
-    self._sketches = None if kind is None else kind.k if isinstance(kind, Sketch) else 0
+    kind = DEFAULT_KIND if kind is None else kind  # value_and_grad's default
+    self._sketches = kind.k if isinstance(kind, Sketch) else None  # for the sketch-taking states
     self._multi = optax.MultiSteps(opt, every_k_schedule, use_grad_mean, should_skip_update_fn)
 
   @property
@@ -113,8 +114,7 @@ class MultiSteps:
 
   def init(self, params) -> MultiStepsState:
     inner = self._multi.init(params)
-    k = SKETCH.k if self._sketches is None else self._sketches
-    template = stats_template(inner.inner_opt_state, k or None)
+    template = stats_template(inner.inner_opt_state, self._sketches)
     return MultiStepsState(inner, template, {k: jnp.zeros([], jnp.float32) for k in template})
 
   def update(self, updates, state: MultiStepsState, params=None, *, stats=None, **extra_args):

@@ -41,7 +41,7 @@ from mkor_optax import layers as layers_lib
 from mkor_optax.layout import Layout
 from mkor_optax.paths import DELETE, get_at, path_str, set_at, unbox
 
-from mkor_optax.tap import (COVARIANCE, RANK1, SKETCH, TAP, Covariance, LayerInfo, Rank1,  # noqa: F401 (re-exported)
+from mkor_optax.tap import (COVARIANCE, DEFAULT_KIND, RANK1, SKETCH, TAP, Covariance, LayerInfo, Rank1,  # noqa: F401 (re-exported)
                             Sketch, StatKind, tap)
 
 _active = threading.local()  # [module, re-entered] for the layer calls in progress
@@ -291,7 +291,7 @@ def _check_outcome(tapped: dict, seen: set, loss):
 
 
 def value_and_grad(fun: Callable, argnums: int = 0, has_aux: bool = False, *,
-                   kind: StatKind = SKETCH):
+                   kind: StatKind = DEFAULT_KIND):
   """Like ``jax.value_and_grad``, returning the layer statistics as well.
 
   The same function serves Flax NNX: when the differentiated argument is an

@@ -118,12 +118,14 @@ def scale_by_eva(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update(grads, state,
-    params=None, *, stats)`` with the rank-1 ``stats`` (``value_and_grad(..., kind=mkor_optax.RANK1)``).
+    params=None, *, stats)`` with the rank-1 ``stats``
+    (``value_and_grad(..., kind=mkor_optax.RANK1)``).
 
   Example:
     >>> opt = optax.chain(mkor_optax.scale_by_eva(damping=0.1), optax.sgd(1e-2))
     >>> state = opt.init(params)
-    >>> loss, grads, stats = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1)(params, x, y)
+    >>> grad_fn = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1)
+    >>> loss, grads, stats = grad_fn(params, x, y)
     >>> updates, state = opt.update(grads, state, params, stats=stats)
     >>> bool(jnp.isfinite(updates['layers_0']['kernel']).all())
     True
@@ -165,7 +167,8 @@ def eva(
   Example:
     >>> opt = mkor_optax.eva(1e-2)
     >>> state = opt.init(params)
-    >>> loss, grads, stats = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1)(params, x, y)
+    >>> grad_fn = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1)
+    >>> loss, grads, stats = grad_fn(params, x, y)
     >>> updates, state = opt.update(grads, state, params, stats=stats)
   """
   return kr.with_backend(

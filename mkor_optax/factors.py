@@ -73,13 +73,12 @@ def refresh_checked(p, v, *, gamma, zeta, epsilon, refresh: str):
   if k == 1:
     return rule(p, v[:, 0], gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh)
   weight = jnp.sqrt((1.0 - gamma) / k) if refresh == 'ema' else 1.0 / np.sqrt(k)
-  later = jnp.ones((k - 1,), jnp.float32)
+  first = jnp.arange(k) == 0  # the rule itself; then additive blend steps
   steps = (jnp.swapaxes(v, 0, 1),  # (k, S, d)
-           jnp.concatenate([jnp.reshape(jnp.asarray(gamma, jnp.float32), (1,)), later]),
-           jnp.concatenate([jnp.reshape(jnp.asarray(zeta, jnp.float32), (1,)), later]),
-           jnp.arange(k) == 0 if refresh == 'ema' else jnp.zeros((k,), bool),  # the rule: ema?
-           jnp.concatenate([jnp.full((1,), 1.0 / np.sqrt(k), jnp.float32),
-                            jnp.broadcast_to(jnp.asarray(weight, jnp.float32), (k - 1,))]))
+           jnp.where(first, gamma, 1.0).astype(jnp.float32),
+           jnp.where(first, zeta, 1.0).astype(jnp.float32),
+           first & (refresh == 'ema'),  # the step's rule: ema?
+           jnp.where(first, 1.0 / np.sqrt(k), weight).astype(jnp.float32))
 
   def step(carry, x):
     p, reset = carry

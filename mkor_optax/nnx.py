@@ -136,7 +136,7 @@ def _get(state, path):
 
 
 def value_and_grad(fun: Callable, argnums=0, has_aux: bool = False, *,
-                   kind: tap_lib.StatKind = tap_lib.SKETCH, **grad_kwargs):
+                   kind: tap_lib.StatKind = tap_lib.DEFAULT_KIND, **grad_kwargs):
   """``nnx.value_and_grad`` that also returns the layer statistics.
 
   Args:

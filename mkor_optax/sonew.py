@@ -230,8 +230,7 @@ def scale_by_sonew(
                                  'left as it was and the gradients are handed on unchanged')
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     count = jnp.where(finite, checks.increment(state.count), state.count) + receipt
-    new_state = SONewState(count,
-                           keep(m, state.m), keep(d, state.d), keep(e, state.e))
+    new_state = SONewState(count, keep(m, state.m), keep(d, state.d), keep(e, state.e))
     return keep(u, updates), new_state
 
   return optax.GradientTransformationExtraArgs(init, update)

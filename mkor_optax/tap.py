@@ -299,6 +299,8 @@ class Sketch(StatKind):
 
 
 SKETCH = Sketch(4)
+# What value_and_grad (linen and NNX) captures, and MultiSteps expects, unless told otherwise.
+DEFAULT_KIND = SKETCH
 
 
 def _hash(x):
