@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mkor_optax import lowrank, rank1
-from mkor_optax.numerics import report_if
+from mkor_optax.numerics import report_if, safe_norm
 from mkor_optax.precondition import precondition, rescale_to
 
 DENSE_16_BIT = (
@@ -89,6 +89,83 @@ def refresh_checked(p, v, *, gamma, zeta, epsilon, refresh: str):
   reset = jnp.zeros(v.shape[:1], bool)
   (p, reset), _ = jax.lax.scan(step, (p, reset), steps)
   return p, reset
+
+
+def scaled(p, factor):
+  """``factor * P`` for either form (``factor``: ``(S,)``)."""
+  if isinstance(p, lowrank.LowRankInverse):
+    return lowrank.LowRankInverse(p.c * factor, p.q, p.s * factor[:, None])
+  return (p * factor[:, None, None].astype(p.dtype)).astype(p.dtype)
+
+
+MAX_MOVED = 1e3
+
+
+def max_abs(p):
+  """``max|P_ij|`` per stack entry of either form."""
+  if isinstance(p, lowrank.LowRankInverse):
+    return lowrank.max_abs(p)
+  return jnp.max(jnp.abs(p.astype(jnp.float32)), axis=(-2, -1))
+
+
+def statistic_rms(v):
+  """``sqrt(mean_j |v_j|^2 / d)`` per stack entry of one statistic ``(S, d)``
+  or ``k`` sketches ``(S, k, d)``: the square root of the mean eigenvalue of
+  ``(1/k) sum_j v_j v_j^T``, overflow-safe."""
+  flat = v.reshape(v.shape[0], -1).astype(jnp.float32)
+  return safe_norm(flat, axis=-1) / np.sqrt(flat.shape[-1])
+
+
+def ema_rms(rms, v_rms, gamma):
+  """``sqrt(gamma rms^2 + (1 - gamma) v_rms^2)``, overflow-safe; ``v_rms``
+  where ``rms`` is 0 (no statistic yet: the EMA starts at the first one)."""
+  a, b = jnp.sqrt(gamma) * rms, jnp.sqrt(1.0 - gamma) * v_rms
+  top = jnp.maximum(a, b)
+  unit = jnp.where(top > 0, top, 1.0)
+  both = top * jnp.sqrt(jnp.square(a / unit) + jnp.square(b / unit))
+  return jnp.where(rms > 0, both, v_rms)
+
+
+def refresh_relative(p, rms, v, *, damping, gamma, zeta, epsilon, refresh: str):
+  r"""The scale-free refresh: ``(p, rms, reset)`` after the statistic ``v``.
+
+  ``rms`` ``(S,)`` tracks the side's scale, ``n_t = rms_t^2``, an EMA of the
+  statistics' mean eigenvalue ``|v|^2 / d`` (:func:`statistic_rms`) with the
+  factor's momentum, started at the first statistic. The stored inverse is
+  kept in units of ``damping * n_t``,
+
+  .. math::  \hat P_t = \lambda n_t F_t^{-1},
+
+  so the rule of :func:`refresh_checked` runs on the unit-free statistic
+  ``w = v / sqrt(lambda n_t)`` (mean eigenvalue ``1/lambda``) after the old
+  inverse is moved to the new units (``\hat P / 
+ho`` with
+  ``rho = n_{t-1} / n_t``). Its identity start is then the prior
+  ``F_{-1} = lambda n_0 I``, and its stabiliser tests ``max|\hat P|``, both
+  relative to the side's own scale: multiplying every ``v`` by ``c``
+  multiplies ``n`` by ``c^2`` and leaves ``\hat P`` exactly as it was.
+  ``damping=None`` is the absolute form: ``P = F^{-1}``, ``rms`` unused.
+  """
+  if damping is None:
+    new, reset = refresh_checked(p, v, gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh)
+    return new, rms, reset
+  new_rms = ema_rms(rms, statistic_rms(v), gamma)
+  moved = (rms > 0) & (new_rms > 0)
+  rho = jnp.where(moved, jnp.square(rms / jnp.where(moved, new_rms, 1.0)), 1.0)
+  unit = jnp.sqrt(jnp.asarray(damping, jnp.float32)) * new_rms
+  inv_unit = jnp.where(unit > 0, 1.0 / jnp.where(unit > 0, unit, 1.0), 0.0)
+  w = v.astype(jnp.float32) * inv_unit.reshape((-1,) + (1,) * (v.ndim - 1))
+  # A side whose statistics jump by many orders of magnitude would move its
+  # old inverse past float32's range; its old factor is then negligible,
+  # and is floored so that the moved inverse stays within MAX_MOVED * epsilon.
+  grow = jnp.where(moved, 1.0 / jnp.where(moved, rho, 1.0), 1.0)
+  top = max_abs(p)
+  grow = jnp.minimum(grow, MAX_MOVED * jnp.maximum(epsilon, 1.0) / jnp.where(top > 0, top, 1.0))
+  p_now = scaled(p, jnp.maximum(grow, 0.0))
+  new, reset = refresh_checked(p_now, w, gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh)
+  seen = new_rms > 0  # no statistic yet (all zero): the prior stays as it was
+  new = jax.tree.map(lambda a, b: jnp.where(seen.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, p)
+  return new, new_rms, reset & seen
 
 
 def power(p, exponent):

@@ -37,7 +37,7 @@ import optax
 from mkor_optax import checks, sharding
 from mkor_optax.eager import compiled_when_eager
 from mkor_optax import kronecker as kr
-from mkor_optax.mkor import (EPSILON, GAMMA, LOW_RANK, LOW_RANK_MIN_DIM, ZETA, MKORState, mkor_args,
+from mkor_optax.mkor import (DAMPING, EPSILON, GAMMA, LOW_RANK, LOW_RANK_MIN_DIM, ZETA, MKORState, mkor_args,
                              scale_by_mkor)
 
 
@@ -71,6 +71,7 @@ def scale_by_mkor_h(
     threshold: float = 0.1,
     patience: int = 2,
     beta: float = 0.9,
+    damping: Optional[float] = DAMPING,
     gamma: float = GAMMA,
     zeta: float = ZETA,
     epsilon: float = EPSILON,
@@ -94,7 +95,8 @@ def scale_by_mkor_h(
       peak rate is a strike, in (0, 1).
     patience: consecutive strikes that trigger the (permanent) switch.
     beta: decay of the loss EMA, in [0, 1).
-    gamma, zeta, epsilon, inv_freq, refresh, axis_name: as in :func:`mkor_optax.scale_by_mkor`.
+    damping, gamma, zeta, epsilon, inv_freq, refresh: as in :func:`mkor_optax.scale_by_mkor`.
+    axis_name: as in :func:`mkor_optax.scale_by_mkor`.
     factor_dtype, max_factor_dim, low_rank: as in :func:`mkor_optax.scale_by_mkor`.
     low_rank_min_dim, factor_power, shard_factors, exclude: as in :func:`mkor_optax.scale_by_mkor`.
     layouts: as in :func:`mkor_optax.scale_by_mkor`.
@@ -180,6 +182,7 @@ def mkor_h(
     threshold: float = 0.1,
     patience: int = 2,
     beta: float = 0.9,
+    damping: Optional[float] = DAMPING,
     gamma: float = GAMMA,
     zeta: float = ZETA,
     epsilon: float = EPSILON,
@@ -208,7 +211,8 @@ def mkor_h(
   Args:
     learning_rate, weight_decay, backend: as in :func:`mkor_optax.mkor`.
     reset_backend: re-initialise the backend's state at the switch.
-    window, threshold, patience, beta, gamma, zeta, epsilon: as in :func:`mkor_optax.scale_by_mkor_h`.
+    window, threshold, patience, beta, damping: as in :func:`mkor_optax.scale_by_mkor_h`.
+    gamma, zeta, epsilon: as in :func:`mkor_optax.scale_by_mkor_h`.
     inv_freq, refresh, axis_name, factor_dtype: as in :func:`mkor_optax.scale_by_mkor_h`.
     max_factor_dim, low_rank, low_rank_min_dim: as in :func:`mkor_optax.scale_by_mkor_h`.
     factor_power, shard_factors, exclude, layouts: as in :func:`mkor_optax.scale_by_mkor_h`.

@@ -36,6 +36,11 @@ from mkor_optax import kronecker as kr
 from mkor_optax.precondition import precondition, rescale_to
 
 
+# Relative (pi-adjusted) damping by default: each factor gets sqrt(DAMPING)
+# times its mean eigenvalue (docs/how_it_works.md "Scale-free factors").
+DAMPING = 1e-2
+
+
 class CovarianceFactor(NamedTuple):
   """One K-FAC side: ``cov`` ``(S, d, d)`` float32, the EMA of the
   covariance statistic, and ``inv`` ``(S, d, d)`` (``factor_dtype``), its
@@ -122,8 +127,8 @@ def kfac_rule(*, damping, relative_damping, gamma, inv_freq, dtype) -> kr.Factor
 
 def scale_by_kfac(
     *,
-    damping: float = 1e-3,
-    relative_damping: bool = False,
+    damping: float = DAMPING,
+    relative_damping: bool = True,
     gamma: float = 0.95,
     inv_freq: int = kr.INV_FREQ,
     axis_name: Optional[str] = None,
@@ -184,8 +189,8 @@ def kfac(
     *,
     weight_decay: float = 0.01,
     backend: Optional[optax.GradientTransformation] = None,
-    damping: float = 1e-3,
-    relative_damping: bool = False,
+    damping: float = DAMPING,
+    relative_damping: bool = True,
     gamma: float = 0.95,
     inv_freq: int = kr.INV_FREQ,
     axis_name: Optional[str] = None,

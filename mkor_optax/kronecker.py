@@ -57,6 +57,8 @@ class Prepared(NamedTuple):
                   # statistics for the layer in the whole accumulation (keep its factors)
   count: jax.Array  # the state's step counter (updates done before this one)
   updates: Any    # the incoming updates, boxes (nn.Partitioned...) kept
+  cancelled: dict = {}  # layer -> scalar bool: its mean output gradient is cancellation
+                        # noise (statistics.cancelled_means), not curvature
 
   def blocks(self, layer) -> tuple:
     """The row blocks ``(kernel[, bias])`` of the layer's gradient matrix."""
@@ -78,12 +80,16 @@ class FactorRule(NamedTuple):
     layers without statistics, and every entry on a non-finite step, as they
     were);
   * ``precondition(sides, prep)``: ``{layer: update matrix}`` for every
-    layer of ``prep.grads``.
+    layer of ``prep.grads``;
+  * ``scaled``: the state also holds a scale per side entry, ``(S,)``
+    float32 zeros at ``init``; ``sides`` is then ``(input, output,
+    input_scale, output_scale)`` (MKOR's scale-free factors).
   """
 
   init_side: Callable[[int, int], Any]
   refresh: Callable[[tuple, Prepared], tuple]
   precondition: Callable[[tuple, Prepared], dict]
+  scaled: bool = False
 
 
 def prepare(updates, stats, plan: dict, count, *, excluded, who: str, axis_name, kind) -> Prepared:
@@ -144,7 +150,9 @@ def scale_by_kronecker(rule: FactorRule, state_type, *, who: str, kind,
                        layouts: Optional[dict], shard_factors: bool = False,
                        guarded: str = 'the factors are left as they were'
                        ) -> optax.GradientTransformationExtraArgs:
-  """The transform of ``rule``; its state is ``state_type(count, input_side, output_side)``.
+  """The transform of ``rule``; its state is ``state_type(count, input_side,
+  output_side)``, and ``input_scale, output_scale`` after them for a
+  ``rule.scaled``.
 
   ``kind``: the statistics it reads (``'RANK1'``, ``'COVARIANCE'``, or a
   tuple of kinds the rule takes, such as ``('RANK1', 'SKETCH')``);
@@ -162,6 +170,8 @@ def scale_by_kronecker(rule: FactorRule, state_type, *, who: str, kind,
     sides = [sharding.place_factors({k: rule.init_side(lp.dims.width(side), lp.dims.n_stack)
                                      for k, lp in plan.items() if lp.has(side)}, mesh)
              for side in SIDES]
+    if rule.scaled:  # replicated (place_state), never split: (S,) per entry
+      sides += [{k: jnp.zeros((f.shape[0],), jnp.float32) for k, f in side.items()} for side in sides]
     return sharding.place_state(state_type(jnp.zeros([], jnp.int32), *sides), params)
 
   def update(updates, state, params=None, *, stats=None, **extra_args):
@@ -170,8 +180,8 @@ def scale_by_kronecker(rule: FactorRule, state_type, *, who: str, kind,
 
   @compiled_when_eager
   def step(updates, state, stats):
-    sides = (state.input_side, state.output_side)
-    shapes = tuple({k: side_shape(f) for k, f in side.items()} for side in sides)
+    sides = tuple(state[1:])
+    shapes = tuple({k: side_shape(f) for k, f in side.items()} for side in sides[:2])
     plan = plan_from_state(updates, shapes, layouts=layouts, excluded=excluded,
                            max_factor_dim=max_factor_dim, who=who)
     prep = prepare(updates, stats, plan, state.count, excluded=excluded, who=who,
@@ -179,6 +189,7 @@ def scale_by_kronecker(rule: FactorRule, state_type, *, who: str, kind,
     with collect() as receipts:  # the rule's own checks report into it too
       report_if(~prep.finite, f'{who}: non-finite gradients or statistics: {guarded}')
       zero = cancelled_means(stats, prep.plan)
+      prep = prep._replace(cancelled=zero)
       if zero:
         names = sorted(zero)
         report_if(jnp.stack([zero[k] for k in names]), CANCELLED_FIX.format(who=who), names=names)

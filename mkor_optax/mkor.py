@@ -35,7 +35,7 @@ import optax
 from mkor_optax import checks, factors
 from mkor_optax import kronecker as kr
 from mkor_optax.factors import DENSE_16_BIT
-from mkor_optax.layout import SIDES
+from mkor_optax.layout import OUTPUT, SIDES
 from mkor_optax.rank1 import REFRESH_RULES, check_stabiliser, refresh_inverse, refresh_inverse_checked  # noqa: F401
 
 # Low-rank factors by default for sides of at least this width (measured:
@@ -49,6 +49,9 @@ LOW_RANK_MIN_DIM = 256
 GAMMA = 0.98
 ZETA = 0.9
 EPSILON = 2.0
+# The relative damping of the scale-free factors: the identity prior's weight
+# against the side's mean eigenvalue (docs/how_it_works.md "Scale-free factors").
+DAMPING = 0.0625
 
 
 class MKORState(NamedTuple):
@@ -61,6 +64,12 @@ class MKORState(NamedTuple):
       ``low_rank_min_dim``, a :class:`~mkor_optax.lowrank.LowRankInverse`.
     output_side: layer path -> the output-side inverse ``L^-1``, ``(S, d_out, d_out)``
       or low-rank. A side wider than ``max_factor_dim`` has no entry (identity).
+      Both sides' inverses are held in units of ``damping * n_t``
+      (``damping=None``: as they are).
+    input_scale: layer path -> ``(S,)`` float32 ``sqrt(n_t)``, the input
+      side's scale: ``n_t`` is the EMA of its statistics' mean eigenvalue
+      ``|a|^2 / (d_in + 1)`` (0 before the first statistic).
+    output_scale: the same for the output side, ``n_t`` from ``|g|^2 / d_out``.
 
   Example:
     >>> state = mkor_optax.scale_by_mkor().init(params)
@@ -71,12 +80,14 @@ class MKORState(NamedTuple):
   count: jax.Array
   input_side: dict
   output_side: dict
+  input_scale: dict
+  output_scale: dict
   KIND = 'RANK1'
   KINDS = ('RANK1', 'SKETCH')  # the statistics it takes
 
 
-def mkor_rule(*, gamma, zeta, epsilon, inv_freq, refresh, dtype, low_rank, low_rank_min_dim,
-              factor_power=1.0, who: str = 'scale_by_mkor') -> kr.FactorRule:
+def mkor_rule(*, damping, gamma, zeta, epsilon, inv_freq, refresh, dtype, low_rank,
+              low_rank_min_dim, factor_power=1.0, who: str = 'scale_by_mkor') -> kr.FactorRule:
   """MKOR's :class:`~mkor_optax.kronecker.FactorRule`: rank-1 refreshes of
   the inverses every ``inv_freq`` steps, then ``R^-1 G L^-1``, rescaled."""
   def init_side(width, n_stack):  # at init, where low_rank is a Python number
@@ -84,22 +95,28 @@ def mkor_rule(*, gamma, zeta, epsilon, inv_freq, refresh, dtype, low_rank, low_r
     return factors.identity(width, n_stack, rank=rank, min_dim=low_rank_min_dim, dtype=dtype)
 
   def refreshed(sides, prep):
-    new, flags = [], {}
-    for side, entries in zip(SIDES, sides):
-      out = {}
+    new, scales, flags = [], [], {}
+    for side, entries, rms_of in zip(SIDES, sides[:2], sides[2:]):
+      out, out_rms = {}, {}
       for k, p in entries.items():
         if k not in prep.stats:
-          out[k] = p
+          out[k], out_rms[k] = p, rms_of[k]
           continue
-        fresh, reset = factors.refresh_checked(p, prep.stats[k][side], gamma=gamma, zeta=zeta,
-                                               epsilon=epsilon, refresh=refresh)
-        out[k] = prep.keep_unless_fresh(k, fresh, p)  # finite here: the refresh is due
+        fresh, rms, reset = factors.refresh_relative(
+            p, rms_of[k], prep.stats[k][side], damping=damping, gamma=gamma, zeta=zeta,
+            epsilon=epsilon, refresh=refresh)
+        # finite here: the refresh is due
+        out[k], out_rms[k] = prep.keep_unless_fresh(k, (fresh, rms), (p, rms_of[k]))
+        if side == OUTPUT and k in prep.cancelled:  # rounding noise is no curvature
+          out[k], out_rms[k] = jax.tree.map(lambda a, b: jnp.where(prep.cancelled[k], a, b),
+                                            (p, rms_of[k]), (out[k], out_rms[k]))
         flags[f'{k} ({side} side)'] = jnp.any(reset) & prep.present[k]
       new.append(out)
-    return tuple(new), flags
+      scales.append(out_rms)
+    return tuple(new) + tuple(scales), flags
 
   def kept(sides, prep):
-    names = [f'{k} ({side} side)' for side, entries in zip(SIDES, sides)
+    names = [f'{k} ({side} side)' for side, entries in zip(SIDES, sides[:2])
              for k in entries if k in prep.stats]
     return sides, {n: jnp.asarray(False) for n in names}
 
@@ -110,17 +127,19 @@ def mkor_rule(*, gamma, zeta, epsilon, inv_freq, refresh, dtype, low_rank, low_r
     return sides
 
   def precondition(sides, prep):
-    r_inv, l_inv = ({k: factors.power(p, factor_power) for k, p in side.items()} for side in sides)
+    r_inv, l_inv = ({k: factors.power(p, factor_power) for k, p in side.items()} for side in sides[:2])
     return {k: factors.precondition_rescaled(g, r_inv.get(k), l_inv.get(k), prep.blocks(k),
                                              prep.sq_norms[k])
             for k, (_, g) in prep.grads.items()}
 
-  return kr.FactorRule(init_side, refresh_sides, precondition)
+  return kr.FactorRule(init_side, refresh_sides, precondition, scaled=True)
 
 
 def check_mkor_args(*, gamma, zeta, epsilon, inv_freq, refresh, factor_dtype, max_factor_dim,
-                    low_rank, low_rank_min_dim, factor_power=1.0):
+                    low_rank, low_rank_min_dim, factor_power=1.0, damping=DAMPING):
   """Validates ``scale_by_mkor``'s hyperparameters; returns the factor dtype."""
+  if damping is not None:
+    checks.validate(damping=(damping, lambda v: v > 0, 'must be > 0 (or None: absolute)'))
   checks.validate(
       zeta=(zeta, lambda v: 0.0 <= v <= 1.0, 'must be in [0, 1]'),
       epsilon=(epsilon, lambda v: v > 0, 'must be > 0'),
@@ -145,6 +164,7 @@ def check_mkor_args(*, gamma, zeta, epsilon, inv_freq, refresh, factor_dtype, ma
 
 def scale_by_mkor(
     *,
+    damping: Optional[float] = DAMPING,
     gamma: float = GAMMA,
     zeta: float = ZETA,
     epsilon: float = EPSILON,
@@ -163,10 +183,19 @@ def scale_by_mkor(
   """MKOR preconditioning of every captured Dense/DenseGeneral/Conv layer.
 
   Args:
+    damping: relative damping ``lambda`` of the scale-free factors (> 0):
+      each side's inverse is kept in units of ``lambda n_t``, ``n_t`` an EMA
+      of the side's mean eigenvalue ``|v|^2/d``, so it starts at the prior
+      ``lambda n_0 I`` and its stabiliser acts relative to the side's own
+      scale; the update then does not depend on the scale of the loss or of
+      either side's statistics. ``None``: the absolute form (inverses start
+      at ``I`` and ``epsilon`` bounds ``max|F^-1|`` itself), which damps a
+      side whose statistics are small (usually the output side) to the identity.
     gamma: momentum of the factor EMA, in (0, 1) (the paper's runs: 0.95).
     zeta: stabiliser blend ``P <- zeta P + (1-zeta) I``, in [0, 1]; with
       ``refresh='ema'`` it must be below ``gamma`` (:func:`check_stabiliser`).
-    epsilon: stabiliser threshold on ``max|P|`` (> 0).
+    epsilon: stabiliser threshold on ``max|P|`` (> 0), in the inverse's
+      units (``lambda n_t``, or absolute with ``damping=None``).
     inv_freq: refresh the inverses at step 0 and every ``inv_freq`` steps.
     refresh: ``'ema'`` (exact EMA inverse, default) or ``'blend'`` (authors' code).
     axis_name: data-parallel axis (``pmap``/``shard_map``): ``a`` and ``g``
@@ -221,8 +250,9 @@ def scale_by_mkor(
   dtype = check_mkor_args(gamma=gamma, zeta=zeta, epsilon=epsilon, inv_freq=inv_freq,
                           refresh=refresh, factor_dtype=factor_dtype,
                           max_factor_dim=max_factor_dim, low_rank=low_rank,
-                          low_rank_min_dim=low_rank_min_dim, factor_power=factor_power)
-  rule = mkor_rule(gamma=gamma, zeta=zeta, epsilon=epsilon, inv_freq=inv_freq, refresh=refresh,
+                          low_rank_min_dim=low_rank_min_dim, factor_power=factor_power,
+                          damping=damping)
+  rule = mkor_rule(damping=damping, gamma=gamma, zeta=zeta, epsilon=epsilon, inv_freq=inv_freq, refresh=refresh,
                    dtype=dtype, low_rank=low_rank, low_rank_min_dim=low_rank_min_dim,
                    factor_power=factor_power)
   return kr.scale_by_kronecker(rule, MKORState, who='scale_by_mkor', kind=('RANK1', 'SKETCH'),
@@ -231,7 +261,7 @@ def scale_by_mkor(
 
 
 # The arguments of scale_by_mkor, which mkor and the MKOR-H transforms hand on.
-MKOR_ARGS = ('gamma', 'zeta', 'epsilon', 'inv_freq', 'refresh', 'axis_name', 'factor_dtype',
+MKOR_ARGS = ('damping', 'gamma', 'zeta', 'epsilon', 'inv_freq', 'refresh', 'axis_name', 'factor_dtype',
              'max_factor_dim', 'low_rank', 'low_rank_min_dim', 'factor_power', 'shard_factors',
              'exclude', 'layouts')
 
@@ -246,6 +276,7 @@ def mkor(
     *,
     weight_decay: float = 0.01,
     backend: Optional[optax.GradientTransformation] = None,
+    damping: Optional[float] = DAMPING,
     gamma: float = GAMMA,
     zeta: float = ZETA,
     epsilon: float = EPSILON,
@@ -271,7 +302,8 @@ def mkor(
       ``optax.lamb(learning_rate, weight_decay=...)``). With an explicit
       backend, ``learning_rate`` and ``weight_decay`` are unused (the backend
       carries its own).
-    gamma, zeta, epsilon, inv_freq, refresh, axis_name: as in :func:`scale_by_mkor`.
+    damping, gamma, zeta, epsilon, inv_freq, refresh: as in :func:`scale_by_mkor`.
+    axis_name: as in :func:`scale_by_mkor`.
     factor_dtype, max_factor_dim, low_rank: as in :func:`scale_by_mkor`.
     low_rank_min_dim, factor_power, shard_factors, exclude: as in :func:`scale_by_mkor`.
     layouts: as in :func:`scale_by_mkor`.

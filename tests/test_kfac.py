@@ -50,10 +50,12 @@ def test_conv_covariances_use_im2col_patches():
   np.testing.assert_allclose(stats['']['G'], h.T @ h / len(h), rtol=1e-4, atol=1e-7)
 
 
-def test_update_equals_damped_dense_solves():
+@pytest.mark.parametrize('relative', [True, False])  # pi-adjusted (default), absolute
+def test_update_equals_damped_dense_solves(relative):
   params = init_params()
   damping, gamma, inv_freq = 1e-2, 0.9, 2
-  tx = mkor_optax.scale_by_kfac(damping=damping, gamma=gamma, inv_freq=inv_freq)
+  tx = mkor_optax.scale_by_kfac(damping=damping, gamma=gamma, inv_freq=inv_freq,
+                                relative_damping=relative)
   state = tx.init(params)
   ema = {}
   inv = {}
@@ -66,7 +68,8 @@ def test_update_equals_damped_dense_solves():
         s = np.asarray(stats[k][side], np.float64)
         ema[k, side] = s if t == 0 else gamma * ema[k, side] + (1 - gamma) * s
         if t % inv_freq == 0:
-          inv[k, side] = ema[k, side] + np.sqrt(damping) * np.eye(len(s))
+          mean_eig = np.trace(ema[k, side]) / len(s) if relative else 1.0
+          inv[k, side] = ema[k, side] + np.sqrt(damping) * mean_eig * np.eye(len(s))
       pre = np.linalg.solve(inv[k, 'A'], g)           # (A + sqrt(mu) I)^-1 G
       pre = np.linalg.solve(inv[k, 'G'], pre.T).T     # ... (G + sqrt(mu) I)^-1
       want[k] = pre * np.linalg.norm(g) / np.linalg.norm(pre)

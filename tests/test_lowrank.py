@@ -151,7 +151,7 @@ def test_mkor_update_with_low_rank_factors_equals_dense_float64_reference(refres
   """Net's sides of 5 and 6 held at rank 4, 4 refreshes: exact, so the whole
   update equals the dense float64 MKOR of test_mkor."""
   params = init_params()
-  hp = dict(gamma=0.9, zeta=0.8, epsilon=1.5, inv_freq=2)
+  hp = dict(gamma=0.9, zeta=0.8, epsilon=1.5, inv_freq=2, damping=0.0625)
   tx = mkor_optax.scale_by_mkor(refresh=refresh, low_rank=4, low_rank_min_dim=0, **hp)
   state = tx.init(params)
   assert isinstance(state.input_side['hidden'], LowRankInverse)
@@ -233,5 +233,8 @@ def test_bfloat16_low_rank_factors_stay_close_to_float32():
     outs[dtype] = u
     if dtype:
       assert state.input_side['hidden'].q.dtype == jnp.bfloat16
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0.05, atol=1e-3),
-               outs['bfloat16'], outs[None])
+  # Scale-free factors carry both sides' curvature (condition numbers of
+  # 10-100 here), and a bfloat16 basis rounds each entry to 8 bits: measured
+  # 0.6-5.9% of the update's norm (0.04% when the factors were nearly I).
+  for a, b in zip(jax.tree.leaves(outs['bfloat16']), jax.tree.leaves(outs[None])):
+    assert np.linalg.norm(a - b) <= 0.1 * np.linalg.norm(b)

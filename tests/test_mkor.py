@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import mkor_optax
+from mkor_optax.mkor import DAMPING as MKOR_DAMPING
 
 from helpers import (KEY, assert_tree_close, aug_blocks, batch, from_blocks, init_params, loss_fn)
 
@@ -21,13 +22,26 @@ def matrix_power(p, e):
   return (vec * lam ** e) @ vec.T
 
 
-def reference_run(grads_stats, gamma, zeta, epsilon, inv_freq, refresh='ema', power=1.0):
+def reference_run(grads_stats, gamma, zeta, epsilon, inv_freq, refresh='ema', power=1.0,
+                  damping=None):
   """Dense float64 MKOR: explicit inverses of the factors, no Sherman-Morrison
-  (with ``power``: the inverses raised to it before they precondition)."""
+  (with ``power``: the inverses raised to it before they precondition).
+
+  ``damping``: the scale-free form. Each side's scale ``n`` is the EMA of
+  ``|v|^2/d`` (from the first statistic); the inverse is held in units of
+  ``damping * n``: moved to the new units (``P n_new / n_old``), then the
+  same rule with ``v / sqrt(damping n_new)``."""
   rinv = {'hidden': np.eye(5), 'out': np.eye(6)}
   linv = {'hidden': np.eye(6), 'out': np.eye(3)}
+  scale = {}
 
-  def refreshed(p, v):
+  def refreshed(p, v, key):
+    if damping is not None:
+      m = v @ v / len(v)
+      n = m if key not in scale else gamma * scale[key] + (1 - gamma) * m
+      p = p if key not in scale else p * n / scale[key]
+      scale[key] = n
+      v = v / np.sqrt(damping * n)
     if np.abs(p).max() > epsilon:
       p = zeta * p + (1 - zeta) * np.eye(len(p))
     if refresh == 'ema':
@@ -40,8 +54,8 @@ def reference_run(grads_stats, gamma, zeta, epsilon, inv_freq, refresh='ema', po
     grads = jax.tree.map(lambda a: np.asarray(a, np.float64), grads)
     if t % inv_freq == 0:
       for k in rinv:
-        rinv[k] = refreshed(rinv[k], np.asarray(stats[k]['a'], np.float64))
-        linv[k] = refreshed(linv[k], np.asarray(stats[k]['g'], np.float64))
+        rinv[k] = refreshed(rinv[k], np.asarray(stats[k]['a'], np.float64), (k, 'a'))
+        linv[k] = refreshed(linv[k], np.asarray(stats[k]['g'], np.float64), (k, 'g'))
     out = {}
     for k, g in aug_blocks(grads).items():
       u = matrix_power(rinv[k], power) @ g @ matrix_power(linv[k], power)
@@ -72,9 +86,10 @@ def assert_matches_reference(tx, hp, *, n_steps=7, jit=False, refresh='ema', pow
   return state
 
 
+@pytest.mark.parametrize('damping', [None, 0.0625, 1.0])  # absolute, scale-free
 @pytest.mark.parametrize('refresh', ['ema', 'blend'])
-def test_full_update_equals_dense_float64_reference(refresh):
-  hp = dict(gamma=0.9, zeta=0.8, epsilon=1.5, inv_freq=2)
+def test_full_update_equals_dense_float64_reference(refresh, damping):
+  hp = dict(gamma=0.9, zeta=0.8, epsilon=1.5, inv_freq=2, damping=damping)
   state = assert_matches_reference(mkor_optax.scale_by_mkor(refresh=refresh, **hp), hp,
                                    refresh=refresh)
   assert int(state.count) == 7
@@ -169,7 +184,9 @@ def test_max_factor_dim_makes_large_sides_identity():
   _, grads, stats = GRAD(params, *batch(0))
   u, state = tx.update(grads, state, params, stats=stats)
   g = np.vstack([grads['hidden']['kernel'], grads['hidden']['bias'][None]]).astype(np.float64)
-  p = np.linalg.inv(0.9 * np.eye(5) + 0.1 * np.outer(stats['hidden']['a'], stats['hidden']['a']))
+  a = np.asarray(stats['hidden']['a'], np.float64)
+  w = a / np.sqrt(MKOR_DAMPING * (a @ a) / 5)  # the scale-free statistic
+  p = np.linalg.inv(0.9 * np.eye(5) + 0.1 * np.outer(w, w))
   want = p @ g
   want *= np.linalg.norm(g) / np.linalg.norm(want)
   np.testing.assert_allclose(u['hidden']['kernel'], want[:4], rtol=1e-4, atol=1e-6)

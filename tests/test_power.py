@@ -36,7 +36,7 @@ def test_power_one_under_inject_hyperparams_keeps_the_inverse_exactly():
 @pytest.mark.parametrize('power', [0.5, 0.25])
 @pytest.mark.parametrize('low_rank_min_dim', [256, 0])  # dense sides / low-rank sides (exact)
 def test_mkor_update_with_a_factor_power_equals_float64(power, low_rank_min_dim):
-  hp = dict(gamma=0.9, zeta=0.8, epsilon=1.5, inv_freq=2)
+  hp = dict(gamma=0.9, zeta=0.8, epsilon=1.5, inv_freq=2, damping=0.0625)
   tx = mkor_optax.scale_by_mkor(factor_power=power, low_rank=4,
                                 low_rank_min_dim=low_rank_min_dim, **hp)
   assert_matches_reference(tx, hp, n_steps=5, jit=True, power=power, rtol=5e-4, atol=2e-6)
