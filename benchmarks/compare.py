@@ -44,7 +44,7 @@ from mkor_optax.mkor import refresh_inverse  # noqa: E402
 from step_time import interleaved, refresh_update_fns  # noqa: E402
 
 GRIDS = {'autoencoder': (3e-3, 1e-2, 3e-2), 'bert': (2e-3, 5e-3, 1e-2), 'cnn': (3e-3, 1e-2, 3e-2),
-         'resnet': (1e-3, 3e-3, 1e-2)}
+         'resnet': (1e-3, 3e-3, 1e-2), 'mlp64': (3e-3, 1e-2, 3e-2)}
 ORDER = ('adamw', 'lamb', 'muon', 'psgd_kron', 'mkor', 'mkor_mean', 'mkor_adam', 'mkor_muon', 'mkor_h', 'kfac', 'eva', 'sonew')
 # The peers users pick in 2026: optax's Muon (Adam on the non-matrix leaves, its
 # default) and PSGD Kron (the optional `distributed-kron` package, an optax
@@ -82,6 +82,7 @@ TASK_METHODS = {
     'autoencoder': dict(METHODS, **PEERS, **mkor_peers()),
     'cnn': dict(METHODS, **PEERS, **mkor_peers()),
     'resnet': dict(METHODS, **PEERS, **mkor_peers()),
+    'mlp64': dict(METHODS, **PEERS, **mkor_peers()),
     'bert': dict(METHODS, **PEERS, **mkor_peers(BERT_FACTOR_DIM),
                  mkor=Method(lambda lr: mkor_optax.mkor(lr, weight_decay=0.0, max_factor_dim=BERT_FACTOR_DIM),
                              mkor_optax.SKETCH),
@@ -96,8 +97,8 @@ TASK_METHODS = {
                  eva=Method(lambda lr: mkor_optax.eva(lr, weight_decay=0.0, max_factor_dim=BERT_FACTOR_DIM),
                             mkor_optax.RANK1)),
 }
-FACTOR_DIM = {'autoencoder': 4096, 'bert': BERT_FACTOR_DIM, 'cnn': 4096, 'resnet': 4096}
-STANDARD_BATCH = {'autoencoder': 256, 'bert': 32, 'cnn': 64, 'resnet': 64}
+FACTOR_DIM = {'autoencoder': 4096, 'bert': BERT_FACTOR_DIM, 'cnn': 4096, 'resnet': 4096, 'mlp64': 4096}
+STANDARD_BATCH = {'autoencoder': 256, 'bert': 32, 'cnn': 64, 'resnet': 64, 'mlp64': 128}
 
 
 def build(task, quick, seed=0, batch=None):
@@ -110,6 +111,14 @@ def build(task, quick, seed=0, batch=None):
     loss_fn = autoencoder_loss(model)
     make_iter = lambda: batches(x, y, batch, seed=seed)
     steps = 100 if quick else 500
+  elif task == 'mlp64':
+    # a small MLP autoencoder as a user writes one: four Dense layers of width
+    # at most 64 (32-16-32-64), tanh, a mean squared error over pixels
+    (x, y), _ = load_digits()
+    model = Autoencoder(widths=(32, 16, 32))
+    loss_fn = mse_autoencoder_loss(model)
+    make_iter = lambda: batches(x, y, batch, seed=seed)
+    steps = 60 if quick else 300
   elif task == 'cnn':
     from cnn import CNN  # examples/cnn.py: strided and padded convolutions, digits, batch 64
     (x, y), _ = load_digits()
@@ -132,6 +141,15 @@ def build(task, quick, seed=0, batch=None):
     steps = 60 if quick else 300
   params = model.init(jax.random.PRNGKey(seed), next(make_iter())[0])['params']
   return params, make_iter, loss_fn, steps
+
+
+def mse_autoencoder_loss(model):
+  """Mean squared reconstruction error of the sigmoid output, over pixels and images."""
+  def loss_fn(params, x, y=None):
+    del y
+    flat = x.reshape(x.shape[0], -1)
+    return jnp.mean(jnp.square(jax.nn.sigmoid(model.apply({'params': params}, x)) - flat))
+  return loss_fn
 
 
 def smooth(losses, beta=0.9):

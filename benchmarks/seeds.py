@@ -59,6 +59,7 @@ def kfac_method(make_backend=None, **kw):
 # trust ratio, so their grid is wider; Muon's reaches past compare.py's top.
 SGD_GRIDS = {'autoencoder': (1e-2, 3e-2, 1e-1, 3e-1), 'bert': (1e-2, 3e-2, 1e-1, 3e-1)}
 MUON_GRIDS = {'autoencoder': (1e-2, 3e-2, 1e-1), 'bert': (3e-3, 1e-2, 3e-2), 'cnn': (1e-2, 3e-2, 1e-1),
+              'mlp64': (1e-2, 3e-2, 1e-1),
               'resnet': (1e-2, 3e-2, 1e-1)}
 
 
@@ -118,6 +119,24 @@ STUDIES = {
            for name, kw in (('inv_freq 1', dict(inv_freq=1)), ('inv_freq 3', dict(inv_freq=3)),
                             ('gamma 0.95', dict(gamma=0.95)), ('epsilon 8', dict(epsilon=8.0)))},
         'kfac (LAMB)': kfac_method(),
+        'muon': Config(lambda lr, task: optax.contrib.muon(lr), None, MUON_GRIDS),
+        'adamw': Config(lambda lr, task: optax.adamw(lr), None),
+    },
+    # Scale-free factors: MKOR's relative damping (None: the absolute form,
+    # the default before 0.2), its EMA around the chosen value, the mean
+    # statistic, and K-FAC's relative (pi-adjusted) damping against absolute
+    'scale_free': {
+        'mkor absolute (damping None)': Config(mkor_method(damping=None), mkor_optax.SKETCH),
+        **{f'mkor damping {d:g}': Config(mkor_method(damping=d), mkor_optax.SKETCH)
+           for d in (1.0, 0.25, 0.0625, 0.015625)},
+        'mkor mean damping 0.0625': mkor_method(damping=0.0625),
+        'mkor damping 0.0625 gamma 0.95': Config(mkor_method(damping=0.0625, gamma=0.95),
+                                                 mkor_optax.SKETCH),
+        'mkor damping 0.0625 inv_freq 3': Config(mkor_method(damping=0.0625, inv_freq=3),
+                                                 mkor_optax.SKETCH),
+        'kfac absolute 1e-3': kfac_method(damping=1e-3, relative_damping=False),
+        **{f'kfac relative {d:g}': kfac_method(damping=d, relative_damping=True)
+           for d in (1e-1, 1e-2, 1e-3)},
         'muon': Config(lambda lr, task: optax.contrib.muon(lr), None, MUON_GRIDS),
         'adamw': Config(lambda lr, task: optax.adamw(lr), None),
     },

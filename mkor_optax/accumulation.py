@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from mkor_optax import checks
-from mkor_optax.kronecker import stats_template
+from mkor_optax.kronecker import factored_states, stats_template
 from mkor_optax.statistics import sketch_count
 from mkor_optax.tap import DEFAULT_KIND, Sketch, StatKind
 
@@ -127,8 +127,8 @@ class MultiSteps:
         raise ValueError('mkor_optax.MultiSteps: stats must be the dict returned by '
                          'mkor_optax.value_and_grad')
       sketches = sketch_count(acc)  # what init made room for
-      if acc:
-        self._check_sketches(sketch_count(stats), sketches)
+      if acc and stats:  # (an empty dict: no layer of this micro-batch, warned below)
+        self._check_sketches(sketch_count(stats), sketches, old.inner_opt_state)
       new_acc, new_counts = self._accumulate(acc, counts, stats, sketches)
       absent = sorted(layer for layer in acc if layer not in stats)
       if absent:
@@ -150,11 +150,19 @@ class MultiSteps:
     reset = lambda tree: jax.tree.map(lambda v: jnp.where(emitted, jnp.zeros_like(v), v), tree)
     return out, MultiStepsState(inner, reset(keep(new_acc, acc)), reset(keep(new_counts, counts)))
 
-  def _check_sketches(self, k, want):
+  def _check_sketches(self, k, want, inner_state):
     if k == want:
       return
-    built = 'mean (or covariance) statistics' if want is None else f'{want} sketches per layer'
-    got = 'mean (or covariance) statistics' if k is None else f'{k} sketches per layer'
+    takes = {kind for n in factored_states(inner_state) for kind in getattr(type(n), 'KINDS', (n.KIND,))}
+    if k is not None and 'SKETCH' not in takes:  # K-FAC, Eva: no sketches at all
+      need = sorted(takes)[0]
+      raise ValueError(
+          f'mkor_optax.MultiSteps: got {k} sketches per layer, but the transform it wraps takes '
+          f'mkor_optax.{need} statistics, not sketches: capture them with '
+          f'mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.{need}) and build '
+          f'MultiSteps(..., kind=mkor_optax.{need}).')
+    built = 'mean statistics' if want is None else f'{want} sketches per layer'
+    got = 'mean statistics' if k is None else f'{k} sketches per layer'
     fix = 'mkor_optax.RANK1' if k is None else f'mkor_optax.Sketch({k})'
     raise ValueError(f'mkor_optax.MultiSteps was built for {built} but got {got}: build it with '
                      f'MultiSteps(..., kind={fix}), the kind passed to value_and_grad, so that '

@@ -144,6 +144,9 @@ ho`` with
   ``F_{-1} = lambda n_0 I``, and its stabiliser tests ``max|\hat P|``, both
   relative to the side's own scale: multiplying every ``v`` by ``c``
   multiplies ``n`` by ``c^2`` and leaves ``\hat P`` exactly as it was.
+  Before the first non-zero statistic the prior stays as it was; a moved
+  inverse is capped at ``MAX_MOVED * max(epsilon, 1)`` (statistics that jump
+  by orders of magnitude make the old factor negligible, not infinite).
   ``damping=None`` is the absolute form: ``P = F^{-1}``, ``rms`` unused.
   """
   if damping is None:

@@ -157,8 +157,11 @@ def scale_by_mkor_h(
     level = ema / (1 - beta ** jnp.maximum(seen, 1).astype(jnp.float32))
     first = jnp.logical_and(finite, state.finite_count == 0)
     window_start = jnp.where(first, loss, state.window_start)
-    t = checks.increment(state.count)
-    at_end = jnp.logical_and(t % window == 0, seen > 0)
+    # a step that the preconditioner refused (non-finite gradients or
+    # statistics) or whose loss is not finite is not counted
+    taken = finite & (switched | (mkor_state.count != state.mkor.count))
+    t = jnp.where(taken, checks.increment(state.count), state.count)
+    at_end = jnp.logical_and(taken & (t % window == 0), seen > 0)
     rate = (window_start - level) / window
     peak = jnp.where(at_end, jnp.maximum(state.peak_rate, rate), state.peak_rate)
     strike = rate < threshold * peak
@@ -230,6 +233,7 @@ def mkor_h(
   """
   hybrid = scale_by_mkor_h(window=window, threshold=threshold, patience=patience, beta=beta,
                            **mkor_args(locals()))
+  kr.check_backend_args(learning_rate, weight_decay)
   back = backend or kr.default_backend(learning_rate, weight_decay)
   chained = optax.chain(hybrid, back)
   if not reset_backend:

@@ -31,11 +31,11 @@ from mkor_optax import checks, sharding
 from mkor_optax.eager import compiled_when_eager
 from mkor_optax.factors import side_shape
 from mkor_optax.layout import INPUT, OUTPUT, SIDES, Exclude, exclude_predicate, plan_from_state, plan_layers
-from mkor_optax.numerics import all_finite, collect, receipt_total, report_if
+from mkor_optax.numerics import all_finite, collect, fold_receipt, receipt_total, report_if
 from mkor_optax.paths import rebox_like, unbox
 from mkor_optax.precondition import layer_grads, row_blocks, write_layer
 from mkor_optax.statistics import (CANCELLED_FIX, NAMES, TAILS, cancelled_means, check_stats,
-                                   gather_stats, kind_of)
+                                   gather_stats, kind_of, missing_stats)
 
 __all__ = ['Exclude', 'FactorRule', 'Prepared', 'scale_by_kronecker', 'with_backend',
            'default_backend', 'decay_mask', 'stats_template', 'INPUT', 'OUTPUT', 'SIDES']
@@ -99,6 +99,8 @@ def prepare(updates, stats, plan: dict, count, *, excluded, who: str, axis_name,
   squared norms, so a gradient above ~1e19 counts as non-finite too). Layers
   without statistics are dropped from the plan."""
   checks.check_accumulation(who)
+  if stats is None:
+    raise missing_stats(who, kind)
   kind = kind_of(stats, (kind,) if isinstance(kind, str) else tuple(kind))
   lacking = check_stats(stats, plan, updates, excluded, who, kind)
   plan = {k: lp for k, lp in plan.items() if k not in lacking}
@@ -176,6 +178,12 @@ def scale_by_kronecker(rule: FactorRule, state_type, *, who: str, kind,
 
   def update(updates, state, params=None, *, stats=None, **extra_args):
     del params, extra_args
+    if not isinstance(state, state_type):
+      raise ValueError(
+          f'{who}: the state is a {type(state).__name__}, not a {state_type.__name__} (fields '
+          f'{list(state_type._fields)}). A checkpoint restored without a target comes back as '
+          'plain dicts and lists: restore it into opt.init(params), e.g. '
+          'ocp.StandardCheckpointer().restore(path, opt.init(params)).')
     return step(updates, state, stats)
 
   @compiled_when_eager
@@ -195,10 +203,23 @@ def scale_by_kronecker(rule: FactorRule, state_type, *, who: str, kind,
         report_if(jnp.stack([zero[k] for k in names]), CANCELLED_FIX.format(who=who), names=names)
       sides = rule.refresh(sides, prep)
       out = rule.precondition(sides, prep)
-    count = checks.increment(state.count) + receipt_total(receipts)  # keeps the checks
+    # a non-finite step is not counted (the refresh schedule and the EMAs'
+    # first step stay where they were); the receipts keep the checks
+    receipt = receipt_total(receipts)
+    count = jnp.where(prep.finite, checks.increment(state.count), state.count) + receipt
+    if out:  # and into the updates, which a step that drops the new state still returns
+      first = sorted(out)[0]
+      out[first] = fold_receipt(out[first], receipt)
     return write_layers(prep, out), state_type(count, *sides)
 
   return optax.GradientTransformationExtraArgs(init, update)
+
+
+def factored_states(opt_state) -> list:
+  """The states of :func:`scale_by_kronecker` transforms inside ``opt_state``
+  (each carries its statistics ``KIND``, and the ``KINDS`` it takes)."""
+  is_ours = lambda x: isinstance(getattr(type(x), 'KIND', None), str) and isinstance(x, tuple)
+  return [n for n in jax.tree.leaves(opt_state, is_leaf=is_ours) if is_ours(n)]
 
 
 def stats_template(opt_state, sketches: Optional[int] = None) -> dict:
@@ -208,10 +229,7 @@ def stats_template(opt_state, sketches: Optional[int] = None) -> dict:
   the ``KINDS`` they take); ``sketches=k``: ``k`` sketches for the
   transforms that take them."""
   out: dict = {}
-  is_ours = lambda x: isinstance(getattr(type(x), 'KIND', None), str) and isinstance(x, tuple)
-  for node in jax.tree.leaves(opt_state, is_leaf=is_ours):
-    if not is_ours(node):
-      continue
+  for node in factored_states(opt_state):
     kind = node.KIND
     if sketches is not None and 'SKETCH' in getattr(type(node), 'KINDS', ()):
       kind = 'SKETCH'
@@ -235,11 +253,22 @@ def decay_mask(params):
 
 def default_backend(learning_rate, weight_decay):
   """LAMB with weight decay masked off biases and norm scales (the paper's BERT runs)."""
+  check_backend_args(learning_rate, weight_decay)
   return optax.lamb(learning_rate, weight_decay=weight_decay, mask=decay_mask)
+
+
+def check_backend_args(learning_rate, weight_decay):
+  """An alias's Python-number settings: a finite ``learning_rate`` and a
+  finite, non-negative ``weight_decay`` (arrays and schedules are the
+  caller's, as under ``optax.inject_hyperparams``)."""
+  if not callable(learning_rate):
+    checks.validate(learning_rate=(learning_rate, lambda v: True, ''))
+  checks.validate(weight_decay=(weight_decay, lambda v: v >= 0, 'must be >= 0'))
 
 
 def with_backend(preconditioner, backend, learning_rate, weight_decay):
   """``optax.chain(preconditioner, backend or LAMB)``, its whole state placed
   on the mesh of partitioned parameters at ``init``."""
+  check_backend_args(learning_rate, weight_decay)
   return sharding.on_params_mesh(optax.chain(
       preconditioner, backend or default_backend(learning_rate, weight_decay)))

@@ -5,12 +5,15 @@ warnings raised from inside ``jit`` when a step was guarded against."""
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import threading
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from mkor_optax.eager import traced
 
@@ -18,6 +21,52 @@ from mkor_optax.eager import traced
 class NumericalWarning(UserWarning):
   """A step the optimizer guarded against: non-finite gradients or
   statistics (the state was left as it was), or a factor reset."""
+
+
+# Non-finite or guarded steps warned of so far, per message: each warning
+# says how many, so the default filter (one per message and place) shows
+# every one, and a user's filter decides what is shown.
+_COUNTS: dict = {}
+_LIBRARIES = tuple(os.path.dirname(m.__file__) + os.sep for m in (jax, optax) + tuple(
+    m for m in (sys.modules.get('jaxlib'), sys.modules.get('flax')) if m is not None)) + (
+        os.path.dirname(os.path.abspath(__file__)) + os.sep, os.path.dirname(threading.__file__) + os.sep)
+
+
+def _user_frame():
+  """``(filename, lineno, module globals)`` of the innermost caller outside
+  jax, optax, flax, this library and the standard library (the user's line
+  that ran the step), or ``None`` when the callback runs on another thread."""
+  frame = sys._getframe(1)
+  while frame is not None:
+    name = os.path.abspath(frame.f_code.co_filename)
+    if not name.startswith(_LIBRARIES) and not name.startswith('<frozen'):
+      return frame
+    frame = frame.f_back
+  return None
+
+
+def user_line():
+  """``(filename, lineno, module globals)`` of the user's line that called
+  into the library (read while tracing: under ``jit`` that is the line of
+  the user's step that called ``update``), or ``None``."""
+  frame = _user_frame()
+  return None if frame is None else (frame.f_code.co_filename, frame.f_lineno, frame.f_globals)
+
+
+def warn_numerical(message: str, where=None):
+  """``NumericalWarning(message)``, counted per message ("(3 such steps so
+  far)"), attributed to ``where`` (:func:`user_line`) or else to the user's
+  line found on the stack now."""
+  _COUNTS[message] = n = _COUNTS.get(message, 0) + 1
+  text = message if n == 1 else f'{message} ({n} such steps so far)'
+  where = where or user_line()
+  if where is None:
+    warnings.warn(text, NumericalWarning, stacklevel=3)
+    return
+  filename, lineno, module_globals = where
+  registry = module_globals.setdefault('__warningregistry__', {})
+  warnings.warn_explicit(text, NumericalWarning, filename, lineno,
+                         module=module_globals.get('__name__'), registry=registry)
 
 
 class _Receipts(threading.local):
@@ -73,9 +122,10 @@ def report_if(pred, message: str, *args, names=None) -> jax.Array:
       pick = lambda v: np.asarray(v).reshape((-1,) + np.shape(v)[len(batch):])[i]
       shown = [pick(v).tolist() for v in values]
       named = [n for n, f in zip(names, rows[i]) if f] if names is not None else None
-      warnings.warn(message.format(*shown, names=named), NumericalWarning, stacklevel=2)
+      warn_numerical(message.format(*shown, names=named), where)
     return np.zeros(batch, np.int32)
 
+  where = user_line()  # while tracing: the user's line that called update
   pred = jnp.reshape(jnp.asarray(pred, bool), (-1,))
   if not traced((pred, args)):
     warn(pred, *args)  # called eagerly: an eager cond would compile its branches on every call
@@ -89,6 +139,25 @@ def report_if(pred, message: str, *args, names=None) -> jax.Array:
   if _receipts.open:
     _receipts.open[-1].append(out)
   return out
+
+
+def fold_receipt(x, receipt):
+  """``x`` plus the (zero) ``receipt`` in ``x``'s dtype: an output the user
+  keeps depends on the checks, so the compiler cannot remove them. A tuple
+  of row blocks gets it in its first block."""
+  if isinstance(x, tuple):
+    return (fold_receipt(x[0], receipt),) + x[1:]
+  return x + jnp.asarray(receipt, x.dtype)
+
+
+def fold_into_first(tree, receipt):
+  """``tree`` with the receipt folded into its first floating-point leaf."""
+  leaves, treedef = jax.tree.flatten(tree)
+  for i, x in enumerate(leaves):
+    if jnp.issubdtype(jnp.result_type(x), jnp.floating):
+      leaves[i] = fold_receipt(x, receipt)
+      break
+  return treedef.unflatten(leaves)
 
 
 def safe_norm(x, axis=None, keepdims=False):

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import optax
 
 from mkor_optax import checks
-from mkor_optax.numerics import all_finite, report_if
+from mkor_optax.numerics import all_finite, fold_into_first, report_if
 
 
 class QuadraticStepState(NamedTuple):
@@ -233,7 +233,7 @@ def scale_by_quadratic_step(
       lam, rho = _adapt(lam, omega, measure, params, step, value, value_fn, predicted)
     lam = jnp.where(ok, lam, lam / omega)
     lam = jnp.clip(lam, min_damping, max_damping)
-    out = jax.tree.map(lambda d, u: d.astype(u.dtype), step, updates)
+    out = fold_into_first(jax.tree.map(lambda d, u: d.astype(u.dtype), step, updates), receipt)
     new_state = QuadraticStepState(checks.increment(state.count) + receipt,
                                    lam.astype(jnp.float32), step, alpha.astype(jnp.float32),
                                    mu.astype(jnp.float32), rho)

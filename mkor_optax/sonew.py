@@ -231,7 +231,7 @@ def scale_by_sonew(
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     count = jnp.where(finite, checks.increment(state.count), state.count) + receipt
     new_state = SONewState(count, keep(m, state.m), keep(d, state.d), keep(e, state.e))
-    return keep(u, updates), new_state
+    return numerics.fold_into_first(keep(u, updates), receipt), new_state
 
   return optax.GradientTransformationExtraArgs(init, update)
 

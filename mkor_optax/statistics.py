@@ -65,11 +65,22 @@ def stat_shapes(kind: str, lp: LayerPlan, fields=None) -> dict:
           for name, (has, width) in zip(NAMES[kind], sides) if has}
 
 
+def missing_stats(who: str, kinds) -> ValueError:
+  """The error for an ``update`` without ``stats=``: the capture to call (the
+  default kind where the transform takes it), and Flax's ``TrainState``."""
+  kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+  capture = ('mkor_optax.value_and_grad(loss_fn) (its default kind, mkor_optax.SKETCH)'
+             if 'SKETCH' in kinds else
+             f'mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.{kinds[0]})')
+  return ValueError(
+      f'{who}.update needs the layer statistics: call it as update(grads, state, params, '
+      f'stats=stats) with stats from {capture}. With a Flax TrainState, use '
+      'mkor_optax.TrainState, whose apply_gradients(grads=..., stats=...) hands them on.')
+
+
 def _check_known(stats, plan, params, excluded, who, kind):
   if stats is None:
-    raise ValueError(
-        f'{who}.update needs the layer statistics: call it as update(grads, state, params, '
-        f'stats=stats) with stats from mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.{kind}).')
+    raise missing_stats(who, kind)
   if not hasattr(stats, 'keys'):
     raise ValueError(f'{who}: stats must be the dict returned by mkor_optax.value_and_grad')
   plain = unbox(params) if params is not None else None

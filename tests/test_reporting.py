@@ -1,0 +1,174 @@
+"""What a user is told and what a bad step leaves: counters held on
+non-finite steps, warnings that a step dropping its state still gives,
+counted and attributed to the user's line, validated alias settings, and
+error messages that say what to pass."""
+
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import mkor_optax
+from mkor_optax.numerics import NumericalWarning
+
+from helpers import batch, init_params, loss_fn
+from test_safety import WARNING_TRANSFORMS, nan_like
+
+
+def stats_for(kind, params, t=0):
+  if kind is None:
+    return jax.grad(loss_fn)(params, *batch(t)), None
+  _, grads, stats = mkor_optax.value_and_grad(loss_fn, kind=kind)(params, *batch(t))
+  return grads, stats
+
+
+def counters(state):
+  """Every int32 scalar ``count`` of our own states (MKOR-H's and its MKOR's)."""
+  out = []
+  is_ours = lambda x: hasattr(x, '_fields') and 'count' in x._fields and type(x).__module__.startswith('mkor_optax')
+  for node in jax.tree.leaves(state, is_leaf=is_ours):
+    if is_ours(node):
+      out.append(int(node.count))
+      out += [int(c) for c in counters(tuple(getattr(node, f) for f in node._fields if f != 'count'))]
+  return out
+
+
+@pytest.mark.parametrize('name', list(WARNING_TRANSFORMS))
+def test_a_non_finite_step_leaves_every_counter_as_it_was(name):
+  make, kind = WARNING_TRANSFORMS[name]
+  params = init_params()
+  tx = make()
+  state = tx.init(params)
+  extra = lambda stats: dict({} if stats is None else {'stats': stats},
+                             **({'value': jnp.float32(1.0)} if name == 'mkor_h' else {}))
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', NumericalWarning)
+    for t in range(3):
+      grads, stats = stats_for(kind, params, t)
+      state = tx.update(grads, state, params, **extra(stats))[1]
+    before = counters(state)
+    assert before and all(c == 3 for c in before), before
+    grads, stats = stats_for(kind, params, 3)
+    after = tx.update(nan_like(grads), state, params, **extra(stats))[1]
+  assert counters(after) == before
+
+
+@pytest.mark.parametrize('make,kind,field', [
+    (lambda: mkor_optax.scale_by_kfac(gamma=0.95), mkor_optax.COVARIANCE, 'cov'),
+    (lambda: mkor_optax.scale_by_eva(gamma=0.95), mkor_optax.RANK1, None),
+])
+def test_a_bad_first_step_does_not_change_the_emas_start(make, kind, field):
+  """After a NaN first step the EMA starts at the statistic itself (1x), not
+  at 0.05x of it."""
+  params = init_params()
+  tx = make()
+  state = tx.init(params)
+  grads, stats = stats_for(kind, params, 0)
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', NumericalWarning)
+    state = tx.update(nan_like(grads), state, params, stats=stats)[1]
+  state = tx.update(grads, state, params, stats=stats)[1]
+  side = state.input_side['hidden']
+  got = side.cov if field else side
+  name = 'A' if field else 'a'
+  np.testing.assert_allclose(np.asarray(got)[0], np.asarray(stats['hidden'][name]), rtol=1e-6)
+
+
+def test_a_step_that_drops_its_state_still_warns_counted_at_the_users_line():
+  params = init_params()
+  opt = mkor_optax.mkor(1e-2)
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, state, x, y):  # returns the updates only
+    _, grads, stats = mkor_optax.value_and_grad(loss_fn)(params, x, y)
+    return opt.update(nan_like(grads), state, params, stats=stats)[0]
+
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('default')  # Python's own: once per message and place
+    for _ in range(3):
+      jax.block_until_ready(step(params, state, *batch(0)))
+  said = [w for w in caught if issubclass(w.category, NumericalWarning)]
+  assert len(said) == 3, [str(w.message) for w in said]
+  assert 'such steps so far' in str(said[-1].message)
+  assert all(w.filename == __file__ for w in said), [w.filename for w in said]
+
+
+ALIASES = {
+    'mkor': mkor_optax.mkor, 'mkor_h': mkor_optax.mkor_h, 'kfac': mkor_optax.kfac,
+    'eva': mkor_optax.eva, 'sonew': mkor_optax.sonew,
+}
+
+
+@pytest.mark.parametrize('value', [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize('name', sorted(ALIASES))
+def test_every_alias_refuses_a_non_finite_learning_rate_or_weight_decay(name, value):
+  alias = ALIASES[name]
+  with pytest.raises(ValueError, match='learning_rate'):
+    alias(value)
+  if name != 'sonew':  # sonew has no weight decay
+    with pytest.raises(ValueError, match='weight_decay'):
+      alias(1e-2, weight_decay=value)
+
+
+@pytest.mark.parametrize('name', sorted(set(ALIASES) - {'sonew'}))
+def test_every_alias_refuses_a_negative_weight_decay(name):
+  with pytest.raises(ValueError, match='weight_decay: must be >= 0'):
+    ALIASES[name](1e-2, weight_decay=-0.01)
+  ALIASES[name](optax.constant_schedule(1e-2), weight_decay=0.0)  # schedules and 0 are fine
+
+
+def test_every_numeric_argument_of_every_alias_refuses_nan():
+  """Each alias's float arguments (its signature's float defaults) are checked."""
+  import inspect
+  for name, alias in ALIASES.items():
+    for arg, p in inspect.signature(alias).parameters.items():
+      if isinstance(p.default, float) and not isinstance(p.default, bool):
+        with pytest.raises(ValueError, match=arg):
+          alias(1e-2, **{arg: math.nan})
+
+
+def test_a_missing_stats_names_the_default_capture_and_the_train_state():
+  params = init_params()
+  grads = jax.grad(loss_fn)(params, *batch(0))
+  for tx, want in ((mkor_optax.mkor(1e-2), 'value_and_grad(loss_fn) (its default kind'),
+                   (mkor_optax.kfac(1e-2), 'kind=mkor_optax.COVARIANCE'),
+                   (mkor_optax.eva(1e-2), 'kind=mkor_optax.RANK1')):
+    with pytest.raises(ValueError) as err:
+      tx.update(grads, tx.init(params), params)
+    assert want in str(err.value) and 'mkor_optax.TrainState' in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize('make,want', [(mkor_optax.kfac, 'COVARIANCE'), (mkor_optax.eva, 'RANK1')])
+def test_multisteps_of_a_method_without_sketches_names_its_own_kind(make, want):
+  params = init_params()
+  acc = mkor_optax.MultiSteps(make(1e-2), every_k_schedule=2)
+  state = acc.init(params)
+  _, grads, stats = mkor_optax.value_and_grad(loss_fn)(params, *batch(0))  # sketches
+  with pytest.raises(ValueError) as err:
+    acc.update(grads, state, params, stats=stats)
+  assert f'kind=mkor_optax.{want}' in str(err.value) and 'Sketch(' not in str(err.value)
+
+
+def test_multisteps_with_an_empty_micro_batch_says_so():
+  params = init_params()
+  acc = mkor_optax.MultiSteps(mkor_optax.mkor(1e-2), every_k_schedule=2)
+  state = acc.init(params)
+  grads = jax.grad(loss_fn)(params, *batch(0))
+  with pytest.warns(UserWarning, match='no statistics for layer'):
+    acc.update(grads, state, params, stats={})
+
+
+def test_a_state_restored_without_a_target_is_a_clear_error():
+  params = init_params()
+  tx = mkor_optax.scale_by_mkor()
+  state = tx.init(params)
+  raw = {'count': state.count, 'input_side': dict(state.input_side),
+         'output_side': dict(state.output_side)}  # what a restore without a target gives
+  _, grads, stats = mkor_optax.value_and_grad(loss_fn)(params, *batch(0))
+  with pytest.raises(ValueError, match='restore it into opt.init'):
+    tx.update(grads, raw, params, stats=stats)
