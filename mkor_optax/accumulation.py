@@ -36,6 +36,14 @@ from mkor_optax import checks
 from mkor_optax.kronecker import factored_states, stats_template
 from mkor_optax.statistics import sketch_count
 from mkor_optax.tap import DEFAULT_KIND, Sketch, StatKind
+from mkor_optax.tap import _hash as tap_hash
+
+
+def micro_batch_signs(micro_step, side: int, k: int) -> jax.Array:
+  """``(k,)`` float32 signs for the ``k`` sketches of one side of one micro-batch."""
+  idx = (jnp.asarray(micro_step, jnp.uint32) * jnp.uint32(2 * k) + jnp.uint32(side * k)
+         + jnp.arange(k, dtype=jnp.uint32))
+  return 1.0 - 2.0 * (tap_hash(idx ^ jnp.uint32(0x85EBCA6B)) >> 31).astype(jnp.float32)
 
 
 class MultiStepsState(NamedTuple):
@@ -129,7 +137,7 @@ class MultiSteps:
       sketches = sketch_count(acc)  # what init made room for
       if acc and stats:  # (an empty dict: no layer of this micro-batch, warned below)
         self._check_sketches(sketch_count(stats), sketches, old.inner_opt_state)
-      new_acc, new_counts = self._accumulate(acc, counts, stats, sketches)
+      new_acc, new_counts = self._accumulate(acc, counts, stats, sketches, old.mini_step)
       absent = sorted(layer for layer in acc if layer not in stats)
       if absent:
         warnings.warn(
@@ -168,14 +176,21 @@ class MultiSteps:
                      f'MultiSteps(..., kind={fix}), the kind passed to value_and_grad, so that '
                      'init makes room for them.')
 
-  def _accumulate(self, acc, counts, stats, sketches):
+  def _accumulate(self, acc, counts, stats, sketches, micro_step):
     """Each layer's running mean (sketches: running sum) over the micro-batches
-    that had statistics for it."""
+    that had statistics for it. Each micro-batch's sketch ``j`` of each side
+    enters with a sign of its own (a hash of the micro-step, ``j`` and the
+    side): a sum of sketches with independent signs is still a sketch of the
+    pooled rows, and one micro-batch repeated is no longer counted twice
+    (its two copies add or cancel, and in expectation count once)."""
     new_acc, new_counts = dict(acc), dict(counts)
     for layer, fields in acc.items():
       if layer in stats:
         n = counts[layer]
         x = {k: jnp.reshape(stats[layer][k], v.shape).astype(jnp.float32) for k, v in fields.items()}
+        if sketches:
+          x = {k: v * micro_batch_signs(micro_step, i, sketches)[:, None]
+               for i, (k, v) in enumerate(sorted(x.items()))}
         new_acc[layer] = {k: v + x[k] if sketches else v + (x[k] - v) / (n + 1.0)
                           for k, v in fields.items()}
         new_counts[layer] = n + 1.0

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mkor_optax.layers import varying_axes
 from mkor_optax.layout import LAYOUTS_FIX, LayerPlan
 from mkor_optax.paths import get_at, unbox
 
@@ -137,12 +138,23 @@ def gather_stats(stats, plan: dict, axis_name: Optional[str], kind: str = 'RANK1
     out[name] = {k: jnp.reshape(stats[name][k], (lp.dims.n_stack,) + want[k][len(lp.dims.stack):])
                  for k in want}
   if axis_name is not None:
+    pooled = kind == 'SKETCH' and already_pooled(out, axis_name)
     out = jax.lax.pmean(out, axis_name)
-    if kind == 'SKETCH':
+    if kind == 'SKETCH' and not pooled:
       # a sketch of the pooled rows is the sum of the devices' sketches over
       # the root of their number, not their mean (whose square shrinks by it)
       out = jax.tree.map(lambda v: v * np.sqrt(jax.lax.axis_size(axis_name)), out)
   return out
+
+
+def already_pooled(stats, axis_name) -> bool:
+  """Under ``shard_map`` (which tracks what varies over its axes) statistics
+  that do not vary over ``axis_name`` were summed over its devices by the
+  capture itself (its taps ride in the replicated params), so they describe
+  the whole batch already; under ``pmap`` each device holds its own."""
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  tracked = bool(varying_axes(jax.lax.axis_index(names)))
+  return tracked and not any(set(names) & varying_axes(v) for v in jax.tree.leaves(stats))
 
 
 # |g| / g_mass below this: the output-gradient rows cancel by construction.

@@ -232,10 +232,11 @@ class Sketch(StatKind):
   training-mode BatchNorm, whose mean output gradient is zero, none).
 
   The randomness costs no argument: each call's signs are hashes of the
-  row index and of the bits of ``sum(y)``, the layer's output, which changes with
+  global row index and of a digest of the layer's output rows (each row's
+  bits XOR-ed, hashed with its index, summed mod 2^32), which changes with
   the batch and, through the kernel, with every step (so a repeated batch
-  is sketched afresh), and which differs between devices that see
-  different data. A layer called several times (shared, or under
+  is sketched afresh), and which every device layout computes alike: one
+  device and a batch split over several get the same signs. A layer called several times (shared, or under
   ``nn.scan``'s steps) pools its calls as :class:`Covariance` does. Under
   ``shard_map`` each device sketches its own rows with its own signs and
   the summed sketch, divided by the root of the global row count, sketches
@@ -272,14 +273,14 @@ class Sketch(StatKind):
   def forward(self, call):
     if call.output is None:
       raise ValueError('Sketch: the layer call carries no output to draw its signs from')
-    total = jnp.sum(jax.lax.stop_gradient(call.output).astype(jnp.float32))
-    seed = _hash(jax.lax.bitcast_convert_type(total, jnp.uint32))
-    signs = _signs(seed, 0, call.rows, self.k)
+    seed, offset = _output_digest(call.output, call.out_ndim)
+    signs = _signs(seed, 0, call.rows, self.k, offset)
     xs = call.sketch_of_inputs(signs)
     if call.has_bias:
       xs = jnp.concatenate([xs, jnp.sum(signs, axis=0)[:, None]], axis=1)
-    # the seed travels as two exact float32 halves (a residual here must be a float array)
-    halves = jnp.stack([seed >> 16, seed & 0xFFFF]).astype(jnp.float32)
+    # the seed and the row offset travel as exact float32 halves (a residual
+    # here must be a float array)
+    halves = jnp.stack([seed >> 16, seed & 0xFFFF, offset >> 16, offset & 0xFFFF]).astype(jnp.float32)
     return {'xs': xs, 'rows': jnp.asarray(call.rows, jnp.float32),
             'n': jnp.asarray(call.rows * call.g_scale, jnp.float32), 'seed': halves}
 
@@ -287,7 +288,7 @@ class Sketch(StatKind):
     # per-example rows h as in Covariance (undoing shard_map's pmean)
     halves = fwd['seed'].astype(jnp.uint32)
     rows = dy_rows.shape[0]
-    signs = _signs((halves[0] << 16) | halves[1], 1, rows, self.k)
+    signs = _signs((halves[0] << 16) | halves[1], 1, rows, self.k, (halves[2] << 16) | halves[3])
     h = dy_rows.astype(jnp.float32) * (fwd['n'] * devices)
     return {'xs': fwd['xs'], 'rows': fwd['rows'], 'calls': jnp.ones_like(fwd['rows']),
             'hs': (signs.T @ h) / jnp.sqrt(jnp.asarray(rows, jnp.float32))}
@@ -312,11 +313,41 @@ def _hash(x):
   return x ^ (x >> 16)
 
 
-def _signs(seed, side: int, rows: int, k: int):
+COARSE_BITS = 0xFFF00000
+
+
+def _output_digest(y, out_ndim: int):
+  """``(seed, row offset)`` of a layer call, both uint32, from what every
+  device layout computes alike: each output row's bits, XOR-ed over its
+  features, hashed with the row's global index, and the hashes added (mod
+  2^32, so in any order). Under ``shard_map`` the row offset is the device's
+  position times its rows, and the sum runs over the devices (``psum``); with
+  a batch sharded under ``jit`` the rows are global already. A summation
+  order therefore changes no sign, a different batch or kernel changes all
+  of them, and one step computed twice sketches the same."""
+  y = jax.lax.stop_gradient(y).astype(jnp.float32)
+  d_out = int(np.prod(y.shape[y.ndim - out_ndim:]))
+  # sign, exponent and 3 mantissa bits: the last-bit differences that another
+  # summation order leaves (1e-7 relative) cross a bucket of 1/8 rarely
+  bits = jax.lax.bitcast_convert_type(y.reshape(-1, d_out), jnp.uint32) & jnp.uint32(COARSE_BITS)
+  per_row = jax.lax.reduce(bits, np.uint32(0), jax.lax.bitwise_xor, (1,))
+  rows = per_row.shape[0]
+  axes = tuple(sorted(layers_lib.varying_axes(y)))
+  offset = jnp.zeros((), jnp.uint32)
+  if axes:
+    offset = jax.lax.axis_index(axes).astype(jnp.uint32) * jnp.uint32(rows)
+  index = jnp.arange(rows, dtype=jnp.uint32) + offset
+  digest = jnp.sum(_hash(per_row ^ _hash(index + jnp.uint32(0x9E3779B9))), dtype=jnp.uint32)
+  if axes:
+    digest = jax.lax.psum(digest, axes)
+  return _hash(digest), offset
+
+
+def _signs(seed, side: int, rows: int, k: int, offset=0):
   """``(rows, k)`` float32 signs, one hash per entry of ``seed``'s stream
-  ``side``: a few integer operations each, where a counter-based generator
-  such as threefry would add its twenty rounds to every captured layer's
-  program."""
-  idx = jnp.arange(rows * k, dtype=jnp.uint32).reshape(rows, k)
+  ``side``, rows numbered from ``offset`` (their global index): a few
+  integer operations each, where a counter-based generator such as
+  threefry would add its twenty rounds to every captured layer's program."""
+  idx = jnp.arange(rows * k, dtype=jnp.uint32).reshape(rows, k) + jnp.uint32(k) * jnp.asarray(offset, jnp.uint32)
   bits = _hash(idx * jnp.uint32(2) + jnp.uint32(side) + _hash(seed))
   return 1.0 - 2.0 * (bits >> 31).astype(jnp.float32)

@@ -14,6 +14,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import mkor_optax
+from mkor_optax.accumulation import micro_batch_signs
 from mkor_optax import factors, lowrank, statistics
 from mkor_optax.numerics import NumericalWarning
 from helpers import KEY, assert_tree_close, batch, head, init_params, loss_fn
@@ -76,7 +77,9 @@ def test_signs_come_from_the_step_and_reproduce():
   grad = jax.jit(mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.Sketch(3)))
   first = grad(params, *batch(0))[2]['hidden']['a_sketches']
   np.testing.assert_array_equal(first, grad(params, *batch(0))[2]['hidden']['a_sketches'])
-  moved = jax.tree.map(lambda p: p * 1.001, params)
+  # (the signs read each output entry's leading bits, so that another
+  # summation order does not change them: a move of a few percent does)
+  moved = jax.tree.map(lambda p: p * 1.05, params)
   assert not np.allclose(first, grad(moved, *batch(0))[2]['hidden']['a_sketches'])
   other = grad(params, *batch(1))[2]['hidden']['a_sketches']
   assert other.shape == first.shape and not np.allclose(first, other)
@@ -379,10 +382,30 @@ def test_multisteps_hands_on_the_sum_of_the_micro_batch_sketches_over_sqrt_m():
   u2, state = acc.update(g2, state, params, stats=s2)
   ref = mkor_optax.mkor(1e-2, inv_freq=1)
   mean = lambda a, b: (a + b) / 2
-  summed = jax.tree.map(lambda a, b: (a + b) / np.sqrt(2.0), s1, s2)
+  # each micro-batch's sketch j of each side enters with its own sign
+  signs = lambda m, side: np.asarray(micro_batch_signs(m, side, 3))[:, None]
+  summed = {k: {n: (v * signs(0, i) + s2[k][n] * signs(1, i)) / np.sqrt(2.0)
+                for i, (n, v) in enumerate(sorted(f.items()))} for k, f in s1.items()}
   u_ref, s_ref = ref.update(jax.tree.map(mean, g1, g2), ref.init(params), params, stats=summed)
   assert_tree_close(u2, u_ref, rtol=1e-5, atol=1e-7)
   assert_tree_close(state.inner.inner_opt_state[0], s_ref[0], rtol=1e-5, atol=1e-7)
+
+
+def test_multisteps_does_not_count_a_repeated_micro_batch_twice():
+  """The same micro-batch twice (parameters unchanged): its sketches enter
+  with independent signs per micro-batch, so what is handed on (the sum over
+  sqrt(2)) has one micro-batch's energy in expectation, where it had exactly
+  twice that."""
+  params = init_params()
+  kind = mkor_optax.Sketch(64)
+  _, g, s = mkor_optax.value_and_grad(loss_fn, kind=kind)(params, *batch(0))
+  acc = mkor_optax.MultiSteps(mkor_optax.mkor(1e-2), 3, kind=kind)  # not emitted after two
+  state = acc.init(params)
+  for _ in range(2):
+    state = acc.update(g, state, params, stats=s)[1]
+  energy = lambda tree: sum(float(jnp.sum(jnp.square(v))) for v in jax.tree.leaves(tree))
+  ratio = energy(state.acc_stats) / 2.0 / energy(s)
+  assert 0.7 < ratio < 1.3, ratio
 
 
 def test_mkor_h_takes_sketches_and_refreshes_from_them():
