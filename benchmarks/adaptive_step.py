@@ -53,6 +53,17 @@ def configs():
                                        False),
       'mkor sketch + quadratic step': (optax.chain(mkor_optax.scale_by_mkor(), quad(damping=0.1)),
                                        mkor_optax.SKETCH, True),
+      # the scale-free factors' relative damping under the quadratic step
+      # (None: the absolute form of earlier releases)
+      **{f'mkor sketch damping {d} + quadratic step': (
+          optax.chain(mkor_optax.scale_by_mkor(damping=d), quad(damping=0.1)), mkor_optax.SKETCH, True)
+         for d in (None, 1.0, 0.25, 0.0625, 0.015625)},
+      **{f'kfac relative {d:g} + quadratic step': (
+          optax.chain(mkor_optax.scale_by_kfac(damping=d, relative_damping=True), quad(damping=0.1)),
+          mkor_optax.COVARIANCE, True) for d in (0.1, 0.01)},
+      'kfac absolute 1e-3 + quadratic step': (
+          optax.chain(mkor_optax.scale_by_kfac(damping=1e-3, relative_damping=False), quad(damping=0.1)),
+          mkor_optax.COVARIANCE, True),
       'mkor sketch + lamb direction + quadratic step': (
           optax.chain(mkor_optax.scale_by_mkor(), optax.scale_by_adam(),
                       optax.scale_by_trust_ratio(), quad(damping=0.1)), mkor_optax.SKETCH, True),

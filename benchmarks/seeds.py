@@ -130,6 +130,7 @@ STUDIES = {
         **{f'mkor damping {d:g}': Config(mkor_method(damping=d), mkor_optax.SKETCH)
            for d in (1.0, 0.25, 0.0625, 0.015625)},
         'mkor mean damping 0.0625': mkor_method(damping=0.0625),
+        'mkor mean damping 0.25': mkor_method(damping=0.25),
         'mkor damping 0.0625 gamma 0.95': Config(mkor_method(damping=0.0625, gamma=0.95),
                                                  mkor_optax.SKETCH),
         'mkor damping 0.0625 inv_freq 3': Config(mkor_method(damping=0.0625, inv_freq=3),

@@ -40,6 +40,8 @@ from mkor_optax.statistics import (CANCELLED_FIX, NAMES, TAILS, cancelled_means,
 __all__ = ['Exclude', 'FactorRule', 'Prepared', 'scale_by_kronecker', 'with_backend',
            'default_backend', 'decay_mask', 'stats_template', 'INPUT', 'OUTPUT', 'SIDES']
 
+# The cancelled-mean warning is given in the first steps only (see step()).
+CANCELLED_STEPS = 10
 # Defaults shared by the Kronecker methods' signatures.
 INV_FREQ = 10
 MAX_FACTOR_DIM = 4096
@@ -198,9 +200,13 @@ def scale_by_kronecker(rule: FactorRule, state_type, *, who: str, kind,
       report_if(~prep.finite, f'{who}: non-finite gradients or statistics: {guarded}')
       zero = cancelled_means(stats, prep.plan)
       prep = prep._replace(cancelled=zero)
-      if zero:
+      if zero:  # structural (a BatchNorm, attention keys) only in the first steps:
+        # later, a layer's rows also cancel at an optimum of its bias (its
+        # gradient, which is g, is then zero), which is no reason to warn
         names = sorted(zero)
-        report_if(jnp.stack([zero[k] for k in names]), CANCELLED_FIX.format(who=who), names=names)
+        early = state.count < CANCELLED_STEPS
+        report_if(jnp.stack([zero[k] & early for k in names]), CANCELLED_FIX.format(who=who),
+                  names=names)
       sides = rule.refresh(sides, prep)
       out = rule.precondition(sides, prep)
     # a non-finite step is not counted (the refresh schedule and the EMAs'

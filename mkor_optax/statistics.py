@@ -163,8 +163,8 @@ def already_pooled(stats, axis_name) -> bool:
 CANCELLED = 1e-5
 
 CANCELLED_FIX = (
-    '{who}: the mean output gradient g of layer(s) {{names}} is numerically zero: its rows '
-    'cancel (|g| < 1e-5 of the sum of their norms), as they do when a training-mode BatchNorm '
+    '{who}: the mean output gradient g of layer(s) {{names}} is numerically zero in the first '
+    'steps: its rows cancel (|g| < 1e-5 of the sum of their norms), as they do when a training-mode BatchNorm '
     'follows the layer, or at the key projection of softmax attention, so the output-side '
     'factors of these layers stay the identity. Capture sketched statistics instead, which see '
     'the curvature there: mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.SKETCH), the '
