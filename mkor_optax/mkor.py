@@ -15,7 +15,16 @@ on ``F_t = gamma F_{t-1} + (1 - gamma) v v^T``, ``v = a`` for ``R`` and
 (:class:`mkor_optax.Sketch`, what :func:`mkor_optax.value_and_grad` captures
 by default, ``k = 4``) the refresh is
 ``F_t = gamma F_{t-1} + (1 - gamma)/k sum_j v_j v_j^T``, ``k`` rank-1 steps
-whose terms average to K-FAC's covariance factors. Every step:
+whose terms average to K-FAC's covariance factors.
+
+Scale-free factors (beyond the paper): each side tracks ``n_t``, the EMA of
+its statistics' mean eigenvalue ``|v|^2/d``, and keeps its inverse in units
+of ``damping * n_t``, ``P_t = damping n_t F_t^{-1}`` with the prior
+``F_{-1} = damping n_0 I`` (:func:`mkor_optax.factors.refresh_relative`): the
+rule above runs on ``v / sqrt(damping n_t)``, so neither the scale of the
+loss nor that of either side's statistics changes the update, and the side
+with small statistics (usually the output side) is not damped to ``I``.
+Every step:
 
 .. math::  U = R^{-1} [G; g_b] L^{-1}, \quad U \leftarrow U\, \|[G; g_b]\|_F / \|U\|_F,
 
