@@ -269,3 +269,31 @@ def test_scaled_statistics_train_as_the_unscaled_ones():
   for s in (1e5, 1e10, 1e20):
     got = runs(s, mkor_optax.SKETCH)[-100:].mean()
     assert abs(got - sketched[-100:].mean()) <= 0.25 * sketched[-100:].mean(), (s, got)
+
+
+def test_bfloat16_low_rank_factors_are_scale_free_too():
+  """16-bit bases: a loss x 2^10 and a side's statistics x 2^12 give the same
+  updates bit for bit (the stored inverse is unit-free, so are its roundings)."""
+  make = lambda: mkor_optax.scale_by_mkor(inv_freq=1, low_rank=2, low_rank_min_dim=0,
+                                          factor_dtype='bfloat16')
+  ref = updates_over_steps(make, mkor_optax.Sketch(4), steps=10)
+  assert_scaled(updates_over_steps(make, mkor_optax.Sketch(4), loss_scale=2.0 ** 10, steps=10),
+                ref, 1, 2.0 ** 10, rtol=0.0)
+  assert_scaled(updates_over_steps(make, mkor_optax.Sketch(4), side_scale=(1, 2.0 ** 12), steps=10),
+                ref, 0, 1.0, rtol=0.0)
+
+
+def test_multisteps_is_scale_free():
+  """Accumulated micro-batches: the loss x 2^10 scales the updates by 2^10 exactly."""
+  def run(c):
+    params = init_params()
+    acc = mkor_optax.MultiSteps(mkor_optax.scale_by_mkor(inv_freq=1), every_k_schedule=2)
+    state = acc.init(params)
+    grad = jax.jit(mkor_optax.value_and_grad(lambda p, x, y: c * loss_fn(p, x, y)))
+    out = []
+    for t in range(8):
+      _, g, s = grad(params, *batch(t))
+      u, state = acc.update(g, state, params, stats=s)
+      out.append(u)
+    return out
+  assert_scaled(run(2.0 ** 10), run(1.0), 1, 2.0 ** 10, rtol=0.0)
