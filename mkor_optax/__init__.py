@@ -1,6 +1,7 @@
 """mkor_optax: scalable second-order optimizers for Optax and Flax."""
 
 from mkor_optax.accumulation import MultiSteps, MultiStepsState
+from mkor_optax.checkpoint import restore_state
 from mkor_optax.capture import (COVARIANCE, RANK1, SKETCH, Covariance, Sketch, StatKind,
                                 layer_layouts, untapped, value_and_grad)
 from mkor_optax.eva import EvaState, eva, scale_by_eva
@@ -19,7 +20,7 @@ __version__ = '0.1.0'
 __all__ = [
     'COVARIANCE', 'Covariance', 'EvaState', 'KFACState', 'Layout', 'LayerCall', 'MKORHState',
     'MKORState', 'MultiSteps', 'MultiStepsState', 'QuadraticStepState', 'RANK1', 'SKETCH', 'SONewState', 'Sketch', 'StatKind', 'TrainState',
-    'eva', 'gauss_newton', 'kfac', 'layer_layouts', 'mkor', 'mkor_h', 'nnx', 'register_layer', 'scale_by_eva',
+    'eva', 'gauss_newton', 'kfac', 'layer_layouts', 'mkor', 'mkor_h', 'nnx', 'register_layer', 'restore_state', 'scale_by_eva',
     'scale_by_kfac', 'scale_by_mkor', 'scale_by_mkor_h', 'scale_by_quadratic_step', 'scale_by_sonew', 'sonew', 'untapped',
     'value_and_grad',
 ]

@@ -185,7 +185,8 @@ def scale_by_kronecker(rule: FactorRule, state_type, *, who: str, kind,
           f'{who}: the state is a {type(state).__name__}, not a {state_type.__name__} (fields '
           f'{list(state_type._fields)}). A checkpoint restored without a target comes back as '
           'plain dicts and lists: restore it into opt.init(params), e.g. '
-          'ocp.StandardCheckpointer().restore(path, opt.init(params)).')
+          'ocp.StandardCheckpointer().restore(path, opt.init(params)), or pass it through '
+          'mkor_optax.restore_state(restored, opt.init(params)), which names what differs.')
     return step(updates, state, stats)
 
   @compiled_when_eager

@@ -207,3 +207,57 @@ def test_no_cancelled_mean_warning_at_a_least_squares_optimum():
   said = [str(w.message) for w in caught if 'numerically zero' in str(w.message)]
   assert ratio < 1e-5  # the rows cancel: the old rule warned at every step
   assert len(said) <= 10, len(said)  # only the first steps, where it cannot tell
+
+
+def as_restored(tree):
+  """What a checkpointer restores without a target: dicts and lists."""
+  if isinstance(tree, tuple) and hasattr(tree, '_fields'):
+    return {f: as_restored(getattr(tree, f)) for f in tree._fields}
+  if isinstance(tree, (tuple, list)):
+    return [as_restored(v) for v in tree]
+  if isinstance(tree, dict):
+    return {k: as_restored(v) for k, v in tree.items()}
+  return tree
+
+
+def test_restore_state_round_trips_and_names_what_differs():
+  params = init_params()
+  opt = mkor_optax.mkor(1e-2)
+  state = opt.init(params)
+  _, grads, stats = mkor_optax.value_and_grad(loss_fn)(params, *batch(0))
+  state = opt.update(grads, state, params, stats=stats)[1]
+  back = mkor_optax.restore_state(as_restored(state), opt.init(params))
+  jax.tree.map(np.testing.assert_array_equal, back, state)
+  assert jax.tree.structure(back) == jax.tree.structure(state)
+  # a state saved by 0.1.0: no scales
+  old = as_restored(state)
+  for f in ('input_scale', 'output_scale'):
+    del old[0][f]
+  with pytest.raises(ValueError, match=r"0/input_scale/hidden: missing .*added in 0.2"):
+    mkor_optax.restore_state(old, opt.init(params))
+  # another low_rank setting: dense against low-rank inverses
+  low = mkor_optax.mkor(1e-2, low_rank=2, low_rank_min_dim=0)
+  with pytest.raises(ValueError, match='another low_rank setting'):
+    mkor_optax.restore_state(as_restored(state), low.init(params))
+  # MultiSteps built for another statistic kind
+  acc_mean = mkor_optax.MultiSteps(opt, 2, kind=mkor_optax.RANK1)
+  acc_sketch = mkor_optax.MultiSteps(opt, 2)
+  with pytest.raises(ValueError, match='another kind='):
+    mkor_optax.restore_state(as_restored(acc_mean.init(params)), acc_sketch.init(params))
+
+
+def test_restore_state_takes_what_orbax_restores_without_a_target(tmp_path):
+  ocp = pytest.importorskip('orbax.checkpoint')
+  params = init_params()
+  opt = mkor_optax.mkor(1e-2)
+  state = opt.init(params)
+  _, grads, stats = mkor_optax.value_and_grad(loss_fn)(params, *batch(0))
+  state = opt.update(grads, state, params, stats=stats)[1]
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(tmp_path / 'c', state)
+  ckpt.wait_until_finished()
+  back = mkor_optax.restore_state(ckpt.restore(tmp_path / 'c'), opt.init(params))
+  jax.tree.map(np.testing.assert_array_equal, back, state)
+  u1 = opt.update(grads, back, params, stats=stats)[0]
+  u2 = opt.update(grads, state, params, stats=stats)[0]
+  jax.tree.map(np.testing.assert_array_equal, u1, u2)
