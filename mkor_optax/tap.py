@@ -233,7 +233,7 @@ class Sketch(StatKind):
 
   The randomness costs no argument: each call's signs are hashes of the
   global row index and of a digest of the layer's output rows (each row's
-  bits XOR-ed, hashed with its index, summed mod 2^32), which changes with
+  leading bits added, hashed with its index, summed mod 2^32), which changes with
   the batch and, through the kernel, with every step (so a repeated batch
   is sketched afresh), and which every device layout computes alike: one
   device and a batch split over several get the same signs. A layer called several times (shared, or under
@@ -318,8 +318,8 @@ COARSE_BITS = 0xFFF00000
 
 def _output_digest(y, out_ndim: int):
   """``(seed, row offset)`` of a layer call, both uint32, from what every
-  device layout computes alike: each output row's bits, XOR-ed over its
-  features, hashed with the row's global index, and the hashes added (mod
+  device layout computes alike: each output row's leading bits, added over
+  its features, hashed with the row's global index, and the hashes added (mod
   2^32, so in any order). Under ``shard_map`` the row offset is the device's
   position times its rows, and the sum runs over the devices (``psum``); with
   a batch sharded under ``jit`` the rows are global already. A summation
@@ -330,7 +330,9 @@ def _output_digest(y, out_ndim: int):
   # sign, exponent and 3 mantissa bits: the last-bit differences that another
   # summation order leaves (1e-7 relative) cross a bucket of 1/8 rarely
   bits = jax.lax.bitcast_convert_type(y.reshape(-1, d_out), jnp.uint32) & jnp.uint32(COARSE_BITS)
-  per_row = jax.lax.reduce(bits, np.uint32(0), jax.lax.bitwise_xor, (1,))
+  # added mod 2^32 (in any order, and an all-reduce every backend has when
+  # the features are split over devices, where XOR is not)
+  per_row = jnp.sum(bits, axis=1, dtype=jnp.uint32)
   rows = per_row.shape[0]
   axes = tuple(sorted(layers_lib.varying_axes(y)))
   offset = jnp.zeros((), jnp.uint32)

@@ -248,8 +248,9 @@ def test_scaled_statistics_train_as_the_unscaled_ones():
   untrained model is at 2.30). Sketches: bit-identical for the powers of two
   nearest those scales. At a decimal scale the float32 rounding differs, so
   the sketches' signs (hashed from the layer outputs' bits) differ and the run
-  is another draw: the last 100 steps' mean loss varies by up to 15% between
-  such draws at x1, x3 and x7, and the test allows 25%."""
+  is another draw: its last 100 steps' mean loss must lie within the range
+  of the draws at x1, x3 and x7 (which differ only in rounding), widened by
+  25%."""
   from test_safety import train_digits
   runs = lambda s, kind: train_digits(mkor_optax.mkor(1e-2), 300, stat_scale=s, kind=kind)[0]
   base = runs(1.0, mkor_optax.RANK1)[-100:].mean()
@@ -259,9 +260,11 @@ def test_scaled_statistics_train_as_the_unscaled_ones():
   sketched = runs(1.0, mkor_optax.SKETCH)
   for e in (17, 33, 66):
     np.testing.assert_array_equal(runs(2.0 ** e, mkor_optax.SKETCH), sketched)
+  # other draws at x1: x3 and x7 change only the rounding, so the signs
+  draws = [sketched[-100:].mean()] + [runs(s, mkor_optax.SKETCH)[-100:].mean() for s in (3.0, 7.0)]
   for s in (1e5, 1e10, 1e20):
     got = runs(s, mkor_optax.SKETCH)[-100:].mean()
-    assert abs(got - sketched[-100:].mean()) <= 0.25 * sketched[-100:].mean(), (s, got)
+    assert 0.75 * min(draws) <= got <= 1.25 * max(draws), (s, got, draws)
 
 
 def test_bfloat16_low_rank_factors_are_scale_free_too():
