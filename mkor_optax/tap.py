@@ -313,12 +313,12 @@ def _hash(x):
   return x ^ (x >> 16)
 
 
-COARSE_BITS = 0xFFF00000
+COARSE_BITS = 0xFF800000
 
 
 def _output_digest(y, out_ndim: int):
   """``(seed, row offset)`` of a layer call, both uint32, from what every
-  device layout computes alike: each output row's leading bits, added over
+  device layout computes alike: each output row's signs and exponents, added over
   its features, hashed with the row's global index, and the hashes added (mod
   2^32, so in any order). Under ``shard_map`` the row offset is the device's
   position times its rows, and the sum runs over the devices (``psum``); with
@@ -327,8 +327,8 @@ def _output_digest(y, out_ndim: int):
   of them, and one step computed twice sketches the same."""
   y = jax.lax.stop_gradient(y).astype(jnp.float32)
   d_out = int(np.prod(y.shape[y.ndim - out_ndim:]))
-  # sign, exponent and 3 mantissa bits: the last-bit differences that another
-  # summation order leaves (1e-7 relative) cross a bucket of 1/8 rarely
+  # sign and exponent: the last-bit differences that another summation order
+  # leaves (1e-7 relative, growing over steps) rarely cross a power of two
   bits = jax.lax.bitcast_convert_type(y.reshape(-1, d_out), jnp.uint32) & jnp.uint32(COARSE_BITS)
   # added mod 2^32 (in any order, and an all-reduce every backend has when
   # the features are split over devices, where XOR is not)
