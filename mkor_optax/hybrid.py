@@ -233,7 +233,8 @@ def mkor_h(
   """
   hybrid = scale_by_mkor_h(window=window, threshold=threshold, patience=patience, beta=beta,
                            **mkor_args(locals()))
-  kr.check_backend_args(learning_rate, weight_decay)
+  if backend is not None:  # (default_backend checks them otherwise)
+    kr.check_backend_args(learning_rate, weight_decay)
   back = backend or kr.default_backend(learning_rate, weight_decay)
   chained = optax.chain(hybrid, back)
   if not reset_backend:

@@ -31,7 +31,7 @@ from mkor_optax import checks, sharding
 from mkor_optax.eager import compiled_when_eager
 from mkor_optax.factors import side_shape
 from mkor_optax.layout import INPUT, OUTPUT, SIDES, Exclude, exclude_predicate, plan_from_state, plan_layers
-from mkor_optax.numerics import all_finite, collect, fold_receipt, receipt_total, report_if
+from mkor_optax.numerics import all_finite, collect, fold_into_first, receipt_total, report_if
 from mkor_optax.paths import rebox_like, unbox
 from mkor_optax.precondition import layer_grads, row_blocks, write_layer
 from mkor_optax.statistics import (CANCELLED_FIX, NAMES, TAILS, cancelled_means, check_stats,
@@ -214,9 +214,7 @@ def scale_by_kronecker(rule: FactorRule, state_type, *, who: str, kind,
     # first step stay where they were); the receipts keep the checks
     receipt = receipt_total(receipts)
     count = jnp.where(prep.finite, checks.increment(state.count), state.count) + receipt
-    if out:  # and into the updates, which a step that drops the new state still returns
-      first = sorted(out)[0]
-      out[first] = fold_receipt(out[first], receipt)
+    out = fold_into_first(out, receipt)  # the updates: a step may drop the new state
     return write_layers(prep, out), state_type(count, *sides)
 
   return optax.GradientTransformationExtraArgs(init, update)
@@ -276,6 +274,7 @@ def check_backend_args(learning_rate, weight_decay):
 def with_backend(preconditioner, backend, learning_rate, weight_decay):
   """``optax.chain(preconditioner, backend or LAMB)``, its whole state placed
   on the mesh of partitioned parameters at ``init``."""
-  check_backend_args(learning_rate, weight_decay)
+  if backend is not None:  # (default_backend checks them otherwise)
+    check_backend_args(learning_rate, weight_decay)
   return sharding.on_params_mesh(optax.chain(
       preconditioner, backend or default_backend(learning_rate, weight_decay)))

@@ -143,10 +143,7 @@ def report_if(pred, message: str, *args, names=None) -> jax.Array:
 
 def fold_receipt(x, receipt):
   """``x`` plus the (zero) ``receipt`` in ``x``'s dtype: an output the user
-  keeps depends on the checks, so the compiler cannot remove them. A tuple
-  of row blocks gets it in its first block."""
-  if isinstance(x, tuple):
-    return (fold_receipt(x[0], receipt),) + x[1:]
+  keeps depends on the checks, so the compiler cannot remove them."""
   return x + jnp.asarray(receipt, x.dtype)
 
 
