@@ -215,6 +215,21 @@ class Covariance(StatKind):
 COVARIANCE = Covariance()
 
 
+def _check_seed(seed):
+  """``seed`` as a uint32 scalar (``None`` stays ``None``): an integer, or an
+  integer array of one element, concrete or traced."""
+  if seed is None:
+    return None
+  if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+    return jnp.asarray(int(seed) & 0xFFFFFFFF, jnp.uint32)
+  ok = (hasattr(seed, 'dtype') and hasattr(seed, 'shape') and jnp.issubdtype(seed.dtype, jnp.integer)
+        and int(np.prod(seed.shape)) == 1)
+  if not ok:
+    raise TypeError('Sketch: seed must be an integer scalar that changes every step (such as the '
+                    f'step counter), got {seed!r}')
+  return jnp.reshape(seed, ()).astype(jnp.uint32)
+
+
 class Sketch(StatKind):
   r"""Random-sign sketches of both sides' second moments, ``k`` per side.
 
@@ -233,10 +248,20 @@ class Sketch(StatKind):
 
   The randomness costs no argument: each call's signs are hashes of the
   global row index and of a digest of the layer's output rows (each row's
-  leading bits added, hashed with its index, summed mod 2^32), which changes with
-  the batch and, through the kernel, with every step (so a repeated batch
-  is sketched afresh), and which every device layout computes alike: one
-  device and a batch split over several get the same signs. A layer called several times (shared, or under
+  sign and exponent bits added, hashed with its index, summed mod 2^32),
+  which changes with the batch and which every device layout computes
+  alike: one device and a batch split over several get the same signs.
+  Since the digest keeps only each entry's sign and exponent, a layer whose
+  output does not move between steps (a constant output, or a small model
+  fed the same full batch while its outputs drift by less than a power of
+  two) keeps its signs. Pass ``seed`` (any integer that changes every step,
+  such as the step counter, the same on every device) to mix it into the
+  signs, so that no two steps share them::
+
+    kind = mkor_optax.Sketch(4, seed=state.step)
+    loss, grads, stats = mkor_optax.value_and_grad(loss_fn, kind=kind)(state.params, x, y)
+
+  A layer called several times (shared, or under
   ``nn.scan``'s steps) pools its calls as :class:`Covariance` does. Under
   ``shard_map`` each device sketches its own rows with its own signs and
   the summed sketch, divided by the root of the global row count, sketches
@@ -256,13 +281,16 @@ class Sketch(StatKind):
     >>> updates, state = opt.update(grads, opt.init(params), params, stats=stats)
   """
 
-  def __init__(self, k: int = 4):
+  def __init__(self, k: int = 4, seed=None):
     if not (isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 1):
       raise ValueError(f'Sketch: k must be an integer >= 1, got {k!r}')
     self.k = int(k)
+    self.seed = _check_seed(seed)
 
   def __repr__(self):
-    return f'Sketch(k={self.k})'
+    if self.seed is None:
+      return f'Sketch(k={self.k})'
+    return f'Sketch(k={self.k}, seed=...)'
 
   def zeros(self, info):
     d_in = info.d_in + int(info.has_bias)
@@ -274,6 +302,8 @@ class Sketch(StatKind):
     if call.output is None:
       raise ValueError('Sketch: the layer call carries no output to draw its signs from')
     seed, offset = _output_digest(call.output, call.out_ndim)
+    if self.seed is not None:
+      seed = _hash(seed ^ _hash(self.seed + jnp.uint32(0x2545F491)))
     signs = _signs(seed, 0, call.rows, self.k, offset)
     xs = call.sketch_of_inputs(signs)
     if call.has_bias:

@@ -85,6 +85,50 @@ def test_signs_come_from_the_step_and_reproduce():
   assert other.shape == first.shape and not np.allclose(first, other)
 
 
+class _ConstantOutput(nn.Module):
+  """A layer whose output is the same at every step (its kernel multiplies
+  zeros), ahead of an ordinary head."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(6, name='constant')(jnp.zeros_like(x))
+    return nn.Dense(2, name='head')(x) + jnp.sum(h, axis=-1, keepdims=True)
+
+
+def test_a_step_seed_gives_a_constant_output_layer_new_signs_each_step():
+  """The digest of a constant output is constant; a ``seed`` that changes
+  every step (the step counter, traced under jit) changes every sign."""
+  model = _ConstantOutput()
+  x, y = jax.random.normal(KEY, (16, 3)), jax.random.normal(jax.random.PRNGKey(1), (16, 2))
+  params = model.init(KEY, x)['params']
+  loss = lambda p, x, y: jnp.mean((model.apply({'params': p}, x) - y) ** 2)
+
+  @jax.jit
+  def sketch(params, step):
+    kind = None if step is None else mkor_optax.Sketch(4, seed=step)
+    stats = mkor_optax.value_and_grad(loss, **({} if kind is None else {'kind': kind}))(params, x, y)[2]
+    return stats['constant']['g_sketches']
+
+  unseeded = {np.asarray(sketch(params, None)).tobytes() for _ in range(3)}
+  assert len(unseeded) == 1  # the limitation the seed lifts
+  seeded = [np.asarray(sketch(params, jnp.asarray(t))) for t in range(10)]
+  assert len({s.tobytes() for s in seeded}) == 10
+  np.testing.assert_array_equal(seeded[3], np.asarray(sketch(params, jnp.asarray(3))))  # reproducible
+  # every step's sketches still average to the covariance: one row has |g| fixed, signs +-1
+  cov = jax.jit(mkor_optax.value_and_grad(loss, kind=mkor_optax.COVARIANCE))(params, x, y)[2]
+  many = jax.jit(lambda t: mkor_optax.value_and_grad(loss, kind=mkor_optax.Sketch(K, seed=t))(
+      params, x, y)[2])(jnp.asarray(7))
+  assert_expectation(many['constant']['g_sketches'], cov['constant']['G'])
+
+
+def test_sketch_seed_is_checked():
+  for bad in (1.5, True, 'step', jnp.zeros(3, jnp.int32), jnp.asarray(1.0)):
+    with pytest.raises(TypeError, match='seed must be an integer'):
+      mkor_optax.Sketch(4, seed=bad)
+  assert repr(mkor_optax.Sketch(4, seed=3)) == 'Sketch(k=4, seed=...)'
+  assert repr(mkor_optax.Sketch(4)) == 'Sketch(k=4)'
+
+
 def test_sketch_count_is_checked():
   for bad in (0, -1, 2.0, True):
     with pytest.raises(ValueError, match='k must be an integer'):
