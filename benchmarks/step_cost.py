@@ -1,0 +1,223 @@
+"""What a step costs: default MKOR, MKOR on batch means, K-FAC and SONew
+against LAMB, per step and per compile, on every task and across widths.
+
+Every configuration's jitted train step (``value_and_grad`` with the
+capture, ``update``, ``apply_updates``: what a user's loop runs) is built in
+one process. Compile time is ``jit(...).lower(...).compile()``, once per
+configuration, in rotating order over ``--compile-repeats`` fresh
+compilations (median). Steps are timed in interleaved blocks of ``--steps``
+calls, ``--repeats`` times (median block), so that a noisy neighbour slows
+every configuration alike; refresh steps are included (``inv_freq=10``).
+
+1. the compare.py tasks: the digits autoencoder, the CNN, the ResNet with
+   BatchNorm, the masked-LM encoder and the small MLP autoencoder
+   (``--tasks``);
+2. a d-d-d MLP (two d x d Dense layers, batch 256) for d in ``--widths``;
+3. a cost model: MLPs of ``L`` Dense layers of width ``d`` (batch 128), the
+   per-step overhead over LAMB in milliseconds against ``L`` and ``d``
+   (``--depths``, ``--model-widths``), plotted to step_cost.png.
+
+    python benchmarks/step_cost.py [--quick] [--out results/bench]
+
+Writes results/bench/step_cost.{json,md,png}; the docs' cost numbers quote it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'examples'))
+import mkor_optax  # noqa: E402
+from common import make_step  # noqa: E402
+from compare import FACTOR_DIM, build  # noqa: E402
+from step_time import interleaved  # noqa: E402
+
+WD = 0.0
+
+
+def configs(max_dim):
+  """name -> (optimizer, statistic kind): LAMB first (the reference)."""
+  return {
+      'lamb': (optax.lamb(1e-2, weight_decay=WD), None),
+      'mkor': (mkor_optax.mkor(1e-2, weight_decay=WD, max_factor_dim=max_dim), mkor_optax.SKETCH),
+      'mkor mean': (mkor_optax.mkor(1e-2, weight_decay=WD, max_factor_dim=max_dim), mkor_optax.RANK1),
+      'kfac': (mkor_optax.kfac(1e-2, weight_decay=WD, max_factor_dim=max_dim),
+               mkor_optax.Covariance(max_dim=max_dim)),
+      'sonew': (mkor_optax.sonew(1e-2), None),
+  }
+
+
+def costs(params, batch, loss_fn, cfgs, n, repeats, compile_repeats) -> dict:
+  """``{name: {'ms', 'per_step', 'compile_s', 'compile'}}``, ratios to ``'lamb'``."""
+  steps, fns, carries = {}, {}, {}
+  for name, (opt, kind) in cfgs.items():
+    state = opt.init(params)
+    steps[name] = (opt, kind, state)
+  compile_s = {name: [] for name in cfgs}
+  for r in range(compile_repeats):
+    names = list(cfgs)
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      opt, kind, state = steps[name]
+      step = make_step(loss_fn, opt, kind)  # a fresh jit: nothing cached
+      t0 = time.perf_counter()
+      step.lower(params, state, *batch).compile()
+      compile_s[name].append(time.perf_counter() - t0)
+  for name, (opt, kind, state) in steps.items():
+    step = make_step(loss_fn, opt, kind)
+    jax.block_until_ready(step(params, state, *batch))
+    fns[name] = lambda c, step=step: step(c[0], c[1], *batch)[:2]
+    carries[name] = (params, state)
+  med = interleaved(fns, carries, n, repeats)
+  comp = {k: float(np.median(v)) for k, v in compile_s.items()}
+  return {name: {'ms': 1e3 * med[name], 'per_step': med[name] / med['lamb'],
+                 'compile_s': comp[name], 'compile': comp[name] / comp['lamb']} for name in cfgs}
+
+
+class MLP(nn.Module):
+  """``depth`` Dense layers of width ``width`` (tanh between them)."""
+  depth: int
+  width: int
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(self.depth):
+      x = nn.Dense(self.width)(x)
+      if i < self.depth - 1:
+        x = nn.tanh(x)
+    return x
+
+
+def mlp_case(depth, width, batch):
+  model = MLP(depth, width)
+  x = jax.random.normal(jax.random.PRNGKey(0), (batch, width))
+  y = jax.random.normal(jax.random.PRNGKey(1), (batch, width))
+  params = model.init(jax.random.PRNGKey(2), x)['params']
+  loss_fn = lambda p, x, y: jnp.mean((model.apply({'params': p}, x) - y) ** 2)
+  return params, (x, y), loss_fn
+
+
+def table(rows: dict, first: str) -> list:
+  names = list(next(iter(rows.values())))
+  lines = [f'| {first} | ' + ' | '.join(f'{n} per step' for n in names[1:]) + ' | '
+           + ' | '.join(f'{n} compile' for n in names[1:]) + ' | LAMB ms/step | LAMB compile s |',
+           '|---' * (2 * len(names) + 1) + '|']
+  for key, r in rows.items():
+    lines.append(f'| {key} | ' + ' | '.join(f"{r[n]['per_step']:.2f}" for n in names[1:]) + ' | '
+                 + ' | '.join(f"{r[n]['compile']:.2f}" for n in names[1:])
+                 + f" | {r['lamb']['ms']:.2f} | {r['lamb']['compile_s']:.2f} |")
+  return lines
+
+
+def plot(model_rows: dict, path: str):
+  try:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return
+  fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+  depths = sorted({d for d, _ in model_rows})
+  widths = sorted({w for _, w in model_rows})
+  for name in ('mkor', 'mkor mean', 'kfac'):
+    for w in widths:
+      ax[0].plot(depths, [model_rows[(d, w)][name]['ms'] - model_rows[(d, w)]['lamb']['ms'] for d in depths],
+                 marker='o', label=f'{name}, width {w}')
+  ax[0].set_xlabel('Dense layers L')
+  ax[0].set_ylabel('ms per step over LAMB')
+  ax[0].set_title('overhead against depth')
+  ax[0].legend(fontsize=7)
+  for name in ('mkor', 'mkor mean', 'kfac'):
+    d = depths[-1]
+    ax[1].plot(widths, [model_rows[(d, w)][name]['per_step'] for w in widths], marker='o', label=name)
+  ax[1].axhline(1.0, color='k', lw=0.5)
+  ax[1].set_xscale('log', base=2)
+  ax[1].set_xlabel(f'width d ({depths[-1]} layers)')
+  ax[1].set_ylabel('time per step / LAMB')
+  ax[1].set_title('ratio against width')
+  ax[1].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser()
+  ap.add_argument('--tasks', default='autoencoder,cnn,resnet,bert,mlp64')
+  ap.add_argument('--widths', default='256,1024,4096')
+  ap.add_argument('--depths', default='2,4,8')
+  ap.add_argument('--model-widths', default='64,256')
+  ap.add_argument('--steps', type=int, default=20, help='steps per timed block')
+  ap.add_argument('--repeats', type=int, default=7)
+  ap.add_argument('--compile-repeats', type=int, default=3)
+  ap.add_argument('--quick', action='store_true', help='fewer blocks (a smoke run)')
+  ap.add_argument('--out', default='results/bench')
+  args = ap.parse_args(argv)
+  if args.quick:
+    args.repeats, args.compile_repeats, args.steps = 3, 1, 5
+  split = lambda s: [x for x in s.split(',') if x]
+  report = {'tasks': {}, 'widths': {}, 'model': {}}
+  t0 = time.time()
+  for task in split(args.tasks):
+    params, make_iter, loss_fn, _ = build(task, quick=True, seed=0)
+    batch = next(make_iter())
+    n = max(2, args.steps // 4) if task == 'bert' else args.steps
+    report['tasks'][task] = costs(params, batch, loss_fn, configs(FACTOR_DIM[task]), n, args.repeats,
+                                  args.compile_repeats)
+    print(task, {k: round(v['per_step'], 3) for k, v in report['tasks'][task].items()},
+          f'{time.time() - t0:.0f} s', flush=True)
+  for w in map(int, split(args.widths)):
+    params, batch, loss_fn = mlp_case(2, w, 256)
+    n = max(2, args.steps // (w // 256))
+    report['widths'][w] = costs(params, batch, loss_fn, configs(4096), n, args.repeats,
+                                args.compile_repeats)
+    print('width', w, {k: round(v['per_step'], 3) for k, v in report['widths'][w].items()},
+          f'{time.time() - t0:.0f} s', flush=True)
+  model_cfgs = lambda: {k: v for k, v in configs(4096).items() if k != 'sonew'}
+  for depth in map(int, split(args.depths)):
+    for w in map(int, split(args.model_widths)):
+      params, batch, loss_fn = mlp_case(depth, w, 128)
+      report['model'][(depth, w)] = costs(params, batch, loss_fn, model_cfgs(), args.steps, args.repeats, 1)
+      print('model', depth, w, {k: round(v['ms'], 3) for k, v in report['model'][(depth, w)].items()},
+            f'{time.time() - t0:.0f} s', flush=True)
+
+  machine = f'jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores ({platform.machine()})'
+  lines = [f'Cost per step and per compile against LAMB in the same process ({machine}); '
+           f'`python benchmarks/step_cost.py`. Per step: median of {args.repeats} interleaved blocks '
+           '(refresh steps included, inv_freq 10); compile: median of '
+           f'{args.compile_repeats} compilations. Default `mkor` captures Sketch(4); `mkor mean` RANK1.', '']
+  if report['tasks']:
+    lines += ['**Tasks**', ''] + table(report['tasks'], 'task') + ['']
+  if report['widths']:
+    lines += ['**Widths** (d-d-d MLP, batch 256)', ''] + table(report['widths'], 'width') + ['']
+  if report['model']:
+    lines += ['**Cost model** (L Dense layers of width d, batch 128): ms per step over LAMB', '',
+              '| L | d | LAMB ms | mkor | mkor mean | kfac |', '|---|---|---|---|---|---|']
+    for (depth, w), r in report['model'].items():
+      lines.append(f"| {depth} | {w} | {r['lamb']['ms']:.3f} | "
+                   + ' | '.join(f"{r[k]['ms'] - r['lamb']['ms']:+.3f}" for k in ('mkor', 'mkor mean', 'kfac'))
+                   + ' |')
+  text = '\n'.join(lines)
+  print(text)
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, 'step_cost.json'), 'w') as f:
+    json.dump({'machine': machine, 'args': vars(args),
+               'report': {k: {str(kk): vv for kk, vv in v.items()} for k, v in report.items()}}, f, indent=1)
+  with open(os.path.join(args.out, 'step_cost.md'), 'w') as f:
+    f.write(text + '\n')
+  if report['model']:
+    plot(report['model'], os.path.join(args.out, 'step_cost.png'))
+
+
+if __name__ == '__main__':
+  main()
