@@ -53,6 +53,9 @@ def configs(max_dim):
       'lamb': (optax.lamb(1e-2, weight_decay=WD), None),
       'mkor': (mkor_optax.mkor(1e-2, weight_decay=WD, max_factor_dim=max_dim), mkor_optax.SKETCH),
       'mkor mean': (mkor_optax.mkor(1e-2, weight_decay=WD, max_factor_dim=max_dim), mkor_optax.RANK1),
+      # 0.1.0's absolute factors (damping=None), for the cost of the scale-free ones
+      'mkor absolute': (mkor_optax.mkor(1e-2, weight_decay=WD, max_factor_dim=max_dim, damping=None),
+                        mkor_optax.SKETCH),
       'kfac': (mkor_optax.kfac(1e-2, weight_decay=WD, max_factor_dim=max_dim),
                mkor_optax.Covariance(max_dim=max_dim)),
       'sonew': (mkor_optax.sonew(1e-2), None),
@@ -183,7 +186,7 @@ def main(argv=None):
                                 args.compile_repeats)
     print('width', w, {k: round(v['per_step'], 3) for k, v in report['widths'][w].items()},
           f'{time.time() - t0:.0f} s', flush=True)
-  model_cfgs = lambda: {k: v for k, v in configs(4096).items() if k != 'sonew'}
+  model_cfgs = lambda: {k: v for k, v in configs(4096).items() if k not in ('sonew', 'mkor absolute')}
   for depth in map(int, split(args.depths)):
     for w in map(int, split(args.model_widths)):
       params, batch, loss_fn = mlp_case(depth, w, 128)
