@@ -6,8 +6,9 @@ capture, ``update``, ``apply_updates``: what a user's loop runs) is built in
 one process. Compile time is ``jit(...).lower(...).compile()``, once per
 configuration, in rotating order over ``--compile-repeats`` fresh
 compilations (median). Steps are timed in interleaved blocks of ``--steps``
-calls, ``--repeats`` times (median block), so that a noisy neighbour slows
-every configuration alike; refresh steps are included (``inv_freq=10``).
+calls (10 on the masked-LM and widths above 256), ``--repeats`` times
+(median block), so that a noisy neighbour slows every configuration alike;
+each block holds whole refresh periods (``inv_freq=10``).
 
 1. the compare.py tasks: the digits autoencoder, the CNN, the ResNet with
    BatchNorm, the masked-LM encoder and the small MLP autoencoder
@@ -45,6 +46,9 @@ from compare import FACTOR_DIM, build  # noqa: E402
 from step_time import interleaved  # noqa: E402
 
 WD = 0.0
+# Every timed block holds a whole number of refresh periods (inv_freq 10), so
+# that each block holds the same number of refresh steps.
+PERIOD = 10
 
 
 def configs(max_dim):
@@ -167,21 +171,23 @@ def main(argv=None):
   ap.add_argument('--out', default='results/bench')
   args = ap.parse_args(argv)
   if args.quick:
-    args.repeats, args.compile_repeats, args.steps = 3, 1, 5
+    args.repeats, args.compile_repeats, args.steps = 3, 1, PERIOD
+  if args.steps % PERIOD:
+    ap.error(f'--steps must be a multiple of {PERIOD} (the refresh period)')
   split = lambda s: [x for x in s.split(',') if x]
   report = {'tasks': {}, 'widths': {}, 'model': {}}
   t0 = time.time()
   for task in split(args.tasks):
     params, make_iter, loss_fn, _ = build(task, quick=True, seed=0)
     batch = next(make_iter())
-    n = max(2, args.steps // 4) if task == 'bert' else args.steps
+    n = PERIOD if task == 'bert' else args.steps
     report['tasks'][task] = costs(params, batch, loss_fn, configs(FACTOR_DIM[task]), n, args.repeats,
                                   args.compile_repeats)
     print(task, {k: round(v['per_step'], 3) for k, v in report['tasks'][task].items()},
           f'{time.time() - t0:.0f} s', flush=True)
   for w in map(int, split(args.widths)):
     params, batch, loss_fn = mlp_case(2, w, 256)
-    n = max(2, args.steps // (w // 256))
+    n = args.steps if w <= 256 else PERIOD
     report['widths'][w] = costs(params, batch, loss_fn, configs(4096), n, args.repeats,
                                 args.compile_repeats)
     print('width', w, {k: round(v['per_step'], 3) for k, v in report['widths'][w].items()},

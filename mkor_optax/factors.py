@@ -64,7 +64,9 @@ def refresh_checked(p, v, *, gamma, zeta, epsilon, refresh: str):
   ``sqrt((1 - gamma) / k)`` (``ema``) or ``1 / sqrt(k)`` (``blend``). The
   ``k`` steps run in one ``lax.scan`` whose inputs say each step's rule, so
   the program holds one copy of the rule whatever ``k`` is. Each step keeps
-  its own safety checks.
+  its own safety checks. A dense ``p`` takes all ``k`` terms at once instead
+  (:func:`mkor_optax.rank1.refresh_inverse_rank_k_checked`, the Woodbury
+  identity: the same factor, one pass over ``p`` instead of ``k`` in a loop).
   """
   rule = lowrank.refresh_checked if isinstance(p, lowrank.LowRankInverse) else rank1.refresh_inverse_checked
   if v.ndim == 2:
@@ -72,6 +74,9 @@ def refresh_checked(p, v, *, gamma, zeta, epsilon, refresh: str):
   k = v.shape[1]
   if k == 1:
     return rule(p, v[:, 0], gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh)
+  if not isinstance(p, lowrank.LowRankInverse):  # all k terms at once (Woodbury), no loop
+    return rank1.refresh_inverse_rank_k_checked(p, v, gamma=gamma, zeta=zeta, epsilon=epsilon,
+                                                refresh=refresh)
   weight = jnp.sqrt((1.0 - gamma) / k) if refresh == 'ema' else 1.0 / np.sqrt(k)
   first = jnp.arange(k) == 0  # the rule itself; then additive blend steps
   steps = (jnp.swapaxes(v, 0, 1),  # (k, S, d)

@@ -173,8 +173,18 @@ def norm_ratio(ref, u):
 
 
 def all_finite(*trees) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree.leaves(t)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+  """Whether every entry of every floating-point leaf is finite: one
+  reduction over all of them (their flattened concatenation, which the
+  compiler fuses into it), not one per leaf."""
+  every = [x for t in trees for x in jax.tree.leaves(t)]
+  floats = [x for x in every if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+  wide = jnp.result_type(*floats) if floats else None  # no entry narrowed (float64 stays)
+  floats = [jnp.ravel(x).astype(wide) for x in floats]
+  flags = [jnp.all(jnp.isfinite(x)) for x in every
+           if jnp.issubdtype(jnp.result_type(x), jnp.complexfloating)]
+  if floats:
+    flags.append(jnp.all(jnp.isfinite(jnp.concatenate(floats) if len(floats) > 1 else floats[0])))
+  return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
 
 
 def unit_statistic(v):

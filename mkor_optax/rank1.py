@@ -21,10 +21,12 @@ Its inverse ``P = F^-1`` is kept and refreshed directly in ``O(d^2)``:
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import jax.scipy.linalg  # noqa: F401  (solve_triangular)
 
 from mkor_optax import checks
-from mkor_optax.numerics import blend_first, rank1_coefficients, unit_statistic
+from mkor_optax.numerics import MIN_EIGENVALUE, blend_first, rank1_coefficients, unit_statistic
 
 REFRESH_RULES = ('ema', 'blend')
 
@@ -90,6 +92,71 @@ def refresh_inverse_checked(p, v, *, gamma, zeta, epsilon, refresh: str = 'ema')
   return new.astype(dtype), bad | ~ok
 
 
+
+
+def refresh_inverse_rank_k_checked(p, v, *, gamma, zeta, epsilon, refresh: str = 'ema'):
+  r"""The refresh from ``k`` statistics at once, ``v`` ``(..., k, d)``, and a
+  reset flag per stack entry: the stabiliser, then the Woodbury identity for
+
+  .. math::
+
+     F_+ = \kappa^{-1} \Big(F' + c \sum_j v_j v_j^T\Big), \qquad
+     P_+ = \kappa \big(P' - U (W^{-1} + V P' V^T)^{-1} U^T\big), \quad U = P' V^T,
+
+  with ``W = diag(c |v_j|^2)`` (the rows of ``V`` are the unit statistics),
+  ``ema``: ``kappa = 1/gamma``, ``c = (1 - gamma) / (gamma k)``, so
+  ``F_+ = gamma F' + (1 - gamma)/k sum_j v_j v_j^T``; ``blend``: ``kappa = 1``,
+  ``c = 1/k`` after the blend toward ``I``. This is what ``k`` rank-1 steps
+  of :func:`refresh_inverse_checked` compute (the first with ``v_1 / sqrt(k)``,
+  then additive steps), in one pass over ``P`` for ``P' V^T``, a ``k x k``
+  Cholesky solve and one fused write, where the sequential form reads and
+  writes ``P`` ``k`` times inside a loop. The same safety rules: each term's
+  weight is capped as :func:`~mkor_optax.numerics.rank1_coefficients` caps
+  it (relative to a bound on ``P'``'s entries), a ``P'`` that is not positive
+  definite along a statistic (``v_j^T P' v_j <= 0``) or not finite is reset
+  to ``I`` first, and a result that is not finite keeps ``p``. The result is
+  symmetrised (``(P + P^T)/2``), which the rank-1 form is by construction.
+  """
+  if isinstance(refresh, str) and refresh not in REFRESH_RULES:
+    raise ValueError(f'refresh: must be one of {REFRESH_RULES}, got {refresh!r}')
+  dtype = p.dtype
+  compute = jnp.promote_types(dtype, jnp.float32)
+  p = p.astype(compute)
+  k = v.shape[-2]
+  unit, inv_sq = unit_statistic(v.astype(compute))  # (..., k, d), (..., k)
+  top = jnp.max(jnp.abs(p), axis=(-2, -1))
+  big = top > epsilon
+  alpha = jnp.where(big, zeta, 1.0).astype(compute)
+  beta = jnp.where(big, 1.0 - zeta, 0.0).astype(compute)
+  alpha, beta = blend_first(alpha, beta, gamma, refresh)
+  unit_t = jnp.swapaxes(unit, -1, -2)  # (..., d, k)
+  u = alpha[..., None, None] * (p @ unit_t) + beta[..., None, None] * unit_t  # P' V^T
+  gram = unit @ u  # V P' V^T, (..., k, k)
+  diag = jnp.diagonal(gram, axis1=-2, axis2=-1)
+  moved = jnp.any(unit != 0, axis=-1)
+  bad = jnp.any(moved & ~(diag > 0), axis=-1) | ~jnp.all(jnp.isfinite(gram), axis=(-2, -1))
+  # reset to I: P' = I, U = V^T, V P' V^T = V V^T
+  alpha, beta = jnp.where(bad, 0.0, alpha), jnp.where(bad, 1.0, beta)
+  u = jnp.where(bad[..., None, None], unit_t, u)
+  gram = jnp.where(bad[..., None, None], unit @ unit_t, gram)
+  scale = jnp.maximum(jnp.where(bad, 1.0, alpha * top + beta), 0.0)  # bounds the entries of P'
+  if refresh == 'ema':
+    kappa, c = 1.0 / gamma, (1.0 - gamma) / (gamma * k)
+  else:
+    kappa, c = 1.0, 1.0 / k
+  # 1 / (c |v_j|^2), floored as rank1_coefficients floors one term
+  inv_w = jnp.maximum(inv_sq / c, MIN_EIGENVALUE * scale[..., None])
+  m = gram + inv_w[..., :, None] * jnp.eye(k, dtype=compute)
+  chol = jnp.linalg.cholesky(0.5 * (m + jnp.swapaxes(m, -1, -2)))
+  y = jax.scipy.linalg.solve_triangular(chol, jnp.swapaxes(u, -1, -2), lower=True)  # L^-1 U^T
+  term = jnp.swapaxes(y, -1, -2) @ y  # U M^-1 U^T
+  eye = jnp.eye(p.shape[-1], dtype=compute)
+  base = jnp.where(bad[..., None, None], 0.0, alpha[..., None, None] * p)
+  new = kappa * (base + beta[..., None, None] * eye - term)
+  new = 0.5 * (new + jnp.swapaxes(new, -1, -2))
+  ok = jnp.all(jnp.isfinite(new), axis=(-2, -1))
+  new = jnp.where(ok[..., None, None], new, p)
+  return new.astype(dtype), bad | ~ok
 
 
 def check_stabiliser(gamma, zeta, refresh: str):

@@ -297,6 +297,43 @@ def test_dense_refresh_from_k_sketches_equals_the_float64_inverse(refresh, epsil
 
 
 @pytest.mark.parametrize('refresh', ['ema', 'blend'])
+def test_dense_k_sketch_refresh_is_exact_symmetric_and_safe(refresh):
+  """The Woodbury refresh from k sketches: exact in float64 against the dense
+  inverse, exactly symmetric in float32, a zero sketch adds nothing, an
+  indefinite or non-finite inverse is reset to I first (flagged)."""
+  rng = np.random.default_rng(3)
+  d, k = 9, 4
+  kw = dict(gamma=0.95, zeta=0.8, epsilon=100.0, refresh=refresh)
+  m = rng.normal(size=(d, d))
+  p0 = np.linalg.inv(m @ m.T / d + 0.3 * np.eye(d))
+  vs = rng.normal(size=(k, d))
+  with jax.enable_x64(True):
+    got, reset = factors.refresh_checked(jnp.asarray(p0[None]), jnp.asarray(vs[None]), **kw)
+    assert got.dtype == jnp.float64 and not np.any(reset)
+    np.testing.assert_allclose(got[0], dense_refresh(p0, vs, **kw), rtol=1e-10, atol=1e-12)
+  got32, _ = factors.refresh_checked(jnp.asarray(p0[None], jnp.float32), jnp.asarray(vs[None], jnp.float32), **kw)
+  np.testing.assert_array_equal(got32, jnp.swapaxes(got32, -1, -2))
+  # a zero sketch adds no term (the others keep their 1/k weight)
+  with_zero = vs.copy()
+  with_zero[1] = 0.0
+  z, _ = factors.refresh_checked(jnp.asarray(p0[None], jnp.float32), jnp.asarray(with_zero[None], jnp.float32), **kw)
+  expect = dense_refresh(p0, with_zero, **kw)
+  np.testing.assert_allclose(z[0], expect, rtol=2e-4, atol=2e-5 * np.abs(expect).max())
+  # indefinite: reset to I, then refreshed
+  bad = -np.eye(d)
+  r, flag = factors.refresh_checked(jnp.asarray(bad[None], jnp.float32), jnp.asarray(vs[None], jnp.float32), **kw)
+  assert np.all(flag)
+  expect = dense_refresh(np.eye(d), vs, **kw)
+  np.testing.assert_allclose(r[0], expect, rtol=2e-4, atol=2e-5 * np.abs(expect).max())
+  # a non-finite inverse: reset to I, then refreshed, flagged
+  nan = p0.copy()
+  nan[2, 0] = np.nan
+  r, flag = factors.refresh_checked(jnp.asarray(nan[None], jnp.float32), jnp.asarray(vs[None], jnp.float32), **kw)
+  assert np.all(flag)
+  np.testing.assert_allclose(r[0], expect, rtol=2e-4, atol=2e-5 * np.abs(expect).max())
+
+
+@pytest.mark.parametrize('refresh', ['ema', 'blend'])
 def test_low_rank_refresh_from_k_sketches_is_exact_within_its_rank(refresh):
   """From the identity, ``t`` refreshes of ``k`` sketches have rank ``t k``:
   a rank-8 factor holds two refreshes of 4 sketches exactly."""
