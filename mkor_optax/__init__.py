@@ -10,6 +10,7 @@ from mkor_optax.kfac import KFACState, kfac, scale_by_kfac
 from mkor_optax.layout import Layout
 from mkor_optax.layers import LayerCall, register_layer
 from mkor_optax.mkor import MKORState, mkor, scale_by_mkor
+from mkor_optax.numerics import NumericalWarning, jit_warnings
 from mkor_optax import nnx  # noqa: E402 (NNX capture: mkor_optax.nnx.value_and_grad)
 from mkor_optax.quadratic import QuadraticStepState, gauss_newton, scale_by_quadratic_step
 from mkor_optax.sonew import SONewState, scale_by_sonew, sonew
@@ -19,8 +20,8 @@ __version__ = '0.1.0'
 
 __all__ = [
     'COVARIANCE', 'Covariance', 'EvaState', 'KFACState', 'Layout', 'LayerCall', 'MKORHState',
-    'MKORState', 'MultiSteps', 'MultiStepsState', 'QuadraticStepState', 'RANK1', 'SKETCH', 'SONewState', 'Sketch', 'StatKind', 'TrainState',
-    'eva', 'gauss_newton', 'kfac', 'layer_layouts', 'mkor', 'mkor_h', 'nnx', 'register_layer', 'restore_state', 'scale_by_eva',
+    'MKORState', 'MultiSteps', 'MultiStepsState', 'NumericalWarning', 'QuadraticStepState', 'RANK1', 'SKETCH', 'SONewState', 'Sketch', 'StatKind', 'TrainState',
+    'eva', 'gauss_newton', 'jit_warnings', 'kfac', 'layer_layouts', 'mkor', 'mkor_h', 'nnx', 'register_layer', 'restore_state', 'scale_by_eva',
     'scale_by_kfac', 'scale_by_mkor', 'scale_by_mkor_h', 'scale_by_quadratic_step', 'scale_by_sonew', 'sonew', 'untapped',
     'value_and_grad',
 ]

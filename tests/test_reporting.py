@@ -261,3 +261,37 @@ def test_restore_state_takes_what_orbax_restores_without_a_target(tmp_path):
   u1 = opt.update(grads, back, params, stats=stats)[0]
   u2 = opt.update(grads, state, params, stats=stats)[0]
   jax.tree.map(np.testing.assert_array_equal, u1, u2)
+
+
+@pytest.mark.parametrize('name', list(WARNING_TRANSFORMS))
+def test_jit_warnings_off_leaves_the_host_check_out_and_still_guards(name):
+  """``jit_warnings(False)``: no callback in the compiled step, no warning on
+  a NaN step, and the step is still guarded (counters held). The previous
+  setting comes back on leaving the context."""
+  make, kind = WARNING_TRANSFORMS[name]
+  params = init_params()
+  grads, stats = stats_for(kind, params)
+  tx = make()
+  state = tx.init(params)
+  extra = {} if stats is None else {'stats': stats}
+  if name == 'mkor_h':
+    extra['value'] = jnp.asarray(1.0)
+  assert mkor_optax.jit_warnings.enabled
+  with mkor_optax.jit_warnings(False):
+    step = jax.jit(lambda g, s: tx.update(g, s, params, **extra))
+    text = step.lower(grads, state).as_text()
+    with warnings.catch_warnings():
+      warnings.simplefilter('error', NumericalWarning)
+      _, after = jax.block_until_ready(step(nan_like(grads), state))
+  assert mkor_optax.jit_warnings.enabled
+  assert 'callback' not in text
+  assert counters(after) == counters(state)
+  loud = jax.jit(lambda g, s: tx.update(g, s, params, **extra)).lower(grads, state).as_text()
+  assert 'callback' in loud
+
+
+def test_jit_warnings_takes_a_bool():
+  for bad in (0, 'no', None):
+    with pytest.raises(TypeError, match='True or False'):
+      mkor_optax.jit_warnings(bad)
+  assert mkor_optax.jit_warnings.enabled
