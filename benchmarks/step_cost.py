@@ -52,10 +52,13 @@ PERIOD = 10
 
 
 def configs(max_dim):
-  """name -> (optimizer, statistic kind): LAMB first (the reference)."""
+  """name -> (optimizer, statistic kind[, traced with mkor_optax.jit_warnings(False)]):
+  LAMB first (the reference)."""
   return {
       'lamb': (optax.lamb(1e-2, weight_decay=WD), None),
       'mkor': (mkor_optax.mkor(1e-2, weight_decay=WD, max_factor_dim=max_dim), mkor_optax.SKETCH),
+      'mkor, no jit warnings': (mkor_optax.mkor(1e-2, weight_decay=WD, max_factor_dim=max_dim),
+                                mkor_optax.SKETCH, True),
       'mkor mean': (mkor_optax.mkor(1e-2, weight_decay=WD, max_factor_dim=max_dim), mkor_optax.RANK1),
       # 0.1.0's absolute factors (damping=None), for the cost of the scale-free ones
       'mkor absolute': (mkor_optax.mkor(1e-2, weight_decay=WD, max_factor_dim=max_dim, damping=None),
@@ -69,21 +72,23 @@ def configs(max_dim):
 def costs(params, batch, loss_fn, cfgs, n, repeats, compile_repeats) -> dict:
   """``{name: {'ms', 'per_step', 'compile_s', 'compile'}}``, ratios to ``'lamb'``."""
   steps, fns, carries = {}, {}, {}
-  for name, (opt, kind) in cfgs.items():
+  for name, (opt, kind, *quiet) in cfgs.items():
     state = opt.init(params)
-    steps[name] = (opt, kind, state)
+    steps[name] = (opt, kind, state, bool(quiet and quiet[0]))
   compile_s = {name: [] for name in cfgs}
   for r in range(compile_repeats):
     names = list(cfgs)
     for name in names[r % len(names):] + names[:r % len(names)]:
-      opt, kind, state = steps[name]
+      opt, kind, state, quiet = steps[name]
       step = make_step(loss_fn, opt, kind)  # a fresh jit: nothing cached
-      t0 = time.perf_counter()
-      step.lower(params, state, *batch).compile()
-      compile_s[name].append(time.perf_counter() - t0)
-  for name, (opt, kind, state) in steps.items():
+      with mkor_optax.jit_warnings(not quiet):
+        t0 = time.perf_counter()
+        step.lower(params, state, *batch).compile()
+        compile_s[name].append(time.perf_counter() - t0)
+  for name, (opt, kind, state, quiet) in steps.items():
     step = make_step(loss_fn, opt, kind)
-    jax.block_until_ready(step(params, state, *batch))
+    with mkor_optax.jit_warnings(not quiet):  # traced here, at the first call
+      jax.block_until_ready(step(params, state, *batch))
     fns[name] = lambda c, step=step: step(c[0], c[1], *batch)[:2]
     carries[name] = (params, state)
   med = interleaved(fns, carries, n, repeats)
@@ -192,7 +197,8 @@ def main(argv=None):
                                 args.compile_repeats)
     print('width', w, {k: round(v['per_step'], 3) for k, v in report['widths'][w].items()},
           f'{time.time() - t0:.0f} s', flush=True)
-  model_cfgs = lambda: {k: v for k, v in configs(4096).items() if k not in ('sonew', 'mkor absolute')}
+  model_cfgs = lambda: {k: v for k, v in configs(4096).items()
+                        if k not in ('sonew', 'mkor absolute', 'mkor, no jit warnings')}
   for depth in map(int, split(args.depths)):
     for w in map(int, split(args.model_widths)):
       params, batch, loss_fn = mlp_case(depth, w, 128)
