@@ -87,8 +87,9 @@ class jit_warnings:
   only on a bad step, but its mere presence in a compiled step stops XLA's
   CPU runtime from running the step's independent operations on several
   threads: measured on a 2-core CPU, a LAMB train step with one such check
-  costs 1.17-1.22x the step without it, and the digits autoencoder's MKOR
-  step 1.2-1.3x (``benchmarks/step_cost.py``). ``jit_warnings(False)``
+  costs 1.16-1.22x the step without it (``benchmarks/callback_cost.py``),
+  and the digits autoencoder's default MKOR step costs 1.70x LAMB's with
+  the checks and 1.34x without (``benchmarks/step_cost.py``). ``jit_warnings(False)``
   leaves the checks out of the steps traced from then on: a non-finite step
   is still guarded (the state is kept, the counter does not move), but
   nothing is reported. Read while tracing, so set it before the step is
