@@ -84,10 +84,10 @@ class jit_warnings:
   into jitted steps (default ``True``).
 
   Each check is a ``jax.pure_callback`` in a ``lax.cond`` branch that runs
-  only on a bad step, but its mere presence in a compiled step stops XLA's
-  CPU runtime from running the step's independent operations on several
-  threads: measured on a 2-core CPU, a LAMB train step with one such check
-  costs 1.16-1.22x the step without it (``benchmarks/callback_cost.py``),
+  only on a bad step, but its mere presence slows the whole compiled step,
+  as if XLA's CPU runtime stopped running its independent operations in
+  parallel (pinned to one core, the penalty nearly vanishes): measured on a 2-core CPU, a LAMB train step with one such check
+  costs 1.07-1.22x the step without it (four runs, ``benchmarks/callback_cost.py``),
   and the digits autoencoder's default MKOR step costs 1.70x LAMB's with
   the checks and 1.34x without (``benchmarks/step_cost.py``). ``jit_warnings(False)``
   leaves the checks out of the steps traced from then on: a non-finite step
