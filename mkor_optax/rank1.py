@@ -31,6 +31,31 @@ from mkor_optax.numerics import MIN_EIGENVALUE, blend_first, rank1_coefficients,
 REFRESH_RULES = ('ema', 'blend')
 
 
+def _stabilised(p, v, *, gamma, zeta, epsilon, refresh):
+  """What both refresh forms start from: ``(p``'s dtype, ``p`` in the compute
+  dtype (at least float32), the unit statistic(s) and ``1/|v|^2``, ``max|P|``
+  and the stabiliser's (and ``blend``'s) ``P' = alpha P + beta I``)."""
+  if isinstance(refresh, str) and refresh not in REFRESH_RULES:
+    raise ValueError(f'refresh: must be one of {REFRESH_RULES}, got {refresh!r}')
+  dtype = p.dtype
+  compute = jnp.promote_types(dtype, jnp.float32)
+  p = p.astype(compute)
+  unit, inv_sq = unit_statistic(v.astype(compute))
+  top = jnp.max(jnp.abs(p), axis=(-2, -1))
+  big = top > epsilon
+  alpha = jnp.where(big, zeta, 1.0).astype(compute)
+  beta = jnp.where(big, 1.0 - zeta, 0.0).astype(compute)
+  alpha, beta = blend_first(alpha, beta, gamma, refresh)
+  return dtype, p, unit, inv_sq, top, alpha, beta
+
+
+def _finite_or_kept(new, p, dtype, bad):
+  """``new`` where it is finite, else ``p``, in ``dtype``; and the reset flags."""
+  ok = jnp.all(jnp.isfinite(new), axis=(-2, -1))
+  new = jnp.where(ok[..., None, None], new, p)
+  return new.astype(dtype), bad | ~ok
+
+
 def refresh_inverse(p, v, *, gamma: float, zeta: float, epsilon: float, refresh: str = 'ema'):
   """One factor-inverse refresh, batched over leading axes of ``p`` and ``v``.
 
@@ -61,17 +86,9 @@ def refresh_inverse(p, v, *, gamma: float, zeta: float, epsilon: float, refresh:
 def refresh_inverse_checked(p, v, *, gamma, zeta, epsilon, refresh: str = 'ema'):
   """:func:`refresh_inverse` and a boolean per stack entry: ``True`` where
   the factor was found indefinite or non-finite and reset."""
-  if isinstance(refresh, str) and refresh not in REFRESH_RULES:
-    raise ValueError(f'refresh: must be one of {REFRESH_RULES}, got {refresh!r}')
-  dtype = p.dtype
-  compute = jnp.promote_types(dtype, jnp.float32)
-  p = p.astype(compute)
-  unit, inv_sq = unit_statistic(v.astype(compute))
-  top = jnp.max(jnp.abs(p), axis=(-2, -1))
-  big = top > epsilon
-  alpha = jnp.where(big, zeta, 1.0).astype(compute)
-  beta = jnp.where(big, 1.0 - zeta, 0.0).astype(compute)
-  alpha, beta = blend_first(alpha, beta, gamma, refresh)
+  dtype, p, unit, inv_sq, top, alpha, beta = _stabilised(p, v, gamma=gamma, zeta=zeta,
+                                                          epsilon=epsilon, refresh=refresh)
+  compute = p.dtype
   pv = jnp.einsum('...ij,...j->...i', p, unit)
   u = alpha[..., None] * pv + beta[..., None] * unit
   vu = jnp.sum(unit * u, axis=-1)
@@ -87,9 +104,7 @@ def refresh_inverse_checked(p, v, *, gamma, zeta, epsilon, refresh: str = 'ema')
   base = jnp.where(bad[..., None, None], 0.0, alpha[..., None, None] * p)
   new = (kappa[..., None, None] * (base + beta[..., None, None] * eye)
          - lam[..., None, None] * (u[..., :, None] * u[..., None, :]))
-  ok = jnp.all(jnp.isfinite(new), axis=(-2, -1))
-  new = jnp.where(ok[..., None, None], new, p)
-  return new.astype(dtype), bad | ~ok
+  return _finite_or_kept(new, p, dtype, bad)
 
 
 
@@ -117,18 +132,10 @@ def refresh_inverse_rank_k_checked(p, v, *, gamma, zeta, epsilon, refresh: str =
   to ``I`` first, and a result that is not finite keeps ``p``. The result is
   symmetrised (``(P + P^T)/2``), which the rank-1 form is by construction.
   """
-  if isinstance(refresh, str) and refresh not in REFRESH_RULES:
-    raise ValueError(f'refresh: must be one of {REFRESH_RULES}, got {refresh!r}')
-  dtype = p.dtype
-  compute = jnp.promote_types(dtype, jnp.float32)
-  p = p.astype(compute)
-  k = v.shape[-2]
-  unit, inv_sq = unit_statistic(v.astype(compute))  # (..., k, d), (..., k)
-  top = jnp.max(jnp.abs(p), axis=(-2, -1))
-  big = top > epsilon
-  alpha = jnp.where(big, zeta, 1.0).astype(compute)
-  beta = jnp.where(big, 1.0 - zeta, 0.0).astype(compute)
-  alpha, beta = blend_first(alpha, beta, gamma, refresh)
+  dtype, p, unit, inv_sq, top, alpha, beta = _stabilised(p, v, gamma=gamma, zeta=zeta,
+                                                          epsilon=epsilon, refresh=refresh)
+  compute = p.dtype
+  k = v.shape[-2]  # unit (..., k, d), inv_sq (..., k)
   unit_t = jnp.swapaxes(unit, -1, -2)  # (..., d, k)
   u = alpha[..., None, None] * (p @ unit_t) + beta[..., None, None] * unit_t  # P' V^T
   gram = unit @ u  # V P' V^T, (..., k, k)
@@ -154,9 +161,7 @@ def refresh_inverse_rank_k_checked(p, v, *, gamma, zeta, epsilon, refresh: str =
   base = jnp.where(bad[..., None, None], 0.0, alpha[..., None, None] * p)
   new = kappa * (base + beta[..., None, None] * eye - term)
   new = 0.5 * (new + jnp.swapaxes(new, -1, -2))
-  ok = jnp.all(jnp.isfinite(new), axis=(-2, -1))
-  new = jnp.where(ok[..., None, None], new, p)
-  return new.astype(dtype), bad | ~ok
+  return _finite_or_kept(new, p, dtype, bad)
 
 
 def check_stabiliser(gamma, zeta, refresh: str):
