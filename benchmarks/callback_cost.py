@@ -1,8 +1,9 @@
 """What a host callback costs a compiled train step, though it never runs.
 
 The digits autoencoder's LAMB train step (compare.py's task), jitted, with
-and without the checks the transforms compile in (a ``jax.pure_callback``
-in a ``lax.cond`` branch that runs only on a non-finite loss): one check
+and without the checks the transforms compile in (``report_if``: a
+``jax.pure_callback`` in a ``lax.cond`` branch that runs only on a
+non-finite loss): one check
 early in the step, three, one late (after the update), an unconditional
 ``pure_callback``, and a ``jax.debug.callback`` (an effect). Medians of
 interleaved blocks, as ratios to the step without any.
@@ -26,17 +27,15 @@ import optax
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'examples'))
 from compare import build  # noqa: E402
+from mkor_optax.numerics import report_if  # noqa: E402
 from step_time import interleaved  # noqa: E402
 
 
 def guarded(flag, n):
-  """``n`` checks as the transforms compile them: a host call only if ``flag``."""
-  out = jnp.zeros((), jnp.int32)
-  for _ in range(n):
-    out = out + jax.lax.cond(
-        flag, lambda: jax.pure_callback(lambda: np.zeros((), np.int32), jax.ShapeDtypeStruct((), jnp.int32)),
-        lambda: jnp.zeros((), jnp.int32))
-  return out
+  """``n`` checks exactly as the transforms compile them
+  (:func:`mkor_optax.numerics.report_if`: a host call only if ``flag``)."""
+  return sum((report_if(flag, 'callback_cost: a check that never fires') for _ in range(n)),
+             jnp.zeros((), jnp.int32))
 
 
 def unconditional(flag, n):

@@ -17,16 +17,15 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import jax
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'examples'))
 import mkor_optax  # noqa: E402
-from common import METHODS, make_step  # noqa: E402
+from common import METHODS  # noqa: E402
 from compare import FACTOR_DIM, build  # noqa: E402
-from step_time import interleaved  # noqa: E402
+from step_cost import costs  # noqa: E402
 
 CONFIGS = {
     'lamb': (lambda task: METHODS['lamb'].make(1e-2), None),
@@ -40,24 +39,10 @@ CONFIGS = {
 def task_costs(task, n, repeats):
   params, make_iter, loss_fn, _ = build(task, quick=True, seed=0)
   batch = next(make_iter())
-  fns, carries, compile_s = {}, {}, {}
-  for name, (make, kind) in CONFIGS.items():
-    opt = make(task)
-    state = opt.init(params)
-    step = make_step(loss_fn, opt, kind)
-    t0 = time.perf_counter()
-    step.lower(params, state, *batch).compile()
-    compile_s[name] = time.perf_counter() - t0
-    # timed through jit, as a training loop calls it: an AOT-compiled program
-    # holding a host callback (the optimizers' warnings) is always dispatched
-    # from Python, where jit takes its C++ path
-    jax.block_until_ready(step(params, state, *batch))
-    fns[name] = lambda c, step=step: step(c[0], c[1], *batch)[:2]
-    carries[name] = (params, state)
-  med = interleaved(fns, carries, n, repeats)
-  return {name: {'ms': 1e3 * med[name], 'per_step_vs_lamb': med[name] / med['lamb'],
-                 'compile_s': compile_s[name],
-                 'compile_vs_lamb': compile_s[name] / compile_s['lamb']} for name in CONFIGS}
+  got = costs(params, batch, loss_fn, {name: (make(task), kind) for name, (make, kind) in CONFIGS.items()},
+              n, repeats, compile_repeats=1)
+  return {name: {'ms': r['ms'], 'per_step_vs_lamb': r['per_step'], 'compile_s': r['compile_s'],
+                 'compile_vs_lamb': r['compile']} for name, r in got.items()}
 
 
 def main(argv=None):
