@@ -1,0 +1,221 @@
+"""Every measured number the documentation prints, read from ``results/``.
+
+The benchmark scripts write their tables to ``results/``. The pages never type
+a measured number: they include those tables, or name a number defined here
+(``{{ name }}`` on a docs page, a generated block in the README). The build
+reads this module (``docs/conf.py``), and ``tests/test_numbers.py`` fails
+when a page types a measurement by hand or when the README's generated blocks
+differ from what their sources give now.
+
+    python docs/measured.py            # print every name and its value
+    python docs/measured.py --readme   # rewrite the README's generated blocks
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+import re
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RESULTS = ROOT / 'results'
+
+
+# --- reading the results' markdown tables ------------------------------------
+
+def _cells(line):
+  return [c.strip() for c in line.strip().strip('|').split('|')]
+
+
+@functools.lru_cache(maxsize=None)
+def tables(path):
+  """``{section: [row dicts]}`` of a results markdown file: a section is the
+  text of the ``#`` heading or ``**bold**`` line above a table ('' before any)."""
+  out, section, lines = {}, '', (RESULTS / path).read_text().splitlines()
+  i = 0
+  while i < len(lines):
+    line = lines[i].strip()
+    if line.startswith('#'):
+      section = line.lstrip('#').strip()
+    elif re.fullmatch(r'\*\*[^*]+\*\*.*', line):
+      section = re.match(r'\*\*([^*]+)\*\*', line).group(1).strip()
+    elif line.startswith('|') and i + 1 < len(lines) and set(lines[i + 1].strip()) <= set('|-: '):
+      header = _cells(line)
+      rows, i = [], i + 2
+      while i < len(lines) and lines[i].strip().startswith('|'):
+        rows.append(dict(zip(header, _cells(lines[i]))))
+        i += 1
+      out.setdefault(section, []).extend(rows)
+      continue
+    i += 1
+  return out
+
+
+def _strip(text):
+  return re.sub(r'\*\*|`', '', text).strip()
+
+
+def cell(path, row, col, section=None, part=None):
+  """The cell of ``results/<path>`` at the row whose first column is ``row``
+  and the column ``col`` (``section``: the heading the table sits under, by
+  its start). ``part='ratio'`` keeps the ``(...)`` of a ``"259 (0.57)"`` cell,
+  ``part='value'`` what comes before it."""
+  found = tables(path)
+  sections = [s for s in found if section is None or s.startswith(section)]
+  for s in sections:
+    for r in found[s]:
+      first = _strip(next(iter(r.values())))
+      if first == row:
+        if col not in r:
+          raise KeyError(f'{path} [{s}]: no column {col!r} (has {list(r)})')
+        text = _strip(r[col])
+        if part == 'ratio':
+          m = re.search(r'\(([^)]*)\)', text)
+          text = m.group(1) if m else text
+        elif part == 'value':
+          text = text.split('(')[0].strip()
+        return text
+  raise KeyError(f'{path}: no row {row!r} under {section!r} (sections {sections})')
+
+
+def span(values, suffix=''):
+  """``'1.27-1.70'``: the range of some cells, as printed in their source."""
+  nums = sorted(values, key=float)
+  lo, hi = nums[0], nums[-1]
+  return f'{lo}{suffix}' if lo == hi else f'{lo}-{hi}{suffix}'
+
+
+# --- the named numbers -------------------------------------------------------
+
+TASKS = {'autoencoder': 'autoencoder', 'cnn': 'CNN', 'resnet': 'ResNet + BatchNorm',
+         'bert': 'masked-LM', 'mlp64': 'MLP autoencoder (width <= 64)'}
+STUDY = 'seeds/scale_free_summary.md'
+COST = 'bench/step_cost.md'
+TTT = 'time_to_target/time_to_target.md'
+COMPARE = 'compare/compare.md'
+
+
+def _study(config, task, part='ratio'):
+  raw = cell(STUDY, config, TASKS[task])
+  if not raw:
+    return 'not run'
+  return 'not reached' if raw.startswith('-') else cell(STUDY, config, TASKS[task], part=part)
+
+
+def _cost(task, config='mkor', what='per step', section='Tasks'):
+  return cell(COST, task, f'{config} {what}', section=section)
+
+
+def _ttt(task, optimizer, col='median steps (/ LAMB)', part='ratio'):
+  return cell(TTT, optimizer, col, section=task, part=part)
+
+
+def _compare(task, optimizer, col='steps to target (/ LAMB)', part='ratio'):
+  text = cell(COMPARE, optimizer, col, section=task, part=part)
+  return 'not reached' if text == '-' else text
+
+
+def _wide(row, col):
+  return cell('width_sweep/width_sweep.md', row, col)
+
+
+NUMBERS = {
+    # steps to LAMB's loss, 3-seed medians, as ratios to LAMB (the scale-free study)
+    **{f'steps_mkor_{t}': (lambda t=t: _study('MKOR, damping 0.25 (default)', t)) for t in TASKS},
+    **{f'steps_kfac_{t}': (lambda t=t: _study('K-FAC, relative 0.1 (default)', t)) for t in TASKS},
+    **{f'steps_muon_{t}': (lambda t=t: _study('Muon', t)) for t in TASKS},
+    **{f'steps_mkor_mean_{t}': (lambda t=t: _study('MKOR, mean statistics, damping 0.25', t))
+       for t in TASKS},
+    **{f'steps_mkor_010_{t}': (lambda t=t: _study('MKOR, absolute (0.1.0 default)', t)) for t in TASKS},
+    # cost per step and per compile against LAMB (step_cost.py)
+    **{f'cost_mkor_{t}': (lambda t=t: _cost(t)) for t in TASKS},
+    **{f'cost_mkor_quiet_{t}': (lambda t=t: _cost(t, 'mkor, no jit warnings')) for t in TASKS},
+    **{f'cost_kfac_{t}': (lambda t=t: _cost(t, 'kfac')) for t in TASKS},
+    **{f'cost_sonew_{t}': (lambda t=t: _cost(t, 'sonew')) for t in TASKS},
+    'cost_mkor_tasks': lambda: span([_cost(t) for t in ('autoencoder', 'cnn', 'resnet', 'bert')]),
+    'cost_mkor_quiet_tasks': lambda: span([_cost(t, 'mkor, no jit warnings')
+                                          for t in ('autoencoder', 'cnn', 'resnet', 'bert')]),
+    'cost_mkor_wide': lambda: span([_cost(w, section='Widths') for w in ('1024', '4096')]),
+    'cost_mkor_256': lambda: _cost('256', section='Widths'),
+    'cost_kfac_all': lambda: span([_cost(t, 'kfac') for t in TASKS]
+                                  + [_cost(w, 'kfac', section='Widths') for w in ('256', '1024', '4096')]),
+    'compile_mkor_all': lambda: span([_cost(t, what='compile') for t in TASKS]
+                                     + [_cost(w, what='compile', section='Widths')
+                                        for w in ('256', '1024', '4096')]),
+    'lamb_ms_bert': lambda: _cost('bert', 'LAMB', 'ms/step').replace('LAMB ', ''),
+    # 0.1.0's defaults: steps and seconds to target over 3 seeds (time_to_target.py)
+    **{f'ttt_{o}_{t}_{w}': (lambda t=t, row=row, col=col: _ttt(t, row, col))
+       for t in ('autoencoder', 'cnn', 'resnet', 'bert')
+       for o, row in (('lamb', 'LAMB'), ('adamw', 'AdamW'), ('muon', 'Muon'),
+                      ('mkor', 'MKOR (default: Sketch(4))'),
+                      ('mkor_mean', 'MKOR, mean statistics (RANK1)'), ('kfac', 'our K-FAC'))
+       for w, col in (('steps', 'median steps (/ LAMB)'), ('seconds', 'median seconds (/ LAMB)'))},
+    # the one-process comparison of every optimizer, seed 0 (compare.py)
+    **{f'compare_{o}_{t}': (lambda t=t, o=o: _compare(t, o))
+       for t in ('autoencoder', 'bert', 'cnn')
+       for o in ('adamw', 'muon', 'psgd_kron', 'mkor', 'mkor_adam', 'mkor_muon', 'mkor_h', 'kfac',
+                 'eva', 'sonew')},
+    # wide layers: rank-8 low-rank inverses (width_sweep.py)
+    'wide_rank8': lambda: span([_wide(f'd-d-d MLP d={d} batch 256', 'mkor rank 8: step / LAMB (state / params)',
+                                      ).split(' ')[0] for d in (256, 512, 1024, 2048, 4096)]),
+    'wide_vae_rank8': lambda: _wide('VAE 784-256-32-256-784 batch 32',
+                                    'mkor rank 8: step / LAMB (state / params)').split(' ')[0],
+}
+
+
+def value(name):
+  return NUMBERS[name]()
+
+
+def substitutions():
+  """Every name's value, for MyST's ``{{ name }}`` substitutions."""
+  return {name: value(name) for name in NUMBERS}
+
+
+# --- the README's generated blocks -------------------------------------------
+
+def readme_measured():
+  """The README's table: steps to LAMB's loss (study) and cost per step."""
+  rows = [('**MKOR** (`mkor(lr)`)', 'steps_mkor', 'cost_mkor'),
+          ('K-FAC (`kfac(lr)`)', 'steps_kfac', 'cost_kfac'),
+          ('Muon (`optax.contrib.muon`)', 'steps_muon', None)]
+  head = ('| optimizer | ' + ' | '.join(TASKS.values()) + ' |\n'
+          + '|---' * (len(TASKS) + 1) + '|\n')
+  out = ['Steps to reach LAMB\'s final training loss, as ratios to LAMB\'s steps '
+         '(medians over 3 seeds; lower is better):', '', head.rstrip('\n')]
+  for label, steps, _ in rows:
+    vals = [value(f'{steps}_{t}') if f'{steps}_{t}' in NUMBERS else 'not run' for t in TASKS]
+    out.append(f'| {label} | ' + ' | '.join(vals) + ' |')
+  out += ['', 'Time per step, as ratios to LAMB\'s (the same process):', '',
+          head.rstrip('\n')]
+  for label, _, cost in rows:
+    if cost:
+      out.append(f'| {label} | ' + ' | '.join(value(f'{cost}_{t}') for t in TASKS) + ' |')
+  return '\n'.join(out)
+
+
+README_BLOCKS = {'measured': readme_measured}
+BEGIN, END = '<!-- numbers:{} (generated by docs/measured.py --readme) -->', '<!-- /numbers -->'
+
+
+def readme_block_pattern(name):
+  return re.compile(re.escape(BEGIN.format(name)) + r'\n(?:(.*?)\n)?' + re.escape(END), re.S)
+
+
+def write_readme(path=ROOT / 'README.md'):
+  text = path.read_text()
+  for name, make in README_BLOCKS.items():
+    pat = readme_block_pattern(name)
+    if not pat.search(text):
+      raise SystemExit(f'README.md has no block {BEGIN.format(name)}')
+    text = pat.sub(lambda m: f'{BEGIN.format(name)}\n{make()}\n{END}', text)
+  path.write_text(text)
+
+
+if __name__ == '__main__':
+  if '--readme' in sys.argv:
+    write_readme()
+  else:
+    for k, v in substitutions().items():
+      print(f'{k:36s} {v}')
