@@ -120,6 +120,12 @@ def _wide(row, col):
   return cell('width_sweep/width_sweep.md', row, col)
 
 
+def _seeds(path, row, section=None, col='steps to target, per seed'):
+  """The range over the seeds of a ``"452 / 435 / 463"`` cell."""
+  per_seed = cell(path, row, col, section=section).split(' / ')
+  return 'not reached' if '-' in per_seed else span(per_seed)
+
+
 NUMBERS = {
     # steps to LAMB's loss, 3-seed medians, as ratios to LAMB (the scale-free study)
     **{f'steps_mkor_{t}': (lambda t=t: _study('MKOR, damping 0.25 (default)', t)) for t in TASKS},
@@ -161,6 +167,25 @@ NUMBERS = {
                                       ).split(' ')[0] for d in (256, 512, 1024, 2048, 4096)]),
     'wide_vae_rank8': lambda: _wide('VAE 784-256-32-256-784 batch 32',
                                     'mkor rank 8: step / LAMB (state / params)').split(' ')[0],
+    'wide_rank8_state': lambda: span([_wide(f'd-d-d MLP d={d} batch 256',
+                                            'mkor rank 8: step / LAMB (state / params)')
+                                      .split('(')[1].rstrip(')') for d in (256, 512, 1024, 2048, 4096)]),
+    'wide_vae_lamb_ms': lambda: _wide('VAE 784-256-32-256-784 batch 32', 'LAMB ms/step'),
+    # the adaptive (quadratic-model) step on the digits autoencoder, 3 seeds (adaptive_step.py);
+    # per-seed steps to LAMB's loss as a range; cost per step from the quiet run with 0.1.0's K-FAC
+    'adaptive_lamb_steps': lambda: _seeds('adaptive_step/adaptive_step_scale_free.md', 'lamb (lr 0.01)'),
+    'adaptive_kfac_steps': lambda: _seeds('adaptive_step/adaptive_step_scale_free.md',
+                                          'kfac relative 0.1 + quadratic step'),
+    'adaptive_mkor_steps': lambda: _seeds('adaptive_step/adaptive_step_scale_free.md',
+                                          'mkor sketch damping 0.25 + quadratic step'),
+    'adaptive_kfac_cost': lambda: cell('adaptive_step/adaptive_step.md', 'kfac + quadratic step',
+                                       'ms/step / LAMB'),
+    'adaptive_kfac_lamb_cost': lambda: cell('adaptive_step/adaptive_step.md', 'kfac + lamb (lr 0.01)',
+                                            'ms/step / LAMB'),
+    # MKOR's default (damping 0.25, LAMB after it) on the autoencoder, per-seed steps (seeds.py)
+    'seeds_mkor_autoencoder_steps': lambda: _seeds('seeds/scale_free_mlp64_autoencoder.md',
+                                                   'mkor damping 0.25', section='autoencoder',
+                                                   col='steps per seed'),
 }
 
 
