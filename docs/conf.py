@@ -26,16 +26,38 @@ extensions = [
 
 source_suffix = {'.rst': 'restructuredtext', '.md': 'myst-nb', '.ipynb': 'myst-nb'}  # autosummary writes .rst stubs
 exclude_patterns = ['_build', 'README.md']
-myst_enable_extensions = ['dollarmath', 'amsmath', 'colon_fence', 'deflist']
+myst_enable_extensions = ['dollarmath', 'amsmath', 'colon_fence', 'deflist', 'substitution']
+# Measured numbers are never typed into a page: ``{{ name }}`` takes them from
+# the result files under results/ (docs/measured.py; tests/test_numbers.py).
+sys.path.insert(0, str(ROOT / 'docs'))
+import measured  # noqa: E402
+myst_substitutions = measured.substitutions()
 myst_heading_anchors = 3
 
 autosummary_generate = True
-autodoc_default_options = {'members': False, 'show-inheritance': False}
+# docs/_templates/autosummary/: a page per public name shows its docstring
+# only (states describe their fields there), no inherited members.
+templates_path = ['_templates']
+# No default options (members and base classes are off by default): under
+# Sphinx 9 a default overrides a template's own ``:members:``, and
+# ``'show-inheritance': False`` still showed the bases.
+autodoc_default_options = {}
 autodoc_typehints = 'description'
+autodoc_typehints_description_target = 'documented'  # types join the Args:/Returns: entries
+autodoc_type_aliases = {'optax.ScalarOrSchedule': 'optax.ScalarOrSchedule'}  # not its expansion
 autodoc_member_order = 'bysource'
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
+napoleon_attr_annotations = False  # a state's Attributes: give shapes and dtypes in words
+
+# Every cross-reference to a name of mkor_optax must resolve. Third-party
+# types in signatures have no target here (intersphinx cannot reach the
+# network), so they are exempt.
+nitpicky = True
+nitpick_ignore_regex = [
+    (r'py:.*', r'(jax|jaxlib|optax|flax|numpy|collections\.abc|typing)(\..*)?'),
+]
 
 # The quickstart notebook is executed at every build (300 steps of a small MLP
 # on the CPU, about half a minute); a cell that raises fails the build.
@@ -46,6 +68,8 @@ nb_execution_show_tb = True
 
 html_theme = 'sphinx_book_theme'
 html_title = 'mkor_optax'
+html_static_path = ['_static']
+html_css_files = ['custom.css']  # code wraps and tables fit at 1280 px (docs/check_pages.py)
 html_theme_options = {
     'show_toc_level': 2,
     'navigation_with_keys': False,

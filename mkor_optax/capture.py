@@ -183,7 +183,7 @@ def _locate(params, info: LayerInfo):
 
 
 def layer_layouts(fun: Callable, params, *args, **kwargs) -> dict:
-  """The exact :class:`~mkor_optax.kronecker.Layout` of every captured layer.
+  """The exact :class:`~mkor_optax.Layout` of every captured layer.
 
   Pass the result as ``scale_by_mkor(layouts=...)`` when ``init`` says a
   layout cannot be told from the parameter shapes and names alone.

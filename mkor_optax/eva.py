@@ -29,8 +29,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mkor_optax import checks
+from mkor_optax import checks, docstrings
 from mkor_optax import kronecker as kr
+from mkor_optax.mkor import mkor, scale_by_mkor  # (their Args: descriptions)
 from mkor_optax.numerics import norm_ratio, safe_norm, unit_statistic
 
 
@@ -99,6 +100,7 @@ def eva_rule(*, damping, gamma) -> kr.FactorRule:
   return kr.FactorRule(init_side, lambda sides, prep: kr.ema_sides(sides, prep, gamma), precondition)
 
 
+@docstrings.filled(scale_by_mkor)
 def scale_by_eva(
     *,
     damping: float = 0.03,
@@ -108,13 +110,42 @@ def scale_by_eva(
     exclude: kr.Exclude = None,
     layouts: Optional[dict] = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """Eva preconditioning of every captured Dense/DenseGeneral/Conv layer.
+  r"""Eva: Kronecker-vector preconditioning from vector statistics only.
+
+  Eva (Zhang, Shi and Li, 2023) keeps, per captured layer, only the EMAs
+  of MKOR's two vector statistics, no matrices, and preconditions with the
+  damped inverse of their rank-1 Kronecker product, which has a closed
+  form: memory and communication are :math:`2d` numbers per layer, and
+  nothing is refreshed or inverted. Other parameters pass through unchanged.
+
+  For a layer :math:`y = x W + b`, with :math:`\bar G = [G; g_b]` its kernel
+  and bias gradients stacked (:math:`(d_{in}+1) \times d_{out}`), the mean
+  input :math:`a` (a 1 appended) and the mean output gradient :math:`g`, every
+  step updates their EMAs (starting at the first statistics) and applies
+  :math:`(\tilde a \tilde a^\top \otimes \tilde g \tilde g^\top + \lambda I)^{-1}`
+  to :math:`\operatorname{vec}(\bar G)` by Sherman-Morrison:
+
+  .. math::
+
+     \tilde a_t &= \gamma\, \tilde a_{t-1} + (1-\gamma)\, a, \qquad
+     \tilde g_t = \gamma\, \tilde g_{t-1} + (1-\gamma)\, g, \\
+     U &= \frac{1}{\lambda} \Big( \bar G - \frac{\tilde a_t^\top \bar G\, \tilde g_t}
+          {\|\tilde a_t\|^2 \|\tilde g_t\|^2 + \lambda}\, \tilde a_t \tilde g_t^\top \Big).
+
+  A side wider than ``max_factor_dim`` is the identity (an identity output
+  side, :math:`\tilde a \tilde a^\top \otimes I`, gives
+  :math:`U = (\bar G - \tilde a \tilde a^\top \bar G / (\|\tilde a\|^2 + \lambda)) / \lambda`).
+  Then all preconditioned layers together are rescaled to the joint
+  Frobenius norm of their raw gradients, in place of Eva's KL clipping:
+  :math:`U_l \leftarrow U_l\, \|(\bar G_1, \dots, \bar G_L)\|_F / \|(U_1, \dots, U_L)\|_F`.
 
   Args:
-    damping: ``lambda`` (> 0).
-    gamma: decay of the EMAs of ``a`` and ``g``, in (0, 1).
-    axis_name: data-parallel axis over which ``a`` and ``g`` are averaged.
-    max_factor_dim, exclude, layouts: as in :func:`mkor_optax.scale_by_mkor`.
+    damping: the damping :math:`\lambda` (> 0).
+    gamma: decay :math:`\gamma` of the EMAs of :math:`a` and :math:`g`, in (0, 1).
+    axis_name: data-parallel axis (``pmap``/``shard_map``) over which
+      :math:`a` and :math:`g` are averaged before the EMAs. Gradients are
+      the caller's to average, as with any optax transform.
+    {scale_by_mkor: max_factor_dim, exclude, layouts}
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update(grads, state,
@@ -129,6 +160,14 @@ def scale_by_eva(
     >>> updates, state = opt.update(grads, state, params, stats=stats)
     >>> bool(jnp.isfinite(updates['layers_0']['kernel']).all())
     True
+
+  References:
+    {EVA_REFERENCE}
+
+  See Also:
+    :func:`eva` (this transform chained into LAMB), :func:`scale_by_mkor`
+    (the same statistics, accumulated into factor inverses),
+    :func:`scale_by_kfac`.
   """
   checks.validate(
       damping=(damping, lambda v: v > 0, 'must be > 0'),
@@ -140,6 +179,7 @@ def scale_by_eva(
                                guarded='the statistics EMAs are left as they were')
 
 
+@docstrings.filled(mkor, scale_by_eva)
 def eva(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -152,13 +192,28 @@ def eva(
     exclude: kr.Exclude = None,
     layouts: Optional[dict] = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """Eva with a LAMB backend: ``optax.chain(scale_by_eva(...), backend)``.
+  r"""Eva with a LAMB backend: ``optax.chain(scale_by_eva(...), backend)``.
+
+  The Eva preconditioner (:func:`scale_by_eva`, where its statistics and
+  the global rescale are written out) turns each captured layer's gradient
+  :math:`\bar G` into
+
+  .. math::
+
+     U_t \propto \frac{1}{\lambda} \Big( \bar G_t - \frac{\tilde a_t^\top \bar G_t\, \tilde g_t}
+          {\|\tilde a_t\|^2 \|\tilde g_t\|^2 + \lambda}\, \tilde a_t \tilde g_t^\top \Big),
+
+  :math:`\tilde a_t` and :math:`\tilde g_t` the EMAs of the layer's mean input
+  and mean output gradient, all layers scaled together to their raw
+  gradients' joint norm.
+
+  {LAMB}
+
   Works with ``optax.inject_hyperparams``.
 
   Args:
-    learning_rate, weight_decay, backend: as in :func:`mkor_optax.mkor`.
-    damping, gamma, axis_name, max_factor_dim, exclude, layouts: as in
-      :func:`mkor_optax.scale_by_eva`.
+    {mkor: learning_rate, weight_decay, backend}
+    {scale_by_eva}
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` takes the rank-1
@@ -170,6 +225,17 @@ def eva(
     >>> grad_fn = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1)
     >>> loss, grads, stats = grad_fn(params, x, y)
     >>> updates, state = opt.update(grads, state, params, stats=stats)
+    >>> bool(loss_fn(optax.apply_updates(params, updates), x, y) < loss)
+    True
+
+  References:
+    {EVA_REFERENCE}
+
+    {LAMB_REFERENCE}
+
+  See Also:
+    :func:`scale_by_eva` (the preconditioner alone), :func:`mkor`,
+    :func:`kfac`, :func:`sonew`.
   """
   return kr.with_backend(
       scale_by_eva(damping=damping, gamma=gamma, axis_name=axis_name,

@@ -143,8 +143,7 @@ def refresh_relative(p, rms, v, *, damping, gamma, zeta, epsilon, refresh: str):
 
   so the rule of :func:`refresh_checked` runs on the unit-free statistic
   ``w = v / sqrt(lambda n_t)`` (mean eigenvalue ``1/lambda``) after the old
-  inverse is moved to the new units (``\hat P / 
-ho`` with
+  inverse is moved to the new units (``\hat P / \rho`` with
   ``rho = n_{t-1} / n_t``). Its identity start is then the prior
   ``F_{-1} = lambda n_0 I``, and its stabiliser tests ``max|\hat P|``, both
   relative to the side's own scale: multiplying every ``v`` by ``c``

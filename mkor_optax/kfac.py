@@ -31,8 +31,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mkor_optax import checks
+from mkor_optax import checks, docstrings
 from mkor_optax import kronecker as kr
+from mkor_optax.mkor import mkor, scale_by_mkor  # (their Args: descriptions)
 from mkor_optax.precondition import precondition, rescale_to
 
 
@@ -59,8 +60,10 @@ class KFACState(NamedTuple):
 
   Attributes:
     count: ``()`` int32, updates done.
-    input_side: layer path -> :class:`CovarianceFactor` of ``A`` (``d_in + 1`` square).
-    output_side: layer path -> :class:`CovarianceFactor` of ``G`` (``d_out`` square).
+    input_side: layer path -> a ``CovarianceFactor`` of ``A`` (``d_in + 1``
+      square): ``cov`` ``(S, d, d)`` float32, the EMA of the covariance, and
+      ``inv`` ``(S, d, d)`` (``factor_dtype``), its damped inverse at the last refresh.
+    output_side: layer path -> a ``CovarianceFactor`` of ``G`` (``d_out`` square).
 
   Example:
     >>> state = mkor_optax.scale_by_kfac().init(params)
@@ -125,6 +128,7 @@ def kfac_rule(*, damping, relative_damping, gamma, inv_freq, dtype) -> kr.Factor
   return kr.FactorRule(init_side, refresh, precondition_all)
 
 
+@docstrings.filled(scale_by_mkor)
 def scale_by_kfac(
     *,
     damping: float = DAMPING,
@@ -138,32 +142,77 @@ def scale_by_kfac(
     exclude: kr.Exclude = None,
     layouts: Optional[dict] = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """K-FAC preconditioning of every captured Dense/DenseGeneral/Conv layer.
+  r"""K-FAC preconditioning (KAISA-like): full Kronecker factors, inverted.
+
+  K-FAC (Martens and Grosse, 2015) approximates each layer's block of the
+  Fisher matrix by the Kronecker product of two covariances, of the layer's
+  inputs and of its output gradients, and preconditions the layer's gradient
+  with their damped inverses, recomputed every ``inv_freq`` steps as KAISA
+  (Pauloski et al., 2021) schedules them. It runs on the same capture as MKOR,
+  whose rank-1 refreshes it is the baseline for: the two differ only in their
+  curvature (the update is rescaled like MKOR's, instead of KAISA's KL
+  clipping). Other parameters pass through unchanged.
+
+  For a layer :math:`y = x W + b`, with :math:`\bar G = [G; g_b]` its kernel
+  and bias gradients stacked, :func:`value_and_grad` (kind
+  :data:`COVARIANCE`) gives, over the :math:`R` rows of a batch, the input
+  covariance :math:`A` (``'A'``, a 1 appended to each input row
+  :math:`x`) and the output-gradient covariance :math:`\Gamma` (``'G'``,
+  :math:`h` the per-example gradient of the loss with respect to the
+  layer's output row); convolutions use their im2col patches (Grosse and
+  Martens, 2016). Every step the factors' EMAs are updated (starting at the
+  first statistics), at step 0 and every ``inv_freq`` steps they are
+  inverted with the damping :math:`\mu` split between them (by Cholesky, in
+  float32), and every step the gradient is preconditioned:
+
+  .. math::
+
+     A &= \frac{1}{R} \sum_{\text{rows}} \bar x \bar x^\top, \qquad
+     \Gamma = \frac{1}{R} \sum_{\text{rows}} h h^\top, \qquad
+     A_t = \gamma A_{t-1} + (1-\gamma) A, \quad
+     \Gamma_t = \gamma \Gamma_{t-1} + (1-\gamma)\, \Gamma, \\
+     \tilde A^{-1} &= \big(A_t + \sqrt{\mu}\, n_A I\big)^{-1}, \qquad
+     \tilde \Gamma^{-1} = \big(\Gamma_t + \sqrt{\mu}\, n_\Gamma I\big)^{-1}, \qquad
+     n_F = \operatorname{tr}(F_t) / d_F, \\
+     U &= \tilde A^{-1} \bar G\, \tilde \Gamma^{-1}, \qquad
+     U \leftarrow U\, \frac{\|\bar G\|_F}{\|U\|_F}.
+
+  With the relative damping (default), each factor's :math:`\sqrt{\mu}` is
+  scaled by its mean eigenvalue :math:`n_F`: for the normalised factors
+  :math:`F / n_F` that is the same :math:`\sqrt{\mu}` on both sides, Martens
+  and Grosse's pi-adjusted factored damping (section 6.3), and the update
+  does not depend on the scale of the inputs or of the loss;
+  ``relative_damping=False`` sets :math:`n_F = 1`. Cost per refresh
+  :math:`O(d^3)`, memory :math:`4 d^2` per layer (factors and inverses);
+  with ``axis_name`` the factors' :math:`d^2` entries are averaged across
+  devices (MKOR's statistics are vectors).
 
   Args:
-    damping: Tikhonov damping ``mu`` (> 0, finite); each factor gets
-      ``sqrt(mu)``, times its mean eigenvalue with ``relative_damping``.
-    relative_damping: multiply each factor's ``sqrt(mu)`` by its mean
-      eigenvalue ``tr(F)/d`` (default: Martens and Grosse's pi-adjusted
+    damping: the Tikhonov damping :math:`\mu` (> 0, finite), split between
+      the factors: each gets :math:`\sqrt{\mu}`, times its mean eigenvalue
+      with ``relative_damping``.
+    relative_damping: multiply each factor's :math:`\sqrt{\mu}` by its mean
+      eigenvalue :math:`\operatorname{tr}(F)/d` (default: the pi-adjusted
       factored damping, relative to the product of the factors' scales),
       which makes the preconditioned update invariant to the scale of the
       inputs and of the loss; ``False``: absolute, as in K-FAC/KAISA
       (earlier releases' default, with ``damping=1e-3``).
-    gamma: decay of the factor EMAs, in (0, 1).
+    gamma: decay :math:`\gamma` of the factor EMAs, in (0, 1).
     inv_freq: recompute the inverses at step 0 and every ``inv_freq`` steps.
-    axis_name: data-parallel axis over which ``A`` and ``G`` are averaged.
+    axis_name: data-parallel axis (``pmap``/``shard_map``) over which
+      :math:`A` and :math:`\Gamma` are averaged before the EMAs.
+      Gradients are the caller's to average, as with any optax transform.
     factor_dtype: storage dtype of the damped inverses (``None``: float32).
       The covariance EMAs are always kept in float32 and the inversion runs in
       float32: a bfloat16 covariance of inputs with a large mean loses its
       small eigenvalues and its Cholesky factor turns NaN. A non-finite
       inverse is never stored (the previous one is kept).
-    max_factor_dim, shard_factors, exclude, layouts: as in
-      :func:`mkor_optax.scale_by_mkor` (with partitioned params the covariances
-      and inverses are split over the mesh, :mod:`mkor_optax.sharding`).
+    {scale_by_mkor: max_factor_dim, shard_factors, exclude, layouts}
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update(grads, state,
-    params=None, *, stats)`` with ``stats`` of kind ``COVARIANCE``.
+    params=None, *, stats)`` with ``stats`` of kind :data:`COVARIANCE`; its
+    state is a :class:`KFACState`.
 
   Example:
     >>> opt = optax.chain(mkor_optax.scale_by_kfac(damping=1e-2), optax.sgd(1e-2))
@@ -173,6 +222,22 @@ def scale_by_kfac(
     >>> updates, state = opt.update(grads, state, params, stats=stats)
     >>> stats['layers_0']['A'].shape  # (d_in + 1) x (d_in + 1)
     (4, 4)
+
+  References:
+    {KFAC_REFERENCE}
+
+    R. Grosse, J. Martens, `A Kronecker-factored approximate Fisher matrix
+    for convolution layers <https://arxiv.org/abs/1602.01407>`_, ICML 2016.
+
+    J. G. Pauloski et al., `KAISA: An Adaptive Second-Order Optimizer
+    Framework for Deep Neural Networks <https://arxiv.org/abs/2107.01739>`_,
+    SC 2021.
+
+  See Also:
+    :func:`kfac` (this transform chained into LAMB), :func:`scale_by_mkor`
+    (the same factors from vector statistics, refreshed by rank-1 updates),
+    :func:`scale_by_quadratic_step` (kfac-jax's adaptive step, to follow it),
+    :class:`Covariance` (the statistics).
   """
   checks.validate(
       damping=(damping, lambda v: v > 0, 'must be > 0'),
@@ -187,6 +252,7 @@ def scale_by_kfac(
                                guarded='the covariances and inverses are left as they were')
 
 
+@docstrings.filled(mkor, scale_by_kfac)
 def kfac(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -203,18 +269,32 @@ def kfac(
     exclude: kr.Exclude = None,
     layouts: Optional[dict] = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """K-FAC with a LAMB backend: ``optax.chain(scale_by_kfac(...), backend)``,
-  as :func:`mkor_optax.mkor`. Works with ``optax.inject_hyperparams``.
+  r"""K-FAC with a LAMB backend: ``optax.chain(scale_by_kfac(...), backend)``.
+
+  The K-FAC preconditioner (:func:`scale_by_kfac`, where its factors and
+  their damping are written out) turns each captured layer's gradient
+  :math:`\bar G` into
+
+  .. math::
+
+     U_t = \tilde A^{-1} \bar G_t\, \tilde\Gamma^{-1}\,
+           \|\bar G_t\|_F / \|\tilde A^{-1} \bar G_t\, \tilde\Gamma^{-1}\|_F,
+
+  :math:`\tilde A^{-1}` and :math:`\tilde\Gamma^{-1}` the damped inverses of
+  the input and output-gradient covariances at their last refresh.
+
+  {LAMB}
+
+  Works with ``optax.inject_hyperparams``.
 
   Args:
-    learning_rate, weight_decay, backend: as in :func:`mkor_optax.mkor`.
-    damping, relative_damping, gamma, inv_freq, axis_name: as in :func:`mkor_optax.scale_by_kfac`.
-    factor_dtype, max_factor_dim, shard_factors, exclude: as in :func:`mkor_optax.scale_by_kfac`.
-    layouts: as in :func:`mkor_optax.scale_by_kfac`.
+    {mkor: learning_rate, weight_decay, backend}
+    {scale_by_kfac}
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` takes ``stats=``
-    of kind ``COVARIANCE``.
+    of kind :data:`COVARIANCE`. Its state is the chain's: ``(KFACState, the
+    backend's state)``.
 
   Example:
     >>> opt = mkor_optax.kfac(1e-2)
@@ -222,6 +302,17 @@ def kfac(
     >>> grad_fn = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.COVARIANCE)
     >>> loss, grads, stats = grad_fn(params, x, y)
     >>> updates, state = opt.update(grads, state, params, stats=stats)
+    >>> bool(loss_fn(optax.apply_updates(params, updates), x, y) < loss)
+    True
+
+  References:
+    {KFAC_REFERENCE}
+
+    {LAMB_REFERENCE}
+
+  See Also:
+    :func:`scale_by_kfac` (the preconditioner alone), :func:`mkor` (the same
+    factors from vector statistics), :func:`eva`, :func:`sonew`.
   """
   kw = dict(locals())
   for k in ('learning_rate', 'weight_decay', 'backend'):

@@ -145,7 +145,7 @@ def register_layer(module_type: type, adapter: Adapter, *, layout=None) -> None:
     adapter: ``adapter(module, args, kwargs)``, called with the module (for
       linen, bound) and its ``__call__`` arguments before the call runs;
       returns ``None`` to leave the call alone, or ``read(y) -> LayerCall``,
-      given the call's output (:func:`dense_adapter` is the built-in one).
+      given the call's output (``nn.Dense``'s built-in one is ``dense_adapter``).
     layout: NNX only, optional: ``layout(module) -> Layout`` (``None``: not
       preconditioned), read at ``init`` and before each capture; by default
       read off the kernel and bias shapes.

@@ -4,32 +4,11 @@ Mozaffari, Li, Zhang, Mehri Dehnavi (2023), *MKOR: Momentum-Enabled
 Kronecker-Factor-Based Optimizer Using Rank-1 Updates*, NeurIPS 2023,
 arXiv:2306.01685.
 
-Per second-order layer with statistics ``a`` (mean input, bias 1 appended) and
-``g`` (mean output gradient), factor inverses ``R^-1`` (``d_in+1`` square,
-the input side) and ``L^-1`` (``d_out`` square, the output side) start at the
-identity and are refreshed at step 0 and every ``inv_freq`` steps by the
-rank-1 rule of :mod:`mkor_optax.rank1` (a stabiliser, then Sherman-Morrison
-on ``F_t = gamma F_{t-1} + (1 - gamma) v v^T``, ``v = a`` for ``R`` and
-``v = g`` for ``L``), or for wide sides its low-rank-plus-identity form
-(:mod:`mkor_optax.lowrank`). With ``k`` sketches per side
-(:class:`mkor_optax.Sketch`, what :func:`mkor_optax.value_and_grad` captures
-by default, ``k = 4``) the refresh is
-``F_t = gamma F_{t-1} + (1 - gamma)/k sum_j v_j v_j^T``, ``k`` rank-1 steps
-whose terms average to K-FAC's covariance factors.
-
-Scale-free factors (beyond the paper): each side tracks ``n_t``, the EMA of
-its statistics' mean eigenvalue ``|v|^2/d``, and keeps its inverse in units
-of ``damping * n_t``, ``P_t = damping n_t F_t^{-1}`` with the prior
-``F_{-1} = damping n_0 I`` (:func:`mkor_optax.factors.refresh_relative`): the
-rule above runs on ``v / sqrt(damping n_t)``, so neither the scale of the
-loss nor that of either side's statistics changes the update, and the side
-with small statistics (usually the output side) is not damped to ``I``.
-Every step:
-
-.. math::  U = R^{-1} [G; g_b] L^{-1}, \quad U \leftarrow U\, \|[G; g_b]\|_F / \|U\|_F,
-
-handed on to the next transform of the chain. Everything else passes
-through unchanged.
+The update rule, with the formula correction and the scale-free factors
+(beyond the paper), is written out in :func:`scale_by_mkor`'s docstring; the
+refresh itself is :mod:`mkor_optax.rank1` (dense sides) and
+:mod:`mkor_optax.lowrank` (wide sides), reached through
+:func:`mkor_optax.factors.refresh_relative`.
 """
 
 from __future__ import annotations
@@ -41,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mkor_optax import checks, factors
+from mkor_optax import checks, docstrings, factors
 from mkor_optax import kronecker as kr
 from mkor_optax.factors import DENSE_16_BIT
 from mkor_optax.layout import OUTPUT, SIDES
@@ -70,7 +49,8 @@ class MKORState(NamedTuple):
     count: ``()`` int32, updates done.
     input_side: layer path -> the input-side inverse ``R^-1``: a dense
       ``(S, d_in + 1, d_in + 1)`` array or, for sides of at least
-      ``low_rank_min_dim``, a :class:`~mkor_optax.lowrank.LowRankInverse`.
+      ``low_rank_min_dim``, a low-rank ``LowRankInverse`` of ``c`` ``(S,)``,
+      ``q`` ``(S, d, k)`` and ``s`` ``(S, k)``, the inverse ``c I + Q diag(s) Q^T``.
     output_side: layer path -> the output-side inverse ``L^-1``, ``(S, d_out, d_out)``
       or low-rank. A side wider than ``max_factor_dim`` has no entry (identity).
       Both sides' inverses are held in units of ``damping * n_t``
@@ -171,6 +151,7 @@ def check_mkor_args(*, gamma, zeta, epsilon, inv_freq, refresh, factor_dtype, ma
   return dtype
 
 
+@docstrings.filled()
 def scale_by_mkor(
     *,
     damping: Optional[float] = DAMPING,
@@ -189,49 +170,102 @@ def scale_by_mkor(
     exclude: kr.Exclude = None,
     layouts: Optional[dict] = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """MKOR preconditioning of every captured Dense/DenseGeneral/Conv layer.
+  r"""MKOR: Kronecker-factored preconditioning with rank-1 inverse refreshes.
+
+  MKOR (Mozaffari et al., 2023) preconditions the gradient of every layer
+  that :func:`value_and_grad` captures (Dense, DenseGeneral, Conv) with the
+  inverses of two Kronecker factors, like K-FAC, but keeps the inverses
+  themselves and refreshes them by rank-1 Sherman-Morrison updates from
+  vector statistics: :math:`O(d^2)` per side instead of an inversion's
+  :math:`O(d^3)`, cheap enough for every few steps. Other parameters pass
+  through unchanged. :func:`mkor` chains it into LAMB.
+
+  For a layer :math:`y = x W + b`, let :math:`\bar G = [G; g_b]` be its
+  kernel and bias gradients stacked, :math:`(d_{in}+1) \times d_{out}`. Each
+  side keeps its factor's inverse :math:`P` (:math:`R^{-1}` on the input
+  side, :math:`L^{-1}` on the output side), starting at :math:`I`. At step 0
+  and every ``inv_freq`` steps, each side takes its statistic :math:`v` of
+  width :math:`d` (input side: the mean input :math:`a`, a 1 appended;
+  output side: the mean output gradient :math:`g`), updates its scale
+  :math:`n_t`, moves :math:`P` to the units of :math:`\lambda n_t`, blends
+  it toward :math:`I` if it has grown large, and adds the unit-free
+  statistic :math:`w`:
+
+  .. math::
+
+     n_t &= \gamma\, n_{t-1} + (1-\gamma)\, \|v\|^2 / d, \qquad
+     w = v / \sqrt{\lambda\, n_t}, \qquad P \leftarrow P\, n_t / n_{t-1}, \\
+     P &\leftarrow \zeta P + (1-\zeta) I \quad \text{if } \max_{ij} |P_{ij}| > \epsilon, \\
+     P &\leftarrow \frac{P}{\gamma} - \frac{(1-\gamma)/\gamma^2}{1 + \frac{1-\gamma}{\gamma}\,
+         w^\top P w}\, (P w)(P w)^\top .
+
+  The last line is the exact inverse of :math:`\gamma P^{-1} + (1-\gamma)\, w w^\top`
+  (the paper prints it with three errors). Between stabiliser blends,
+  :math:`P_t = \lambda n_t F_t^{-1}`, :math:`F_t = \gamma F_{t-1} + (1-\gamma)\, v v^\top`,
+  :math:`F_{-1} = \lambda n_0 I`: in units of the side's own scale, so the
+  scale of the loss or of either side's statistics changes nothing (beyond
+  the paper; ``damping=None`` is its absolute :math:`P = F^{-1}`). With
+  :math:`k` sketches per side (the default capture, :data:`SKETCH`),
+  :math:`v v^\top` is their mean :math:`\frac{1}{k} \sum_j v_j v_j^\top`.
+  Every step, with the newest inverses and :math:`p` = ``factor_power``,
+
+  .. math::
+
+     U = R^{-p}\, \bar G\, L^{-p}, \qquad U \leftarrow U\, \frac{\|\bar G\|_F}{\|U\|_F},
+
+  so the update keeps the raw gradient's norm and learning-rate schedules
+  keep their meaning. Every numeric hyperparameter may be an array
+  (``optax.inject_hyperparams``); Python numbers are validated here.
 
   Args:
-    damping: relative damping ``lambda`` of the scale-free factors (> 0):
-      each side's inverse is kept in units of ``lambda n_t``, ``n_t`` an EMA
-      of the side's mean eigenvalue ``|v|^2/d``, so it starts at the prior
-      ``lambda n_0 I`` and its stabiliser acts relative to the side's own
-      scale; the update then does not depend on the scale of the loss or of
-      either side's statistics. ``None``: the absolute form (inverses start
-      at ``I`` and ``epsilon`` bounds ``max|F^-1|`` itself), which damps a
-      side whose statistics are small (usually the output side) to the identity.
-    gamma: momentum of the factor EMA, in (0, 1) (the paper's runs: 0.95).
-    zeta: stabiliser blend ``P <- zeta P + (1-zeta) I``, in [0, 1]; with
-      ``refresh='ema'`` it must be below ``gamma`` (:func:`check_stabiliser`).
-    epsilon: stabiliser threshold on ``max|P|`` (> 0), in the inverse's
-      units (``lambda n_t``, or absolute with ``damping=None``).
+    damping: relative damping :math:`\lambda` of the scale-free factors
+      (> 0): each side's inverse is kept in units of :math:`\lambda n_t`,
+      :math:`n_t` an EMA of the side's mean eigenvalue :math:`\|v\|^2/d`, so
+      it starts at the prior :math:`\lambda n_0 I` and its stabiliser acts
+      relative to the side's own scale. ``None``: the paper's absolute form
+      (inverses start at :math:`I` and ``epsilon`` bounds :math:`\max|F^{-1}|`
+      itself), which damps a side whose statistics are small (usually the
+      output side) to the identity.
+    gamma: momentum :math:`\gamma` of the factor EMA, in (0, 1) (the
+      paper's runs: 0.95).
+    zeta: the stabiliser's blend :math:`P \leftarrow \zeta P + (1-\zeta) I`,
+      in [0, 1]; with ``refresh='ema'`` it must be below ``gamma``.
+    epsilon: the stabiliser's threshold :math:`\epsilon` on
+      :math:`\max_{ij}|P_{ij}|` (> 0), in the inverse's units
+      (:math:`\lambda n_t`, or absolute with ``damping=None``).
     inv_freq: refresh the inverses at step 0 and every ``inv_freq`` steps.
-    refresh: ``'ema'`` (exact EMA inverse, default) or ``'blend'`` (authors' code).
-    axis_name: data-parallel axis (``pmap``/``shard_map``): ``a`` and ``g``
-      are ``lax.pmean``-ed over it before the refresh. Gradients are the
-      caller's to average, as with any optax transform.
-    factor_dtype: storage dtype of the inverses (``None``: float32; refresh
-      math is float32). A 16-bit dtype is for low-rank factors only (it
-      stores their basis ``Q``; ``low_rank_min_dim <= low_rank`` is
-      required, sides no wider than ``low_rank`` stay dense float32): a
-      dense inverse in 16 bits cannot stay positive definite. Under ``optax.inject_hyperparams`` pass a dtype name
-      (``'bfloat16'``): a dtype class is callable and would be taken for a schedule.
-    max_factor_dim: a side larger than this is preconditioned by the identity
+    refresh: ``'ema'``, the exact inverse of the factor EMA (default), or
+      ``'blend'``, the authors' code: :math:`P \leftarrow \gamma P + (1-\gamma) I`,
+      then the plain Sherman-Morrison inverse of :math:`P^{-1} + v v^\top`.
+    axis_name: data-parallel axis (``pmap``/``shard_map``): the statistics
+      are combined over it before the refresh (means averaged; sketches
+      summed and divided by the root of the device count), a few vectors of
+      width :math:`d` per layer side.
+      Gradients are the caller's to average, as with any optax transform.
+    factor_dtype: storage dtype of the inverses (``None``: float32; the
+      refresh computes in float32). A 16-bit dtype is for low-rank factors
+      only (it stores their basis :math:`Q`; ``low_rank_min_dim <= low_rank``
+      is required, sides no wider than ``low_rank`` stay dense float32): a
+      dense inverse in 16 bits cannot stay positive definite. Under
+      ``optax.inject_hyperparams`` pass a dtype name (``'bfloat16'``): a
+      dtype class is callable and would be taken for a schedule.
+    max_factor_dim: a side wider than this is preconditioned by the identity
       (read at ``init`` only).
-    low_rank: rank ``k`` of the low-rank-plus-identity inverses
-      ``c I + Q diag(s) Q^T`` (:mod:`mkor_optax.lowrank`; exact for the first
-      ``k`` refreshes, the best rank-``k`` truncation after) used for sides of
-      dimension ``>= low_rank_min_dim``; ``None``: dense inverses everywhere.
-      Memory ``O(d k)`` per side, preconditioning ``O(d_in d_out k)``.
-    low_rank_min_dim: smallest side dimension (``d_in+1`` or ``d_out``) held
-      in low-rank form; ``0`` puts every side with ``d > low_rank`` in it.
-      Both are read at ``init`` only.
-    factor_power: the power of each side's inverse that preconditions:
-      ``1`` (default) is ``R^-1 G L^-1``, MKOR's and K-FAC's; ``0.5`` and
-      ``0.25`` use the inverse square and fourth roots of the factors (the
-      Shampoo family, whose limit without accumulation is Muon's update).
-      Free for low-rank sides (their eigen form); a dense side costs an
-      ``eigh`` per step. In ``(0, 1]``.
+    low_rank: rank :math:`k` of the low-rank-plus-identity inverses
+      :math:`c I + Q \operatorname{diag}(s) Q^\top` used for sides at least
+      ``low_rank_min_dim`` wide (exact for the first :math:`k` refreshes, the
+      best rank-:math:`k` truncation after; memory :math:`O(dk)` per side,
+      preconditioning :math:`O(d_{in} d_{out} k)`); ``None``: dense inverses
+      everywhere.
+    low_rank_min_dim: the narrowest side (:math:`d_{in}+1` or
+      :math:`d_{out}`) held in low-rank form; ``0`` puts every side wider
+      than ``low_rank`` in it. Both are read at ``init`` only.
+    factor_power: the power :math:`p` of each side's inverse that
+      preconditions, in (0, 1]: ``1`` (default) is :math:`R^{-1} \bar G L^{-1}`,
+      MKOR's and K-FAC's; ``0.5`` and ``0.25`` use the inverse square and
+      fourth roots of the factors (the Shampoo family, whose limit without
+      accumulation is Muon's update). Free for low-rank
+      sides (their eigen form); a dense side costs an ``eigh`` per step.
     shard_factors: when ``init`` sees partitioned parameters (a mesh
       ``NamedSharding``, model parallel), split each factor over that mesh's
       devices instead of replicating it (:mod:`mkor_optax.sharding`).
@@ -239,14 +273,13 @@ def scale_by_mkor(
       ``'a/b/c'``, or a predicate on it (a predicate needs
       ``static_args=('exclude',)`` under ``optax.inject_hyperparams``).
     layouts: ``{path: Layout}`` overriding the layout read from parameter
-      shapes and names (see :func:`mkor_optax.layer_layouts`).
-
-  Every numeric hyperparameter may be an array (``optax.inject_hyperparams``);
-  Python numbers are validated here.
+      shapes and names (see :class:`Layout` and :func:`layer_layouts`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose update is
-    ``update(grads, state, params=None, *, stats)``.
+    ``update(grads, state, params=None, *, stats)``, ``stats`` from
+    :func:`value_and_grad` (kind :data:`SKETCH`, the default, or
+    :data:`RANK1`); its state is an :class:`MKORState`.
 
   Example:
     >>> opt = optax.chain(mkor_optax.scale_by_mkor(inv_freq=5), optax.adam(1e-3))
@@ -255,6 +288,16 @@ def scale_by_mkor(
     >>> updates, state = opt.update(grads, state, params, stats=stats)
     >>> int(state[0].count)
     1
+    >>> state[0].input_side['layers_0'].shape  # R^-1 of the first layer: (d_in + 1) square
+    (1, 4, 4)
+
+  References:
+    {MKOR_REFERENCE}
+
+  See Also:
+    :func:`mkor` (this transform chained into LAMB), :func:`scale_by_mkor_h`
+    (MKOR that switches itself off), :func:`scale_by_kfac` (full covariances,
+    inverted), :func:`value_and_grad` (the statistics).
   """
   dtype = check_mkor_args(gamma=gamma, zeta=zeta, epsilon=epsilon, inv_freq=inv_freq,
                           refresh=refresh, factor_dtype=factor_dtype,
@@ -280,6 +323,7 @@ def mkor_args(arguments: dict) -> dict:
   return {k: arguments[k] for k in MKOR_ARGS}
 
 
+@docstrings.filled(scale_by_mkor)
 def mkor(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -301,26 +345,33 @@ def mkor(
     exclude: kr.Exclude = None,
     layouts: Optional[dict] = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """MKOR with a LAMB backend: ``optax.chain(scale_by_mkor(...), backend)``.
+  r"""MKOR with a LAMB backend: ``optax.chain(scale_by_mkor(...), backend)``.
+
+  The optimizer of the MKOR paper. The preconditioner (:func:`scale_by_mkor`,
+  where the refresh of the factor inverses :math:`R^{-1}` and :math:`L^{-1}`
+  is written out) turns each captured layer's gradient :math:`\bar G` into
+
+  .. math::  U_t = R^{-1} \bar G_t L^{-1}\, \|\bar G_t\|_F / \|R^{-1} \bar G_t L^{-1}\|_F .
+
+  {LAMB}
+
+  Works with ``optax.inject_hyperparams``.
 
   Args:
-    learning_rate: the backend's learning rate or schedule.
-    weight_decay: LAMB's weight decay, masked off biases, norm scales and 1-D
-      leaves (the paper's BERT runs).
+    learning_rate: the backend's learning rate :math:`\eta_t`, a number or
+      a schedule.
+    weight_decay: LAMB's weight decay :math:`\omega`, masked off biases, norm
+      scales and 1-D leaves (the MKOR paper's BERT runs).
     backend: the transform after the preconditioner (default
-      ``optax.lamb(learning_rate, weight_decay=...)``). With an explicit
-      backend, ``learning_rate`` and ``weight_decay`` are unused (the backend
-      carries its own).
-    damping, gamma, zeta, epsilon, inv_freq, refresh: as in :func:`scale_by_mkor`.
-    axis_name: as in :func:`scale_by_mkor`.
-    factor_dtype, max_factor_dim, low_rank: as in :func:`scale_by_mkor`.
-    low_rank_min_dim, factor_power, shard_factors, exclude: as in :func:`scale_by_mkor`.
-    layouts: as in :func:`scale_by_mkor`.
+      ``optax.lamb(learning_rate, weight_decay=weight_decay)`` with that
+      mask). With an explicit backend, ``learning_rate`` and
+      ``weight_decay`` are unused (the backend carries its own).
+    {scale_by_mkor}
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``; ``update`` takes
-    ``stats=`` from :func:`mkor_optax.value_and_grad`. Works with
-    ``optax.inject_hyperparams``.
+    An ``optax.GradientTransformationExtraArgs``; ``update`` takes ``stats=``
+    from :func:`value_and_grad`. Its state is the chain's: ``(MKORState,
+    the backend's state)``.
 
   Example:
     >>> opt = mkor_optax.mkor(1e-2)
@@ -329,6 +380,17 @@ def mkor(
     >>> updates, state = opt.update(grads, state, params, stats=stats)
     >>> bool(loss_fn(optax.apply_updates(params, updates), x, y) < loss)
     True
+
+  References:
+    {MKOR_REFERENCE}
+
+    {LAMB_REFERENCE}
+
+  See Also:
+    :func:`scale_by_mkor` (the preconditioner alone), :func:`mkor_h` (MKOR
+    that hands over to LAMB for good once it stops paying), :func:`kfac`,
+    :func:`eva`, :func:`sonew`, :class:`TrainState` (a training state that
+    passes ``stats``), :class:`MultiSteps` (gradient accumulation).
   """
   return kr.with_backend(scale_by_mkor(**mkor_args(locals())), backend, learning_rate,
                          weight_decay)

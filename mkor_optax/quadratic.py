@@ -40,13 +40,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mkor_optax import checks
+from mkor_optax import checks, docstrings
 from mkor_optax.numerics import all_finite, fold_into_first, report_if
 
 
 class QuadraticStepState(NamedTuple):
-  """``count``; ``damping`` (lambda); ``previous`` (the last update, float32);
-  ``alpha``, ``mu`` and ``rho`` of the last step (``rho`` NaN when not measured).
+  """The adaptive step's state.
+
+  Attributes:
+    count: ``()`` int32, updates done.
+    damping: ``()`` float32, the current damping ``lambda``.
+    previous: the last update (float32, shaped like the parameters).
+    alpha: ``()`` float32, the last step's scale of the proposal.
+    mu: ``()`` float32, the last step's scale of the previous update.
+    rho: ``()`` float32, the last measured reduction ratio (NaN when not measured).
 
   Example:
     >>> state = mkor_optax.scale_by_quadratic_step().init(params)
@@ -155,6 +162,7 @@ def _adapt(lam, omega, measure, params, step, value, value_fn, predicted):
   return lam, rho
 
 
+@docstrings.filled()
 def scale_by_quadratic_step(
     *,
     damping: float = 1e-3,
@@ -164,10 +172,47 @@ def scale_by_quadratic_step(
     max_damping: float = 1e4,
     momentum: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
-  """Step size and momentum chosen each step by a damped quadratic model.
+  r"""Step size and momentum chosen each step by a damped quadratic model.
+
+  The step that kfac-jax takes (Martens and Grosse, 2015, section 7), as a
+  transform that follows any preconditioner in a chain. Instead of a
+  learning rate, each step scales the incoming direction and mixes in the
+  previous update by the amounts that minimise a damped Gauss-Newton model
+  of the loss around the current parameters. It is the whole step: nothing
+  follows it in the chain.
+
+  With the incoming (preconditioned) update :math:`u`, the proposal
+  :math:`D = -u`, the previous update :math:`d_0`, the raw gradient
+  :math:`g` and the Gauss-Newton matrix :math:`C = J^\top H J` (:math:`J`
+  the Jacobian of the model's outputs, :math:`H` the Hessian of the loss in
+  them), the update is :math:`d = \alpha D + \mu d_0` with
+
+  .. math::
+
+     M(d) = g^\top d + \tfrac{1}{2}\, d^\top (C + \lambda I)\, d, \qquad
+     \begin{pmatrix} D^\top \tilde C D & D^\top \tilde C d_0 \\
+                     d_0^\top \tilde C D & d_0^\top \tilde C d_0 \end{pmatrix}
+     \begin{pmatrix} \alpha \\ \mu \end{pmatrix}
+     = - \begin{pmatrix} g^\top D \\ g^\top d_0 \end{pmatrix}, \qquad
+     \tilde C = C + \lambda I,
+
+  the minimiser of :math:`M(\alpha D + \mu d_0)` (:math:`\mu = 0` on the
+  first step or without ``momentum``). :math:`C` enters only through
+  :math:`J D` and :math:`J d_0`: two Jacobian-vector products a step, no
+  matrix. Every ``adapt_every`` steps the damping follows
+  Levenberg-Marquardt, from one more loss evaluation:
+
+  .. math::
+
+     \rho = \frac{L(\theta + d) - L(\theta)}{M(d)}, \qquad
+     \lambda \leftarrow \begin{cases} \omega \lambda & \rho > 3/4 \\
+                                      \lambda / \omega & \rho < 1/4 \end{cases},
+     \qquad \omega = \text{decay}^{k},
+
+  with :math:`k` = ``adapt_every``, kept within ``[min_damping, max_damping]``.
 
   Args:
-    damping: initial ``lambda`` (> 0).
+    damping: the initial damping :math:`\lambda` (> 0).
     adapt_every: adapt ``lambda`` every this many steps (needs ``value`` and
       ``value_fn``; without them ``lambda`` stays fixed).
     decay: per-step Levenberg-Marquardt factor, in (0, 1); ``lambda`` moves
@@ -194,6 +239,13 @@ def scale_by_quadratic_step(
     ...                             value_fn=lambda p: loss_fn(p, x, y))
     >>> bool(loss_fn(optax.apply_updates(params, updates), x, y) < loss)
     True
+
+  References:
+    {KFAC_REFERENCE}
+
+  See Also:
+    :func:`gauss_newton` (the ``curvature`` argument),
+    :func:`scale_by_kfac` and :func:`scale_by_mkor` (directions to follow).
   """
   checks.validate(
       damping=(damping, lambda v: v > 0, 'must be > 0'),

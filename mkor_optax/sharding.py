@@ -92,7 +92,26 @@ def place_factors(factors: dict, mesh) -> dict:
 
 
 def bytes_per_device(tree) -> dict:
-  """``{device: bytes}`` of the arrays of ``tree`` held on each device."""
+  """How many bytes of the arrays of ``tree`` each device holds.
+
+  Counts the shards each device holds (a replicated array counts on every
+  device), so it shows whether the factors of a model-parallel run are
+  split over the mesh: with ``shard_factors=True`` (the default) the
+  largest count falls like ``1 / devices``.
+
+  Args:
+    tree: a pytree of ``jax.Array`` leaves, such as an optimizer state or
+      one of its parts.
+
+  Returns:
+    ``{device: bytes}`` over the devices that hold a shard of some leaf.
+
+  Example:
+    >>> state = mkor_optax.scale_by_kfac().init(params)  # on one device here
+    >>> sizes = mkor_optax.sharding.bytes_per_device((state.input_side, state.output_side))
+    >>> sum(sizes.values())  # covariances and inverses: 2 x 4 bytes x (4^2 + 8^2 + 9^2 + 2^2)
+    1320
+  """
   out: dict = {}
   for leaf in jax.tree.leaves(tree):
     for shard in leaf.addressable_shards:
@@ -101,17 +120,33 @@ def bytes_per_device(tree) -> dict:
 
 
 def place_state(state, params):
-  """``state`` with every leaf that sits on a single device (step counters,
-  the backend's ``count``, ``inject_hyperparams``' values) replicated over
-  the mesh of the partitioned ``params``; unchanged without such a mesh.
+  """An optimizer state whose single-device leaves are placed on the mesh
+  of the partitioned ``params``, to restore a checkpoint into.
 
   A freshly initialised counter is not committed to a device, so ``jit``
   moves it as needed; the same leaf restored from a checkpoint (orbax
   restores into the target's shardings) is committed to one device, and the
   first step then fails with "incompatible devices". With every leaf on the
-  mesh, ``ckpt.restore(path, opt.init(params))`` gives a state that steps::
+  mesh, a checkpoint restored into ``place_state(opt.init(params), params)``
+  gives a state that steps. The aliases' ``init`` already places their
+  whole state this way; a chain of your own needs this call.
 
-      target = mkor_optax.sharding.place_state(opt.init(params), params)
+  Args:
+    state: an optimizer state (any pytree).
+    params: the parameters it was initialised from, model-parallel (a mesh
+      ``NamedSharding`` that is not fully replicated) or not.
+
+  Returns:
+    ``state`` with every leaf that sits on a single device (step counters,
+    the backend's ``count``, ``inject_hyperparams``' values) replicated over
+    the mesh of the partitioned ``params``; ``state`` itself when no
+    parameter is partitioned.
+
+  Example:
+    >>> opt = optax.chain(mkor_optax.scale_by_mkor(), optax.adam(1e-3))
+    >>> state = opt.init(params)
+    >>> mkor_optax.sharding.place_state(state, params) is state  # params on one device
+    True
   """
   mesh = partitioned_mesh(params)
   if mesh is None:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mkor_optax import checks
+from mkor_optax import checks, docstrings
 from mkor_optax.eager import compiled_when_eager
 from mkor_optax import numerics
 
@@ -41,8 +41,14 @@ _GRAFTS = ('adam', 'sgd', 'momentum')
 
 
 class SONewState(NamedTuple):
-  """``count``; per parameter leaf (flattened, float32): ``m`` ``(n,)``,
-  ``d`` ``(n,)`` and ``e`` ``(n, band)`` (``e[i, k-1] ~ g_i g_{i+k}``).
+  """SONew's state: per parameter leaf, flattened to ``n`` entries, the
+  EMAs (float32, not bias-corrected).
+
+  Attributes:
+    count: ``()`` int32, updates done.
+    m: per leaf ``(n,)``, the EMA of the gradient.
+    d: per leaf ``(n,)``, the EMA of its squared entries ``g_i^2``.
+    e: per leaf ``(n, band)``, the EMAs of the products ``e[i, k-1] ~ g_i g_{i+k}``.
 
   Example:
     >>> state = mkor_optax.scale_by_sonew().init(params)
@@ -158,6 +164,7 @@ def _precondition_tensor(g, m, d, e, t, *, b1, b2, damping, relative_damping, gr
   return u.reshape(g.shape).astype(g.dtype), m, d, e
 
 
+@docstrings.filled()
 def scale_by_sonew(
     *,
     b1: float = 0.9,
@@ -168,21 +175,70 @@ def scale_by_sonew(
     graft: str = 'adam',
     graft_eps: float = 1e-8,
 ) -> optax.GradientTransformationExtraArgs:
-  """SONew preconditioning of every parameter tensor (no capture needed).
+  r"""SONew: sparsified online Newton with a tridiagonal or banded preconditioner.
+
+  SONew (Devvrit et al., 2023) preconditions each parameter tensor,
+  flattened to a vector of :math:`n` entries, with a sparse inverse of the
+  gradients' second moment: of all positive-definite matrices that agree
+  with the EMA statistics :math:`S` on a band, it takes the one of maximum
+  determinant, whose inverse :math:`X` has a sparse :math:`L D L^\top`
+  factorisation found in :math:`O(n)` for the tridiagonal band (no
+  :math:`n \times n` matrix is formed). It needs no capture (plain
+  ``jax.grad`` gradients), and its direction is grafted to the per-tensor
+  norm of Adam's. Memory: :math:`(2 + b)\, n` floats per tensor.
+
+  Per tensor with gradient :math:`g` at step :math:`t`, band :math:`b`
+  (:math:`k = 1, \dots, b`) and damping :math:`\delta` (by default relative:
+  ``damping`` times the largest absolute row sum of the banded statistics):
+
+  .. math::
+
+     m_t &= \beta_1 m_{t-1} + (1-\beta_1)\, g, \qquad
+     d_{t,i} = \beta_2 d_{t-1,i} + (1-\beta_2)\, g_i^2, \qquad
+     e_{t,i,k} = \beta_2 e_{t-1,i,k} + (1-\beta_2)\, g_i g_{i+k}, \\
+     \hat m &= \frac{m_t}{1-\beta_1^t}, \qquad
+     S_{ii} = \frac{d_{t,i}}{1-\beta_2^t} + \delta, \qquad
+     S_{i,i+k} = \frac{e_{t,i,k}}{1-\beta_2^t}.
+
+  For the tridiagonal band (:math:`b = 1`), with :math:`s_i = S_{ii}` and
+  :math:`e_i = S_{i,i+1}`,
+
+  .. math::
+
+     \psi_i = e_i / s_{i+1}, \qquad c_i = s_i - e_i \psi_i, \qquad
+     D_i = 1 / c_i, \qquad L_{i+1,i} = -\psi_i, \qquad
+     u = L D L^\top \hat m,
+
+  where an edge with :math:`c_i \le 0` is dropped (:math:`\psi_i = 0`,
+  :math:`D_i = 1/s_i`). For a band :math:`b > 1`, :math:`\psi_i` solves
+  :math:`S_{JJ}\, \psi_i = S_{Ji}` over the next :math:`b` entries
+  :math:`J = \{i+1, \dots, i+b\}`, :math:`c_i = s_i - S_{iJ}\, \psi_i`, and
+  :math:`L_{i+k,i} = -\psi_{i,k}` (:math:`O(n b^3)`). Finally the direction
+  takes the norm of the graft's, :math:`u \leftarrow u\, \|r\| / \|u\|`,
+  with :math:`r = \hat m / (\sqrt{\hat d} + \epsilon)` for ``'adam'``
+  (:math:`\hat d` the bias-corrected :math:`d_t`, undamped),
+  :math:`r = g` for ``'sgd'`` and :math:`r = \hat m` for ``'momentum'``.
 
   Args:
-    b1: decay of the gradient EMA ``m``, in [0, 1).
-    b2: decay of the second-moment EMAs ``d`` and ``e``, in [0, 1).
-    damping: added to the diagonal ``d`` (> 0); with ``relative_damping``
-      (default) it is multiplied by the largest absolute row sum of the banded
-      statistics (a Gershgorin bound on their largest eigenvalue), which makes
-      it invariant to the scale of the gradients.
-    band: 1 for tridiagonal (the O(n) path), ``b > 1`` for banded.
-    graft: ``'adam'``, ``'sgd'`` or ``'momentum'``: whose per-tensor norm ``u`` takes.
-    graft_eps: the epsilon of the Adam graft direction.
+    b1: decay :math:`\beta_1` of the gradient EMA :math:`m`, in [0, 1).
+    b2: decay :math:`\beta_2` of the second-moment EMAs :math:`d` and
+      :math:`e`, in [0, 1).
+    damping: added to the diagonal (> 0); with ``relative_damping``
+      (default) it is multiplied by the largest absolute row sum of the
+      banded statistics (a Gershgorin bound on their largest eigenvalue),
+      which makes it invariant to the scale of the gradients.
+    relative_damping: ``False`` adds ``damping`` itself, whatever the scale
+      of the gradients (too small a one lets near-singular statistics
+      dominate the direction).
+    band: the band :math:`b`: 1 for tridiagonal (the :math:`O(n)` path),
+      :math:`b > 1` for banded.
+    graft: ``'adam'``, ``'sgd'`` or ``'momentum'``: whose per-tensor norm
+      the direction :math:`u` takes.
+    graft_eps: the :math:`\epsilon` of the Adam graft direction.
 
   Returns:
-    An ``optax.GradientTransformation`` (plain gradients, no statistics).
+    An ``optax.GradientTransformationExtraArgs`` that takes plain gradients
+    (no statistics); its state is a :class:`SONewState`.
 
   Example:
     >>> opt = optax.chain(mkor_optax.scale_by_sonew(band=2), optax.scale(-1e-2))
@@ -190,6 +246,15 @@ def scale_by_sonew(
     >>> updates, state = opt.update(jax.grad(loss_fn)(params, x, y), state, params)
     >>> updates['layers_0']['kernel'].shape
     (3, 8)
+    >>> state[0].e['layers_0']['kernel'].shape  # (n, band) for the 3 x 8 kernel
+    (24, 2)
+
+  References:
+    {SONEW_REFERENCE}
+
+  See Also:
+    :func:`sonew` (this transform with a learning rate), :func:`scale_by_mkor`
+    and :func:`scale_by_kfac` (Kronecker factors per layer, from a capture).
   """
   checks.validate(
       b1=(b1, lambda v: 0.0 <= v < 1.0, 'must be in [0, 1)'),
@@ -236,6 +301,7 @@ def scale_by_sonew(
   return optax.GradientTransformationExtraArgs(init, update)
 
 
+@docstrings.filled(scale_by_sonew)
 def sonew(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -247,17 +313,33 @@ def sonew(
     graft: str = 'adam',
     graft_eps: float = 1e-8,
 ) -> optax.GradientTransformationExtraArgs:
-  """``optax.chain(scale_by_sonew(...), scale_by_learning_rate(learning_rate))``.
-  Works with ``optax.inject_hyperparams``.
+  r"""SONew: ``optax.chain(scale_by_sonew(...), scale_by_learning_rate(learning_rate))``.
+
+  The sparsified online Newton method (Devvrit et al., 2023): the
+  preconditioner :func:`scale_by_sonew` (where its banded statistics and
+  their maximum-determinant inverse are written out) turns each parameter
+  tensor's gradient into a grafted direction :math:`u_t`, and the
+  learning rate :math:`\eta_t` scales it:
+
+  .. math::
+
+     u_t = L D L^\top \hat m_t\, \frac{\|r_t\|}{\|L D L^\top \hat m_t\|}, \qquad
+     \theta_{t+1} = \theta_t - \eta_t\, u_t,
+
+  :math:`\hat m_t` the bias-corrected gradient EMA and :math:`r_t` the graft
+  direction (Adam's by default). A learning rate that is not finite (a
+  schedule's value, or an array from ``optax.inject_hyperparams``) gives a
+  zero update with a :class:`NumericalWarning`. No statistics, no backend:
+  the step takes plain ``jax.grad`` gradients. Works with
+  ``optax.inject_hyperparams``.
 
   Args:
-    learning_rate: the learning rate or schedule.
-    b1, b2, damping, relative_damping, band, graft, graft_eps: as in
-      :func:`mkor_optax.scale_by_sonew`.
+    learning_rate: the learning rate :math:`\eta_t`, a number or a schedule.
+    {scale_by_sonew}
 
   Returns:
-    An ``optax.GradientTransformation`` that needs no statistics: plain
-    ``jax.grad`` gradients.
+    An ``optax.GradientTransformationExtraArgs`` that needs no statistics:
+    plain ``jax.grad`` gradients.
 
   Example:
     >>> opt = mkor_optax.sonew(1e-2)
@@ -266,6 +348,13 @@ def sonew(
     >>> updates, state = opt.update(grads, state, params)
     >>> bool(loss_fn(optax.apply_updates(params, updates), x, y) < loss)
     True
+
+  References:
+    {SONEW_REFERENCE}
+
+  See Also:
+    :func:`scale_by_sonew` (the preconditioner alone), :func:`mkor`,
+    :func:`kfac`, :func:`eva`.
   """
   return optax.chain(
       scale_by_sonew(b1=b1, b2=b2, damping=damping, relative_damping=relative_damping,

@@ -50,6 +50,9 @@ class TrainState(train_state.TrainState):
         ``reduce_on_plateau``...).
       extra_args: any other extra keyword arguments for ``tx.update``.
       **kwargs: other fields to ``replace`` (``batch_stats=...``), as in Flax.
+
+    Returns:
+      The new state: ``step`` plus one, the updated ``params`` and ``opt_state``.
     """
     extra = dict(extra_args or {})
     if stats is not None:

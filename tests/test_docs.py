@@ -23,9 +23,11 @@ def python_blocks(page):
 
 def public_objects():
   """Every name of ``mkor_optax.__all__`` (the ``nnx`` module by its public
-  names), as ``(dotted name, object)``."""
+  names), and the functions of ``mkor_optax.sharding`` that the guides tell
+  users to call, as ``(dotted name, object)``."""
   names = [n for n in mkor_optax.__all__ if n != 'nnx']
   names += [f'nnx.{n}' for n in ('value_and_grad', 'layouts', 'Tap')]
+  names += [f'sharding.{n}' for n in ('place_state', 'bytes_per_device')]
   out = []
   for name in names:
     obj = mkor_optax
