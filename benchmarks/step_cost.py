@@ -120,15 +120,16 @@ def mlp_case(depth, width, batch):
   return params, (x, y), loss_fn
 
 
-def table(rows: dict, first: str) -> list:
-  names = list(next(iter(rows.values())))
-  lines = [f'| {first} | ' + ' | '.join(f'{n} per step' for n in names[1:]) + ' | '
-           + ' | '.join(f'{n} compile' for n in names[1:]) + ' | LAMB ms/step | LAMB compile s |',
-           '|---' * (2 * len(names) + 1) + '|']
+def table(rows: dict, first: str, what: str) -> list:
+  """One markdown table: ``what`` ('per_step' or 'compile') of each
+  configuration over LAMB's, and LAMB's own time, a row per task or width."""
+  names = [n for n in next(iter(rows.values())) if n != 'lamb']
+  lamb_col, lamb_key, lamb_fmt = (('LAMB ms/step', 'ms', '.2f') if what == 'per_step'
+                                  else ('LAMB compile s', 'compile_s', '.2f'))
+  lines = [f'| {first} | ' + ' | '.join(names) + f' | {lamb_col} |', '|---' * (len(names) + 2) + '|']
   for key, r in rows.items():
-    lines.append(f'| {key} | ' + ' | '.join(f"{r[n]['per_step']:.2f}" for n in names[1:]) + ' | '
-                 + ' | '.join(f"{r[n]['compile']:.2f}" for n in names[1:])
-                 + f" | {r['lamb']['ms']:.2f} | {r['lamb']['compile_s']:.2f} |")
+    lines.append(f'| {key} | ' + ' | '.join(f"{r[n][what]:.2f}" for n in names)
+                 + f" | {r['lamb'][lamb_key]:{lamb_fmt}} |")
   return lines
 
 
@@ -174,11 +175,16 @@ def main(argv=None):
   ap.add_argument('--compile-repeats', type=int, default=3)
   ap.add_argument('--quick', action='store_true', help='fewer blocks (a smoke run)')
   ap.add_argument('--out', default='results/bench')
+  ap.add_argument('--from-json', default=None,
+                  help='render step_cost.md and .png again from this saved step_cost.json; measures nothing')
   args = ap.parse_args(argv)
   if args.quick:
     args.repeats, args.compile_repeats, args.steps = 3, 1, PERIOD
   if args.steps % PERIOD:
     ap.error(f'--steps must be a multiple of {PERIOD} (the refresh period)')
+  if args.from_json:
+    rewrite(args.from_json)
+    return
   split = lambda s: [x for x in s.split(',') if x]
   report = {'tasks': {}, 'widths': {}, 'model': {}}
   t0 = time.time()
@@ -207,14 +213,21 @@ def main(argv=None):
             f'{time.time() - t0:.0f} s', flush=True)
 
   machine = f'jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores ({platform.machine()})'
+  write(report, machine, args)
+
+
+def write(report, machine, args):
+  """step_cost.md (two tables per group: per step, per compile), .json, .png."""
   lines = [f'Cost per step and per compile against LAMB in the same process ({machine}); '
            f'`python benchmarks/step_cost.py`. Per step: median of {args.repeats} interleaved blocks '
            '(refresh steps included, inv_freq 10); compile: median of '
-           f'{args.compile_repeats} compilations. Default `mkor` captures Sketch(4); `mkor mean` RANK1.', '']
-  if report['tasks']:
-    lines += ['**Tasks**', ''] + table(report['tasks'], 'task') + ['']
-  if report['widths']:
-    lines += ['**Widths** (d-d-d MLP, batch 256)', ''] + table(report['widths'], 'width') + ['']
+           f'{args.compile_repeats} compilations. Default `mkor` captures Sketch(4); `mkor mean` RANK1. '
+           'Ratios to LAMB.', '']
+  for key, title in (('tasks', 'Tasks'), ('widths', 'Widths (d-d-d MLP, batch 256)')):
+    if report[key]:
+      first = 'task' if key == 'tasks' else 'width'
+      lines += [f'**{title}, per step**', ''] + table(report[key], first, 'per_step') + ['']
+      lines += [f'**{title}, compile**', ''] + table(report[key], first, 'compile') + ['']
   if report['model']:
     lines += ['**Cost model** (L Dense layers of width d, batch 128): ms per step over LAMB', '',
               '| L | d | LAMB ms | mkor | mkor mean | kfac |', '|---|---|---|---|---|---|']
@@ -233,6 +246,18 @@ def main(argv=None):
   if report['model']:
     plot(report['model'], os.path.join(args.out, 'step_cost.png'))
 
+
+def rewrite(path):
+  """Renders step_cost.md (and the plot) again from a saved step_cost.json,
+  without measuring anything."""
+  with open(path) as f:
+    saved = json.load(f)
+  args = argparse.Namespace(**saved['args'])
+  args.out = os.path.dirname(path)
+  report = saved['report']
+  report['model'] = {tuple(int(v) for v in k.strip('()').split(',')): r
+                     for k, r in report.get('model', {}).items()}
+  write(report, saved['machine'], args)
 
 if __name__ == '__main__':
   main()

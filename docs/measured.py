@@ -104,7 +104,9 @@ def _study(config, task, part='ratio'):
 
 
 def _cost(task, config='mkor', what='per step', section='Tasks'):
-  return cell(COST, task, f'{config} {what}', section=section)
+  """A ratio to LAMB of the cost table (``what``: 'per step' or 'compile')."""
+  title = {'Tasks': 'Tasks', 'Widths': 'Widths (d-d-d MLP, batch 256)'}[section]
+  return cell(COST, task, config, section=f'{title}, {what}')
 
 
 def _ttt(task, optimizer, col='median steps (/ LAMB)', part='ratio'):
@@ -149,7 +151,7 @@ NUMBERS = {
     'compile_mkor_all': lambda: span([_cost(t, what='compile') for t in TASKS]
                                      + [_cost(w, what='compile', section='Widths')
                                         for w in ('256', '1024', '4096')]),
-    'lamb_ms_bert': lambda: _cost('bert', 'LAMB', 'ms/step').replace('LAMB ', ''),
+    'lamb_ms_bert': lambda: _cost('bert', 'LAMB ms/step'),
     # 0.1.0's defaults: steps and seconds to target over 3 seeds (time_to_target.py)
     **{f'ttt_{o}_{t}_{w}': (lambda t=t, row=row, col=col: _ttt(t, row, col))
        for t in ('autoencoder', 'cnn', 'resnet', 'bert')
