@@ -47,11 +47,15 @@ def micro_batch_signs(micro_step, side: int, k: int) -> jax.Array:
 
 
 class MultiStepsState(NamedTuple):
-  """``inner``: optax's ``MultiStepsState``; ``acc_stats``: per layer the
-  running mean of the micro-batch statistics (of sketches: their running
-  sum), stacking axes flattened;
-  ``acc_counts``: per layer the number of micro-batches of the current
-  accumulation that had statistics for it (float32 scalars).
+  """The state of :class:`MultiSteps`.
+
+  Attributes:
+    inner: optax's ``MultiStepsState`` (the accumulated gradients and the
+      inner optimizer's state).
+    acc_stats: per layer, the running mean of the micro-batch statistics (of
+      sketches: their running sum), stacking axes flattened.
+    acc_counts: per layer, the number of micro-batches of the current
+      accumulation that had statistics for it (float32 scalars).
 
   Example:
     >>> state = mkor_optax.MultiSteps(mkor_optax.mkor(1e-2), 2).init(params)
@@ -82,10 +86,11 @@ class MultiSteps:
     kind: the statistics ``update`` will receive, as passed to
       :func:`mkor_optax.value_and_grad` (their shape is fixed at ``init``).
       ``None`` (default): what ``value_and_grad`` gives by default, that is
-      ``mkor_optax.SKETCH`` for the transforms that take sketches (MKOR,
-      MKOR-H) and each other transform's own kind (K-FAC's covariances,
-      Eva's means). Pass ``mkor_optax.RANK1`` to accumulate MKOR's mean
-      statistics, ``mkor_optax.Sketch(k)`` for ``k`` sketches.
+      ``mkor_optax.SKETCH``, whose sketches MKOR and MKOR-H accumulate and
+      whose means Eva does; K-FAC accumulates its own kind
+      (``mkor_optax.COVARIANCE``, captured with that kind). Pass
+      ``mkor_optax.RANK1`` to accumulate MKOR's mean statistics,
+      ``mkor_optax.Sketch(k)`` for ``k`` sketches.
 
   Example:
     >>> opt = mkor_optax.MultiSteps(mkor_optax.mkor(1e-2), every_k_schedule=2)
@@ -136,7 +141,7 @@ class MultiSteps:
                          'mkor_optax.value_and_grad')
       sketches = sketch_count(acc)  # what init made room for
       if acc and stats:  # (an empty dict: no layer of this micro-batch, warned below)
-        self._check_sketches(sketch_count(stats), sketches, old.inner_opt_state)
+        self._check_sketches(sketch_count(stats), sketches, old.inner_opt_state, acc, stats)
       new_acc, new_counts = self._accumulate(acc, counts, stats, sketches, old.mini_step)
       absent = sorted(layer for layer in acc if layer not in stats)
       if absent:
@@ -158,11 +163,14 @@ class MultiSteps:
     reset = lambda tree: jax.tree.map(lambda v: jnp.where(emitted, jnp.zeros_like(v), v), tree)
     return out, MultiStepsState(inner, reset(keep(new_acc, acc)), reset(keep(new_counts, counts)))
 
-  def _check_sketches(self, k, want, inner_state):
+  def _check_sketches(self, k, want, inner_state, acc, stats):
     if k == want:
       return
     takes = {kind for n in factored_states(inner_state) for kind in getattr(type(n), 'KINDS', (n.KIND,))}
     if k is not None and 'SKETCH' not in takes:  # K-FAC, Eva: no sketches at all
+      if want is None and all(name in stats[layer] for layer in acc if layer in stats
+                              for name in acc[layer]):
+        return  # a sketch capture's means, for a transform that reads the means (Eva)
       need = sorted(takes)[0]
       raise ValueError(
           f'mkor_optax.MultiSteps: got {k} sketches per layer, but the transform it wraps takes '

@@ -35,11 +35,19 @@ SIDES = (INPUT, OUTPUT)
 
 
 class Layout(NamedTuple):
-  """How a kernel leaf splits: ``stack_ndim`` leading stacking axes, then the
-  input axes, then ``out_ndim`` output axes; ``has_bias`` adds the bias row.
+  """How a kernel leaf splits into a matrix: leading stacking axes, then the
+  input axes (flattened into ``d_in``), then the output axes (into ``d_out``).
+
+  Attributes:
+    stack_ndim: how many leading axes stack independent layers (``nn.scan``,
+      ``nn.vmap``), each with factors of its own.
+    out_ndim: how many trailing axes are output features.
+    has_bias: whether the layer has a bias, which adds a row to the input side.
 
   Example:
     >>> opt = mkor_optax.mkor(1e-2, layouts={'layers_0': mkor_optax.Layout(0, 1, True)})
+    >>> mkor_optax.layer_layouts(loss_fn, params, x, y)['layers_0']
+    Layout(stack_ndim=0, out_ndim=1, has_bias=True)
   """
 
   stack_ndim: int

@@ -74,8 +74,19 @@ def _dot(a, b):
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+@docstrings.filled()
 def gauss_newton(outputs_fn: Callable, loss_of_outputs: Callable) -> Callable:
-  """The Gauss-Newton Gram matrix of a loss ``loss_of_outputs(outputs_fn(params))``.
+  r"""The Gauss-Newton Gram matrix of a loss ``loss_of_outputs(outputs_fn(params))``.
+
+  The curvature that :func:`scale_by_quadratic_step` fits its step to, as
+  the Gram matrix of a few directions :math:`v_i` in the Gauss-Newton
+  matrix :math:`C = J^\top H J` (:math:`J` the Jacobian of the outputs in the
+  parameters, :math:`H` the Hessian of the loss in the outputs):
+
+  .. math::  \text{gram}_{ij} = v_i^\top J^\top H J\, v_j = (J v_i)^\top H\, (J v_j),
+
+  with no matrix formed: one Jacobian-vector product of the model and one
+  Hessian-vector product of the loss per direction.
 
   Args:
     outputs_fn: ``params -> outputs`` (the model on this step's batch).
@@ -94,6 +105,12 @@ def gauss_newton(outputs_fn: Callable, loss_of_outputs: Callable) -> Callable:
     >>> g = jax.grad(loss_fn)(params, x, y)
     >>> gram(params, [g, g]).shape
     (2, 2)
+
+  References:
+    {KFAC_REFERENCE}
+
+  See Also:
+    :func:`scale_by_quadratic_step` (its ``curvature`` argument).
   """
 
   def gram(params, vectors):
