@@ -3,9 +3,10 @@
 An optimizer alias takes the arguments of its transform (``mkor`` those of
 ``scale_by_mkor``), and every alias with a backend takes the same
 ``learning_rate``, ``weight_decay`` and ``backend`` and describes the same
-LAMB step. Each argument is described once, in the ``Args:`` section of the
-function that owns it, and the LAMB step once, in :data:`BLOCKS`; a
-docstring that needs them names them in a marker line::
+LAMB step and papers. Each argument is described once, in the ``Args:``
+section of the function that owns it, and the LAMB step and the references
+once, in :data:`BLOCKS`; a docstring that needs them names them in a marker
+line::
 
     Args:
       {scale_by_mkor}                         every argument it describes

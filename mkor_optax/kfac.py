@@ -168,17 +168,17 @@ def scale_by_kfac(
   .. math::
 
      A &= \frac{1}{R} \sum_{\text{rows}} \bar x \bar x^\top, \qquad
-     \Gamma = \frac{1}{R} \sum_{\text{rows}} h h^\top, \qquad
-     A_t = \gamma A_{t-1} + (1-\gamma) A, \quad
+     \Gamma = \frac{1}{R} \sum_{\text{rows}} h h^\top, \\
+     A_t &= \gamma A_{t-1} + (1-\gamma) A, \qquad
      \Gamma_t = \gamma \Gamma_{t-1} + (1-\gamma)\, \Gamma, \\
      \tilde A^{-1} &= \big(A_t + \sqrt{\mu}\, n_A I\big)^{-1}, \qquad
-     \tilde \Gamma^{-1} = \big(\Gamma_t + \sqrt{\mu}\, n_\Gamma I\big)^{-1}, \qquad
-     n_F = \operatorname{tr}(F_t) / d_F, \\
+     \tilde \Gamma^{-1} = \big(\Gamma_t + \sqrt{\mu}\, n_\Gamma I\big)^{-1}, \\
      U &= \tilde A^{-1} \bar G\, \tilde \Gamma^{-1}, \qquad
      U \leftarrow U\, \frac{\|\bar G\|_F}{\|U\|_F}.
 
   With the relative damping (default), each factor's :math:`\sqrt{\mu}` is
-  scaled by its mean eigenvalue :math:`n_F`: for the normalised factors
+  scaled by its mean eigenvalue :math:`n_F = \operatorname{tr}(F_t) / d_F`
+  (:math:`F` = :math:`A` or :math:`\Gamma`, of width :math:`d_F`): for the normalised factors
   :math:`F / n_F` that is the same :math:`\sqrt{\mu}` on both sides, Martens
   and Grosse's pi-adjusted factored damping (section 6.3), and the update
   does not depend on the scale of the inputs or of the loss;

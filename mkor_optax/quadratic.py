@@ -206,12 +206,12 @@ def scale_by_quadratic_step(
 
   .. math::
 
-     M(d) = g^\top d + \tfrac{1}{2}\, d^\top (C + \lambda I)\, d, \qquad
+     M(d) = g^\top d + \tfrac{1}{2}\, d^\top \tilde C\, d, \qquad \tilde C = C + \lambda I,
+
      \begin{pmatrix} D^\top \tilde C D & D^\top \tilde C d_0 \\
                      d_0^\top \tilde C D & d_0^\top \tilde C d_0 \end{pmatrix}
      \begin{pmatrix} \alpha \\ \mu \end{pmatrix}
-     = - \begin{pmatrix} g^\top D \\ g^\top d_0 \end{pmatrix}, \qquad
-     \tilde C = C + \lambda I,
+     = - \begin{pmatrix} g^\top D \\ g^\top d_0 \end{pmatrix},
 
   the minimiser of :math:`M(\alpha D + \mu d_0)` (:math:`\mu = 0` on the
   first step or without ``momentum``). :math:`C` enters only through

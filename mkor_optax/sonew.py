@@ -194,10 +194,10 @@ def scale_by_sonew(
   .. math::
 
      m_t &= \beta_1 m_{t-1} + (1-\beta_1)\, g, \qquad
-     d_{t,i} = \beta_2 d_{t-1,i} + (1-\beta_2)\, g_i^2, \qquad
-     e_{t,i,k} = \beta_2 e_{t-1,i,k} + (1-\beta_2)\, g_i g_{i+k}, \\
-     \hat m &= \frac{m_t}{1-\beta_1^t}, \qquad
-     S_{ii} = \frac{d_{t,i}}{1-\beta_2^t} + \delta, \qquad
+     \hat m = \frac{m_t}{1-\beta_1^t}, \\
+     d_{t,i} &= \beta_2 d_{t-1,i} + (1-\beta_2)\, g_i^2, \qquad
+     S_{ii} = \frac{d_{t,i}}{1-\beta_2^t} + \delta, \\
+     e_{t,i,k} &= \beta_2 e_{t-1,i,k} + (1-\beta_2)\, g_i g_{i+k}, \qquad
      S_{i,i+k} = \frac{e_{t,i,k}}{1-\beta_2^t}.
 
   For the tridiagonal band (:math:`b = 1`), with :math:`s_i = S_{ii}` and
@@ -205,9 +205,8 @@ def scale_by_sonew(
 
   .. math::
 
-     \psi_i = e_i / s_{i+1}, \qquad c_i = s_i - e_i \psi_i, \qquad
-     D_i = 1 / c_i, \qquad L_{i+1,i} = -\psi_i, \qquad
-     u = L D L^\top \hat m,
+     \psi_i &= e_i / s_{i+1}, \qquad c_i = s_i - e_i \psi_i, \qquad D_i = 1 / c_i, \\
+     L_{i+1,i} &= -\psi_i, \qquad u = L D L^\top \hat m,
 
   where an edge with :math:`c_i \le 0` is dropped (:math:`\psi_i = 0`,
   :math:`D_i = 1/s_i`). For a band :math:`b > 1`, :math:`\psi_i` solves
