@@ -32,7 +32,7 @@ LOW_RANK = 8
 LOW_RANK_MIN_DIM = 256
 # The factor EMA's momentum. The paper runs 0.95; 0.98 took the fewest steps to
 # LAMB's final loss on both compare.py tasks over 3 seeds (autoencoder 0.884x,
-# BERT-style MLM 0.935x the steps of 0.95; results/seeds/gamma_*.md, docs/benchmarks.md
+# BERT-style MLM 0.935x the steps of 0.95; results/seeds/gamma_*.md, results/README.md
 # "Defaults").
 GAMMA = 0.98
 ZETA = 0.9

@@ -86,10 +86,9 @@ class jit_warnings:
   Each check is a ``jax.pure_callback`` in a ``lax.cond`` branch that runs
   only on a bad step, but its mere presence slows the whole compiled step,
   as if XLA's CPU runtime stopped running its independent operations in
-  parallel (pinned to one core, the penalty nearly vanishes): measured on a 2-core CPU, a LAMB train step with one such check
-  costs 1.07-1.22x the step without it (five runs, ``benchmarks/callback_cost.py``),
-  and the digits autoencoder's default MKOR step costs 1.70x LAMB's with
-  the checks and 1.34x without (``benchmarks/step_cost.py``). ``jit_warnings(False)``
+  parallel (pinned to one core, the penalty nearly vanishes). On the small
+  models of the Benchmarks page the checks are a visible part of MKOR's
+  cost per step, which that page gives with and without them. ``jit_warnings(False)``
   leaves the checks out of the steps traced from then on: a non-finite step
   is still guarded (the state is kept, the counter does not move), but
   nothing is reported. Read while tracing, so set it before the step is

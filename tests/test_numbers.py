@@ -115,3 +115,22 @@ def test_the_scan_catches_a_typed_measurement():
   kinds = {kind for kind, pattern in MEASUREMENT if pattern.search(prose(page))}
   assert kinds == {'a ratio', 'a time', 'a percentage', 'a step count'}
   assert not any(p.search(prose('`mkor(1e-2)` at {{ cost_mkor_bert }}x LAMB')) for _, p in MEASUREMENT)
+
+
+def public_docstrings():
+  import inspect
+  import mkor_optax
+  names = [n for n in mkor_optax.__all__ if n != 'nnx']
+  objs = [(n, getattr(mkor_optax, n)) for n in names]
+  objs += [(f'nnx.{n}', getattr(mkor_optax.nnx, n)) for n in ('value_and_grad', 'layouts', 'Tap')]
+  objs += [(f'sharding.{n}', getattr(mkor_optax.sharding, n)) for n in ('place_state', 'bytes_per_device')]
+  return [(n, inspect.getdoc(o if not isinstance(o, mkor_optax.StatKind) else type(o)) or '')
+          for n, o in objs]
+
+
+@pytest.mark.parametrize('name,doc', public_docstrings(), ids=[n for n, _ in public_docstrings()])
+def test_an_api_page_types_no_measurement(name, doc):
+  """The API pages render the docstrings: they follow the same rule."""
+  text = prose(doc).replace('Training BERT in 76 minutes', '')  # the LAMB paper's title
+  found = [f'{kind} {m.group(0)!r}' for kind, pattern in MEASUREMENT for m in pattern.finditer(text)]
+  assert not found, f'{name} docstring types measured numbers: {found}'
