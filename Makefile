@@ -1,15 +1,16 @@
-# make demo / make test create and fill .venv on first use.
+# make demo / make test create and fill .venv on first use, and fill it again
+# when pyproject.toml or the version (mkor_optax/_version.py) changes.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-all bench compare compare-kfac-jax docs clean
+.PHONY: demo test test-all test-wheel dist bench compare compare-kfac-jax docs clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml mkor_optax/_version.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,examples]'
+	$(PY) -m pip install --quiet -e '.[test,examples,release]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -20,6 +21,17 @@ test: $(STAMP)  # one worker per core; the 15 slowest tests are listed at the en
 
 test-all: $(STAMP)  # the slow end-to-end runs too
 	$(PY) -m pytest -q -n auto --durations=15 -m ''
+
+# the wheel and the sdist, into dist/
+dist: $(STAMP)
+	rm -rf dist
+	$(PY) -m build --outdir dist .
+
+# the tests against the built wheel, installed in a fresh virtual environment
+# outside the tree (what .ci/run does after make test); pytest arguments in
+# ARGS, e.g. make test-wheel ARGS="-k 'release or optax_contract'"
+test-wheel: $(STAMP)
+	.ci/run wheel $(ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_time.py
@@ -43,9 +55,13 @@ compare-kfac-jax: .venv-kfac/.installed
 	.venv-kfac/bin/python benchmarks/kfac_jax_compare.py
 
 clean:
-	rm -rf $(VENV) .venv-kfac .pytest_cache .jax_cache docs/_build docs/_autosummary docs/_generated
+	rm -rf $(VENV) .venv-kfac .pytest_cache .jax_cache docs/_build docs/_autosummary docs/_generated \
+	  dist build mkor_optax.egg-info
 
-# the documentation site: docs/_build/html/index.html (warnings are errors)
+# the documentation site: docs/_build/html/index.html (warnings are errors).
+# -q: Sphinx prints warnings and errors only; at its default verbosity
+# myst-parser and myst-nb log their whole parser configurations (every
+# measured-number substitution included) and every page's progress.
 DOCS_STAMP := $(VENV)/.installed-docs
 $(DOCS_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e '.[test,examples,docs]'
@@ -53,4 +69,4 @@ $(DOCS_STAMP): $(STAMP)
 
 docs: $(DOCS_STAMP)
 	rm -rf docs/_build docs/_autosummary docs/_generated
-	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
+	$(PY) -m sphinx -q -W --keep-going -b html docs docs/_build/html

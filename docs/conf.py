@@ -13,7 +13,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 project = 'mkor_optax'
 author = 'the mkor_optax authors'
 copyright = '2026, the mkor_optax authors'
-release = version = '0.1.0'
+release = version = __import__('mkor_optax').__version__  # written once: mkor_optax/_version.py
 
 extensions = [
     'myst_nb',  # MyST markdown pages and executed notebooks (myst-parser included)

@@ -101,7 +101,7 @@ def main(argv=None):
   ap.add_argument('--lr', type=float, default=1e-2)
   ap.add_argument('--batch', type=int, default=256)
   ap.add_argument('--seed', type=int, default=0)
-  ap.add_argument('--out', default='results/demo')
+  ap.add_argument('--out', default='runs/demo')  # git-ignored; results/demo is the committed run
   ap.add_argument('--no-plot', action='store_true')
   args = ap.parse_args(argv)
 

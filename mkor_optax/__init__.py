@@ -16,7 +16,7 @@ from mkor_optax.quadratic import QuadraticStepState, gauss_newton, scale_by_quad
 from mkor_optax.sonew import SONewState, scale_by_sonew, sonew
 from mkor_optax.training import TrainState
 
-__version__ = '0.1.0'
+from mkor_optax._version import __version__  # the one place the version is written
 
 __all__ = [
     'COVARIANCE', 'Covariance', 'EvaState', 'KFACState', 'Layout', 'LayerCall', 'MKORHState',

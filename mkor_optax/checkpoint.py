@@ -6,10 +6,12 @@ them differ. :func:`restore_state` takes what was restored without a target
 (plain dicts and lists, as ``orbax.checkpoint`` gives it) and the target,
 and either returns the state in the target's structure or raises a
 ``ValueError`` that names every entry that differs and what it means: a
-state saved by an earlier release (a field it did not have), another
-``low_rank`` setting (a dense inverse against a low-rank one), another
-statistic kind (``MultiSteps``' accumulated sketches against means), or
-other layers and shapes.
+state saved by an earlier release (a field it did not have, or had under
+another name: the error names the release and points to CHANGELOG.md, which
+says how to carry such a checkpoint across), another ``low_rank`` setting (a
+dense inverse against a low-rank one), another statistic kind
+(``MultiSteps``' accumulated sketches against means), or other layers and
+shapes.
 """
 
 from __future__ import annotations
@@ -17,12 +19,26 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from mkor_optax._version import __version__
+
 __all__ = ['restore_state']
 
-# Fields that later releases added to a state (see CHANGELOG.md).
-ADDED_FIELDS = {'input_scale': '0.2', 'output_scale': '0.2'}
+# How states changed between releases (CHANGELOG.md): fields a release added,
+# and the names that 0.1.0's states gave what 0.2.0 calls input_side and
+# output_side (MKOR's r_inv/l_inv, K-FAC's a_cov/a_inv/g_cov/g_inv; Eva's a/g
+# are told apart from MultiSteps' accumulated means by where they sit).
+ADDED_FIELDS = {'input_scale': '0.2.0', 'output_scale': '0.2.0', 'acc_counts': '0.2.0',
+                'finite_count': '0.2.0'}
+RENAMED_FIELDS = {'r_inv': 'input_side', 'l_inv': 'output_side', 'a_cov': 'input_side/.../cov',
+                  'a_inv': 'input_side/.../inv', 'g_cov': 'output_side/.../cov',
+                  'g_inv': 'output_side/.../inv', 'a': 'input_side', 'g': 'output_side'}
+RENAMED_IN = '0.2.0'
 LOW_RANK_FIELDS = ('c', 'q', 's')
 SKETCH_FIELDS = ('a_sketches', 'g_sketches')
+EARLIER = ('The checkpoint was written by an earlier release of mkor_optax than this one '
+           f'({__version__}). CHANGELOG.md lists every change of a state\'s structure and how to '
+           'carry a checkpoint across it; or start the optimizer state afresh with '
+           'opt.init(params).')
 
 
 def _key(entry) -> str:
@@ -38,17 +54,48 @@ def _leaves(tree) -> dict:
   return {'/'.join(_key(k) for k in path): tuple(np.shape(v)) for path, v in flat}
 
 
-def _meaning(path: str, other: set) -> str:
+def _old_name(parts) -> str | None:
+  """A 0.1.0 field name among a path's parts (Eva's ``a``/``g`` only as a state's own field,
+  first or after a chain's index, not a layer's statistic in ``MultiSteps``)."""
+  for i, part in enumerate(parts):
+    if part in RENAMED_FIELDS and (part not in ('a', 'g') or i == 0 or parts[i - 1].isdigit()):
+      return part
+  return None
+
+
+def _meaning(path: str, other: set, shape_only: bool = False) -> tuple[str, bool]:
+  """What an entry that differs means, and whether an earlier release explains it."""
   parts = path.split('/')
+  earlier = ': the checkpoint was saved by an earlier release'
   for field, version in ADDED_FIELDS.items():
     if field in parts:
-      return (f'{field!r} was added in {version}: the checkpoint was saved by an earlier release '
-              '(CHANGELOG.md says how to carry a state across)')
+      return f'{field!r} was added in {version}{earlier}', True
+  old = _old_name(parts)
+  if old is not None:
+    return (f'{old!r} is what releases before {RENAMED_IN} called {RENAMED_FIELDS[old]!r}'
+            f'{earlier}'), True
+  if any(_old_name(p.split('/')) for p in other) and {'input_side', 'output_side'} & set(parts):
+    return f'releases before {RENAMED_IN} called it by another name{earlier}', True
+  if parts[-1] in LOW_RANK_FIELDS and shape_only:
+    return ('another low_rank: the rank of a low-rank inverse (the default was 16 for part of '
+            '0.1.0, 8 since)'), False
   if parts[-1] in LOW_RANK_FIELDS or any(p.rsplit('/', 1)[0] == path for p in other):
-    return 'a low-rank inverse on one side, a dense one on the other: another low_rank setting'
+    return ('a low-rank inverse on one side, a dense one on the other: another low_rank setting '
+            '(or a state of 0.1.0, which began with every side dense by default; in 0.2.0 a '
+            'side 256 or wider is low-rank)'), False
   if parts[-1] in SKETCH_FIELDS or parts[-1] in ('a', 'g'):
-    return 'accumulated statistics of another kind (sketches against means): another kind='
-  return 'another model, exclude= or max_factor_dim='
+    return ('accumulated statistics of another kind (sketches against means): another kind= '
+            '(MultiSteps accumulated means by default in 0.1.0, Sketch(4) since 0.2.0)'), False
+  return 'another model, exclude= or max_factor_dim=', False
+
+
+def _shown(lines: list, meanings: list, limit: int = 12) -> list:
+  """At most ``limit`` of ``lines`` in their order, the first line of each meaning among them."""
+  first = sorted({m: i for i, m in reversed(list(enumerate(meanings)))}.values())[:limit]
+  rest = [i for i in range(len(lines)) if i not in set(first)][:limit - len(first)]
+  keep = sorted({*first, *rest})
+  more = len(lines) - len(keep)
+  return [lines[i] for i in keep] + ([f'  ... and {more} more'] if more else [])
 
 
 def restore_state(restored, target):
@@ -78,18 +125,21 @@ def restore_state(restored, target):
     the checkpoint does not match opt.init(params):
   """
   got, want = _leaves(restored), _leaves(target)
-  lines = []
-  for path in sorted(set(want) - set(got)):
-    lines.append(f'  {path}: missing from the checkpoint ({_meaning(path, set(got))})')
-  for path in sorted(set(got) - set(want)):
-    lines.append(f'  {path}: in the checkpoint, not in this optimizer ({_meaning(path, set(want))})')
-  for path in sorted(set(got) & set(want)):
-    if got[path] != want[path]:
-      lines.append(f'  {path}: shape {got[path]} in the checkpoint, {want[path]} here '
-                   f'({_meaning(path, set())})')
+  lines, meanings, earlier = [], [], False
+  for path, where, other, shape_only in (
+      *((p, 'missing from the checkpoint', set(got), False) for p in sorted(set(want) - set(got))),
+      *((p, 'in the checkpoint, not in this optimizer', set(want), False)
+        for p in sorted(set(got) - set(want))),
+      *((p, f'shape {got[p]} in the checkpoint, {want[p]} here', set(), True)
+        for p in sorted(set(got) & set(want)) if got[p] != want[p])):
+    meaning, by_release = _meaning(path, other, shape_only)
+    lines.append(f'  {path}: {where} ({meaning})')
+    meanings.append(meaning)
+    earlier = earlier or by_release
   if lines:
-    shown = lines[:12] + ([f'  ... and {len(lines) - 12} more'] if len(lines) > 12 else [])
-    raise ValueError('the checkpoint does not match opt.init(params):\n' + '\n'.join(shown))
+    shown = _shown(lines, meanings)
+    raise ValueError('the checkpoint does not match opt.init(params):\n' + '\n'.join(shown)
+                     + ('\n' + EARLIER if earlier else ''))
   order = {p: i for i, p in enumerate(want)}
   flat = jax.tree_util.tree_flatten_with_path(restored)[0]
   by_path = {'/'.join(_key(k) for k in path): v for path, v in flat}
