@@ -34,7 +34,7 @@ import optax
 
 from mkor_optax import checks
 from mkor_optax.kronecker import factored_states, stats_template
-from mkor_optax.statistics import sketch_count
+from mkor_optax.statistics import SKETCH_CARRIES, capture_call, sketch_count
 from mkor_optax.tap import DEFAULT_KIND, Sketch, StatKind
 from mkor_optax.tap import _hash as tap_hash
 
@@ -172,11 +172,11 @@ class MultiSteps:
                               for name in acc[layer]):
         return  # a sketch capture's means, for a transform that reads the means (Eva)
       need = sorted(takes)[0]
+      build = '' if need in SKETCH_CARRIES else f' and build MultiSteps(..., kind=mkor_optax.{need})'
       raise ValueError(
-          f'mkor_optax.MultiSteps: got {k} sketches per layer, but the transform it wraps takes '
-          f'mkor_optax.{need} statistics, not sketches: capture them with '
-          f'mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.{need}) and build '
-          f'MultiSteps(..., kind=mkor_optax.{need}).')
+          f'mkor_optax.MultiSteps: got {k} sketches per layer without the mkor_optax.{need} '
+          f'statistics that the transform it wraps reads: capture them with '
+          f'{capture_call(need)}{build}.')
     built = 'mean statistics' if want is None else f'{want} sketches per layer'
     got = 'mean statistics' if k is None else f'{k} sketches per layer'
     fix = 'mkor_optax.RANK1' if k is None else f'mkor_optax.Sketch({k})'

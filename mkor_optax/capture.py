@@ -313,18 +313,19 @@ def value_and_grad(fun: Callable, argnums: int = 0, has_aux: bool = False, *,
     has_aux: as in ``jax.value_and_grad``.
     kind: the statistic kind: ``mkor_optax.SKETCH`` (default, ``Sketch(4)``:
       four random-sign sketches of each side's second moment per step, for
-      MKOR and MKOR-H; the fewest steps to target of the kinds measured),
-      ``Sketch(k)``, ``mkor_optax.RANK1`` (the batch means of the MKOR
-      paper; Eva needs them) or ``mkor_optax.COVARIANCE`` (K-FAC).
+      MKOR and MKOR-H, the fewest steps to target of the kinds measured; it
+      carries the batch means too, for Eva), ``Sketch(k)``,
+      ``mkor_optax.RANK1`` (the batch means of the MKOR paper alone: cheaper
+      where only Eva reads them) or ``mkor_optax.COVARIANCE`` (K-FAC).
 
   Returns:
     A function ``(*args, **kwargs) -> (value, grads, stats)`` where
     ``value`` and ``grads`` are what ``jax.value_and_grad(fun, argnums,
     has_aux)`` gives and ``stats`` maps each captured layer's path ``'a/b/c'``
     (where ``params['a']['b']['c']['kernel']`` is its kernel) to its
-    statistics: ``{'a_sketches': (*stack, k, d_in[+1]), 'g_sketches': (*stack,
-    k, d_out)}`` for sketches, ``{'a': (*stack, d_in[+1]), 'g': (*stack,
-    d_out), 'g_mass': (*stack,)}`` for ``RANK1``.
+    statistics: ``{'a': (*stack, d_in[+1]), 'g': (*stack, d_out), 'g_mass':
+    (*stack,)}`` for ``RANK1``, and for sketches these and ``'a_sketches':
+    (*stack, k, d_in[+1]), 'g_sketches': (*stack, k, d_out)``.
 
   Raises:
     ValueError: naming every captured layer that did not receive its tap (its
@@ -335,7 +336,7 @@ def value_and_grad(fun: Callable, argnums: int = 0, has_aux: bool = False, *,
   Example:
     >>> loss, grads, stats = mkor_optax.value_and_grad(loss_fn)(params, x, y)
     >>> jax.tree.map(jnp.shape, stats['layers_0'])  # k = 4, d_in + 1 = 4, d_out = 8
-    {'a_sketches': (4, 4), 'g_sketches': (4, 8)}
+    {'a': (4,), 'a_sketches': (4, 4), 'g': (8,), 'g_mass': (), 'g_sketches': (4, 8)}
     >>> means = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1)
     >>> jax.tree.map(jnp.shape, means(params, x, y)[2]['layers_0'])
     {'a': (4,), 'g': (8,), 'g_mass': ()}

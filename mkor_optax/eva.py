@@ -3,12 +3,12 @@
 Zhang, Shi, Li (2023), *Eva: Practical Second-Order Optimization with
 Kronecker-Vectorized Approximation*, ICLR 2023 (extended as arXiv:2308.02123).
 
-Per second-order layer, with the rank-1 ``a`` and ``g`` of
-``mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1)`` (MKOR's batch
-means; random-sign sketches, the default capture, would average an EMA of
-the vectors themselves to zero), keep only their
-EMAs (``a_0 = a``; ``a_t = gamma a_{t-1} + (1 - gamma) a``, likewise ``g``),
-no matrices, and precondition every step with the closed-form inverse of
+Per second-order layer, with the rank-1 ``a`` and ``g`` (MKOR's batch
+means, which ``mkor_optax.value_and_grad(loss_fn)``, the default capture,
+returns next to its sketches, and ``kind=mkor_optax.RANK1`` alone; Eva
+reads the means, never the sketches, whose EMA would average to zero),
+keep only their EMAs (``a_0 = a``; ``a_t = gamma a_{t-1} + (1 - gamma) a``,
+likewise ``g``), no matrices, and precondition every step with the closed-form inverse of
 ``a a^T (x) g g^T + lambda I`` (Sherman-Morrison on a rank-1 Kronecker term),
 in this library's ``(d_in + 1, d_out)`` orientation::
 
@@ -149,8 +149,10 @@ def scale_by_eva(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update(grads, state,
-    params=None, *, stats)`` with the rank-1 ``stats``
-    (``value_and_grad(..., kind=mkor_optax.RANK1)``).
+    params=None, *, stats)`` with the ``stats`` of
+    ``mkor_optax.value_and_grad(loss_fn)`` (the default capture, whose batch
+    means Eva reads) or of ``value_and_grad(..., kind=mkor_optax.RANK1)``
+    (the means alone, cheaper where nothing else reads the sketches).
 
   Example:
     >>> opt = optax.chain(mkor_optax.scale_by_eva(damping=0.1), optax.sgd(1e-2))
@@ -216,13 +218,13 @@ def eva(
     {scale_by_eva}
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``; ``update`` takes the rank-1
-    ``stats=``.
+    An ``optax.GradientTransformationExtraArgs``; ``update`` takes the
+    ``stats=`` of the default capture (or of ``kind=mkor_optax.RANK1``).
 
   Example:
     >>> opt = mkor_optax.eva(1e-2)
     >>> state = opt.init(params)
-    >>> grad_fn = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1)
+    >>> grad_fn = mkor_optax.value_and_grad(loss_fn)  # its means serve Eva
     >>> loss, grads, stats = grad_fn(params, x, y)
     >>> updates, state = opt.update(grads, state, params, stats=stats)
     >>> bool(loss_fn(optax.apply_updates(params, updates), x, y) < loss)

@@ -199,7 +199,7 @@ def scale_by_kronecker(rule: FactorRule, state_type, *, who: str, kind,
                    axis_name=axis_name, kind=kind)
     with collect() as receipts:  # the rule's own checks report into it too
       report_if(~prep.finite, f'{who}: non-finite gradients or statistics: {guarded}')
-      zero = cancelled_means(stats, prep.plan)
+      zero = cancelled_means(stats, prep.plan, kind)
       prep = prep._replace(cancelled=zero)
       if zero:  # structural (a BatchNorm, attention keys) only in the first steps:
         # later, a layer's rows also cancel at an optimum of its bias (its

@@ -148,8 +148,9 @@ def value_and_grad(fun: Callable, argnums=0, has_aux: bool = False, *,
       than ``nnx.Param`` (the capture's :class:`Tap` dummies are added to it).
     has_aux: as in ``nnx.value_and_grad``.
     kind: the statistic kind, as in :func:`mkor_optax.value_and_grad`
-      (default ``mkor_optax.SKETCH``; ``mkor_optax.RANK1`` for Eva,
-      ``mkor_optax.COVARIANCE`` for K-FAC).
+      (default ``mkor_optax.SKETCH``, which serves MKOR, MKOR-H and Eva;
+      ``mkor_optax.RANK1``, the means alone; ``mkor_optax.COVARIANCE`` for
+      K-FAC).
     **grad_kwargs: other arguments of ``nnx.value_and_grad``.
 
   Returns:

@@ -10,7 +10,8 @@ Per layer, ``mkor_optax.value_and_grad`` returns (stacking axes first):
   ``(d_out, d_out)``, the mean of per-example outer products;
 * ``Sketch(k)``: ``a_sketches`` ``(k, d_in + 1)`` and ``g_sketches``
   ``(k, d_out)``, random-sign sketches whose outer products average to ``A``
-  and ``G``.
+  and ``G``, and ``RANK1``'s statistics as well (so the default capture,
+  ``SKETCH``, serves the transforms that read the means: Eva).
 """
 
 from __future__ import annotations
@@ -32,6 +33,17 @@ NAMES = {'RANK1': ('a', 'g'), 'COVARIANCE': ('A', 'G'), 'SKETCH': ('a_sketches',
 # the trailing shape of one side's statistic, for a side of width d (k sketches)
 TAILS = {'RANK1': lambda d, k: (d,), 'COVARIANCE': lambda d, k: (d, d),
          'SKETCH': lambda d, k: (k, d)}
+# the kinds whose statistics a sketch capture (the default) holds: its
+# sketches, and the means of RANK1 computed alike
+SKETCH_CARRIES = ('SKETCH', 'RANK1')
+
+
+def capture_call(kind: str) -> str:
+  """The ``value_and_grad`` call that gives ``kind``'s statistics: the
+  default one when the default kind carries them."""
+  if kind in SKETCH_CARRIES:
+    return 'mkor_optax.value_and_grad(loss_fn) (its default kind, mkor_optax.SKETCH)'
+  return f'mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.{kind})'
 
 
 def _layer_sketches(fields) -> Optional[int]:
@@ -70,9 +82,7 @@ def missing_stats(who: str, kinds) -> ValueError:
   """The error for an ``update`` without ``stats=``: the capture to call (the
   default kind where the transform takes it), and Flax's ``TrainState``."""
   kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
-  capture = ('mkor_optax.value_and_grad(loss_fn) (its default kind, mkor_optax.SKETCH)'
-             if 'SKETCH' in kinds else
-             f'mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.{kinds[0]})')
+  capture = capture_call(next((k for k in kinds if k in SKETCH_CARRIES), kinds[0]))
   return ValueError(
       f'{who}.update needs the layer statistics: call it as update(grads, state, params, '
       f'stats=stats) with stats from {capture}. With a Flax TrainState, use '
@@ -109,9 +119,11 @@ def check_stats(stats, plan: dict, params, excluded: Callable[[str], bool], who:
       continue
     want = stat_shapes(kind, lp, stats[name])
     if not hasattr(stats[name], 'get') or any(k not in stats[name] for k in want):
+      held = (f' (they hold sketches, which {who} does not read)'
+              if _layer_sketches(stats[name]) is not None else '')
       raise ValueError(
-          f'{who}: statistics for layer {name!r} lack {sorted(want)}: compute them with '
-          f'mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.{kind}).')
+          f'{who}: statistics for layer {name!r} lack {sorted(want)}{held}: compute them with '
+          f'{capture_call(kind)}.')
     got = {k: tuple(np.shape(stats[name][k])) for k in want}
     flat = {k: (lp.dims.n_stack,) + v[len(lp.dims.stack):] for k, v in want.items()}
     if got != want and got != flat:
@@ -166,15 +178,20 @@ CANCELLED_FIX = (
     '{who}: the mean output gradient g of layer(s) {{names}} is numerically zero in the first '
     'steps: its rows cancel (|g| < 1e-5 of the sum of their norms), as they do when a training-mode BatchNorm '
     'follows the layer, or at the key projection of softmax attention, so the output-side '
-    'factors of these layers stay the identity. Capture sketched statistics instead, which see '
-    'the curvature there: mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.SKETCH), the '
-    'default, with mkor/mkor_h (or exclude=[...] these layers).')
+    'factors of these layers stay the identity. Sketched statistics see the curvature there, '
+    'and MKOR and MKOR-H read them: mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.SKETCH), '
+    'the default capture. Eva reads the means whatever the capture: exclude=[...] these layers '
+    'to leave them to the backend.')
 
 
-def cancelled_means(stats, plan: dict) -> dict:
+def cancelled_means(stats, plan: dict, kinds=('RANK1',)) -> dict:
   """``{layer: bool}``: the layers of ``plan`` whose mean output gradient
   (``RANK1``'s ``g``) is numerically zero against its ``g_mass`` (any stack
-  entry), for the layers whose statistics carry ``g_mass``."""
+  entry), for the layers whose statistics carry ``g_mass``, when a
+  transform taking ``kinds`` reads the means of ``stats`` (not when it
+  reads the sketches that a sketch capture holds besides its means)."""
+  if kind_of(stats, (kinds,) if isinstance(kinds, str) else tuple(kinds)) != 'RANK1':
+    return {}
   out = {}
   for name, lp in plan.items():
     fields = stats.get(name)

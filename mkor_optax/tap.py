@@ -270,7 +270,13 @@ class Sketch(StatKind):
   device count (:func:`mkor_optax.statistics.gather_stats`).
 
   Statistics per layer (stacking axes first): ``a_sketches``
-  ``(k, d_in + 1)`` and ``g_sketches`` ``(k, d_out)``.
+  ``(k, d_in + 1)`` and ``g_sketches`` ``(k, d_out)``, and the batch means
+  of :data:`RANK1` (``a``, ``g``, ``g_mass``, computed alike), so the
+  default capture serves Eva as well. A transform that does not read the
+  means costs nothing for them when its ``update`` runs in the same
+  ``jit`` as the capture: XLA drops values nobody reads. Where the
+  statistics leave the ``jit`` (a step split in two, an eager loop) and
+  nothing reads the means, ``Sketch(k, means=False)`` does not compute them.
 
   Example:
     >>> grad_fn = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.Sketch(8))
@@ -281,20 +287,24 @@ class Sketch(StatKind):
     >>> updates, state = opt.update(grads, opt.init(params), params, stats=stats)
   """
 
-  def __init__(self, k: int = 4, seed=None):
+  def __init__(self, k: int = 4, seed=None, *, means: bool = True):
     if not (isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 1):
       raise ValueError(f'Sketch: k must be an integer >= 1, got {k!r}')
+    if not isinstance(means, (bool, np.bool_)):
+      raise ValueError(f'Sketch: means must be True or False, got {means!r}')
     self.k = int(k)
     self.seed = _check_seed(seed)
+    # the means ride along as RANK1 computes them (their own entries, summed alike)
+    self.means = bool(means)
 
   def __repr__(self):
-    if self.seed is None:
-      return f'Sketch(k={self.k})'
-    return f'Sketch(k={self.k}, seed=...)'
+    args = [f'k={self.k}'] + (['seed=...'] if self.seed is not None else [])
+    return f"Sketch({', '.join(args + ([] if self.means else ['means=False']))})"
 
   def zeros(self, info):
     d_in = info.d_in + int(info.has_bias)
-    return {'xs': jnp.zeros((self.k, d_in), jnp.float32),
+    return {**(RANK1.zeros(info) if self.means else {}),
+            'xs': jnp.zeros((self.k, d_in), jnp.float32),
             'hs': jnp.zeros((self.k, info.d_out), jnp.float32),
             'rows': jnp.zeros((), jnp.float32), 'calls': jnp.zeros((), jnp.float32)}
 
@@ -311,7 +321,8 @@ class Sketch(StatKind):
     # the seed and the row offset travel as exact float32 halves (a residual
     # here must be a float array)
     halves = jnp.stack([seed >> 16, seed & 0xFFFF, offset >> 16, offset & 0xFFFF]).astype(jnp.float32)
-    return {'xs': xs, 'rows': jnp.asarray(call.rows, jnp.float32),
+    return {**(RANK1.forward(call) if self.means else {}),
+            'xs': xs, 'rows': jnp.asarray(call.rows, jnp.float32),
             'n': jnp.asarray(call.rows * call.g_scale, jnp.float32), 'seed': halves}
 
   def backward(self, fwd, dy_rows, g_scale, devices):
@@ -320,13 +331,15 @@ class Sketch(StatKind):
     rows = dy_rows.shape[0]
     signs = _signs((halves[0] << 16) | halves[1], 1, rows, self.k, (halves[2] << 16) | halves[3])
     h = dy_rows.astype(jnp.float32) * (fwd['n'] * devices)
-    return {'xs': fwd['xs'], 'rows': fwd['rows'], 'calls': jnp.ones_like(fwd['rows']),
+    return {**(RANK1.backward(fwd, dy_rows, g_scale, devices) if self.means else {}),
+            'xs': fwd['xs'], 'rows': fwd['rows'], 'calls': jnp.ones_like(fwd['rows']),
             'hs': (signs.T @ h) / jnp.sqrt(jnp.asarray(rows, jnp.float32))}
 
   def finalize(self, ct, info):
     rows = jnp.maximum(ct['rows'], 1.0)[..., None, None]
     calls = jnp.maximum(ct['calls'], 1.0)[..., None, None]
-    return {'a_sketches': ct['xs'] / jnp.sqrt(rows), 'g_sketches': ct['hs'] / jnp.sqrt(calls)}
+    return {'a_sketches': ct['xs'] / jnp.sqrt(rows), 'g_sketches': ct['hs'] / jnp.sqrt(calls),
+            **(RANK1.finalize(ct, info) if self.means else {})}
 
 
 SKETCH = Sketch(4)
