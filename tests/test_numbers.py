@@ -92,7 +92,7 @@ def test_readme_blocks_are_what_the_results_give():
   for name, make in measured.README_BLOCKS.items():
     m = measured.readme_block_pattern(name).search(text)
     assert m, f'README.md lost its generated block {name!r}'
-    assert m.group(1) == make(), (f'README.md block {name!r} differs from the result files: '
+    assert m.group(1) == make() + '\n', (f'README.md block {name!r} differs from the result files: '
                                   'run python docs/measured.py --readme')
 
 
