@@ -270,13 +270,10 @@ class Sketch(StatKind):
   device count (:func:`mkor_optax.statistics.gather_stats`).
 
   Statistics per layer (stacking axes first): ``a_sketches``
-  ``(k, d_in + 1)`` and ``g_sketches`` ``(k, d_out)``, and the batch means
-  of :data:`RANK1` (``a``, ``g``, ``g_mass``, computed alike), so the
-  default capture serves Eva as well. A transform that does not read the
-  means costs nothing for them when its ``update`` runs in the same
-  ``jit`` as the capture: XLA drops values nobody reads. Where the
-  statistics leave the ``jit`` (a step split in two, an eager loop) and
-  nothing reads the means, ``Sketch(k, means=False)`` does not compute them.
+  ``(k, d_in + 1)`` and ``g_sketches`` ``(k, d_out)``, and :data:`RANK1`'s
+  means (``a``, ``g``, ``g_mass``, computed alike) for Eva. In one ``jit``
+  with an ``update`` that does not read them, XLA drops them; where the
+  statistics leave the ``jit``, ``means=False`` does not compute them.
 
   Example:
     >>> grad_fn = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.Sketch(8))
@@ -294,8 +291,7 @@ class Sketch(StatKind):
       raise ValueError(f'Sketch: means must be True or False, got {means!r}')
     self.k = int(k)
     self.seed = _check_seed(seed)
-    # the means ride along as RANK1 computes them (their own entries, summed alike)
-    self.means = bool(means)
+    self.means = bool(means)  # RANK1's entries ride along, summed alike
 
   def __repr__(self):
     args = [f'k={self.k}'] + (['seed=...'] if self.seed is not None else [])
