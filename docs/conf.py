@@ -9,6 +9,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 # the API pages import the package; the executed notebook runs on the CPU
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# the notebook's kernel reads its settings from docs/_ipython (a quiet start-up)
+os.environ['IPYTHONDIR'] = str(ROOT / 'docs' / '_ipython')
 
 project = 'mkor_optax'
 author = 'the mkor_optax authors'

@@ -77,7 +77,7 @@ class StatKind:
 
 
 class Rank1(StatKind):
-  """MKOR's and Eva's statistics: the mean input ``a`` and output gradient ``g``.
+  """The mean input ``a`` and output gradient ``g``, MKOR's and Eva's statistics.
 
   Besides ``a`` and ``g`` it returns ``g_mass``, ``s sum_rows |dL/dy_row|``:
   what ``|g|`` would be if the rows did not cancel. ``|g| / g_mass`` is
@@ -144,14 +144,17 @@ def tap(dummy, y, fwd, kind, out_ndim, g_scale):
 
 
 class Covariance(StatKind):
-  """K-FAC's statistics: full second moments of inputs and output gradients.
+  r"""Full second moments of inputs and output gradients, K-FAC's statistics.
 
-      A = (1/R) sum_rows x_aug x_aug^T          (x_aug = [x, 1] with a bias)
-      G = (1/R) sum_rows h h^T,  h = n * dL/dy_row
+  .. math::
 
-  ``R`` rows, ``n = R * g_scale`` examples (``R/P`` for a convolution), so
-  ``h`` is the per-example loss gradient for a loss that is a mean over
-  examples. A layer called several times averages ``G`` over its calls. A
+     A = \frac{1}{R} \sum_{\text{rows}} \bar x \bar x^\top, \qquad
+     G = \frac{1}{R} \sum_{\text{rows}} h h^\top, \qquad
+     h = n\, \frac{\partial L}{\partial y_{\text{row}}},
+
+  with :math:`\bar x = [x, 1]` for a layer with a bias, ``R`` rows and
+  ``n = R * g_scale`` examples (``R/P`` for a convolution), so ``h`` is the
+  per-example loss gradient for a loss that is a mean over examples. A layer called several times averages ``G`` over its calls. A
   side larger than ``max_dim`` is not collected (it is preconditioned by the
   identity: keep ``max_dim`` equal to the transform's ``max_factor_dim``).
 
@@ -239,8 +242,8 @@ class Sketch(StatKind):
 
   .. math::
 
-     a_j = X^T s_j / \sqrt{N}, \quad g_j = H^T s'_j / \sqrt{R}, \qquad
-     E[a_j a_j^T] = X^T X / N = A, \quad E[g_j g_j^T] = H^T H / R = G,
+     a_j &= X^T s_j / \sqrt{N}, \quad g_j = H^T s'_j / \sqrt{R}, \\
+     E[a_j a_j^T] &= X^T X / N = A, \quad E[g_j g_j^T] = H^T H / R = G,
 
   so ``k`` sketches give MKOR ``k`` rank-1 directions per refresh whose
   average is K-FAC's factor, where the mean statistic gives one (and under a
@@ -267,7 +270,7 @@ class Sketch(StatKind):
   the summed sketch, divided by the root of the global row count, sketches
   the global moments; over a ``pmap``/``shard_map`` ``axis_name`` the
   transforms sum the per-device sketches and divide by the root of the
-  device count (:func:`mkor_optax.statistics.gather_stats`).
+  device count (``mkor_optax.statistics.gather_stats``).
 
   Statistics per layer (stacking axes first): ``a_sketches``
   ``(k, d_in + 1)`` and ``g_sketches`` ``(k, d_out)``, and :data:`RANK1`'s
