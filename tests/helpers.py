@@ -99,3 +99,15 @@ def compiled_optimised(fun, *args):
   XLA's defaults (full optimisation, fusion emitters)."""
   options = {'xla_backend_optimization_level': 2, 'xla_cpu_use_fusion_emitters': True}
   return jax.jit(fun).lower(*args).compile(compiler_options=options)
+
+
+def as_restored(tree):
+  """A state as a checkpointer gives it back without a target: NamedTuples
+  become dicts, tuples lists, leaves numpy arrays."""
+  if isinstance(tree, tuple) and hasattr(tree, '_fields'):
+    return {f: as_restored(getattr(tree, f)) for f in tree._fields}
+  if isinstance(tree, (tuple, list)):
+    return [as_restored(v) for v in tree]
+  if isinstance(tree, dict):
+    return {k: as_restored(v) for k, v in tree.items()}
+  return np.asarray(tree)

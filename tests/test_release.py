@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import mkor_optax
+from helpers import as_restored
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CHANGELOG = (ROOT / 'CHANGELOG.md').read_text()
@@ -28,17 +29,6 @@ def params_with_a_wide_layer():
   def dense(i, o):
     return {'kernel': jnp.zeros((i, o)), 'bias': jnp.zeros((o,))}
   return {'Dense_0': dense(4, 8), 'Dense_1': dense(8, 300), 'Dense_2': dense(300, 3)}
-
-
-def as_restored(tree):
-  """A state as a checkpointer gives it back without a target: dicts and lists."""
-  if isinstance(tree, tuple) and hasattr(tree, '_fields'):
-    return {f: as_restored(getattr(tree, f)) for f in tree._fields}
-  if isinstance(tree, (tuple, list)):
-    return [as_restored(v) for v in tree]
-  if isinstance(tree, dict):
-    return {k: as_restored(v) for k, v in tree.items()}
-  return np.asarray(tree)
 
 
 def as_0_1_0(raw: dict, renames: dict, drop=()) -> dict:

@@ -15,7 +15,7 @@ import pytest
 import mkor_optax
 from mkor_optax.numerics import NumericalWarning
 
-from helpers import batch, init_params, loss_fn
+from helpers import as_restored, batch, init_params, loss_fn
 from test_safety import WARNING_TRANSFORMS, nan_like
 
 
@@ -208,17 +208,6 @@ def test_no_cancelled_mean_warning_at_a_least_squares_optimum():
   said = [str(w.message) for w in caught if 'numerically zero' in str(w.message)]
   assert ratio < 1e-5  # the rows cancel: the old rule warned at every step
   assert len(said) <= 10, len(said)  # only the first steps, where it cannot tell
-
-
-def as_restored(tree):
-  """What a checkpointer restores without a target: dicts and lists."""
-  if isinstance(tree, tuple) and hasattr(tree, '_fields'):
-    return {f: as_restored(getattr(tree, f)) for f in tree._fields}
-  if isinstance(tree, (tuple, list)):
-    return [as_restored(v) for v in tree]
-  if isinstance(tree, dict):
-    return {k: as_restored(v) for k, v in tree.items()}
-  return tree
 
 
 def test_restore_state_round_trips_and_names_what_differs():
