@@ -19,13 +19,15 @@ import jax.numpy as jnp
 
 from mkor_optax.layout import Dims, LayerPlan
 from mkor_optax.paths import get_at, set_at
+from mkor_optax.sharding import gathered, placed_like
 
 
 def to_matrix(kernel, bias, d: Dims):
   """``(S, d_in[+1], d_out)`` float32 stack of ``[kernel; bias]`` matrices."""
-  m = kernel.reshape((d.n_stack, d.d_in, d.d_out)).astype(jnp.float32)
+  m = gathered(kernel).reshape((d.n_stack, d.d_in, d.d_out)).astype(jnp.float32)
   if d.has_bias:
-    m = jnp.concatenate([m, bias.reshape((d.n_stack, 1, d.d_out)).astype(jnp.float32)], axis=1)
+    m = jnp.concatenate([m, gathered(bias).reshape((d.n_stack, 1, d.d_out)).astype(jnp.float32)],
+                        axis=1)
   return m
 
 
@@ -36,10 +38,10 @@ def from_matrix(m, kernel_like, bias_like, d: Dims):
     kernel_rows, bias_row = m if d.has_bias else (m[0], None)
   else:
     kernel_rows, bias_row = m[:, :d.d_in], m[:, d.d_in] if d.has_bias else None
-  kernel = kernel_rows.reshape(kernel_like.shape).astype(kernel_like.dtype)
+  kernel = placed_like(kernel_rows.reshape(kernel_like.shape).astype(kernel_like.dtype), kernel_like)
   bias = None
   if d.has_bias:
-    bias = bias_row.reshape(bias_like.shape).astype(bias_like.dtype)
+    bias = placed_like(bias_row.reshape(bias_like.shape).astype(bias_like.dtype), bias_like)
   return kernel, bias
 
 

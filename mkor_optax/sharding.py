@@ -37,13 +37,19 @@ from mkor_optax.paths import unbox
 
 
 def partitioned_mesh(params) -> Optional[jax.sharding.Mesh]:
-  """The mesh of the first partitioned parameter leaf, or ``None``."""
+  """The mesh of the first partitioned parameter leaf, or ``None``.
+
+  ``None`` too on a mesh with explicit axes (``jax.make_mesh``'s default),
+  where every array's placement is part of its type: there the factors stay
+  replicated (the layers' statistics and gradients are gathered whole for
+  them, and each update is placed back like its parameter)."""
   for leaf in jax.tree.leaves(unbox(params)):
     sharding = getattr(leaf, 'sharding', None)
     if (isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
         and isinstance(sharding, NamedSharding) and sharding.mesh.size > 1
         and not sharding.is_fully_replicated):
-      return sharding.mesh
+      explicit = jax.sharding.AxisType.Explicit in tuple(getattr(sharding.mesh, 'axis_types', ()))
+      return None if explicit else sharding.mesh
   return None
 
 
@@ -167,3 +173,24 @@ def on_params_mesh(tx):
   (the aliases' chains: the backend's counters too)."""
   return optax.GradientTransformationExtraArgs(lambda params: place_state(tx.init(params), params),
                                                tx.update)
+
+
+def gathered(x):
+  """``x`` whole on every device where it is split over explicit mesh axes
+  (``jax.make_mesh``'s default): the capture joins a layer's statistics
+  with other arrays, and under explicit axes the pieces of one join must be
+  placed alike. Statistics are small (a few rows of the layer's width), so
+  gathering them costs little. Elsewhere ``x`` is returned as it is."""
+  spec = getattr(getattr(jax.typeof(x), 'sharding', None), 'spec', None)
+  if spec is None or all(s is None for s in spec):
+    return x
+  return jax.sharding.reshard(x, PartitionSpec())
+
+
+def placed_like(x, like):
+  """``x`` placed over explicit mesh axes as ``like`` is (the inverse of
+  :func:`gathered` for an update that must match its parameter)."""
+  spec = getattr(getattr(jax.typeof(like), 'sharding', None), 'spec', None)
+  if spec is None or all(s is None for s in spec):
+    return x
+  return jax.sharding.reshard(x, spec)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mkor_optax import layers as layers_lib
+from mkor_optax.sharding import gathered
 
 TAP = '__mkor_tap__'
 
@@ -110,7 +111,7 @@ class Rank1(StatKind):
     rows = jnp.maximum(ct['rows'], 1.0)[..., None]
     a = ct['input_sum'] / rows
     if info.has_bias:
-      a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
+      a = jnp.concatenate([gathered(a), jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
     return {'a': a, 'g': ct['g'], 'g_mass': ct['g_mass']}
 
 
@@ -135,8 +136,8 @@ def tap(dummy, y, fwd, kind, out_ndim, g_scale):
 
   def tap_bwd(fwd, ct_y):
     d_out = int(np.prod(ct_y.shape[ct_y.ndim - out_ndim:]))
-    ct_dummy = kind.backward(fwd, ct_y.reshape(-1, d_out), g_scale, devices)
-    ct_fwd = jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), fwd)
+    ct_dummy = jax.tree.map(gathered, kind.backward(fwd, ct_y.reshape(-1, d_out), g_scale, devices))
+    ct_fwd = jax.tree.map(jnp.zeros_like, fwd)
     return layers_lib.cast_varying(ct_dummy, axes), ct_y, layers_lib.cast_varying(ct_fwd, axes)
 
   identity.defvjp(tap_fwd, tap_bwd)
@@ -188,7 +189,7 @@ class Covariance(StatKind):
     out = {'rows': jnp.asarray(call.rows, jnp.float32),
            'n': jnp.asarray(call.rows * call.g_scale, jnp.float32)}
     if has_a:
-      x = call.input_rows()
+      x = gathered(call.input_rows())
       if call.has_bias:
         x = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)
       out['xx'] = x.T @ x
@@ -202,7 +203,7 @@ class Covariance(StatKind):
     if 'xx' in fwd:
       out['xx'] = fwd['xx']
     if dy_rows.shape[-1] <= self.max_dim:
-      h = dy_rows.astype(jnp.float32) * (fwd['n'] * devices)
+      h = gathered(dy_rows).astype(jnp.float32) * (fwd['n'] * devices)
       out['hh'] = (h.T @ h) / fwd['rows']
     return out
 
@@ -316,7 +317,7 @@ class Sketch(StatKind):
     signs = _signs(seed, 0, call.rows, self.k, offset)
     xs = call.sketch_of_inputs(signs)
     if call.has_bias:
-      xs = jnp.concatenate([xs, jnp.sum(signs, axis=0)[:, None]], axis=1)
+      xs = jnp.concatenate([gathered(xs), jnp.sum(signs, axis=0)[:, None]], axis=1)
     # the seed and the row offset travel as exact float32 halves (a residual
     # here must be a float array)
     halves = jnp.stack([seed >> 16, seed & 0xFFFF, offset >> 16, offset & 0xFFFF]).astype(jnp.float32)
