@@ -128,7 +128,7 @@ STUDIES = {
     'scale_free': {
         'mkor absolute (damping None)': Config(mkor_method(damping=None), mkor_optax.SKETCH),
         **{f'mkor damping {d:g}': Config(mkor_method(damping=d), mkor_optax.SKETCH)
-           for d in (1.0, 0.25, 0.0625, 0.015625)},
+           for d in (1.0, 0.5, 0.25, 0.0625, 0.015625)},
         'mkor mean damping 0.0625': mkor_method(damping=0.0625),
         'mkor mean damping 0.25': mkor_method(damping=0.25),
         'mkor damping 0.0625 gamma 0.95': Config(mkor_method(damping=0.0625, gamma=0.95),
