@@ -22,9 +22,9 @@ import numpy as np
 ROWS = [
     ('lamb', 'LAMB'),
     ('mkor absolute (damping None)', 'MKOR, absolute (0.1.0 default)'),
-    ('mkor damping 1', 'MKOR, damping 1'),
+    ('mkor damping 1', '**MKOR, damping 1 (default)**'),
     ('mkor damping 0.5', 'MKOR, damping 0.5'),
-    ('mkor damping 0.25', '**MKOR, damping 0.25 (default)**'),
+    ('mkor damping 0.25', 'MKOR, damping 0.25'),
     ('mkor damping 0.0625', 'MKOR, damping 0.0625'),
     ('mkor damping 0.015625', 'MKOR, damping 0.0156'),
     ('mkor damping 0.25 gamma 0.95', 'MKOR, damping 0.25, gamma 0.95'),

@@ -190,14 +190,17 @@ def train_mlp(tx, kind, steps=300):
 ])
 def test_both_sides_are_preconditioned_after_training(name, make, kind):
   """Every layer's input and output inverse is far from a multiple of I:
-  condition numbers above 1.3 (measured: MKOR's output sides 1.5-4.5 with
-  sketches over two sign draws, 2.0-5.2 with the mean, K-FAC's 4.8-31; the
-  absolute forms leave them at 1.00-1.01)."""
+  condition numbers above 1.15, where the absolute forms leave the output
+  sides at 1.00-1.01. Measured: at MKOR's default damping 1 the smallest
+  output side is at 1.21 (sketches), 1.27 (mean) and 1.26 (low-rank); at
+  damping 0.25 MKOR's output sides were at 1.5-5.2; K-FAC's at 4.8-31. A
+  larger relative damping weighs the identity prior more, so it narrows the
+  spread of every side."""
   state = train_mlp(make(), kind)
   inverses = lambda f: f.inv if hasattr(f, 'inv') else f
   for side in (state.input_side, state.output_side):
     for layer, f in side.items():
-      assert min(condition_numbers(inverses(f))) > 1.3, (name, layer, condition_numbers(inverses(f)))
+      assert min(condition_numbers(inverses(f))) > 1.15, (name, layer, condition_numbers(inverses(f)))
 
 
 def test_absolute_mkor_damps_the_output_side_to_the_identity():
