@@ -181,16 +181,18 @@ def gathered(x):
   with other arrays, and under explicit axes the pieces of one join must be
   placed alike. Statistics are small (a few rows of the layer's width), so
   gathering them costs little. Elsewhere ``x`` is returned as it is."""
-  spec = getattr(getattr(jax.typeof(x), 'sharding', None), 'spec', None)
-  if spec is None or all(s is None for s in spec):
-    return x
-  return jax.sharding.reshard(x, PartitionSpec())
+  return x if _explicit_spec(x) is None else jax.sharding.reshard(x, PartitionSpec())
 
 
 def placed_like(x, like):
   """``x`` placed over explicit mesh axes as ``like`` is (the inverse of
   :func:`gathered` for an update that must match its parameter)."""
-  spec = getattr(getattr(jax.typeof(like), 'sharding', None), 'spec', None)
-  if spec is None or all(s is None for s in spec):
-    return x
-  return jax.sharding.reshard(x, spec)
+  spec = _explicit_spec(like)
+  return x if spec is None else jax.sharding.reshard(x, spec)
+
+
+def _explicit_spec(x):
+  """The ``PartitionSpec`` that ``x``'s type carries when it is split over
+  explicit mesh axes; ``None`` when its type carries no split."""
+  spec = getattr(getattr(jax.typeof(x), 'sharding', None), 'spec', None)
+  return None if spec is None or all(s is None for s in spec) else spec
