@@ -52,13 +52,14 @@ PERIOD = 10
 
 
 def configs(max_dim):
-  """name -> (optimizer, statistic kind[, traced with mkor_optax.jit_warnings(False)]):
-  LAMB first (the reference)."""
+  """name -> (optimizer, statistic kind[, traced with mkor_optax.jit_warnings(True)]):
+  LAMB first (the reference). Steps are traced with the library's default
+  (no host checks) unless the third entry says so."""
   return {
       'lamb': (optax.lamb(1e-2, weight_decay=WD), None),
       'mkor': (mkor_optax.mkor(1e-2, weight_decay=WD, max_factor_dim=max_dim), mkor_optax.SKETCH),
-      'mkor, no jit warnings': (mkor_optax.mkor(1e-2, weight_decay=WD, max_factor_dim=max_dim),
-                                mkor_optax.SKETCH, True),
+      'mkor, jit warnings': (mkor_optax.mkor(1e-2, weight_decay=WD, max_factor_dim=max_dim),
+                             mkor_optax.SKETCH, True),
       'mkor mean': (mkor_optax.mkor(1e-2, weight_decay=WD, max_factor_dim=max_dim), mkor_optax.RANK1),
       # 0.1.0's absolute factors (damping=None), for the cost of the scale-free ones
       'mkor absolute': (mkor_optax.mkor(1e-2, weight_decay=WD, max_factor_dim=max_dim, damping=None),
@@ -72,22 +73,22 @@ def configs(max_dim):
 def costs(params, batch, loss_fn, cfgs, n, repeats, compile_repeats) -> dict:
   """``{name: {'ms', 'per_step', 'compile_s', 'compile'}}``, ratios to ``'lamb'``."""
   steps, fns, carries = {}, {}, {}
-  for name, (opt, kind, *quiet) in cfgs.items():
+  for name, (opt, kind, *loud) in cfgs.items():
     state = opt.init(params)
-    steps[name] = (opt, kind, state, bool(quiet and quiet[0]))
+    steps[name] = (opt, kind, state, bool(loud and loud[0]))
   compile_s = {name: [] for name in cfgs}
   for r in range(compile_repeats):
     names = list(cfgs)
     for name in names[r % len(names):] + names[:r % len(names)]:
-      opt, kind, state, quiet = steps[name]
+      opt, kind, state, loud = steps[name]
       step = make_step(loss_fn, opt, kind)  # a fresh jit: nothing cached
-      with mkor_optax.jit_warnings(not quiet):
+      with mkor_optax.jit_warnings(loud):
         t0 = time.perf_counter()
         step.lower(params, state, *batch).compile()
         compile_s[name].append(time.perf_counter() - t0)
-  for name, (opt, kind, state, quiet) in steps.items():
+  for name, (opt, kind, state, loud) in steps.items():
     step = make_step(loss_fn, opt, kind)
-    with mkor_optax.jit_warnings(not quiet):  # traced here, at the first call
+    with mkor_optax.jit_warnings(loud):  # traced here, at the first call
       jax.block_until_ready(step(params, state, *batch))
     fns[name] = lambda c, step=step: step(c[0], c[1], *batch)[:2]
     carries[name] = (params, state)
@@ -204,7 +205,7 @@ def main(argv=None):
     print('width', w, {k: round(v['per_step'], 3) for k, v in report['widths'][w].items()},
           f'{time.time() - t0:.0f} s', flush=True)
   model_cfgs = lambda: {k: v for k, v in configs(4096).items()
-                        if k not in ('sonew', 'mkor absolute', 'mkor, no jit warnings')}
+                        if k not in ('sonew', 'mkor absolute', 'mkor, jit warnings')}
   for depth in map(int, split(args.depths)):
     for w in map(int, split(args.model_widths)):
       params, batch, loss_fn = mlp_case(depth, w, 128)

@@ -139,11 +139,11 @@ NUMBERS = {
     **{f'steps_mkor_010_{t}': (lambda t=t: _study('MKOR, absolute (0.1.0 default)', t)) for t in TASKS},
     # cost per step and per compile against LAMB (step_cost.py)
     **{f'cost_mkor_{t}': (lambda t=t: _cost(t)) for t in TASKS},
-    **{f'cost_mkor_quiet_{t}': (lambda t=t: _cost(t, 'mkor, no jit warnings')) for t in TASKS},
+    **{f'cost_mkor_loud_{t}': (lambda t=t: _cost(t, 'mkor, jit warnings')) for t in TASKS},
     **{f'cost_kfac_{t}': (lambda t=t: _cost(t, 'kfac')) for t in TASKS},
     **{f'cost_sonew_{t}': (lambda t=t: _cost(t, 'sonew')) for t in TASKS},
     'cost_mkor_tasks': lambda: span([_cost(t) for t in ('autoencoder', 'cnn', 'resnet', 'bert')]),
-    'cost_mkor_quiet_tasks': lambda: span([_cost(t, 'mkor, no jit warnings')
+    'cost_mkor_loud_tasks': lambda: span([_cost(t, 'mkor, jit warnings')
                                           for t in ('autoencoder', 'cnn', 'resnet', 'bert')]),
     'cost_mkor_wide': lambda: span([_cost(w, section='Widths') for w in ('1024', '4096')]),
     'cost_mkor_256': lambda: _cost('256', section='Widths'),

@@ -20,10 +20,11 @@ from mkor_optax.eager import traced
 
 class NumericalWarning(UserWarning):
   """A step the optimizer guarded against: non-finite gradients or
-  statistics (the state was left as it was), or a factor reset. Raised from
-  inside ``jit`` (see :class:`jit_warnings`), counted per message ("(3 such
-  steps so far)") and attributed to the line of your step that called
-  ``update``; filter it as any warning.
+  statistics (the state was left as it was), or a factor reset. Raised by
+  eager calls, and from inside ``jit`` when :class:`jit_warnings` is on (it
+  is off by default), counted per message ("(3 such steps so far)") and
+  attributed to the line of your step that called ``update``; filter it as
+  any warning.
 
   Example:
     >>> issubclass(mkor_optax.NumericalWarning, UserWarning)
@@ -81,27 +82,32 @@ def warn_numerical(message: str, where=None):
 
 class jit_warnings:
   """Whether the transforms compile their :class:`NumericalWarning` checks
-  into jitted steps (default ``True``).
+  into jitted steps (default ``False``: they do not).
 
-  Each check is a ``jax.pure_callback`` in a ``lax.cond`` branch that runs
-  only on a bad step, but its mere presence slows the whole compiled step,
-  as if XLA's CPU runtime stopped running its independent operations in
-  parallel (pinned to one core, the penalty nearly vanishes). On the small
-  models of the Benchmarks page the checks are a visible part of MKOR's
-  cost per step, which that page gives with and without them. ``jit_warnings(False)``
-  leaves the checks out of the steps traced from then on: a non-finite step
-  is still guarded (the state is kept, the counter does not move), but
-  nothing is reported. Read while tracing, so set it before the step is
-  first traced (``jax.jit`` keeps a function's first trace). Also a context manager that restores the previous setting::
+  A bad step (non-finite gradients or statistics) is guarded either way: the
+  state is kept and the step counter does not move, as
+  ``optax.apply_if_finite`` keeps it. What this switch adds is the warning
+  that says so from inside ``jit``. Each check is a ``jax.pure_callback`` in
+  a ``lax.cond`` branch that runs only on a bad step, but its mere presence
+  slows the whole compiled step on a CPU, as if XLA's CPU runtime stopped
+  running its independent operations in parallel (pinned to one core, the
+  penalty nearly vanishes), and a program with a host callback is not kept
+  in JAX's persistent compilation cache. On the small models of the
+  Benchmarks page that is a visible part of MKOR's cost per step, which that
+  page gives with and without the checks. So they are off unless asked for:
+  turn them on while you debug a run that diverges. Read while tracing, so
+  set it before the step is first traced (``jax.jit`` keeps a function's
+  first trace). Also a context manager that restores the previous setting::
 
-    mkor_optax.jit_warnings(False)        # from now on
-    with mkor_optax.jit_warnings(False):  # only for the steps traced here
+    mkor_optax.jit_warnings(True)        # from now on
+    with mkor_optax.jit_warnings(True):  # only for the steps traced here
       step = jax.jit(train_step).lower(state, x, y).compile()
 
   Eager (un-jitted) calls warn either way.
 
   Args:
-    enabled: ``False`` leaves the checks out of steps traced from now on.
+    enabled: ``True`` puts the checks in the steps traced from now on,
+      ``False`` leaves them out.
 
   Returns:
     The setting, usable as a context manager that restores the previous one.
@@ -111,13 +117,13 @@ class jit_warnings:
     >>> loss, grads, stats = mkor_optax.value_and_grad(loss_fn)(params, x, y)
     >>> compiled = lambda: jax.jit(lambda g, s: opt.update(g, s, params, stats=stats)).lower(
     ...     grads, opt.init(params)).as_text()
-    >>> with mkor_optax.jit_warnings(False):
-    ...   quiet = compiled()
-    >>> 'callback' in compiled(), 'callback' in quiet
-    (True, False)
+    >>> with mkor_optax.jit_warnings(True):
+    ...   loud = compiled()
+    >>> 'callback' in compiled(), 'callback' in loud
+    (False, True)
   """
 
-  enabled = True
+  enabled = False
 
   def __init__(self, enabled: bool = True):
     if not isinstance(enabled, (bool, np.bool_)):

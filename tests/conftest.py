@@ -22,3 +22,15 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(ROOT, '.jax_cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.05')
 sys.path.insert(0, os.path.join(ROOT, 'examples'))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def jit_warnings_on():
+  """Compiled steps traced in the test carry the NumericalWarning checks
+  (``mkor_optax.jit_warnings(True)``; off by default); the default comes back after."""
+  import mkor_optax
+  with mkor_optax.jit_warnings(True):
+    yield

@@ -21,6 +21,10 @@ import mkor_optax
 from helpers import KEY, batch
 from mkor_optax.numerics import NumericalWarning
 
+# Some tests here check warnings from compiled steps, which need
+# mkor_optax.jit_warnings(True) (off by default).
+pytestmark = pytest.mark.usefixtures('jit_warnings_on')
+
 DOCS = Path(__file__).resolve().parent.parent / 'docs'
 MEANS = ('a', 'g', 'g_mass')
 

@@ -4,6 +4,8 @@ counted and attributed to the user's line, validated alias settings, and
 error messages that say what to pass."""
 
 import math
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -17,6 +19,10 @@ from mkor_optax.numerics import NumericalWarning
 
 from helpers import as_restored, batch, init_params, loss_fn
 from test_safety import WARNING_TRANSFORMS, nan_like
+
+# These tests check the warnings, which a compiled step gives only under
+# mkor_optax.jit_warnings(True) (off by default).
+pytestmark = pytest.mark.usefixtures('jit_warnings_on')
 
 
 def stats_for(kind, params, t=0):
@@ -254,10 +260,12 @@ def test_restore_state_takes_what_orbax_restores_without_a_target(tmp_path):
 
 
 @pytest.mark.parametrize('name', list(WARNING_TRANSFORMS))
-def test_jit_warnings_off_leaves_the_host_check_out_and_still_guards(name):
-  """``jit_warnings(False)``: no callback in the compiled step, no warning on
-  a NaN step, and the step is still guarded (counters held). The previous
-  setting comes back on leaving the context."""
+def test_jit_warnings_are_off_by_default_and_a_bad_step_is_still_guarded(name):
+  """By default (``jit_warnings(False)``) a compiled step holds no host
+  callback (it would slow the whole step on a CPU) and a NaN step warns of
+  nothing, yet is guarded: the counters hold. ``jit_warnings(True)`` puts the
+  checks in the steps traced under it, and leaving the context restores the
+  default."""
   make, kind = WARNING_TRANSFORMS[name]
   params = init_params()
   grads, stats = stats_for(kind, params)
@@ -266,22 +274,28 @@ def test_jit_warnings_off_leaves_the_host_check_out_and_still_guards(name):
   extra = {} if stats is None else {'stats': stats}
   if name == 'mkor_h':
     extra['value'] = jnp.asarray(1.0)
-  assert mkor_optax.jit_warnings.enabled
-  with mkor_optax.jit_warnings(False):
+  with mkor_optax.jit_warnings(False):  # the default (this module's fixture turns them on)
     step = jax.jit(lambda g, s: tx.update(g, s, params, **extra))
     text = step.lower(grads, state).as_text()
     with warnings.catch_warnings():
       warnings.simplefilter('error', NumericalWarning)
       _, after = jax.block_until_ready(step(nan_like(grads), state))
-  assert mkor_optax.jit_warnings.enabled
   assert 'callback' not in text
   assert counters(after) == counters(state)
-  loud = jax.jit(lambda g, s: tx.update(g, s, params, **extra)).lower(grads, state).as_text()
+  with mkor_optax.jit_warnings(True):
+    loud = jax.jit(lambda g, s: tx.update(g, s, params, **extra)).lower(grads, state).as_text()
   assert 'callback' in loud
+
+
+def test_jit_warnings_default_is_off_in_a_fresh_process():
+  """A user's process starts without the checks in its compiled steps."""
+  out = subprocess.run([sys.executable, '-c', 'import mkor_optax; print(mkor_optax.jit_warnings.enabled)'],
+                       capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == 'False'
 
 
 def test_jit_warnings_takes_a_bool():
   for bad in (0, 'no', None):
     with pytest.raises(TypeError, match='True or False'):
       mkor_optax.jit_warnings(bad)
-  assert mkor_optax.jit_warnings.enabled
+  assert mkor_optax.jit_warnings.enabled  # this module's fixture turned them on

@@ -27,6 +27,10 @@ from mkor_optax.numerics import NumericalWarning
 
 from helpers import batch, compiled_optimised, init_params, loss_fn
 
+# Some tests here check warnings from compiled steps, which need
+# mkor_optax.jit_warnings(True) (off by default).
+pytestmark = pytest.mark.usefixtures('jit_warnings_on')
+
 GRAD = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1)
 COV_GRAD = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.COVARIANCE)
 

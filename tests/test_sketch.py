@@ -20,6 +20,10 @@ from mkor_optax.numerics import NumericalWarning
 from helpers import KEY, assert_tree_close, batch, head, init_params, loss_fn
 from test_lowrank import dense_refresh
 
+# Some tests here check warnings from compiled steps, which need
+# mkor_optax.jit_warnings(True) (off by default).
+pytestmark = pytest.mark.usefixtures('jit_warnings_on')
+
 K = 4096  # sketches for the expectation tests: a standard error of ~1.6% per entry
 
 
