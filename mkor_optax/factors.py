@@ -11,6 +11,8 @@ wider ones a :class:`~mkor_optax.lowrank.LowRankInverse`
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,7 +49,7 @@ def identity(n: int, s: int, *, rank, min_dim, dtype):
   return jnp.broadcast_to(jnp.eye(n, dtype=jnp.promote_types(dtype, jnp.float32)), (s, n, n))
 
 
-def refresh_checked(p, v, *, gamma, zeta, epsilon, refresh: str):
+def refresh_checked(p, v, *, gamma, zeta, epsilon, refresh: str, widths=None):
   r"""``(refreshed p, per-entry reset flag)`` for either form.
 
   ``v`` is one statistic per stack entry, ``(S, d)``, or ``k`` sketches,
@@ -67,8 +69,13 @@ def refresh_checked(p, v, *, gamma, zeta, epsilon, refresh: str):
   its own safety checks. A dense ``p`` takes all ``k`` terms at once instead
   (:func:`mkor_optax.rank1.refresh_inverse_rank_k_checked`, the Woodbury
   identity: the same factor, one pass over ``p`` instead of ``k`` in a loop).
+  ``widths`` ``(S,)``: dense sides zero-padded to a common width
+  (:func:`refresh_relative_many`).
   """
-  rule = lowrank.refresh_checked if isinstance(p, lowrank.LowRankInverse) else rank1.refresh_inverse_checked
+  if isinstance(p, lowrank.LowRankInverse):
+    rule = lowrank.refresh_checked
+  else:
+    rule = functools.partial(rank1.refresh_inverse_checked, widths=widths)
   if v.ndim == 2:
     return rule(p, v, gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh)
   k = v.shape[1]
@@ -76,7 +83,7 @@ def refresh_checked(p, v, *, gamma, zeta, epsilon, refresh: str):
     return rule(p, v[:, 0], gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh)
   if not isinstance(p, lowrank.LowRankInverse):  # all k terms at once (Woodbury), no loop
     return rank1.refresh_inverse_rank_k_checked(p, v, gamma=gamma, zeta=zeta, epsilon=epsilon,
-                                                refresh=refresh)
+                                                refresh=refresh, widths=widths)
   weight = jnp.sqrt((1.0 - gamma) / k) if refresh == 'ema' else 1.0 / np.sqrt(k)
   first = jnp.arange(k) == 0  # the rule itself; then additive blend steps
   steps = (jnp.swapaxes(v, 0, 1),  # (k, S, d)
@@ -113,12 +120,16 @@ def max_abs(p):
   return jnp.max(jnp.abs(p.astype(jnp.float32)), axis=(-2, -1))
 
 
-def statistic_rms(v):
+def statistic_rms(v, widths=None):
   """``sqrt(mean_j |v_j|^2 / d)`` per stack entry of one statistic ``(S, d)``
   or ``k`` sketches ``(S, k, d)``: the square root of the mean eigenvalue of
-  ``(1/k) sum_j v_j v_j^T``, overflow-safe."""
+  ``(1/k) sum_j v_j v_j^T``, overflow-safe. ``widths`` ``(S,)``: each
+  entry's own ``d`` (zero-padded statistics)."""
   flat = v.reshape(v.shape[0], -1).astype(jnp.float32)
-  return safe_norm(flat, axis=-1) / np.sqrt(flat.shape[-1])
+  if widths is None:
+    return safe_norm(flat, axis=-1) / np.sqrt(flat.shape[-1])
+  k = flat.shape[-1] // v.shape[-1]
+  return safe_norm(flat, axis=-1) / jnp.sqrt((k * jnp.asarray(widths)).astype(jnp.float32))
 
 
 def ema_rms(rms, v_rms, gamma):
@@ -131,7 +142,7 @@ def ema_rms(rms, v_rms, gamma):
   return jnp.where(rms > 0, both, v_rms)
 
 
-def refresh_relative(p, rms, v, *, damping, gamma, zeta, epsilon, refresh: str):
+def refresh_relative(p, rms, v, *, damping, gamma, zeta, epsilon, refresh: str, widths=None):
   r"""The scale-free refresh: ``(p, rms, reset)`` after the statistic ``v``.
 
   ``rms`` ``(S,)`` tracks the side's scale, ``n_t = rms_t^2``, an EMA of the
@@ -152,11 +163,13 @@ def refresh_relative(p, rms, v, *, damping, gamma, zeta, epsilon, refresh: str):
   inverse is capped at ``MAX_MOVED * max(epsilon, 1)`` (statistics that jump
   by orders of magnitude make the old factor negligible, not infinite).
   ``damping=None`` is the absolute form: ``P = F^{-1}``, ``rms`` unused.
+  ``widths``: zero-padded dense sides (:func:`refresh_relative_many`).
   """
   if damping is None:
-    new, reset = refresh_checked(p, v, gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh)
+    new, reset = refresh_checked(p, v, gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh,
+                                 widths=widths)
     return new, rms, reset
-  new_rms = ema_rms(rms, statistic_rms(v), gamma)
+  new_rms = ema_rms(rms, statistic_rms(v, widths), gamma)
   moved = (rms > 0) & (new_rms > 0)
   rho = jnp.where(moved, jnp.square(rms / jnp.where(moved, new_rms, 1.0)), 1.0)
   unit = jnp.sqrt(jnp.asarray(damping, jnp.float32)) * new_rms
@@ -169,10 +182,92 @@ def refresh_relative(p, rms, v, *, damping, gamma, zeta, epsilon, refresh: str):
   top = max_abs(p)
   grow = jnp.minimum(grow, MAX_MOVED * jnp.maximum(epsilon, 1.0) / jnp.where(top > 0, top, 1.0))
   p_now = scaled(p, jnp.maximum(grow, 0.0))
-  new, reset = refresh_checked(p_now, w, gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh)
+  new, reset = refresh_checked(p_now, w, gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh,
+                               widths=widths)
   seen = new_rms > 0  # no statistic yet (all zero): the prior stays as it was
   new = jax.tree.map(lambda a, b: jnp.where(seen.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, p)
   return new, new_rms, reset & seen
+
+
+# Dense sides refreshed together: a group of narrow sides is zero-padded to
+# its widest member when that holds at most PAD_WASTE times their entries, or
+# at most PAD_FREE entries in all (a refresh of that size costs less than the
+# fixed cost of the kernels it saves); sides wider than GROUP_MAX_DIM are
+# refreshed alone (their arithmetic, not the kernel count, is the cost).
+PAD_WASTE = 2.0
+PAD_FREE = 2 ** 18
+GROUP_MAX_DIM = 1024
+
+
+def _groups(widths: list) -> list:
+  """Indices of ``widths`` (dense sides, ``(S, d)`` each) in groups padded
+  to a common width, narrowest first (the rule of :data:`PAD_WASTE`)."""
+  order = sorted(range(len(widths)), key=lambda i: widths[i][1])
+  groups, current, entries = [], [], 0
+  for i in order:
+    s, d = widths[i]
+    if d > GROUP_MAX_DIM:
+      groups.append([i])
+      continue
+    count = sum(widths[j][0] for j in current) + s
+    padded = count * d * d  # every entry padded to d, the widest so far
+    if current and padded > PAD_FREE and padded > PAD_WASTE * (entries + s * d * d):
+      groups.append(current)
+      current, entries = [], 0
+    current.append(i)
+    entries += s * d * d
+  if current:
+    groups.append(current)
+  return groups
+
+
+def refresh_relative_many(jobs: list, **rule) -> list:
+  r""":func:`refresh_relative` of many sides at once: ``jobs`` is a list of
+  ``(p, rms, v, keep)``, ``keep`` a scalar bool (the side stays as it was,
+  its reset flag ``False``); the result is the list of ``(p, rms, reset)``.
+
+  Each side is refreshed exactly as alone, but dense sides go through one
+  program per group instead of one per side: their ``(S, d, d)`` inverses
+  and statistics are zero-padded to the group's widest side and stacked
+  (the stabiliser's and the reset's identity cover each side's own
+  coordinates only, and its scale divides by its own ``d``, so a padded
+  block stays exactly zero; the groups: :data:`PAD_WASTE`). A model's
+  refresh then compiles to a few programs, not two per layer. Low-rank
+  sides of the same shape are stacked without padding. ``rule``: the
+  keyword arguments of :func:`refresh_relative`.
+  """
+  out = [None] * len(jobs)
+  dense = [i for i, job in enumerate(jobs) if not isinstance(job[0], lowrank.LowRankInverse)]
+  shapes: dict = {}
+  for i, (p, _, v, _) in enumerate(jobs):
+    if i not in dense:
+      shapes.setdefault((jax.tree.map(lambda a: (a.shape[1:], a.dtype), p), v.shape[1:]), []).append(i)
+  batches = [[dense[j] for j in g] for g in _groups([side_shape(jobs[i][0]) for i in dense])]
+  cat = lambda *xs: jnp.concatenate(xs, axis=0) if len(xs) > 1 else xs[0]
+  for members in batches + list(shapes.values()):
+    ps, rmss, vs, keeps = zip(*(jobs[i] for i in members))
+    sizes = [r.shape[0] for r in rmss]
+    width = max(side_shape(p)[1] for p in ps)
+    widths = None
+    if members[0] in dense and any(p.shape[-1] < width for p in ps):
+      widths = jnp.concatenate([jnp.full((s,), p.shape[-1], jnp.int32) for s, p in zip(sizes, ps)])
+      pad = lambda a, n: jnp.pad(a, [(0, 0)] * (a.ndim - n) + [(0, width - a.shape[-1])] * n)
+      ps, vs = [pad(p, 2) for p in ps], [pad(v, 1) for v in vs]
+    p_old, rms_old = jax.tree.map(cat, *ps), cat(*rmss)
+    keep = cat(*(jnp.broadcast_to(k, (s,)) for k, s in zip(keeps, sizes)))
+    p, rms, reset = refresh_relative(p_old, rms_old, cat(*vs), widths=widths, **rule)
+    p, rms = jax.tree.map(lambda a, b: jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), b, a),
+                          (p, rms), (p_old, rms_old))
+    start = 0
+    for i, s in zip(members, sizes):
+      cut = lambda a: a[start:start + s]
+      p_i = jax.tree.map(cut, p)
+      if widths is not None:
+        w = jobs[i][0].shape[-1]
+        p_i = p_i[:, :w, :w]
+      out[i] = (p_i, cut(rms), cut(reset & ~keep))
+      start += s
+  return out
 
 
 def power(p, exponent):

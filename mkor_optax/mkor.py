@@ -84,25 +84,21 @@ def mkor_rule(*, damping, gamma, zeta, epsilon, inv_freq, refresh, dtype, low_ra
     return factors.identity(width, n_stack, rank=rank, min_dim=low_rank_min_dim, dtype=dtype)
 
   def refreshed(sides, prep):
-    new, scales, flags = [], [], {}
-    for side, entries, rms_of in zip(SIDES, sides[:2], sides[2:]):
-      out, out_rms = {}, {}
-      for k, p in entries.items():
-        if k not in prep.stats:
-          out[k], out_rms[k] = p, rms_of[k]
-          continue
-        fresh, rms, reset = factors.refresh_relative(
-            p, rms_of[k], prep.stats[k][side], damping=damping, gamma=gamma, zeta=zeta,
-            epsilon=epsilon, refresh=refresh)
-        # finite here: the refresh is due
-        out[k], out_rms[k] = prep.keep_unless_fresh(k, (fresh, rms), (p, rms_of[k]))
-        if side == OUTPUT and k in prep.cancelled:  # rounding noise is no curvature
-          out[k], out_rms[k] = jax.tree.map(lambda a, b: jnp.where(prep.cancelled[k], a, b),
-                                            (p, rms_of[k]), (out[k], out_rms[k]))
-        flags[f'{k} ({side} side)'] = jnp.any(reset) & prep.present[k]
-      new.append(out)
-      scales.append(out_rms)
-    return tuple(new) + tuple(scales), flags
+    jobs = [(i, k) for i, entries in enumerate(sides[:2]) for k in entries if k in prep.stats]
+    # a side stays as it was on a non-finite step (the refresh is only due on
+    # finite ones), for a layer without statistics this accumulation, and on
+    # the output side of a layer whose mean gradient cancelled (rounding
+    # noise is no curvature)
+    keep = {k: ~(prep.finite & prep.present[k]) for _, k in jobs}
+    fresh = factors.refresh_relative_many(
+        [(sides[i][k], sides[2 + i][k], prep.stats[k][SIDES[i]],
+          keep[k] | prep.cancelled[k] if SIDES[i] == OUTPUT and k in prep.cancelled else keep[k])
+         for i, k in jobs], damping=damping, gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh)
+    new, flags = [dict(s) for s in sides], {}
+    for (i, k), (p, rms, reset) in zip(jobs, fresh):
+      new[i][k], new[2 + i][k] = p, rms
+      flags[f'{k} ({SIDES[i]} side)'] = jnp.any(reset)
+    return tuple(new), flags
 
   def kept(sides, prep):
     names = [f'{k} ({side} side)' for side, entries in zip(SIDES, sides[:2])

@@ -49,6 +49,18 @@ def _stabilised(p, v, *, gamma, zeta, epsilon, refresh):
   return dtype, p, unit, inv_sq, top, alpha, beta
 
 
+def identity_like(p, widths=None):
+  """``I`` in ``p``'s compute dtype, ``(d, d)``; with ``widths`` ``(S,)``,
+  one ``(S, d, d)`` identity per stack entry on its first ``widths[s]``
+  coordinates and zero beyond them (a side zero-padded to ``d``: its padded
+  block stays exactly zero through every refresh)."""
+  eye = jnp.eye(p.shape[-1], dtype=p.dtype)
+  if widths is None:
+    return eye
+  inside = jnp.arange(p.shape[-1]) < jnp.asarray(widths)[:, None]  # (S, d)
+  return eye * inside[:, :, None].astype(p.dtype)
+
+
 def _finite_or_kept(new, p, dtype, bad):
   """``new`` where it is finite, else ``p``, in ``dtype``; and the reset flags."""
   ok = jnp.all(jnp.isfinite(new), axis=(-2, -1))
@@ -83,12 +95,14 @@ def refresh_inverse(p, v, *, gamma: float, zeta: float, epsilon: float, refresh:
                                  refresh=refresh)[0]
 
 
-def refresh_inverse_checked(p, v, *, gamma, zeta, epsilon, refresh: str = 'ema'):
+def refresh_inverse_checked(p, v, *, gamma, zeta, epsilon, refresh: str = 'ema', widths=None):
   """:func:`refresh_inverse` and a boolean per stack entry: ``True`` where
-  the factor was found indefinite or non-finite and reset."""
+  the factor was found indefinite or non-finite and reset. ``widths``
+  ``(S,)``: each entry is a side of that width zero-padded to ``d`` (``p``
+  zero and ``v`` zero beyond it), whose identity is its own
+  (:func:`identity_like`)."""
   dtype, p, unit, inv_sq, top, alpha, beta = _stabilised(p, v, gamma=gamma, zeta=zeta,
                                                           epsilon=epsilon, refresh=refresh)
-  compute = p.dtype
   pv = jnp.einsum('...ij,...j->...i', p, unit)
   u = alpha[..., None] * pv + beta[..., None] * unit
   vu = jnp.sum(unit * u, axis=-1)
@@ -100,7 +114,7 @@ def refresh_inverse_checked(p, v, *, gamma, zeta, epsilon, refresh: str = 'ema')
   vu = jnp.where(bad, jnp.sum(unit * unit, axis=-1), vu)
   scale = jnp.where(bad, 1.0, alpha * top + beta)  # bounds the entries of P'
   kappa, lam = rank1_coefficients(vu, inv_sq, gamma, refresh, scale)
-  eye = jnp.eye(p.shape[-1], dtype=compute)
+  eye = identity_like(p, widths)
   base = jnp.where(bad[..., None, None], 0.0, alpha[..., None, None] * p)
   new = (kappa[..., None, None] * (base + beta[..., None, None] * eye)
          - lam[..., None, None] * (u[..., :, None] * u[..., None, :]))
@@ -109,7 +123,8 @@ def refresh_inverse_checked(p, v, *, gamma, zeta, epsilon, refresh: str = 'ema')
 
 
 
-def refresh_inverse_rank_k_checked(p, v, *, gamma, zeta, epsilon, refresh: str = 'ema'):
+def refresh_inverse_rank_k_checked(p, v, *, gamma, zeta, epsilon, refresh: str = 'ema',
+                                   widths=None):
   r"""The refresh from ``k`` statistics at once, ``v`` ``(..., k, d)``, and a
   reset flag per stack entry: the stabiliser, then the Woodbury identity for
 
@@ -131,6 +146,7 @@ def refresh_inverse_rank_k_checked(p, v, *, gamma, zeta, epsilon, refresh: str =
   definite along a statistic (``v_j^T P' v_j <= 0``) or not finite is reset
   to ``I`` first, and a result that is not finite keeps ``p``. The result is
   symmetrised (``(P + P^T)/2``), which the rank-1 form is by construction.
+  ``widths``: zero-padded sides, as in :func:`refresh_inverse_checked`.
   """
   dtype, p, unit, inv_sq, top, alpha, beta = _stabilised(p, v, gamma=gamma, zeta=zeta,
                                                           epsilon=epsilon, refresh=refresh)
@@ -157,7 +173,7 @@ def refresh_inverse_rank_k_checked(p, v, *, gamma, zeta, epsilon, refresh: str =
   chol = jnp.linalg.cholesky(0.5 * (m + jnp.swapaxes(m, -1, -2)))
   y = jax.scipy.linalg.solve_triangular(chol, jnp.swapaxes(u, -1, -2), lower=True)  # L^-1 U^T
   term = jnp.swapaxes(y, -1, -2) @ y  # U M^-1 U^T
-  eye = jnp.eye(p.shape[-1], dtype=compute)
+  eye = identity_like(p, widths)
   base = jnp.where(bad[..., None, None], 0.0, alpha[..., None, None] * p)
   new = kappa * (base + beta[..., None, None] * eye - term)
   new = 0.5 * (new + jnp.swapaxes(new, -1, -2))

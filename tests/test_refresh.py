@@ -119,3 +119,57 @@ def test_stabiliser_fires_exactly_when_max_abs_exceeds_epsilon():
   got = stabilise(stack, eps, zeta)
   np.testing.assert_allclose(got[0], np.eye(2) * (0.9 * 3 + 0.1), rtol=1e-6)
   np.testing.assert_allclose(got[1], np.eye(2))
+
+
+def _side_jobs(rng, shapes, k, dtype=jnp.float32):
+  """``(p, rms, v, keep)`` for dense sides of ``(S, d)`` each: SPD inverses
+  of scale about 1, running scales and statistics (``k`` sketches, or one
+  mean for ``k = 0``), nothing kept."""
+  jobs = []
+  for s, d in shapes:
+    p = np.stack([np.linalg.inv(random_spd(rng, d)) for _ in range(s)])
+    v = rng.normal(size=(s, k, d) if k else (s, d)) * rng.uniform(0.1, 3.0)
+    jobs.append((jnp.asarray(p, dtype), jnp.asarray(rng.uniform(0.5, 2.0, size=s), jnp.float32),
+                 jnp.asarray(v, dtype), jnp.asarray(False)))
+  return jobs
+
+
+@pytest.mark.parametrize('k', [0, 1, 4])
+@pytest.mark.parametrize('damping', [1.0, None])
+def test_sides_refreshed_together_equal_each_refreshed_alone(k, damping):
+  """Dense sides of several widths and stack sizes, zero-padded and refreshed
+  in one group (factors.refresh_relative_many), give each side's own refresh
+  (refresh_relative on it alone) to float32 rounding, with the stabiliser
+  firing on some of them; a side marked keep comes back exactly as it was."""
+  from mkor_optax import factors
+  rng = np.random.default_rng(k)
+  shapes = [(1, 5), (2, 7), (1, 16), (1, 17), (3, 7)]
+  jobs = _side_jobs(rng, shapes, k)
+  jobs[1] = (jobs[1][0] * 4.0,) + jobs[1][1:]  # max|P| > epsilon: the stabiliser blends
+  jobs[3] = jobs[3][:3] + (jnp.asarray(True),)
+  rule = dict(damping=damping, gamma=0.95, zeta=0.9, epsilon=2.0, refresh='ema')
+  assert factors._groups([(s, d) for s, d in shapes]) == [[0, 1, 4, 2, 3]]  # one padded group
+  together = jax.jit(lambda jobs: factors.refresh_relative_many(jobs, **rule))(jobs)
+  for i, (job, (p, rms, reset)) in enumerate(zip(jobs, together)):
+    if i == 3:
+      np.testing.assert_array_equal(p, job[0])
+      np.testing.assert_array_equal(rms, job[1])
+      assert not reset.any()
+      continue
+    want = factors.refresh_relative(*job[:3], **rule)
+    assert p.shape == job[0].shape
+    np.testing.assert_allclose(p, want[0], rtol=2e-5, atol=2e-6 * np.abs(want[0]).max())
+    np.testing.assert_allclose(rms, want[1], rtol=1e-6)
+    np.testing.assert_array_equal(reset, want[2])
+
+
+def test_groups_pad_narrow_sides_together_and_leave_wide_ones_alone():
+  """Sides of similar width share a group; a side that would make padding
+  cost more than PAD_WASTE times the entries of a large group starts a new
+  one; sides wider than GROUP_MAX_DIM stay alone."""
+  from mkor_optax import factors
+  widths = [(1, 65), (1, 129), (1, 65), (1, 17), (1, 128), (1, 64), (1, 16)]
+  assert factors._groups(widths) == [[6, 3, 5, 0, 2, 4, 1]]  # the autoencoder's: 1 group
+  assert sorted(factors._groups([(1, 600), (1, 40), (1, 40), (1, 2000)])) == [[0], [1, 2], [3]]
+  # 40 padded to 600 is cheap beside 600 itself (within PAD_WASTE): one group
+  assert factors._groups([(1, 600), (1, 40), (1, 620)]) == [[1, 0, 2]]
