@@ -72,16 +72,15 @@ def refresh_checked(p, v, *, gamma, zeta, epsilon, refresh: str, widths=None):
   ``widths`` ``(S,)``: dense sides zero-padded to a common width
   (:func:`refresh_relative_many`).
   """
-  if isinstance(p, lowrank.LowRankInverse):
-    rule = lowrank.refresh_checked
-  else:
-    rule = functools.partial(rank1.refresh_inverse_checked, widths=widths)
+  low = isinstance(p, lowrank.LowRankInverse)
+  rule = functools.partial(lowrank.refresh_checked if low else rank1.refresh_inverse_checked,
+                           widths=widths)
   if v.ndim == 2:
     return rule(p, v, gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh)
   k = v.shape[1]
   if k == 1:
     return rule(p, v[:, 0], gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh)
-  if not isinstance(p, lowrank.LowRankInverse):  # all k terms at once (Woodbury), no loop
+  if not low:  # all k terms at once (Woodbury), no loop
     return rank1.refresh_inverse_rank_k_checked(p, v, gamma=gamma, zeta=zeta, epsilon=epsilon,
                                                 refresh=refresh, widths=widths)
   weight = jnp.sqrt((1.0 - gamma) / k) if refresh == 'ema' else 1.0 / np.sqrt(k)
@@ -113,10 +112,11 @@ def scaled(p, factor):
 MAX_MOVED = 1e3
 
 
-def max_abs(p):
-  """``max|P_ij|`` per stack entry of either form."""
+def max_abs(p, widths=None):
+  """``max|P_ij|`` per stack entry of either form (``widths``: zero-padded
+  sides' own widths)."""
   if isinstance(p, lowrank.LowRankInverse):
-    return lowrank.max_abs(p)
+    return lowrank.max_abs(p, widths)
   return jnp.max(jnp.abs(p.astype(jnp.float32)), axis=(-2, -1))
 
 
@@ -179,7 +179,7 @@ def refresh_relative(p, rms, v, *, damping, gamma, zeta, epsilon, refresh: str, 
   # old inverse past float32's range; its old factor is then negligible,
   # and is floored so that the moved inverse stays within MAX_MOVED * epsilon.
   grow = jnp.where(moved, 1.0 / jnp.where(moved, rho, 1.0), 1.0)
-  top = max_abs(p)
+  top = max_abs(p, widths)
   grow = jnp.minimum(grow, MAX_MOVED * jnp.maximum(epsilon, 1.0) / jnp.where(top > 0, top, 1.0))
   p_now = scaled(p, jnp.maximum(grow, 0.0))
   new, reset = refresh_checked(p_now, w, gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh,
@@ -221,6 +221,27 @@ def _groups(widths: list) -> list:
   return groups
 
 
+def _pad(a, width, n):
+  """``a`` zero-padded to ``width`` on its last ``n`` axes."""
+  return jnp.pad(a, [(0, 0)] * (a.ndim - n) + [(0, width - a.shape[-1])] * n)
+
+
+def _padded(p, width):
+  """A side's inverse zero-padded to ``width``: a dense ``(S, d, d)`` one on
+  both axes, a low-rank one on its basis' rows (``c`` then covers the padded
+  coordinates, which no statistic reaches and the result drops)."""
+  if isinstance(p, lowrank.LowRankInverse):
+    return p._replace(q=jnp.pad(p.q, [(0, 0), (0, width - p.q.shape[1]), (0, 0)]))
+  return _pad(p, width, 2)
+
+
+def _cropped(p, width):
+  """:func:`_padded` undone: the first ``width`` coordinates."""
+  if isinstance(p, lowrank.LowRankInverse):
+    return p._replace(q=p.q[:, :width])
+  return p[:, :width, :width]
+
+
 def refresh_relative_many(jobs: list, **rule) -> list:
   r""":func:`refresh_relative` of many sides at once: ``jobs`` is a list of
   ``(p, rms, v, keep)``, ``keep`` a scalar bool (the side stays as it was,
@@ -233,26 +254,27 @@ def refresh_relative_many(jobs: list, **rule) -> list:
   coordinates only, and its scale divides by its own ``d``, so a padded
   block stays exactly zero; the groups: :data:`PAD_WASTE`). A model's
   refresh then compiles to a few programs, not two per layer. Low-rank
-  sides of the same shape are stacked without padding. ``rule``: the
+  sides of one rank are grouped alike, their bases padded with zero rows
+  (the stabiliser's test reads only each side's own rows). ``rule``: the
   keyword arguments of :func:`refresh_relative`.
   """
   out = [None] * len(jobs)
-  dense = [i for i, job in enumerate(jobs) if not isinstance(job[0], lowrank.LowRankInverse)]
-  shapes: dict = {}
+  # dense sides together; low-rank ones by rank, basis dtype and statistic kind
+  kinds: dict = {}
   for i, (p, _, v, _) in enumerate(jobs):
-    if i not in dense:
-      shapes.setdefault((jax.tree.map(lambda a: (a.shape[1:], a.dtype), p), v.shape[1:]), []).append(i)
-  batches = [[dense[j] for j in g] for g in _groups([side_shape(jobs[i][0]) for i in dense])]
+    low = isinstance(p, lowrank.LowRankInverse)
+    kinds.setdefault(None if not low else (p.rank, p.q.dtype, v.shape[1:-1]), []).append(i)
+  batches = [[members[j] for j in g] for members in kinds.values()
+             for g in _groups([side_shape(jobs[i][0]) for i in members])]
   cat = lambda *xs: jnp.concatenate(xs, axis=0) if len(xs) > 1 else xs[0]
-  for members in batches + list(shapes.values()):
+  for members in batches:
     ps, rmss, vs, keeps = zip(*(jobs[i] for i in members))
     sizes = [r.shape[0] for r in rmss]
     width = max(side_shape(p)[1] for p in ps)
     widths = None
-    if members[0] in dense and any(p.shape[-1] < width for p in ps):
-      widths = jnp.concatenate([jnp.full((s,), p.shape[-1], jnp.int32) for s, p in zip(sizes, ps)])
-      pad = lambda a, n: jnp.pad(a, [(0, 0)] * (a.ndim - n) + [(0, width - a.shape[-1])] * n)
-      ps, vs = [pad(p, 2) for p in ps], [pad(v, 1) for v in vs]
+    if any(side_shape(p)[1] < width for p in ps):
+      widths = jnp.concatenate([jnp.full((s,), side_shape(p)[1], jnp.int32) for s, p in zip(sizes, ps)])
+      ps, vs = [_padded(p, width) for p in ps], [_pad(v, width, 1) for v in vs]
     p_old, rms_old = jax.tree.map(cat, *ps), cat(*rmss)
     keep = cat(*(jnp.broadcast_to(k, (s,)) for k, s in zip(keeps, sizes)))
     p, rms, reset = refresh_relative(p_old, rms_old, cat(*vs), widths=widths, **rule)
@@ -263,8 +285,7 @@ def refresh_relative_many(jobs: list, **rule) -> list:
       cut = lambda a: a[start:start + s]
       p_i = jax.tree.map(cut, p)
       if widths is not None:
-        w = jobs[i][0].shape[-1]
-        p_i = p_i[:, :w, :w]
+        p_i = _cropped(p_i, side_shape(jobs[i][0])[1])
       out[i] = (p_i, cut(rms), cut(reset & ~keep))
       start += s
   return out

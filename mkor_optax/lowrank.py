@@ -84,10 +84,14 @@ def to_dense(p: LowRankInverse) -> jax.Array:
   return p.c[:, None, None] * eye + jnp.einsum('sik,sk,sjk->sij', q, p.s, q)
 
 
-def max_abs(p: LowRankInverse) -> jax.Array:
-  """``max_ij |P_ij|`` per stack entry, as the largest diagonal entry (``P`` SPD)."""
+def max_abs(p: LowRankInverse, widths=None) -> jax.Array:
+  """``max_ij |P_ij|`` per stack entry, as the largest diagonal entry (``P`` SPD).
+  ``widths`` ``(S,)``: each entry's own ``d`` (a basis zero-padded beyond it)."""
   q = p.q.astype(jnp.float32)
-  return p.c + jnp.max(jnp.einsum('sik,sk->si', q * q, p.s), axis=-1)
+  diag = jnp.einsum('sik,sk->si', q * q, p.s)
+  if widths is not None:
+    diag = jnp.where(jnp.arange(q.shape[1]) < jnp.asarray(widths)[:, None], diag, -jnp.inf)
+  return p.c + jnp.max(diag, axis=-1)
 
 
 def orthonormalised(p: LowRankInverse) -> LowRankInverse:
@@ -106,7 +110,8 @@ def refresh(p: LowRankInverse, v: jax.Array, *, gamma, zeta, epsilon, refresh: s
   return refresh_checked(p, v, gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh)[0]
 
 
-def refresh_checked(p: LowRankInverse, v: jax.Array, *, gamma, zeta, epsilon, refresh: str):
+def refresh_checked(p: LowRankInverse, v: jax.Array, *, gamma, zeta, epsilon, refresh: str,
+                    widths=None):
   """:func:`refresh` and a ``(S,)`` flag of the entries whose eigenvalues had
   to be raised to the floor (or that were not finite and were kept).
 
@@ -115,14 +120,16 @@ def refresh_checked(p: LowRankInverse, v: jax.Array, *, gamma, zeta, epsilon, re
   the basis is re-orthonormalised first (:func:`orthonormalised`); and the
   eigenvalues ``c + s_i`` of the result are kept at or above
   ``eps(Q's dtype) * max(c, c + s)``, so the stored ``P`` is positive
-  definite by construction.
+  definite by construction. ``widths`` ``(S,)``: sides whose basis rows and
+  statistic are zero-padded beyond their own width (the padded rows stay
+  zero; only the stabiliser's test reads the width).
   """
   stored = p
   if jnp.finfo(p.q.dtype).bits < 32:
     p = orthonormalised(p)
   q = p.q.astype(jnp.float32)
   v, inv_sq = unit_statistic(v.astype(jnp.float32))
-  top = max_abs(p)
+  top = max_abs(p, widths)
   big = top > epsilon
   alpha = jnp.where(big, zeta, 1.0)
   beta = jnp.where(big, 1.0 - zeta, 0.0)

@@ -173,3 +173,33 @@ def test_groups_pad_narrow_sides_together_and_leave_wide_ones_alone():
   assert sorted(factors._groups([(1, 600), (1, 40), (1, 40), (1, 2000)])) == [[0], [1, 2], [3]]
   # 40 padded to 600 is cheap beside 600 itself (within PAD_WASTE): one group
   assert factors._groups([(1, 600), (1, 40), (1, 620)]) == [[1, 0, 2]]
+
+
+@pytest.mark.parametrize('k', [0, 4])
+def test_low_rank_sides_refreshed_together_equal_each_refreshed_alone(k):
+  """Low-rank sides of one rank and different widths (bases padded with zero
+  rows) give each side's own refresh, the stabiliser firing on one, beside a
+  dense side that groups apart."""
+  from mkor_optax import factors, lowrank
+  rng = np.random.default_rng(10 + k)
+  rule = dict(damping=1.0, gamma=0.95, zeta=0.9, epsilon=2.0, refresh='ema')
+  jobs = []
+  for s, d in [(1, 40), (2, 33), (1, 48)]:
+    p, rms = lowrank.identity(d, 4, s, jnp.float32), jnp.zeros((s,), jnp.float32)
+    for _ in range(6):  # a few refreshes: a basis with content, s of both signs
+      v = jnp.asarray(rng.normal(size=(s, k, d) if k else (s, d)), jnp.float32)
+      p, rms, _ = factors.refresh_relative(p, rms, v, **rule)
+    v = jnp.asarray(rng.normal(size=(s, k, d) if k else (s, d)) * 3.0, jnp.float32)
+    jobs.append((p, rms, v, jnp.asarray(False)))
+  jobs[1] = (jobs[1][0]._replace(c=jobs[1][0].c * 3.0),) + jobs[1][1:]  # max|P| > epsilon
+  dense = _side_jobs(rng, [(1, 9)], k)[0]
+  jobs.append(dense)
+  together = jax.jit(lambda jobs: factors.refresh_relative_many(jobs, **rule))(jobs)
+  for job, (p, rms, reset) in zip(jobs, together):
+    want = factors.refresh_relative(*job[:3], **rule)
+    got_dense = lowrank.to_dense(p) if isinstance(p, lowrank.LowRankInverse) else p
+    want_dense = lowrank.to_dense(want[0]) if isinstance(want[0], lowrank.LowRankInverse) else want[0]
+    assert got_dense.shape == want_dense.shape
+    np.testing.assert_allclose(got_dense, want_dense, rtol=1e-4, atol=1e-5 * np.abs(want_dense).max())
+    np.testing.assert_allclose(rms, want[1], rtol=1e-6)
+    np.testing.assert_array_equal(reset, want[2])
