@@ -29,6 +29,8 @@ ROWS = [
     ('mkor damping 0.015625', 'MKOR, damping 0.0156'),
     ('mkor damping 0.25 gamma 0.95', 'MKOR, damping 0.25, gamma 0.95'),
     ('mkor damping 0.25 inv_freq 3', 'MKOR, damping 0.25, inv_freq 3'),
+    ('mkor damping 1 inv_freq 3', 'MKOR, damping 1, inv_freq 3'),
+    ('mkor damping 0.5 inv_freq 3', 'MKOR, damping 0.5, inv_freq 3'),
     ('mkor mean damping 0.25', 'MKOR, mean statistics, damping 0.25'),
     ('kfac absolute 1e-3', 'K-FAC, absolute 1e-3 (0.1.0 default)'),
     ('kfac relative 0.1', '**K-FAC, relative 0.1 (default)**'),
