@@ -145,7 +145,9 @@ def refresh_inverse_rank_k_checked(p, v, *, gamma, zeta, epsilon, refresh: str =
   it (relative to a bound on ``P'``'s entries), a ``P'`` that is not positive
   definite along a statistic (``v_j^T P' v_j <= 0``) or not finite is reset
   to ``I`` first, and a result that is not finite keeps ``p``. The result is
-  symmetrised (``(P + P^T)/2``), which the rank-1 form is by construction.
+  symmetric whenever ``P`` is: the correction ``Y^T Y`` sums the same ``k``
+  products for entry ``(i, j)`` as for ``(j, i)`` (exactly, in the order a
+  matrix product of inner size ``k`` takes; the tests check it).
   ``widths``: zero-padded sides, as in :func:`refresh_inverse_checked`.
   """
   dtype, p, unit, inv_sq, top, alpha, beta = _stabilised(p, v, gamma=gamma, zeta=zeta,
@@ -172,11 +174,13 @@ def refresh_inverse_rank_k_checked(p, v, *, gamma, zeta, epsilon, refresh: str =
   m = gram + inv_w[..., :, None] * jnp.eye(k, dtype=compute)
   chol = jnp.linalg.cholesky(0.5 * (m + jnp.swapaxes(m, -1, -2)))
   y = jax.scipy.linalg.solve_triangular(chol, jnp.swapaxes(u, -1, -2), lower=True)  # L^-1 U^T
-  term = jnp.swapaxes(y, -1, -2) @ y  # U M^-1 U^T
+  # U M^-1 U^T = Y^T Y: entry (i, j) sums the same k products in the same
+  # order as (j, i), so it is symmetric without a re-symmetrising pass over
+  # P (a transposed read that cost more than the rest of the refresh)
+  term = jnp.swapaxes(y, -1, -2) @ y
   eye = identity_like(p, widths)
   base = jnp.where(bad[..., None, None], 0.0, alpha[..., None, None] * p)
   new = kappa * (base + beta[..., None, None] * eye - term)
-  new = 0.5 * (new + jnp.swapaxes(new, -1, -2))
   return _finite_or_kept(new, p, dtype, bad)
 
 
