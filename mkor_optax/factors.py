@@ -185,8 +185,14 @@ def refresh_relative(p, rms, v, *, damping, gamma, zeta, epsilon, refresh: str, 
   new, reset = refresh_checked(p_now, w, gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh,
                                widths=widths)
   seen = new_rms > 0  # no statistic yet (all zero): the prior stays as it was
-  new = jax.tree.map(lambda a, b: jnp.where(seen.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, p)
-  return new, new_rms, reset & seen
+  return _by_entry(seen, new, p), new_rms, reset & seen
+
+
+def _by_entry(flag, new, old):
+  """``new`` where the ``(S,)`` ``flag`` holds, else ``old``, entry by entry
+  of the stack axis (arrays or pytrees of ``(S, ...)`` arrays)."""
+  return jax.tree.map(lambda a, b: jnp.where(flag.reshape((-1,) + (1,) * (a.ndim - 1)), a, b),
+                      new, old)
 
 
 # Dense sides refreshed together: a group of narrow sides is zero-padded to
@@ -278,8 +284,7 @@ def refresh_relative_many(jobs: list, **rule) -> list:
     p_old, rms_old = jax.tree.map(cat, *ps), cat(*rmss)
     keep = cat(*(jnp.broadcast_to(k, (s,)) for k, s in zip(keeps, sizes)))
     p, rms, reset = refresh_relative(p_old, rms_old, cat(*vs), widths=widths, **rule)
-    p, rms = jax.tree.map(lambda a, b: jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), b, a),
-                          (p, rms), (p_old, rms_old))
+    p, rms = _by_entry(keep, (p_old, rms_old), (p, rms))
     start = 0
     for i, s in zip(members, sizes):
       cut = lambda a: a[start:start + s]
