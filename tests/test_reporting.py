@@ -274,12 +274,15 @@ def test_jit_warnings_are_off_by_default_and_a_bad_step_is_still_guarded(name):
   extra = {} if stats is None else {'stats': stats}
   if name == 'mkor_h':
     extra['value'] = jnp.asarray(1.0)
-  with mkor_optax.jit_warnings(False):  # the default (this module's fixture turns them on)
+  assert mkor_optax.jit_warnings.enabled  # this module's fixture turned them on
+  with mkor_optax.jit_warnings(False):  # the default
+    assert not mkor_optax.jit_warnings.enabled
     step = jax.jit(lambda g, s: tx.update(g, s, params, **extra))
     text = step.lower(grads, state).as_text()
     with warnings.catch_warnings():
       warnings.simplefilter('error', NumericalWarning)
       _, after = jax.block_until_ready(step(nan_like(grads), state))
+  assert mkor_optax.jit_warnings.enabled  # the previous setting is back
   assert 'callback' not in text
   assert counters(after) == counters(state)
   with mkor_optax.jit_warnings(True):
