@@ -139,6 +139,7 @@ STUDIES = {
                                                mkor_optax.SKETCH),
         **{f'mkor damping {d:g} inv_freq 3': Config(mkor_method(damping=d, inv_freq=3), mkor_optax.SKETCH)
            for d in (1.0, 0.5, 0.25)},
+        'mkor damping 1 inv_freq 5': Config(mkor_method(damping=1.0, inv_freq=5), mkor_optax.SKETCH),
         'kfac absolute 1e-3': kfac_method(damping=1e-3, relative_damping=False),
         **{f'kfac relative {d:g}': kfac_method(damping=d, relative_damping=True)
            for d in (1e-1, 1e-2, 1e-3)},

@@ -341,7 +341,7 @@ def report_resets(resets: dict, who: str):
             'statistics beyond float32 range)', names=names)
 
 
-def precondition_rescaled(g_aug, r_inv=None, l_inv=None, blocks=None, g_sq=None):
+def precondition_rescaled(g_aug, r_inv=None, l_inv=None, blocks=None, g_sq=None, rescale=True):
   """``rescale_to(precondition(g_aug, r_inv, l_inv), g_aug)`` where a side may
   also be a :class:`~mkor_optax.lowrank.LowRankInverse`: the dense sides are
   applied first, then the low-rank ones with the rescale folded in
@@ -350,20 +350,25 @@ def precondition_rescaled(g_aug, r_inv=None, l_inv=None, blocks=None, g_sq=None)
   layer with only low-rank sides skip the kernel/bias concatenation; the
   result is then the tuple of its row blocks, which
   :func:`~mkor_optax.precondition.from_matrix` takes as well. ``g_sq``: the
-  ``(S,)`` squared norms of ``g_aug`` when already known.
+  ``(S,)`` squared norms of ``g_aug`` when already known. ``rescale=False``:
+  ``R^-1 G L^-1`` itself, not rescaled.
   """
   low_r = r_inv if isinstance(r_inv, lowrank.LowRankInverse) else None
   low_l = l_inv if isinstance(l_inv, lowrank.LowRankInverse) else None
   if low_r is None and low_l is None:
-    return rescale_to(precondition(g_aug, r_inv, l_inv), g_aug, g_sq)
-  if g_sq is None:
-    g_sq = jnp.sum(jnp.square(g_aug), axis=(1, 2))
-  g_norm = jnp.sqrt(g_sq)
+    u = precondition(g_aug, r_inv, l_inv)
+    return rescale_to(u, g_aug, g_sq) if rescale else u
+  if not rescale:
+    g_norm = None
+  else:
+    if g_sq is None:
+      g_sq = jnp.sum(jnp.square(g_aug), axis=(1, 2))
+    g_norm = jnp.sqrt(g_sq)
   dense_r = None if low_r is not None else r_inv
   dense_l = None if low_l is not None else l_inv
   if dense_r is None and dense_l is None and blocks is not None:
     return tuple(lowrank.precondition_rescaled(list(blocks), low_r, low_l, g_norm, g_sq))
   h = precondition(g_aug, dense_r, dense_l)
-  h_sq = g_sq if dense_r is None and dense_l is None else None
+  h_sq = g_sq if dense_r is None and dense_l is None and rescale else None
   return lowrank.precondition_rescaled([h], low_r, low_l, g_norm, h_sq)[0]
 

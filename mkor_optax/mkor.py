@@ -76,9 +76,11 @@ class MKORState(NamedTuple):
 
 
 def mkor_rule(*, damping, gamma, zeta, epsilon, inv_freq, refresh, dtype, low_rank,
-              low_rank_min_dim, factor_power=1.0, who: str = 'scale_by_mkor') -> kr.FactorRule:
+              low_rank_min_dim, factor_power=1.0, rescale=True,
+              who: str = 'scale_by_mkor') -> kr.FactorRule:
   """MKOR's :class:`~mkor_optax.kronecker.FactorRule`: rank-1 refreshes of
-  the inverses every ``inv_freq`` steps, then ``R^-1 G L^-1``, rescaled."""
+  the inverses every ``inv_freq`` steps, then ``R^-1 G L^-1``, rescaled to
+  the gradient's norm (``rescale``) or in the factors' own units."""
   def init_side(width, n_stack):  # at init, where low_rank is a Python number
     rank = None if low_rank is None else int(low_rank)
     return factors.identity(width, n_stack, rank=rank, min_dim=low_rank_min_dim, dtype=dtype)
@@ -113,9 +115,31 @@ def mkor_rule(*, damping, gamma, zeta, epsilon, inv_freq, refresh, dtype, low_ra
 
   def precondition(sides, prep):
     r_inv, l_inv = ({k: factors.power(p, factor_power) for k, p in side.items()} for side in sides[:2])
-    return {k: factors.precondition_rescaled(g, r_inv.get(k), l_inv.get(k), prep.blocks(k),
-                                             prep.sq_norms[k])
-            for k, (_, g) in prep.grads.items()}
+    if rescale:
+      return {k: factors.precondition_rescaled(g, r_inv.get(k), l_inv.get(k), prep.blocks(k),
+                                               prep.sq_norms[k])
+              for k, (_, g) in prep.grads.items()}
+    out = {}
+    for k, (_, g) in prep.grads.items():
+      u = factors.precondition_rescaled(g, r_inv.get(k), l_inv.get(k), prep.blocks(k), rescale=False)
+      units = natural_units(k, sides)
+      out[k] = u if units is None else (tuple(b * units[:, None, None] for b in u)
+                                        if isinstance(u, tuple) else u * units[:, None, None])
+    return out
+
+  def natural_units(k, sides):
+    """``(S,)`` ``prod over present sides of (lambda n)^-p``: the stored
+    ``P = lambda n F^-1`` back in the statistics' units (``None``: nothing to
+    undo, the absolute form)."""
+    if damping is None:
+      return None
+    units = None
+    for side, rms in ((sides[0], sides[2]), (sides[1], sides[3])):
+      if k in side and k in rms:
+        n = jnp.asarray(damping, jnp.float32) * jnp.square(rms[k])
+        inv = jnp.where(n > 0, 1.0 / jnp.where(n > 0, n, 1.0), 1.0) ** factor_power
+        units = inv if units is None else units * inv
+    return units
 
   return kr.FactorRule(init_side, refresh_sides, precondition, scaled=True)
 
@@ -165,6 +189,7 @@ def scale_by_mkor(
     shard_factors: bool = True,
     exclude: kr.Exclude = None,
     layouts: Optional[dict] = None,
+    rescale: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""MKOR: Kronecker-factored preconditioning with rank-1 inverse refreshes.
 
@@ -210,7 +235,17 @@ def scale_by_mkor(
      U = R^{-p}\, \bar G\, L^{-p}, \qquad U \leftarrow U\, \frac{\|\bar G\|_F}{\|U\|_F},
 
   so the update keeps the raw gradient's norm and learning-rate schedules
-  keep their meaning. Every numeric hyperparameter may be an array
+  keep their meaning. With ``rescale=False`` the update is instead the
+  Kronecker-factored natural gradient in the statistics' own units,
+
+  .. math::
+
+     U = F_R^{-p}\, \bar G\, F_L^{-p}
+       = (\lambda n^R_t)^{-p}\, (\lambda n^L_t)^{-p}\, R^{-p}\, \bar G\, L^{-p},
+
+  whose size per layer carries the curvature's: the direction for a step
+  that chooses its own length (:func:`scale_by_quadratic_step`). Every
+  numeric hyperparameter may be an array
   (``optax.inject_hyperparams``); Python numbers are validated here.
 
   Args:
@@ -270,6 +305,12 @@ def scale_by_mkor(
       ``static_args=('exclude',)`` under ``optax.inject_hyperparams``).
     layouts: ``{path: Layout}`` overriding the layout read from parameter
       shapes and names (see :class:`Layout` and :func:`layer_layouts`).
+    rescale: ``True`` (default) rescales each layer's update to its raw
+      gradient's Frobenius norm, for a learning-rate backend; ``False``
+      returns :math:`F_R^{-p} \bar G F_L^{-p}` itself (with ``damping=None``,
+      :math:`R^{-p} \bar G L^{-p}`), for :func:`scale_by_quadratic_step`
+      (:func:`adaptive_mkor`). A side wider than ``max_factor_dim`` is the
+      identity in both.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose update is
@@ -300,9 +341,11 @@ def scale_by_mkor(
                           max_factor_dim=max_factor_dim, low_rank=low_rank,
                           low_rank_min_dim=low_rank_min_dim, factor_power=factor_power,
                           damping=damping)
+  if not isinstance(rescale, (bool, np.bool_)):
+    raise TypeError(f'scale_by_mkor: rescale must be True or False, got {rescale!r}')
   rule = mkor_rule(damping=damping, gamma=gamma, zeta=zeta, epsilon=epsilon, inv_freq=inv_freq, refresh=refresh,
                    dtype=dtype, low_rank=low_rank, low_rank_min_dim=low_rank_min_dim,
-                   factor_power=factor_power)
+                   factor_power=factor_power, rescale=bool(rescale))
   return kr.scale_by_kronecker(rule, MKORState, who='scale_by_mkor', kind=('RANK1', 'SKETCH'),
                                axis_name=axis_name, max_factor_dim=max_factor_dim,
                                exclude=exclude, layouts=layouts, shard_factors=shard_factors)

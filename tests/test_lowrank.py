@@ -144,6 +144,14 @@ def test_preconditioning_equals_dense_float64_products_rescaled(sides):
     np.testing.assert_allclose(np.concatenate([kernel, bias], axis=1), want, rtol=2e-5, atol=2e-5)
   zero = kr.precondition_rescaled(jnp.zeros_like(jnp.asarray(g)), r, l)
   assert np.all(np.asarray(zero) == 0)
+  # rescale=False: R G L itself
+  plain = dense(r, m) @ g.astype(np.float64) @ dense(l, n)
+  np.testing.assert_allclose(kr.precondition_rescaled(jnp.asarray(g), r, l, rescale=False), plain,
+                             rtol=2e-5, atol=2e-5 * np.abs(plain).max())
+  if sides != 'dense+low':
+    kernel, bias = kr.precondition_rescaled(jnp.asarray(g), r, l, (g[:, :-1], g[:, -1:]), rescale=False)
+    np.testing.assert_allclose(np.concatenate([kernel, bias], axis=1), plain, rtol=2e-5,
+                               atol=2e-5 * np.abs(plain).max())
 
 
 @pytest.mark.parametrize('refresh', ['ema', 'blend'])
@@ -158,6 +166,10 @@ def test_mkor_update_with_low_rank_factors_equals_dense_float64_reference(refres
   assert isinstance(state.output_side['hidden'], LowRankInverse)
   assert not isinstance(state.output_side['out'], LowRankInverse)  # 3 <= rank: dense
   assert_matches_reference(tx, hp, jit=True, refresh=refresh)
+  # the natural gradient (no rescale) from the same low-rank sides
+  tx = mkor_optax.scale_by_mkor(refresh=refresh, low_rank=4, low_rank_min_dim=0, rescale=False, **hp)
+  assert_matches_reference(tx, dict(hp, rescale=False), jit=True, refresh=refresh, lr=0.0,
+                           rtol=1e-3)  # entries up to ~5e3: float32 cancellation in the small ones
 
 
 def test_low_rank_is_chosen_by_width_and_costs_d_times_k_memory():

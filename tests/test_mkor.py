@@ -23,14 +23,16 @@ def matrix_power(p, e):
 
 
 def reference_run(grads_stats, gamma, zeta, epsilon, inv_freq, refresh='ema', power=1.0,
-                  damping=None):
+                  damping=None, rescale=True):
   """Dense float64 MKOR: explicit inverses of the factors, no Sherman-Morrison
   (with ``power``: the inverses raised to it before they precondition).
 
   ``damping``: the scale-free form. Each side's scale ``n`` is the EMA of
   ``|v|^2/d`` (from the first statistic); the inverse is held in units of
   ``damping * n``: moved to the new units (``P n_new / n_old``), then the
-  same rule with ``v / sqrt(damping n_new)``."""
+  same rule with ``v / sqrt(damping n_new)``. ``rescale=False``: the update
+  is ``F_R^-p G F_L^-p`` with ``F = damping n P^-1`` (``P^p G L^p`` in the
+  absolute form), not rescaled to the gradient's norm."""
   rinv = {'hidden': np.eye(5), 'out': np.eye(6)}
   linv = {'hidden': np.eye(6), 'out': np.eye(3)}
   scale = {}
@@ -59,13 +61,18 @@ def reference_run(grads_stats, gamma, zeta, epsilon, inv_freq, refresh='ema', po
     out = {}
     for k, g in aug_blocks(grads).items():
       u = matrix_power(rinv[k], power) @ g @ matrix_power(linv[k], power)
-      out[k] = u * np.linalg.norm(g) / np.linalg.norm(u)
+      if rescale:
+        out[k] = u * np.linalg.norm(g) / np.linalg.norm(u)
+      elif damping is None:
+        out[k] = u
+      else:
+        out[k] = u / (damping * scale[(k, 'a')] * damping * scale[(k, 'g')]) ** power
     outs.append(from_blocks(out, grads))
   return outs
 
 
 def assert_matches_reference(tx, hp, *, n_steps=7, jit=False, refresh='ema', power=1.0,
-                             rtol=2e-4, atol=1e-6):
+                             rtol=2e-4, atol=1e-6, lr=0.1):
   """Runs ``tx`` (an MKOR transform with hyperparameters ``hp``) on Net for
   ``n_steps`` steps and compares every update with :func:`reference_run`;
   returns the final state."""
@@ -79,7 +86,7 @@ def assert_matches_reference(tx, hp, *, n_steps=7, jit=False, refresh='ema', pow
     steps.append((grads, stats))
     u, state = update(grads, state, params, stats)
     got.append(u)
-    params = optax.apply_updates(params, jax.tree.map(lambda x: -0.1 * x, u))
+    params = optax.apply_updates(params, jax.tree.map(lambda x: -lr * x, u))
   want = reference_run(steps, refresh=refresh, power=power, **hp)
   for t, (g, w) in enumerate(zip(got, want)):
     assert_tree_close(g, w, rtol=rtol, atol=atol, msg=f'step {t}')
@@ -93,6 +100,22 @@ def test_full_update_equals_dense_float64_reference(refresh, damping):
   state = assert_matches_reference(mkor_optax.scale_by_mkor(refresh=refresh, **hp), hp,
                                    refresh=refresh)
   assert int(state.count) == 7
+
+
+@pytest.mark.parametrize('power', [1.0, 0.5])
+@pytest.mark.parametrize('damping', [None, 0.0625, 1.0])
+def test_unrescaled_update_is_the_natural_gradient_in_float64(damping, power):
+  """``rescale=False``: ``F_R^-p G F_L^-p`` in the statistics' own units,
+  each layer at its own size (the direction for the quadratic step)."""
+  hp = dict(gamma=0.9, zeta=0.8, epsilon=1.5, inv_freq=2, damping=damping)
+  assert_matches_reference(mkor_optax.scale_by_mkor(rescale=False, factor_power=power, **hp),
+                           dict(hp, rescale=False), power=power, lr=0.0,  # batches vary
+                           rtol=2e-4 if power == 1.0 else 1e-3)  # a float32 eigh for p < 1
+
+
+def test_rescale_must_be_a_bool():
+  with pytest.raises(TypeError, match='rescale'):
+    mkor_optax.scale_by_mkor(rescale='no')
 
 
 def test_factor_inverses_refresh_only_every_inv_freq_steps():
