@@ -32,6 +32,7 @@ from common import Autoencoder, autoencoder_loss, batches, load_digits  # noqa: 
 from compare import first_at_or_below, smooth  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+FISHER = 'sigmoid_cross_entropy'  # the autoencoder's Bernoulli likelihood
 
 
 def configs():
@@ -67,10 +68,25 @@ def configs():
       'mkor sketch + lamb direction + quadratic step': (
           optax.chain(mkor_optax.scale_by_mkor(), optax.scale_by_adam(),
                       optax.scale_by_trust_ratio(), quad(damping=0.1)), mkor_optax.SKETCH, True),
+      # The recipe (mkor_optax.adaptive_mkor + adaptive_inputs): the natural
+      # gradient (no per-layer rescale) from the true Fisher's statistics
+      # (targets sampled from the model), against the same from the labels'
+      'adaptive_mkor (true Fisher)': (mkor_optax.adaptive_mkor(), mkor_optax.SKETCH, True, FISHER),
+      'adaptive_mkor (empirical Fisher)': (mkor_optax.adaptive_mkor(), mkor_optax.SKETCH, True),
+      'kfac relative 0.1 + quadratic step (true Fisher)': (
+          optax.chain(mkor_optax.scale_by_kfac(damping=0.1, relative_damping=True), quad(damping=1e-3)),
+          mkor_optax.COVARIANCE, True, FISHER),
+      **{f'adaptive_mkor {name} (true Fisher)': (mkor_optax.adaptive_mkor(**kw), mkor_optax.SKETCH,
+                                                 True, FISHER)
+         for name, kw in (('damping 0.25', dict(damping=0.25)), ('damping 0.015625', dict(damping=0.015625)),
+                          ('inv_freq 10', dict(inv_freq=10)), ('inv_freq 3', dict(inv_freq=3)),
+                          ('inv_freq 2', dict(inv_freq=2)), ('gamma 0.95', dict(gamma=0.95)))},
+      'adaptive_mkor Sketch(8) (true Fisher)': (mkor_optax.adaptive_mkor(), mkor_optax.Sketch(8), True,
+                                                FISHER),
   }
 
 
-def run(opt, kind, quad, seed, steps):
+def run(opt, kind, quad, seed, steps, fisher=None):
   (x, y), _ = load_digits()
   model = Autoencoder()
   loss_fn = autoencoder_loss(model)
@@ -78,7 +94,14 @@ def run(opt, kind, quad, seed, steps):
   grad_fn = mkor_optax.value_and_grad(loss_fn, kind=kind) if kind else None
 
   @jax.jit
-  def step(p, s, xb, yb):
+  def step(p, s, xb, yb, key):
+    if quad and kind:  # the recipe's inputs (adaptive_inputs), as a user writes them
+      flat = xb.reshape(xb.shape[0], -1)
+      bce = lambda logits: jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(logits, flat), -1))
+      loss, g, extra = mkor_optax.adaptive_inputs(lambda q: model.apply({'params': q}, xb), bce, p, key,
+                                                  fisher=fisher, kind=kind)
+      u, s = opt.update(g, s, p, **extra)
+      return optax.apply_updates(p, u), s, loss
     if kind:
       loss, g, stats = grad_fn(p, xb, yb)
       extra = {'stats': stats}
@@ -97,11 +120,12 @@ def run(opt, kind, quad, seed, steps):
   state = opt.init(params)
   it = batches(x, y, 256, seed=seed)
   b = next(it)
-  jax.block_until_ready(step(params, state, *b))
+  keys = jax.random.split(jax.random.PRNGKey(1000 + seed), steps)
+  jax.block_until_ready(step(params, state, *b, keys[0]))
   losses = []
   t0 = time.perf_counter()
-  for _ in range(steps):
-    params, state, loss = step(params, state, *b)
+  for i in range(steps):
+    params, state, loss = step(params, state, *b, keys[i])
     losses.append(float(loss))
     b = next(it)
   return np.array(losses), (time.perf_counter() - t0) / steps
@@ -126,8 +150,8 @@ def main(argv=None):
   rows = {name: {'steps': [], 'ms': [], 'final': []} for name in chosen}
   for seed in seeds:
     curves = {}
-    for name, (opt, kind, quad) in chosen.items():
-      losses, sec = run(opt, kind, quad, seed, args.steps)
+    for name, (opt, kind, quad, *fisher) in chosen.items():
+      losses, sec = run(opt, kind, quad, seed, args.steps, *fisher)
       curves[name] = smooth(losses)
       rows[name]['ms'].append(1e3 * sec)
       rows[name]['final'].append(float(curves[name][-1]))

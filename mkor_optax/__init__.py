@@ -1,6 +1,7 @@
 """mkor_optax: scalable second-order optimizers for Optax and Flax."""
 
 from mkor_optax.accumulation import MultiSteps, MultiStepsState
+from mkor_optax.adaptive import adaptive_inputs, adaptive_mkor, sampled_loss
 from mkor_optax.checkpoint import restore_state
 from mkor_optax.capture import (COVARIANCE, RANK1, SKETCH, Covariance, Sketch, StatKind,
                                 layer_layouts, untapped, value_and_grad)
@@ -19,9 +20,9 @@ from mkor_optax.training import TrainState
 from mkor_optax._version import __version__  # the one place the version is written
 
 __all__ = [
-    'COVARIANCE', 'Covariance', 'EvaState', 'KFACState', 'Layout', 'LayerCall', 'MKORHState',
+    'COVARIANCE', 'Covariance', 'adaptive_inputs', 'adaptive_mkor', 'EvaState', 'KFACState', 'Layout', 'LayerCall', 'MKORHState',
     'MKORState', 'MultiSteps', 'MultiStepsState', 'NumericalWarning', 'QuadraticStepState', 'RANK1', 'SKETCH', 'SONewState', 'Sketch', 'StatKind', 'TrainState',
-    'eva', 'gauss_newton', 'jit_warnings', 'kfac', 'layer_layouts', 'mkor', 'mkor_h', 'nnx', 'register_layer', 'restore_state', 'scale_by_eva',
+    'eva', 'gauss_newton', 'jit_warnings', 'kfac', 'layer_layouts', 'mkor', 'mkor_h', 'nnx', 'register_layer', 'restore_state', 'sampled_loss', 'scale_by_eva',
     'scale_by_kfac', 'scale_by_mkor', 'scale_by_mkor_h', 'scale_by_quadratic_step', 'scale_by_sonew', 'sonew', 'untapped',
     'value_and_grad',
 ]

@@ -1,0 +1,181 @@
+"""The adaptive recipe (adaptive_mkor + adaptive_inputs): two steps against a
+float64 hand computation (the natural-gradient direction from the dense MKOR
+reference, step size and momentum from the 2x2 quadratic model with the
+Gauss-Newton matrix formed explicitly), the sampled targets' gradient
+covariance against the Gauss-Newton matrix, data parallel against one
+device, and bad steps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import mkor_optax
+from helpers import Net, batch, init_params, loss_fn
+from test_mkor import reference_run
+
+HP = dict(gamma=0.9, zeta=0.8, epsilon=1.5, inv_freq=1, damping=0.0625)
+STEP_DAMPING, DECAY, ADAPT_EVERY = 0.01, 0.95, 5
+
+
+def recipe(**kw):
+  return mkor_optax.adaptive_mkor(low_rank=None, step_damping=STEP_DAMPING, decay=DECAY,
+                                  adapt_every=ADAPT_EVERY, **HP, **kw)
+
+
+def inputs(params, t, fisher='squared_error', kind=mkor_optax.RANK1, x=None, y=None):
+  if x is None:
+    x, y = batch(t)
+  return mkor_optax.adaptive_inputs(lambda p: Net().apply({'params': p}, x),
+                                    lambda out: jnp.mean((out - y) ** 2), params,
+                                    jax.random.PRNGKey(t), fisher=fisher, kind=kind)
+
+
+def stepper(opt, fisher='squared_error'):
+  """The jitted training step a user writes: ``(loss, grads, stats, updates,
+  state)`` for batch ``t``."""
+  @jax.jit
+  def step(params, state, x, y, t):
+    loss, grads, extra = inputs(params, t, fisher, x=x, y=y)
+    updates, state = opt.update(grads, state, params, **extra)
+    return loss, grads, extra['stats'], updates, state
+  return lambda params, state, t: step(params, state, *batch(t), t)
+
+
+def gauss_newton_matrix(params, t):
+  """float64 ``J^T H J`` of the mean squared error: ``H = 2 / (N m) I``."""
+  x, _ = batch(t)
+  flat, unravel = ravel_pytree(params)
+  out = lambda v: Net().apply({'params': unravel(v)}, x).reshape(-1)
+  j = np.asarray(jax.jacfwd(out)(flat), np.float64)
+  return 2.0 / j.shape[0] * j.T @ j
+
+
+@pytest.mark.parametrize('fisher', [None, 'squared_error'])
+def test_two_steps_equal_a_float64_hand_computation(fisher):
+  params = init_params()
+  opt = recipe()
+  state = opt.init(params)
+  flat = lambda tree: np.asarray(ravel_pytree(tree)[0], np.float64)
+  lam, previous, history = STEP_DAMPING, None, []
+  step = stepper(opt, fisher)
+  for t in range(2):
+    loss, grads, stats, updates, state = step(params, state, t)
+    history.append((grads, stats))
+    # by hand: D = -F_R^-1 G F_L^-1 (float64 MKOR reference), C formed in full
+    direction = -flat(reference_run(history, rescale=False, **HP)[-1])
+    g, c = flat(grads), gauss_newton_matrix(params, t)
+    curv = lambda u, v: u @ c @ v + lam * (u @ v)
+    if previous is None:
+      alpha, mu = -(g @ direction) / curv(direction, direction), 0.0
+    else:
+      a = np.array([[curv(direction, direction), curv(direction, previous)],
+                    [curv(previous, direction), curv(previous, previous)]])
+      alpha, mu = np.linalg.solve(a, -np.array([g @ direction, g @ previous]))
+    want = alpha * direction + (mu * previous if previous is not None else 0.0)
+    np.testing.assert_allclose(flat(updates), want, rtol=2e-3, atol=1e-6 * np.abs(want).max())
+    np.testing.assert_allclose(float(state[1].alpha), alpha, rtol=2e-3)
+    np.testing.assert_allclose(float(state[1].mu), mu, rtol=2e-3, atol=1e-6)
+    if t % ADAPT_EVERY == 0:  # Levenberg-Marquardt from the measured reduction ratio
+      predicted = 0.5 * (alpha * (g @ direction) + (mu * (g @ previous) if previous is not None else 0.0))
+      moved = optax.apply_updates(params, updates)
+      rho = (float(loss_fn(moved, *batch(t))) - float(loss)) / predicted
+      omega = DECAY ** ADAPT_EVERY
+      lam = lam * omega if rho > 0.75 else (lam / omega if rho < 0.25 else lam)
+      np.testing.assert_allclose(float(state[1].rho), rho, rtol=1e-3)
+    np.testing.assert_allclose(float(state[1].damping), lam, rtol=1e-6)
+    previous = flat(updates)
+    params = optax.apply_updates(params, updates)
+    assert float(loss_fn(params, *batch(t))) < float(loss)
+
+
+def test_the_recipe_takes_the_losses_gradient_and_the_sampled_statistics():
+  params = init_params()
+  x, y = batch(0)
+  loss, grads, extra = inputs(params, 0)
+  want_loss, want_grads = jax.value_and_grad(loss_fn)(params, x, y)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, want_grads)
+  # fisher=None: the statistics of the loss itself; with fisher: of the sampled loss
+  _, _, own = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1)(params, x, y)
+  jax.tree.map(np.testing.assert_array_equal, inputs(params, 0, fisher=None)[2]['stats'], own)
+  sampled = lambda p: mkor_optax.sampled_loss('squared_error', Net().apply({'params': p}, x),
+                                              jax.random.PRNGKey(0))
+  _, _, fisher = mkor_optax.value_and_grad(sampled, kind=mkor_optax.RANK1)(params)
+  jax.tree.map(np.testing.assert_array_equal, extra['stats'], fisher)
+  assert not np.allclose(extra['stats']['out']['g'], own['out']['g'])
+  np.testing.assert_allclose(extra['value_fn'](params), loss, rtol=1e-6)
+
+
+@pytest.mark.parametrize('loss', mkor_optax.adaptive.FISHER_LOSSES)
+def test_sampled_targets_gradient_has_the_gauss_newton_covariance(loss):
+  """Per example, the covariance of d(sampled loss)/d(outputs) over draws is
+  the Hessian of the loss in the outputs: diag(p(1-p)), diag(p) - p p^T, I
+  (Monte Carlo over 20000 draws, batch of 1)."""
+  z = jnp.array([[1.5, -0.5, 0.0, 2.0]])
+  draws = 20000
+  grad = jax.vmap(lambda k: jax.grad(lambda o: mkor_optax.sampled_loss(loss, o, k))(z)[0])(
+      jax.random.split(jax.random.PRNGKey(0), draws))
+  got = np.cov(np.asarray(grad, np.float64).T)
+  p = np.asarray(jax.nn.sigmoid(z[0]) if loss == 'sigmoid_cross_entropy' else jax.nn.softmax(z[0]),
+                 np.float64)
+  want = {'sigmoid_cross_entropy': np.diag(p * (1 - p)),
+          'softmax_cross_entropy': np.diag(p) - np.outer(p, p),
+          'squared_error': np.eye(4)}[loss]
+  np.testing.assert_allclose(got, want, atol=0.03 * np.abs(want).max())
+  np.testing.assert_allclose(np.mean(np.asarray(grad), 0), 0.0, atol=0.03)  # unbiased at the model
+
+
+def test_bad_inputs_raise():
+  params = init_params()
+  with pytest.raises(ValueError, match='fisher'):
+    inputs(params, 0, fisher='hinge')
+  with pytest.raises(ValueError, match='key'):
+    mkor_optax.adaptive_inputs(lambda p: Net().apply({'params': p}, batch(0)[0]), jnp.mean, params,
+                               fisher='squared_error')
+  with pytest.raises(ValueError, match='loss must be one of'):
+    mkor_optax.sampled_loss('hinge', jnp.zeros((2, 3)), jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match='step_damping'):
+    mkor_optax.adaptive_mkor(step_damping=0.0)
+
+
+def test_a_non_finite_gradient_leaves_the_state_as_it_was():
+  params = init_params()
+  opt = recipe()
+  state = opt.init(params)
+  _, _, _, _, state = stepper(opt)(params, state, 0)
+
+  @jax.jit
+  def bad_step(params, state, x, y):
+    _, grads, extra = inputs(params, 1, x=x, y=y)
+    bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads)
+    return opt.update(bad, state, params, **dict(extra, grad=bad))
+
+  updates, new = bad_step(params, state, *batch(1))
+  assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
+  jax.tree.map(np.testing.assert_array_equal, new, state)
+
+
+def test_pmap_equals_one_device_on_the_whole_batch():
+  """4 devices, a quarter of the batch each, ``axis_name`` on both the
+  transform and the inputs: the same updates as one device on the whole batch
+  (mean statistics and the labels' Fisher, so no draw differs)."""
+  n = 4
+  params = init_params()
+  x, y = batch(0, n=16)
+
+  def step(p, s, x, y, axis_name=None):
+    _, g, extra = mkor_optax.adaptive_inputs(lambda q: Net().apply({'params': q}, x),
+                                             lambda out: jnp.mean((out - y) ** 2), p,
+                                             kind=mkor_optax.RANK1, axis_name=axis_name)
+    return mkor_optax.adaptive_mkor(low_rank=None, axis_name=axis_name).update(g, s, p, **extra)
+
+  state = mkor_optax.adaptive_mkor(low_rank=None).init(params)
+  want, want_state = jax.jit(step)(params, state, x, y)
+  rep = lambda tree: jax.tree.map(lambda v: jnp.stack([v] * n), tree)
+  got, got_state = jax.pmap(lambda p, s, x, y: step(p, s, x, y, 'batch'), axis_name='batch')(
+      rep(params), rep(state), x.reshape(n, -1, 4), y.reshape(n, -1, 3))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=2e-4, atol=1e-6), got, want)
+  np.testing.assert_allclose(got_state[1].alpha[0], want_state[1].alpha, rtol=2e-4)
