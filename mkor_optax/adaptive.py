@@ -106,7 +106,7 @@ def sampled_loss(loss: str, outputs: jax.Array, key: jax.Array) -> jax.Array:
 
 def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key=None, *,
                     fisher: Optional[str] = None, kind: Any = SKETCH,
-                    axis_name: Optional[str] = None):
+                    axis_name: Optional[str] = None, lazy: bool = True):
   r"""The loss, the gradient and every extra argument of :func:`adaptive_mkor`'s update.
 
   From the model on this step's batch (``outputs_fn(params) -> outputs``)
@@ -114,12 +114,16 @@ def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key
 
   * the loss :math:`L` and the gradient :math:`g` of
     ``loss_of_outputs(outputs_fn(params))``;
-  * ``stats``, the layer statistics for the factors: with ``fisher`` (a
-    name from :data:`FISHER_LOSSES`, the distribution of ``loss_of_outputs``),
-    those of :func:`sampled_loss`, one more forward and backward pass, the
-    true Fisher; with ``fisher=None``, those of the loss itself, from the
-    same pass as :math:`g` (the empirical Fisher, fewer seconds a step,
-    more steps);
+  * the layer statistics for the factors: with ``fisher`` (a name from
+    :data:`FISHER_LOSSES`, the distribution of ``loss_of_outputs``), those
+    of :func:`sampled_loss`, the true Fisher, from one more forward and
+    backward pass. With ``lazy`` (default) that pass is handed over as
+    ``stats_fn``, which :func:`adaptive_mkor` runs only on the steps that
+    refresh the factors (one in ``inv_freq``); ``lazy=False`` runs it here
+    and returns ``stats`` (for other chains, such as
+    :func:`~mkor_optax.scale_by_kfac` with the quadratic step). With
+    ``fisher=None``: ``stats``, those of the loss itself, from the same pass
+    as :math:`g` (the empirical Fisher: no extra pass, more steps);
   * ``curvature`` (:func:`~mkor_optax.gauss_newton`), ``grad``, ``value`` and
     ``value_fn`` for :func:`~mkor_optax.scale_by_quadratic_step`.
 
@@ -141,6 +145,8 @@ def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key
       ``'squared_error'``.
     kind: the statistic kind (:data:`SKETCH` by default).
     axis_name: the data-parallel axis, or ``None``.
+    lazy: with ``fisher``, return ``stats_fn`` (computed by the transform
+      when a refresh is due) instead of ``stats``.
 
   Returns:
     ``(loss, grads, extra)``: pass ``opt.update(grads, state, params, **extra)``.
@@ -164,13 +170,15 @@ def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key
   loss_fn = lambda p: loss_of_outputs(outputs_fn(p))
   if fisher is None:
     loss, grads, stats = capture.value_and_grad(loss_fn, kind=kind)(params)
+    given = dict(stats=stats)
   else:
     loss, grads = jax.value_and_grad(loss_fn)(params)
-    _, _, stats = capture.value_and_grad(lambda p: sampled_loss(fisher, outputs_fn(p), key),
-                                         kind=kind)(params)
+    stats_fn = lambda: capture.value_and_grad(lambda p: sampled_loss(fisher, outputs_fn(p), key),
+                                              kind=kind)(params)[2]
+    given = dict(stats_fn=stats_fn) if lazy else dict(stats=stats_fn())
   loss, grads = mean(loss), mean(grads)
   gram = gauss_newton(outputs_fn, loss_of_outputs)
-  extra = dict(stats=stats, grad=grads, value=loss, curvature=lambda p, vs: mean(gram(p, vs)),
+  extra = dict(given, grad=grads, value=loss, curvature=lambda p, vs: mean(gram(p, vs)),
                value_fn=lambda p: mean(loss_fn(p)))
   return loss, grads, extra
 
@@ -225,9 +233,12 @@ def adaptive_mkor(
     momentum: fit :math:`\mu` as well as :math:`\alpha`.
 
   Returns:
-    ``optax.chain(scale_by_mkor(rescale=False, ...), scale_by_quadratic_step(...))``;
-    its ``update(grads, state, params, *, stats, grad, curvature, value,
-    value_fn)`` takes what :func:`adaptive_inputs` returns.
+    ``optax.chain(scale_by_mkor(rescale=False, ...), scale_by_quadratic_step(...))``
+    whose ``update(grads, state, params, *, stats=None, stats_fn=None, grad,
+    curvature, value, value_fn)`` takes what :func:`adaptive_inputs` returns:
+    ``stats``, or ``stats_fn``, a function of no arguments that returns
+    them, called only on the steps that refresh the factors (zeros, unread,
+    on the others).
 
   Example:
     >>> opt = mkor_optax.adaptive_mkor()
@@ -244,9 +255,21 @@ def adaptive_mkor(
     {MKOR_REFERENCE}
   """
   checks.validate(step_damping=(step_damping, lambda v: v > 0, 'must be > 0'))
-  return optax.chain(
+  inner = optax.chain(
       scale_by_mkor(damping=damping, gamma=gamma, zeta=zeta, epsilon=epsilon, inv_freq=inv_freq,
                     axis_name=axis_name, max_factor_dim=max_factor_dim, low_rank=low_rank,
                     low_rank_min_dim=low_rank_min_dim, rescale=False),
       scale_by_quadratic_step(damping=step_damping, adapt_every=adapt_every, decay=decay,
                               momentum=momentum))
+
+  def update(updates, state, params=None, *, stats=None, stats_fn=None, **extra):
+    if (stats is None) == (stats_fn is None):
+      raise ValueError('adaptive_mkor: pass stats= or stats_fn= (from mkor_optax.adaptive_inputs), '
+                       'one of the two')
+    if stats_fn is not None:  # the statistics' pass only where the factors refresh
+      shapes = jax.eval_shape(stats_fn)
+      zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+      stats = jax.lax.cond(state[0].count % inv_freq == 0, stats_fn, zeros)
+    return inner.update(updates, state, params, stats=stats, **extra)
+
+  return optax.GradientTransformationExtraArgs(inner.init, update)

@@ -97,7 +97,8 @@ def gauss_newton(outputs_fn: Callable, loss_of_outputs: Callable) -> Callable:
   Returns:
     ``gram(params, vectors) -> (k, k)``: ``v_i^T J^T H J v_j`` for a list of
     ``k`` parameter-shaped ``vectors``, from ``k`` Jacobian-vector products of
-    the model and ``k`` Hessian-vector products of the loss in its outputs.
+    the model (one forward pass, the ``k`` tangents batched) and ``k``
+    Hessian-vector products of the loss in its outputs.
 
   Example:
     >>> gram = mkor_optax.gauss_newton(lambda p: model.apply({'params': p}, x),
@@ -114,16 +115,17 @@ def gauss_newton(outputs_fn: Callable, loss_of_outputs: Callable) -> Callable:
   """
 
   def gram(params, vectors):
-    jvps = []
-    outputs = None
-    for v in vectors:
-      v = jax.tree.map(lambda p, t: t.astype(p.dtype), params, v)
-      outputs, jv = jax.jvp(outputs_fn, (params,), (v,))
-      jvps.append(jv)
+    # one forward pass, its tangents for all k directions at once (vmap)
+    stacked = jax.tree.map(lambda p, *t: jnp.stack([v.astype(p.dtype) for v in t]), params, *vectors)
+    outputs, push = jax.linearize(outputs_fn, params)
+    jvps = jax.vmap(push)(stacked)
     grad_out = jax.grad(loss_of_outputs)
-    hjvs = [jax.jvp(grad_out, (outputs,), (jv,))[1] for jv in jvps]
-    k = len(vectors)
-    return jnp.stack([jnp.stack([_dot(jvps[i], hjvs[j]) for j in range(k)]) for i in range(k)])
+    _, hess = jax.linearize(grad_out, outputs)
+    hjvs = jax.vmap(hess)(jvps)
+    flat = lambda tree: jnp.concatenate([x.reshape(x.shape[0], -1).astype(jnp.float32)
+                                         for x in jax.tree.leaves(tree)], axis=1)
+    j, hj = flat(jvps), flat(hjvs)
+    return j @ hj.T
 
   return gram
 

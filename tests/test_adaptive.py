@@ -25,22 +25,24 @@ def recipe(**kw):
                                   adapt_every=ADAPT_EVERY, **HP, **kw)
 
 
-def inputs(params, t, fisher='squared_error', kind=mkor_optax.RANK1, x=None, y=None):
+def inputs(params, t, fisher='squared_error', kind=mkor_optax.RANK1, x=None, y=None, lazy=True):
   if x is None:
     x, y = batch(t)
   return mkor_optax.adaptive_inputs(lambda p: Net().apply({'params': p}, x),
                                     lambda out: jnp.mean((out - y) ** 2), params,
-                                    jax.random.PRNGKey(t), fisher=fisher, kind=kind)
+                                    jax.random.PRNGKey(t), fisher=fisher, kind=kind, lazy=lazy)
 
 
-def stepper(opt, fisher='squared_error'):
+def stepper(opt, fisher='squared_error', lazy=True):
   """The jitted training step a user writes: ``(loss, grads, stats, updates,
-  state)`` for batch ``t``."""
+  state)`` for batch ``t`` (``stats``: those the step had, or would have had
+  on a refresh)."""
   @jax.jit
   def step(params, state, x, y, t):
-    loss, grads, extra = inputs(params, t, fisher, x=x, y=y)
+    loss, grads, extra = inputs(params, t, fisher, x=x, y=y, lazy=lazy)
     updates, state = opt.update(grads, state, params, **extra)
-    return loss, grads, extra['stats'], updates, state
+    stats = extra['stats'] if 'stats' in extra else extra['stats_fn']()
+    return loss, grads, stats, updates, state
   return lambda params, state, t: step(params, state, *batch(t), t)
 
 
@@ -94,7 +96,7 @@ def test_two_steps_equal_a_float64_hand_computation(fisher):
 def test_the_recipe_takes_the_losses_gradient_and_the_sampled_statistics():
   params = init_params()
   x, y = batch(0)
-  loss, grads, extra = inputs(params, 0)
+  loss, grads, extra = inputs(params, 0, lazy=False)
   want_loss, want_grads = jax.value_and_grad(loss_fn)(params, x, y)
   np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, want_grads)
@@ -105,6 +107,7 @@ def test_the_recipe_takes_the_losses_gradient_and_the_sampled_statistics():
                                               jax.random.PRNGKey(0))
   _, _, fisher = mkor_optax.value_and_grad(sampled, kind=mkor_optax.RANK1)(params)
   jax.tree.map(np.testing.assert_array_equal, extra['stats'], fisher)
+  jax.tree.map(np.testing.assert_array_equal, inputs(params, 0)[2]['stats_fn'](), fisher)  # lazy
   assert not np.allclose(extra['stats']['out']['g'], own['out']['g'])
   np.testing.assert_allclose(extra['value_fn'](params), loss, rtol=1e-6)
 
@@ -126,6 +129,33 @@ def test_sampled_targets_gradient_has_the_gauss_newton_covariance(loss):
           'squared_error': np.eye(4)}[loss]
   np.testing.assert_allclose(got, want, atol=0.03 * np.abs(want).max())
   np.testing.assert_allclose(np.mean(np.asarray(grad), 0), 0.0, atol=0.03)  # unbiased at the model
+
+
+def test_lazy_statistics_give_the_same_steps_and_skip_the_pass_between_refreshes():
+  """``stats_fn`` (the default with ``fisher``) runs only where a refresh is
+  due: the same updates as the statistics computed every step (to rounding)."""
+  params = init_params()
+  opt = mkor_optax.adaptive_mkor(low_rank=None, inv_freq=3)
+  out = {}
+  for lazy in (True, False):
+    p, state, step = params, opt.init(params), stepper(opt, lazy=lazy)
+    out[lazy] = []
+    for t in range(5):
+      _, _, _, updates, state = step(p, state, t)
+      out[lazy].append(updates)
+      p = optax.apply_updates(p, updates)
+  # the same arithmetic in another program: equal to float32 rounding
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), out[True], out[False])
+  # the pass sits in a cond: a stats_fn that would fail off-refresh is never run there
+  calls = []
+  _, grads, extra = inputs(params, 0)
+  state = opt.init(params)
+  fn = extra['stats_fn']
+  extra['stats_fn'] = lambda: (calls.append(1), fn())[1]
+  opt.update(grads, state, params, **extra)
+  assert calls  # traced into the cond's refresh branch
+  with pytest.raises(ValueError, match='stats= or stats_fn='):
+    opt.update(grads, state, params, **dict(extra, stats=fn()))
 
 
 def test_bad_inputs_raise():

@@ -1,0 +1,158 @@
+"""Steps and seconds to LAMB's loss: MKOR with the adaptive step (the recipe,
+mkor_optax.adaptive_mkor + adaptive_inputs) beside kfac-jax, our K-FAC with
+the same step, Muon, AdamW and LAMB, in one process, over seeds.
+
+    make compare-kfac-jax-env   # once: .venv-kfac (jax 0.9.1, kfac-jax 0.0.8)
+    .venv-kfac/bin/python benchmarks/adaptive_race.py [--seeds 0,1,2] [--steps 500]
+
+(With the main .venv, kfac-jax is skipped.) The digits autoencoder of
+compare.py (batch 256): the learning-rate methods take their best lr of the
+compare.py grid per seed; kfac-jax runs as kfac_jax_compare.py runs it
+(adaptive learning rate, momentum and damping); the adaptive methods need
+no learning rate. Target: the same seed's LAMB final loss (EMA 0.9).
+Seconds are the per-step medians of --timing-repeats runs of each
+configuration, interleaved within a seed. Writes
+results/adaptive_step/adaptive_race.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'examples'))
+import mkor_optax  # noqa: E402
+from common import Autoencoder, autoencoder_loss, batches, load_digits, run_method  # noqa: E402
+from compare import GRIDS, TASK_METHODS, first_at_or_below, smooth  # noqa: E402
+
+FISHER = 'sigmoid_cross_entropy'  # the autoencoder's Bernoulli likelihood
+ADAPTIVE = {
+    'adaptive_mkor': (lambda: mkor_optax.adaptive_mkor(), mkor_optax.SKETCH, FISHER),
+    'kfac + quadratic step': (
+        lambda: optax.chain(mkor_optax.scale_by_kfac(), mkor_optax.scale_by_quadratic_step()),
+        mkor_optax.COVARIANCE, FISHER),
+}
+LR_METHODS = ('lamb', 'adamw', 'muon')
+
+
+def train_adaptive(model, params, make_iter, steps, make, kind, fisher, seed):
+  """The recipe's loop as a user writes it; ``(losses, cumulative seconds)``."""
+  opt = make()
+
+  @jax.jit
+  def step(p, s, xb, key):
+    flat = xb.reshape(xb.shape[0], -1)
+    bce = lambda logits: jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(logits, flat), -1))
+    loss, g, extra = mkor_optax.adaptive_inputs(lambda q: model.apply({'params': q}, xb), bce, p, key,
+                                                fisher=fisher, kind=kind)
+    u, s = opt.update(g, s, p, **extra)
+    return optax.apply_updates(p, u), s, loss
+
+  state = opt.init(params)
+  data = make_iter()
+  batch = next(data)
+  keys = jax.random.split(jax.random.PRNGKey(1000 + seed), steps)
+  jax.block_until_ready(step(params, state, batch[0], keys[0]))
+  losses, times = [], []
+  t0 = time.perf_counter()
+  for i in range(steps):
+    params, state, loss = step(params, state, batch[0], keys[i])
+    losses.append(float(loss))
+    times.append(time.perf_counter() - t0)
+    batch = next(data)
+  return np.array(losses), np.array(times)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument('--steps', type=int, default=500)
+  ap.add_argument('--seeds', default='0,1,2')
+  ap.add_argument('--timing-repeats', type=int, default=3)
+  ap.add_argument('--out', default='results/adaptive_step')
+  args = ap.parse_args(argv)
+  try:
+    from kfac_jax_compare import run_kfac_jax
+    import kfac_jax  # noqa: F401
+  except ImportError:
+    run_kfac_jax = None
+    print('kfac-jax is not installed here: skipped', flush=True)
+  (x, y), _ = load_digits()
+  model = Autoencoder()
+  loss_fn = autoencoder_loss(model)
+  methods = TASK_METHODS['autoencoder']
+  names = list(LR_METHODS) + (['kfac-jax'] if run_kfac_jax else []) + list(ADAPTIVE)
+  rows = {n: {'steps': [], 'seconds': [], 'ms': [], 'final': [], 'lr': []} for n in names}
+  for seed in [int(s) for s in args.seeds.split(',')]:
+    make_iter = lambda: batches(x, y, 256, seed=seed)
+    params0 = model.init(jax.random.PRNGKey(seed), x[:2])['params']
+    runs, timers = {}, {}
+    for name in LR_METHODS:  # best lr of the grid, by final loss
+      best = None
+      for lr in GRIDS['autoencoder']:
+        _, losses, times = run_method(name, params0, make_iter(), args.steps, loss_fn, lr, methods=methods)
+        final = float(np.mean(losses[-args.steps // 10:]))
+        final = final if np.isfinite(final) else float('inf')
+        if best is None or final < best[0]:
+          best = (final, lr, losses, times)
+      runs[name] = {'lr': best[1], 'losses': best[2], 'times': [best[3]]}
+      timers[name] = lambda name=name, lr=best[1]: run_method(name, params0, make_iter(), args.steps, loss_fn,
+                                                              lr, methods=methods)[2]
+    if run_kfac_jax:
+      losses, times, _ = run_kfac_jax(model, params0, make_iter, args.steps)
+      runs['kfac-jax'] = {'lr': 'adaptive', 'losses': losses, 'times': [times]}
+      timers['kfac-jax'] = lambda: run_kfac_jax(model, params0, make_iter, args.steps)[1]
+    for name, (make, kind, fisher) in ADAPTIVE.items():
+      run = lambda make=make, kind=kind, fisher=fisher: train_adaptive(model, params0, make_iter, args.steps,
+                                                                       make, kind, fisher, seed)
+      losses, times = run()
+      runs[name] = {'lr': 'adaptive', 'losses': losses, 'times': [times]}
+      timers[name] = lambda run=run: run()[1]
+    for _ in range(args.timing_repeats - 1):  # interleaved: every method once per round
+      for name in runs:
+        runs[name]['times'].append(timers[name]())
+    target = float(smooth(runs['lamb']['losses'])[-1])
+    for name, r in runs.items():
+      times = np.median(np.stack(r['times']), axis=0)
+      hit = first_at_or_below(smooth(r['losses']), target)
+      rows[name]['steps'].append(None if hit is None else hit + 1)
+      rows[name]['seconds'].append(None if hit is None else float(times[hit]))
+      rows[name]['ms'].append(1e3 * float(np.median(np.diff(np.concatenate([[0.0], times])))))
+      rows[name]['final'].append(float(smooth(r['losses'])[-1]))
+      rows[name]['lr'].append(r['lr'])
+    print(seed, {n: (r['steps'][-1], r['seconds'][-1] and round(r['seconds'][-1], 3), round(r['ms'][-1], 2))
+                 for n, r in rows.items()}, flush=True)
+  med = lambda v: None if any(s is None for s in v) else float(np.median(v))
+  lamb_steps, lamb_sec, lamb_ms = med(rows['lamb']['steps']), med(rows['lamb']['seconds']), np.median(rows['lamb']['ms'])
+  fmt = lambda v: '-' if v is None else (f'{v:.2f}' if isinstance(v, float) else str(v))
+  lines = [f"jax {jax.__version__}, digits autoencoder, batch 256, {args.steps} steps, seeds {args.seeds}; "
+           "target = the same seed's LAMB final loss (EMA 0.9). Medians over seeds (ratio to LAMB's); "
+           f'seconds: per-step medians of {args.timing_repeats} interleaved runs.', '',
+           '| optimizer | lr per seed | steps per seed | steps (/ LAMB) | seconds (/ LAMB) | ms/step (/ LAMB) | final loss |',
+           '|---|---|---|---|---|---|---|']
+  for name, r in rows.items():
+    st, se, ms = med(r['steps']), med(r['seconds']), float(np.median(r['ms']))
+    lines.append(
+        f"| {name} | {' / '.join(str(v) for v in r['lr'])} | {' / '.join(fmt(s) for s in r['steps'])} | "
+        f"{'-' if st is None else f'{st:g} ({st / lamb_steps:.2f})'} | "
+        f"{'-' if se is None else f'{se:.2f} ({se / lamb_sec:.2f})'} | {ms:.2f} ({ms / lamb_ms:.2f}) | "
+        f"{np.mean(r['final']):.3f} |")
+  text = '\n'.join(lines)
+  print(text)
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, 'adaptive_race.md'), 'w') as f:
+    f.write(text + '\n')
+  with open(os.path.join(args.out, 'adaptive_race.json'), 'w') as f:
+    json.dump({'jax': jax.__version__, 'seeds': args.seeds, 'rows': rows}, f, indent=1)
+
+
+if __name__ == '__main__':
+  main()
