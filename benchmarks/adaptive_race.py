@@ -37,6 +37,7 @@ from compare import GRIDS, TASK_METHODS, first_at_or_below, smooth  # noqa: E402
 FISHER = 'sigmoid_cross_entropy'  # the autoencoder's Bernoulli likelihood
 ADAPTIVE = {
     'adaptive_mkor': (lambda: mkor_optax.adaptive_mkor(), mkor_optax.SKETCH, FISHER),
+    'adaptive_mkor Sketch(8)': (lambda: mkor_optax.adaptive_mkor(), mkor_optax.Sketch(8), FISHER),
     'kfac + quadratic step': (
         lambda: optax.chain(mkor_optax.scale_by_kfac(), mkor_optax.scale_by_quadratic_step()),
         mkor_optax.COVARIANCE, FISHER),
@@ -52,8 +53,10 @@ def train_adaptive(model, params, make_iter, steps, make, kind, fisher, seed):
   def step(p, s, xb, key):
     flat = xb.reshape(xb.shape[0], -1)
     bce = lambda logits: jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(logits, flat), -1))
+    # K-FAC's chain takes the statistics every step (stats=), adaptive_mkor lazily
     loss, g, extra = mkor_optax.adaptive_inputs(lambda q: model.apply({'params': q}, xb), bce, p, key,
-                                                fisher=fisher, kind=kind)
+                                                fisher=fisher, kind=kind,
+                                                lazy=kind != mkor_optax.COVARIANCE)
     u, s = opt.update(g, s, p, **extra)
     return optax.apply_updates(p, u), s, loss
 

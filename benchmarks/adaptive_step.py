@@ -98,8 +98,10 @@ def run(opt, kind, quad, seed, steps, fisher=None):
     if quad and kind:  # the recipe's inputs (adaptive_inputs), as a user writes them
       flat = xb.reshape(xb.shape[0], -1)
       bce = lambda logits: jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(logits, flat), -1))
+      # K-FAC's chain takes the statistics every step (stats=), adaptive_mkor lazily
       loss, g, extra = mkor_optax.adaptive_inputs(lambda q: model.apply({'params': q}, xb), bce, p, key,
-                                                  fisher=fisher, kind=kind)
+                                                  fisher=fisher, kind=kind,
+                                                  lazy=kind != mkor_optax.COVARIANCE)
       u, s = opt.update(g, s, p, **extra)
       return optax.apply_updates(p, u), s, loss
     if kind:

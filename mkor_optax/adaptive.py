@@ -104,6 +104,14 @@ def sampled_loss(loss: str, outputs: jax.Array, key: jax.Array) -> jax.Array:
   return total / outputs.shape[0]
 
 
+def _is_nnx_module(x) -> bool:
+  try:
+    from flax import nnx
+  except ImportError:  # pragma: no cover
+    return False
+  return isinstance(x, nnx.Module)
+
+
 def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key=None, *,
                     fisher: Optional[str] = None, kind: Any = SKETCH,
                     axis_name: Optional[str] = None, lazy: bool = True):
@@ -134,11 +142,15 @@ def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key
 
   Args:
     outputs_fn: ``params -> outputs``, the model applied to this step's
-      batch (``lambda p: model.apply({'params': p}, x)``).
+      batch (``lambda p: model.apply({'params': p}, x)``), or for an NNX
+      model ``model -> outputs`` (``lambda m: m(x)``).
     loss_of_outputs: ``outputs -> scalar``, the mean loss over the batch,
       convex in the outputs (``optax.sigmoid_binary_cross_entropy``,
       ``optax.softmax_cross_entropy``, a squared error).
-    params: the parameters.
+    params: the parameters, or an ``nnx.Module`` (then ``grads`` is the
+      ``nnx.State`` of its ``nnx.Param`` variables, for
+      ``nnx.Optimizer(model, adaptive_mkor(), wrt=nnx.Param).update(model,
+      grads, **extra)``).
     key: a ``jax.random`` key, fresh every step (needed with ``fisher``).
     fisher: ``None``, or the name of ``loss_of_outputs``'s distribution:
       ``'sigmoid_cross_entropy'``, ``'softmax_cross_entropy'`` or
@@ -167,17 +179,29 @@ def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key
     raise ValueError('adaptive_inputs: fisher= samples targets; pass key= (a fresh '
                      'jax.random key every step)')
   mean = (lambda v: v) if axis_name is None else (lambda v: jax.lax.pmean(v, axis_name))
-  loss_fn = lambda p: loss_of_outputs(outputs_fn(p))
+  model = params  # the statistics are captured from what the user differentiates
+  capture_from = lambda: model
+  tree_outputs = outputs_fn
+  value_and_grad = jax.value_and_grad
+  if _is_nnx_module(model):  # an NNX model: the curvature from its nnx.Param state
+    from flax import nnx
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tree_outputs = lambda state: outputs_fn(nnx.merge(graphdef, state, rest))
+    # the sampled pass on a copy (it may run inside the transform's cond,
+    # and its BatchNorm statistics are not the batch's)
+    capture_from = lambda: nnx.merge(graphdef, *jax.tree.map(lambda v: v, (params, rest)))  # this trace's
+    value_and_grad = nnx.value_and_grad
+  stats_of = lambda f: capture.value_and_grad(f, kind=kind)(capture_from())
+  loss_fn = lambda p: loss_of_outputs(tree_outputs(p))
   if fisher is None:
-    loss, grads, stats = capture.value_and_grad(loss_fn, kind=kind)(params)
+    loss, grads, stats = capture.value_and_grad(lambda m: loss_of_outputs(outputs_fn(m)), kind=kind)(model)
     given = dict(stats=stats)
   else:
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    stats_fn = lambda: capture.value_and_grad(lambda p: sampled_loss(fisher, outputs_fn(p), key),
-                                              kind=kind)(params)[2]
+    loss, grads = value_and_grad(lambda m: loss_of_outputs(outputs_fn(m)))(model)
+    stats_fn = lambda: stats_of(lambda m: sampled_loss(fisher, outputs_fn(m), key))[2]
     given = dict(stats_fn=stats_fn) if lazy else dict(stats=stats_fn())
   loss, grads = mean(loss), mean(grads)
-  gram = gauss_newton(outputs_fn, loss_of_outputs)
+  gram = gauss_newton(tree_outputs, loss_of_outputs)
   extra = dict(given, grad=grads, value=loss, curvature=lambda p, vs: mean(gram(p, vs)),
                value_fn=lambda p: mean(loss_fn(p)))
   return loss, grads, extra

@@ -209,3 +209,27 @@ def test_pmap_equals_one_device_on_the_whole_batch():
       rep(params), rep(state), x.reshape(n, -1, 4), y.reshape(n, -1, 3))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=2e-4, atol=1e-6), got, want)
   np.testing.assert_allclose(got_state[1].alpha[0], want_state[1].alpha, rtol=2e-4)
+
+
+def test_nnx_model_through_nnx_optimizer():
+  """An NNX model and ``nnx.Optimizer``: ``adaptive_inputs`` takes the module
+  (statistics captured from it, the rest from its ``nnx.Param`` state); the
+  lazy statistics give the steps of the eager ones, and the loss falls."""
+  from flax import nnx
+  x, y = batch(0, n=32)
+  losses = {}
+  for lazy in (True, False):
+    net = nnx.Sequential(nnx.Linear(4, 16, rngs=nnx.Rngs(0)), nnx.tanh, nnx.Linear(16, 3, rngs=nnx.Rngs(1)))
+    optimizer = nnx.Optimizer(net, mkor_optax.adaptive_mkor(inv_freq=2), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, key):
+      loss, grads, extra = mkor_optax.adaptive_inputs(
+          lambda m: m(x), lambda out: jnp.mean((out - y) ** 2), model, key, fisher='squared_error',
+          lazy=lazy)
+      optimizer.update(model, grads, **extra)
+      return loss
+
+    losses[lazy] = [float(step(net, optimizer, jax.random.PRNGKey(t))) for t in range(15)]
+  np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
+  assert losses[True][-1] < 0.5 * losses[True][0]

@@ -82,7 +82,7 @@ def test_getting_started_blocks_run_as_printed():
         first = float(scope['optax'].softmax_cross_entropy_with_integer_labels(
             scope['model'].apply({'params': scope['params']}, scope['x']), scope['y']).mean())
   lines = printed.getvalue().splitlines()
-  assert len(lines) == 3, lines  # the plain loop, the TrainState loop, the NNX loop
+  assert len(lines) == 4, lines  # the plain loop, the TrainState loop, the NNX loop, the adaptive one
   losses = [float(re.findall(r'[\d.]+$', line)[0]) for line in lines]
   assert np.isfinite(losses).all() and max(losses) < 0.5 * first, (first, lines)
   assert int(scope['state'].step) == 120  # 100 TrainState steps, then 20 split steps
