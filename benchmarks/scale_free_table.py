@@ -31,6 +31,7 @@ ROWS = [
     ('mkor damping 0.25 inv_freq 3', 'MKOR, damping 0.25, inv_freq 3'),
     ('mkor damping 1 inv_freq 3', 'MKOR, damping 1, inv_freq 3'),
     ('mkor damping 0.5 inv_freq 3', 'MKOR, damping 0.5, inv_freq 3'),
+    ('mkor damping 1 inv_freq 5', 'MKOR, damping 1, inv_freq 5'),
     ('mkor mean damping 0.25', 'MKOR, mean statistics, damping 0.25'),
     ('kfac absolute 1e-3', 'K-FAC, absolute 1e-3 (0.1.0 default)'),
     ('kfac relative 0.1', '**K-FAC, relative 0.1 (default)**'),
@@ -45,10 +46,10 @@ NAMES = {'autoencoder': 'autoencoder', 'cnn': 'CNN', 'resnet': 'ResNet + BatchNo
 
 def precedence(path):
   """Runs of the current code first: a configuration measured again after a
-  change of numerics ('current*' files, then the Woodbury refresh's run)
-  replaces its earlier measurement."""
+  change of numerics ('rerun' files, then 'current*' ones, then the Woodbury
+  refresh's run) replaces its earlier measurement."""
   name = os.path.basename(path)
-  return (0 if '_current' in name else 1 if 'woodbury' in name else 2, name)
+  return (0 if '_rerun' in name else 1 if '_current' in name else 2 if 'woodbury' in name else 3, name)
 
 
 def load(directory):
@@ -82,9 +83,11 @@ def main(argv=None):
   lines = ['Steps to the same seed\'s LAMB final loss, median over seeds 0, 1, 2 (ratio to '
            'LAMB\'s median), each configuration at its best lr of the task\'s grid per seed; '
            '"-": not reached on every seed. Under LAMB (the aliases\' backend). MKOR\'s rows at '
-           'damping 1, 0.5 and 0.25 were measured with the current code (a refresh from k sketches '
-           'is one Woodbury step); its other rows with the earlier k sequential rank-1 steps (the '
-           'same factor, rounded differently).', '',
+           'damping 1, 0.5 and 0.25 and inv_freq 5 were measured with the current code (a refresh '
+           'from k sketches is one Woodbury step, the dense sides of all layers refreshed as one '
+           'group; damping 1 on the CNN and the masked-LM measured again after the grouping); its '
+           'other rows with the earlier k sequential rank-1 steps (the same factor, rounded '
+           'differently). The same configuration moves by a few steps between such runs.', '',
            '| configuration | ' + ' | '.join(NAMES[t] for t in tasks) + ' |',
            '|---|' + '---|' * len(tasks)]
   for key, label in ROWS:

@@ -233,3 +233,16 @@ def test_nnx_model_through_nnx_optimizer():
     losses[lazy] = [float(step(net, optimizer, jax.random.PRNGKey(t))) for t in range(15)]
   np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
   assert losses[True][-1] < 0.5 * losses[True][0]
+
+
+def test_a_step_the_model_predicts_no_decrease_is_a_zero_update_and_raises_the_damping():
+  """A curvature under which the quadratic model predicts no decrease (here a
+  negative one): no move, and the step's damping goes up by 1 / decay^adapt_every."""
+  params = init_params()
+  opt = recipe()
+  state = opt.init(params)
+  _, grads, extra = inputs(params, 0)
+  extra = dict(extra, curvature=lambda p, vs: -1e15 * jnp.ones((len(vs), len(vs))), value_fn=None)
+  updates, new = opt.update(grads, state, params, **extra)
+  assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
+  np.testing.assert_allclose(float(new[1].damping), STEP_DAMPING / DECAY ** ADAPT_EVERY, rtol=1e-6)
