@@ -2,17 +2,17 @@
 mkor_optax.adaptive_mkor + adaptive_inputs) beside kfac-jax, our K-FAC with
 the same step, Muon, AdamW and LAMB, in one process, over seeds.
 
-    make compare-kfac-jax-env   # once: .venv-kfac (jax 0.9.1, kfac-jax 0.0.8)
-    .venv-kfac/bin/python benchmarks/adaptive_race.py [--seeds 0,1,2] [--steps 500]
+    make .venv-kfac/.installed   # once: jax 0.9.1, kfac-jax 0.0.8 (its PyPI release)
+    .venv-kfac/bin/python benchmarks/adaptive_race.py [--task autoencoder|cnn] [--seeds 0,1,2]
 
-(With the main .venv, kfac-jax is skipped.) The digits autoencoder of
-compare.py (batch 256): the learning-rate methods take their best lr of the
+(With the main .venv, kfac-jax is skipped.) compare.py's tasks (the digits
+autoencoder, batch 256, 500 steps; the CNN, batch 64, 300 steps): the learning-rate methods take their best lr of the
 compare.py grid per seed; kfac-jax runs as kfac_jax_compare.py runs it
 (adaptive learning rate, momentum and damping); the adaptive methods need
 no learning rate. Target: the same seed's LAMB final loss (EMA 0.9).
 Seconds are the per-step medians of --timing-repeats runs of each
 configuration, interleaved within a seed. Writes
-results/adaptive_step/adaptive_race.{md,json}.
+results/adaptive_step/adaptive_race_<task>.{md,json}.
 """
 
 from __future__ import annotations
@@ -31,30 +31,62 @@ import optax
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'examples'))
 import mkor_optax  # noqa: E402
-from common import Autoencoder, autoencoder_loss, batches, load_digits, run_method  # noqa: E402
-from compare import GRIDS, TASK_METHODS, first_at_or_below, smooth  # noqa: E402
+from common import Autoencoder, run_method  # noqa: E402
+from compare import GRIDS, TASK_METHODS, build, first_at_or_below, smooth  # noqa: E402
 
-FISHER = 'sigmoid_cross_entropy'  # the autoencoder's Bernoulli likelihood
 ADAPTIVE = {
-    'adaptive_mkor': (lambda: mkor_optax.adaptive_mkor(), mkor_optax.SKETCH, FISHER),
-    'adaptive_mkor Sketch(8)': (lambda: mkor_optax.adaptive_mkor(), mkor_optax.Sketch(8), FISHER),
+    'adaptive_mkor': (lambda: mkor_optax.adaptive_mkor(), mkor_optax.SKETCH),
+    'adaptive_mkor Sketch(8)': (lambda: mkor_optax.adaptive_mkor(), mkor_optax.Sketch(8)),
     'kfac + quadratic step': (
         lambda: optax.chain(mkor_optax.scale_by_kfac(), mkor_optax.scale_by_quadratic_step()),
-        mkor_optax.COVARIANCE, FISHER),
+        mkor_optax.COVARIANCE),
 }
 LR_METHODS = ('lamb', 'adamw', 'muon')
 
 
-def train_adaptive(model, params, make_iter, steps, make, kind, fisher, seed):
+def bernoulli_pixels(out, x, y):
+  """The autoencoder's loss of its outputs: pixels as Bernoulli, summed, mean over images."""
+  del y
+  return jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(out, x.reshape(x.shape[0], -1)), -1))
+
+
+def classes(out, x, y):
+  del x
+  return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
+
+
+def kfac_loss(model, loss_of_outputs, register):
+  """``loss_fn(params, (x, y))`` for kfac-jax, its likelihood registered."""
+  def loss_fn(params, batch):
+    x, y = batch
+    out = model.apply({'params': params}, x)
+    register(out, x, y)
+    return loss_of_outputs(out, x, y)
+  return loss_fn
+
+
+def tasks():
+  """task -> (model, loss of its outputs, the likelihood's name, kfac-jax's registration)."""
+  try:
+    import kfac_jax
+    pixels = lambda out, x, y: kfac_jax.register_sigmoid_cross_entropy_loss(out, x.reshape(x.shape[0], -1))
+    labels = lambda out, x, y: kfac_jax.register_softmax_cross_entropy_loss(out, y)
+  except ImportError:
+    pixels = labels = None
+  from cnn import CNN
+  return {'autoencoder': (Autoencoder(), bernoulli_pixels, 'sigmoid_cross_entropy', pixels),
+          'cnn': (CNN(), classes, 'softmax_cross_entropy', labels)}
+
+
+def train_adaptive(model, params, make_iter, steps, make, kind, loss_of_outputs, fisher, seed):
   """The recipe's loop as a user writes it; ``(losses, cumulative seconds)``."""
   opt = make()
 
   @jax.jit
-  def step(p, s, xb, key):
-    flat = xb.reshape(xb.shape[0], -1)
-    bce = lambda logits: jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(logits, flat), -1))
+  def step(p, s, xb, yb, key):
     # K-FAC's chain takes the statistics every step (stats=), adaptive_mkor lazily
-    loss, g, extra = mkor_optax.adaptive_inputs(lambda q: model.apply({'params': q}, xb), bce, p, key,
+    loss, g, extra = mkor_optax.adaptive_inputs(lambda q: model.apply({'params': q}, xb),
+                                                lambda out: loss_of_outputs(out, xb, yb), p, key,
                                                 fisher=fisher, kind=kind,
                                                 lazy=kind != mkor_optax.COVARIANCE)
     u, s = opt.update(g, s, p, **extra)
@@ -64,11 +96,11 @@ def train_adaptive(model, params, make_iter, steps, make, kind, fisher, seed):
   data = make_iter()
   batch = next(data)
   keys = jax.random.split(jax.random.PRNGKey(1000 + seed), steps)
-  jax.block_until_ready(step(params, state, batch[0], keys[0]))
+  jax.block_until_ready(step(params, state, *batch, keys[0]))
   losses, times = [], []
   t0 = time.perf_counter()
   for i in range(steps):
-    params, state, loss = step(params, state, batch[0], keys[i])
+    params, state, loss = step(params, state, *batch, keys[i])
     losses.append(float(loss))
     times.append(time.perf_counter() - t0)
     batch = next(data)
@@ -77,7 +109,8 @@ def train_adaptive(model, params, make_iter, steps, make, kind, fisher, seed):
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument('--steps', type=int, default=500)
+  ap.add_argument('--task', default='autoencoder', choices=('autoencoder', 'cnn'))
+  ap.add_argument('--steps', type=int, default=None, help="default: the task's (compare.py)")
   ap.add_argument('--seeds', default='0,1,2')
   ap.add_argument('--timing-repeats', type=int, default=3)
   ap.add_argument('--out', default='results/adaptive_step')
@@ -88,34 +121,34 @@ def main(argv=None):
   except ImportError:
     run_kfac_jax = None
     print('kfac-jax is not installed here: skipped', flush=True)
-  (x, y), _ = load_digits()
-  model = Autoencoder()
-  loss_fn = autoencoder_loss(model)
-  methods = TASK_METHODS['autoencoder']
+  model, loss_of_outputs, fisher, register = tasks()[args.task]
+  run_kfac_jax = run_kfac_jax if register else None
+  methods = TASK_METHODS[args.task]
+  steps = args.steps or build(args.task, False)[3]
   names = list(LR_METHODS) + (['kfac-jax'] if run_kfac_jax else []) + list(ADAPTIVE)
   rows = {n: {'steps': [], 'seconds': [], 'ms': [], 'final': [], 'lr': []} for n in names}
   for seed in [int(s) for s in args.seeds.split(',')]:
-    make_iter = lambda: batches(x, y, 256, seed=seed)
-    params0 = model.init(jax.random.PRNGKey(seed), x[:2])['params']
+    params0, make_iter, loss_fn, _ = build(args.task, False, seed)
     runs, timers = {}, {}
     for name in LR_METHODS:  # best lr of the grid, by final loss
       best = None
-      for lr in GRIDS['autoencoder']:
-        _, losses, times = run_method(name, params0, make_iter(), args.steps, loss_fn, lr, methods=methods)
-        final = float(np.mean(losses[-args.steps // 10:]))
+      for lr in GRIDS[args.task]:
+        _, losses, times = run_method(name, params0, make_iter(), steps, loss_fn, lr, methods=methods)
+        final = float(np.mean(losses[-steps // 10:]))
         final = final if np.isfinite(final) else float('inf')
         if best is None or final < best[0]:
           best = (final, lr, losses, times)
       runs[name] = {'lr': best[1], 'losses': best[2], 'times': [best[3]]}
-      timers[name] = lambda name=name, lr=best[1]: run_method(name, params0, make_iter(), args.steps, loss_fn,
+      timers[name] = lambda name=name, lr=best[1]: run_method(name, params0, make_iter(), steps, loss_fn,
                                                               lr, methods=methods)[2]
     if run_kfac_jax:
-      losses, times, _ = run_kfac_jax(model, params0, make_iter, args.steps)
+      kloss = kfac_loss(model, loss_of_outputs, register)
+      losses, times, _ = run_kfac_jax(model, params0, make_iter, steps, kloss)
       runs['kfac-jax'] = {'lr': 'adaptive', 'losses': losses, 'times': [times]}
-      timers['kfac-jax'] = lambda: run_kfac_jax(model, params0, make_iter, args.steps)[1]
-    for name, (make, kind, fisher) in ADAPTIVE.items():
-      run = lambda make=make, kind=kind, fisher=fisher: train_adaptive(model, params0, make_iter, args.steps,
-                                                                       make, kind, fisher, seed)
+      timers['kfac-jax'] = lambda: run_kfac_jax(model, params0, make_iter, steps, kloss)[1]
+    for name, (make, kind) in ADAPTIVE.items():
+      run = lambda make=make, kind=kind: train_adaptive(model, params0, make_iter, steps, make, kind,
+                                                        loss_of_outputs, fisher, seed)
       losses, times = run()
       runs[name] = {'lr': 'adaptive', 'losses': losses, 'times': [times]}
       timers[name] = lambda run=run: run()[1]
@@ -136,7 +169,7 @@ def main(argv=None):
   med = lambda v: None if any(s is None for s in v) else float(np.median(v))
   lamb_steps, lamb_sec, lamb_ms = med(rows['lamb']['steps']), med(rows['lamb']['seconds']), np.median(rows['lamb']['ms'])
   fmt = lambda v: '-' if v is None else (f'{v:.2f}' if isinstance(v, float) else str(v))
-  lines = [f"jax {jax.__version__}, digits autoencoder, batch 256, {args.steps} steps, seeds {args.seeds}; "
+  lines = [f"jax {jax.__version__}, {args.task} (compare.py), {steps} steps, seeds {args.seeds}; "
            "target = the same seed's LAMB final loss (EMA 0.9). Medians over seeds (ratio to LAMB's); "
            f'seconds: per-step medians of {args.timing_repeats} interleaved runs.', '',
            '| optimizer | lr per seed | steps per seed | steps (/ LAMB) | seconds (/ LAMB) | ms/step (/ LAMB) | final loss |',
@@ -151,9 +184,9 @@ def main(argv=None):
   text = '\n'.join(lines)
   print(text)
   os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, 'adaptive_race.md'), 'w') as f:
+  with open(os.path.join(args.out, f'adaptive_race_{args.task}.md'), 'w') as f:
     f.write(text + '\n')
-  with open(os.path.join(args.out, 'adaptive_race.json'), 'w') as f:
+  with open(os.path.join(args.out, f'adaptive_race_{args.task}.json'), 'w') as f:
     json.dump({'jax': jax.__version__, 'seeds': args.seeds, 'rows': rows}, f, indent=1)
 
 

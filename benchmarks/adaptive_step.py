@@ -159,8 +159,20 @@ def main(argv=None):
       rows[name]['final'].append(float(curves[name][-1]))
     target = curves['lamb (lr 0.01)'][-1]
     for name, c in curves.items():
-      rows[name]['steps'].append(first_at_or_below(c, target))
-  lines = [f'Digits autoencoder, batch 256, {args.steps} steps, seeds {seeds}; target = LAMB\'s '
+      hit = first_at_or_below(c, target)
+      rows[name]['steps'].append(None if hit is None else hit + 1)  # steps taken, as elsewhere
+  text = render(rows, args.steps, seeds)
+  print(text)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  name = 'adaptive_step' + ('_' + args.tag if args.tag else '')
+  (out / f'{name}.md').write_text(text + '\n')
+  (out / f'{name}.json').write_text(json.dumps(rows, indent=1))
+
+
+def render(rows, steps, seeds):
+  """The markdown table of ``rows`` (name -> steps, final, ms per seed)."""
+  lines = [f'Digits autoencoder, batch 256, {steps} steps, seeds {seeds}; target = LAMB\'s '
            'final loss (EMA 0.9) of the same seed.', '',
            '| optimizer | steps to target, per seed | final loss (mean ± std) | ms/step (mean) | ms/step / LAMB |',
            '|---|---|---|---|---|']
@@ -169,13 +181,7 @@ def main(argv=None):
     steps = ' / '.join('-' if s is None else str(s) for s in r['steps'])
     lines.append(f'| {name} | {steps} | {np.mean(r["final"]):.3f} ± {np.std(r["final"]):.3f} | '
                  f'{np.mean(r["ms"]):.2f} | {np.mean(r["ms"]) / lamb_ms:.2f} |')
-  text = '\n'.join(lines)
-  print(text)
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  name = 'adaptive_step' + ('_' + args.tag if args.tag else '')
-  (out / f'{name}.md').write_text(text + '\n')
-  (out / f'{name}.json').write_text(json.dumps(rows, indent=1))
+  return '\n'.join(lines)
 
 
 if __name__ == '__main__':

@@ -34,7 +34,8 @@ from common import Autoencoder, autoencoder_loss, batches, load_digits, run_meth
 from compare import GRIDS, ORDER, TASK_METHODS, first_at_or_below, repeat_timing, smooth  # noqa: E402
 
 
-def run_kfac_jax(model, params, make_iter, steps):
+def autoencoder_kfac_loss(model):
+  """The autoencoder's loss of ``(params, (x, y))``, its likelihood registered with kfac-jax."""
   import kfac_jax
 
   def loss_fn(params, batch):
@@ -43,6 +44,15 @@ def run_kfac_jax(model, params, make_iter, steps):
     logits = model.apply({'params': params}, x)
     kfac_jax.register_sigmoid_cross_entropy_loss(logits, flat)
     return jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(logits, flat), axis=-1))
+  return loss_fn
+
+
+def run_kfac_jax(model, params, make_iter, steps, loss_fn=None):
+  """kfac-jax's run: ``(losses, cumulative seconds, state bytes)``; ``loss_fn(params,
+  (x, y))`` registers its likelihood (default: the autoencoder's)."""
+  import kfac_jax
+
+  loss_fn = autoencoder_kfac_loss(model) if loss_fn is None else loss_fn
 
   opt = kfac_jax.Optimizer(
       value_and_grad_func=jax.value_and_grad(loss_fn), l2_reg=0.0,
@@ -50,7 +60,7 @@ def run_kfac_jax(model, params, make_iter, steps):
       initial_damping=1.0, multi_device=False, num_burnin_steps=0)
   data = make_iter()
   rng = jax.random.PRNGKey(0)
-  first = (jnp.asarray(next(data)[0]),)
+  first = tuple(jnp.asarray(v) for v in next(data))
   state = opt.init(params, rng, first)
   # Warm-up (compilation) on copies, since kfac-jax donates its inputs; not timed.
   # Its step has several compiled variants (damping adaptation every 5 steps,
@@ -70,7 +80,7 @@ def run_kfac_jax(model, params, make_iter, steps):
     params, state, stats = opt.step(params, state, rng, batch=batch, global_step_int=i)
     losses.append(float(stats['loss']))
     times.append(time.perf_counter() - t0)
-    batch = (jnp.asarray(next(data)[0]),)
+    batch = tuple(jnp.asarray(v) for v in next(data))
   n_bytes = int(sum(v.size * v.dtype.itemsize for v in jax.tree.leaves(state) if hasattr(v, 'dtype')))
   return np.array(losses), np.array(times), n_bytes
 
