@@ -193,15 +193,16 @@ def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key
     value_and_grad = nnx.value_and_grad
   stats_of = lambda f: capture.value_and_grad(f, kind=kind)(capture_from())
   loss_fn = lambda p: loss_of_outputs(tree_outputs(p))
+  gram = gauss_newton(tree_outputs, loss_of_outputs)
   if fisher is None:
     loss, grads, stats = capture.value_and_grad(lambda m: loss_of_outputs(outputs_fn(m)), kind=kind)(model)
     given = dict(stats=stats)
   else:
-    loss, grads = value_and_grad(lambda m: loss_of_outputs(outputs_fn(m)))(model)
     stats_fn = lambda: stats_of(lambda m: sampled_loss(fisher, outputs_fn(m), key))[2]
     given = dict(stats_fn=stats_fn) if lazy else dict(stats=stats_fn())
+    # (one jitted step: XLA merges this forward pass with the curvature's)
+    loss, grads = value_and_grad(lambda m: loss_of_outputs(outputs_fn(m)))(model)
   loss, grads = mean(loss), mean(grads)
-  gram = gauss_newton(tree_outputs, loss_of_outputs)
   extra = dict(given, grad=grads, value=loss, curvature=lambda p, vs: mean(gram(p, vs)),
                value_fn=lambda p: mean(loss_fn(p)))
   return loss, grads, extra

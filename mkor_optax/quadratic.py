@@ -119,13 +119,11 @@ def gauss_newton(outputs_fn: Callable, loss_of_outputs: Callable) -> Callable:
     stacked = jax.tree.map(lambda p, *t: jnp.stack([v.astype(p.dtype) for v in t]), params, *vectors)
     outputs, push = jax.linearize(outputs_fn, params)
     jvps = jax.vmap(push)(stacked)
-    grad_out = jax.grad(loss_of_outputs)
-    _, hess = jax.linearize(grad_out, outputs)
+    _, hess = jax.linearize(jax.grad(loss_of_outputs), outputs)
     hjvs = jax.vmap(hess)(jvps)
     flat = lambda tree: jnp.concatenate([x.reshape(x.shape[0], -1).astype(jnp.float32)
                                          for x in jax.tree.leaves(tree)], axis=1)
-    j, hj = flat(jvps), flat(hjvs)
-    return j @ hj.T
+    return flat(jvps) @ flat(hjvs).T
 
   return gram
 
