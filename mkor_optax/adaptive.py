@@ -36,7 +36,7 @@ import optax
 
 from mkor_optax import capture, checks, docstrings
 from mkor_optax import kronecker as kr
-from mkor_optax.mkor import EPSILON, GAMMA, LOW_RANK, ZETA, scale_by_mkor
+from mkor_optax.mkor import EPSILON, GAMMA, LOW_RANK, LOW_RANK_MIN_DIM, ZETA, scale_by_mkor
 from mkor_optax.quadratic import gauss_newton, scale_by_quadratic_step
 from mkor_optax.tap import SKETCH
 
@@ -46,10 +46,6 @@ from mkor_optax.tap import SKETCH
 # steps paid for themselves.
 ADAPTIVE_DAMPING = 0.0625
 ADAPTIVE_INV_FREQ = 5
-# Dense inverses up to this width: on the CNN (a 289-wide input side) rank-8
-# sides took 116 / 146 steps to LAMB's loss where dense ones took 95 / 92
-# (seeds 0 and 1); the natural gradient needs the whole factor.
-ADAPTIVE_LOW_RANK_MIN_DIM = 1024
 # The losses whose predictive distribution sampled_loss knows.
 FISHER_LOSSES = ('sigmoid_cross_entropy', 'softmax_cross_entropy', 'squared_error')
 
@@ -223,7 +219,7 @@ def adaptive_mkor(
     axis_name: Optional[str] = None,
     max_factor_dim: int = kr.MAX_FACTOR_DIM,
     low_rank: Optional[int] = LOW_RANK,
-    low_rank_min_dim: int = ADAPTIVE_LOW_RANK_MIN_DIM,
+    low_rank_min_dim: int = LOW_RANK_MIN_DIM,
     step_damping: float = 1e-3,
     adapt_every: int = 5,
     decay: float = 0.95,
@@ -256,9 +252,10 @@ def adaptive_mkor(
     axis_name: the data-parallel axis for the statistics (pass the same to
       :func:`adaptive_inputs`).
     max_factor_dim, low_rank, low_rank_min_dim: :func:`scale_by_mkor`'s
-      factor forms; sides narrower than ``low_rank_min_dim`` (1024 here,
-      256 under LAMB) keep dense inverses: with rank-8 inverses of a
-      289-wide side the CNN took about a third more steps.
+      factor forms. (Dense inverses on the CNN's 289-wide side,
+      ``low_rank_min_dim=1024``, took fewer steps on two seeds of three but
+      cost more per step, and two of the three runs ended at a higher loss
+      than they had reached.)
     step_damping: the quadratic model's initial damping :math:`\lambda_s`.
     adapt_every, decay: its Levenberg-Marquardt adaptation.
     momentum: fit :math:`\mu` as well as :math:`\alpha`.
