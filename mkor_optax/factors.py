@@ -341,6 +341,21 @@ def report_resets(resets: dict, who: str):
             'statistics beyond float32 range)', names=names)
 
 
+def in_statistic_units(u, rms_per_side, damping, exponent=1.0):
+  """``u = P_R^e G P_L^e`` (a matrix or its row blocks) back in the
+  statistics' units: divided by ``(damping n)^e`` per preconditioned side
+  (``n = rms^2``, ``(S,)``), since the stored ``P = damping n F^-1``; so it is
+  ``F_R^-e G F_L^-e``. ``damping=None`` (``P = F^-1`` already): ``u``."""
+  if damping is None:
+    return u
+  units = 1.0
+  for rms in rms_per_side:
+    n = jnp.asarray(damping, jnp.float32) * jnp.square(rms)
+    units = units * jnp.where(n > 0, 1.0 / jnp.where(n > 0, n, 1.0), 1.0) ** exponent
+  scale = lambda b: b * jnp.reshape(units, (-1, 1, 1)).astype(b.dtype) if jnp.ndim(units) else b
+  return tuple(scale(b) for b in u) if isinstance(u, tuple) else scale(u)
+
+
 def precondition_rescaled(g_aug, r_inv=None, l_inv=None, blocks=None, g_sq=None, rescale=True):
   """``rescale_to(precondition(g_aug, r_inv, l_inv), g_aug)`` where a side may
   also be a :class:`~mkor_optax.lowrank.LowRankInverse`: the dense sides are

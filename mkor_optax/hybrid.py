@@ -132,7 +132,7 @@ def scale_by_mkor_h(
       the peak rate is a strike, in (0, 1).
     patience: consecutive strikes that trigger the (permanent) switch.
     beta: decay :math:`\beta` of the loss EMA, in [0, 1).
-    {scale_by_mkor}
+    {scale_by_mkor: damping, gamma, zeta, epsilon, inv_freq, refresh, axis_name, factor_dtype, max_factor_dim, low_rank, low_rank_min_dim, factor_power, shard_factors, exclude, layouts}
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose update is

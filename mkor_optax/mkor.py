@@ -115,31 +115,12 @@ def mkor_rule(*, damping, gamma, zeta, epsilon, inv_freq, refresh, dtype, low_ra
 
   def precondition(sides, prep):
     r_inv, l_inv = ({k: factors.power(p, factor_power) for k, p in side.items()} for side in sides[:2])
-    if rescale:
-      return {k: factors.precondition_rescaled(g, r_inv.get(k), l_inv.get(k), prep.blocks(k),
-                                               prep.sq_norms[k])
-              for k, (_, g) in prep.grads.items()}
-    out = {}
-    for k, (_, g) in prep.grads.items():
-      u = factors.precondition_rescaled(g, r_inv.get(k), l_inv.get(k), prep.blocks(k), rescale=False)
-      units = natural_units(k, sides)
-      out[k] = u if units is None else (tuple(b * units[:, None, None] for b in u)
-                                        if isinstance(u, tuple) else u * units[:, None, None])
-    return out
-
-  def natural_units(k, sides):
-    """``(S,)`` ``prod over present sides of (lambda n)^-p``: the stored
-    ``P = lambda n F^-1`` back in the statistics' units (``None``: nothing to
-    undo, the absolute form)."""
-    if damping is None:
-      return None
-    units = None
-    for side, rms in ((sides[0], sides[2]), (sides[1], sides[3])):
-      if k in side and k in rms:
-        n = jnp.asarray(damping, jnp.float32) * jnp.square(rms[k])
-        inv = jnp.where(n > 0, 1.0 / jnp.where(n > 0, n, 1.0), 1.0) ** factor_power
-        units = inv if units is None else units * inv
-    return units
+    units = lambda k, u: u if rescale else factors.in_statistic_units(
+        u, [rms[k] for side, rms in zip(sides[:2], sides[2:]) if k in side and k in rms], damping,
+        factor_power)
+    return {k: units(k, factors.precondition_rescaled(g, r_inv.get(k), l_inv.get(k), prep.blocks(k),
+                                                      prep.sq_norms[k], rescale=rescale))
+            for k, (_, g) in prep.grads.items()}
 
   return kr.FactorRule(init_side, refresh_sides, precondition, scaled=True)
 
@@ -235,16 +216,9 @@ def scale_by_mkor(
      U = R^{-p}\, \bar G\, L^{-p}, \qquad U \leftarrow U\, \frac{\|\bar G\|_F}{\|U\|_F},
 
   so the update keeps the raw gradient's norm and learning-rate schedules
-  keep their meaning. With ``rescale=False`` the update is instead the
-  Kronecker-factored natural gradient in the statistics' own units,
-
-  .. math::
-
-     U = F_R^{-p}\, \bar G\, F_L^{-p}
-       = (\lambda n^R_t)^{-p}\, (\lambda n^L_t)^{-p}\, R^{-p}\, \bar G\, L^{-p},
-
-  whose size per layer carries the curvature's: the direction for a step
-  that chooses its own length (:func:`scale_by_quadratic_step`). Every
+  keep their meaning; ``rescale=False`` gives instead the natural gradient
+  :math:`U = F_R^{-p} \bar G F_L^{-p} = (\lambda n^R_t \lambda n^L_t)^{-p} R^{-p} \bar G L^{-p}`,
+  whose size per layer carries the curvature's. Every
   numeric hyperparameter may be an array
   (``optax.inject_hyperparams``); Python numbers are validated here.
 
@@ -268,49 +242,36 @@ def scale_by_mkor(
     refresh: ``'ema'``, the exact inverse of the factor EMA (default), or
       ``'blend'``, the authors' code: :math:`P \leftarrow \gamma P + (1-\gamma) I`,
       then the plain Sherman-Morrison inverse of :math:`P^{-1} + v v^\top`.
-    axis_name: data-parallel axis (``pmap``/``shard_map``): the statistics
-      are combined over it before the refresh (means averaged; sketches
-      summed and divided by the root of the device count), a few vectors of
-      width :math:`d` per layer side.
+    axis_name: data-parallel axis (``pmap``/``shard_map``): the statistics,
+      a few vectors of width :math:`d` per side, are averaged over it before
+      the refresh (sketches: summed, over the root of the device count).
       Gradients are the caller's to average, as with any optax transform.
-    factor_dtype: storage dtype of the inverses (``None``: float32; the
-      refresh computes in float32). A 16-bit dtype is for low-rank factors
-      only (it stores their basis :math:`Q`; ``low_rank_min_dim <= low_rank``
-      is required, sides no wider than ``low_rank`` stay dense float32): a
-      dense inverse in 16 bits cannot stay positive definite. Under
-      ``optax.inject_hyperparams`` pass a dtype name (``'bfloat16'``): a
-      dtype class is callable and would be taken for a schedule.
-    max_factor_dim: a side wider than this is preconditioned by the identity
-      (read at ``init`` only).
-    low_rank: rank :math:`k` of the low-rank-plus-identity inverses
-      :math:`c I + Q \operatorname{diag}(s) Q^\top` used for sides at least
-      ``low_rank_min_dim`` wide (exact for the first :math:`k` refreshes, the
-      best rank-:math:`k` truncation after; memory :math:`O(dk)` per side,
-      preconditioning :math:`O(d_{in} d_{out} k)`); ``None``: dense inverses
-      everywhere.
-    low_rank_min_dim: the narrowest side (:math:`d_{in}+1` or
-      :math:`d_{out}`) held in low-rank form; ``0`` puts every side wider
-      than ``low_rank`` in it. Both are read at ``init`` only.
-    factor_power: the power :math:`p` of each side's inverse that
-      preconditions, in (0, 1]: ``1`` (default) is :math:`R^{-1} \bar G L^{-1}`,
-      MKOR's and K-FAC's; ``0.5`` and ``0.25`` use the inverse square and
-      fourth roots of the factors (the Shampoo family, whose limit without
-      accumulation is Muon's update). Free for low-rank
-      sides (their eigen form); a dense side costs an ``eigh`` per step.
-    shard_factors: when ``init`` sees partitioned parameters (a mesh
-      ``NamedSharding``, model parallel), split each factor over that mesh's
-      devices instead of replicating it (:mod:`mkor_optax.sharding`).
+    factor_dtype: storage dtype of the inverses (``None``: float32, the
+      refresh's). 16 bits only for low-rank bases :math:`Q` (needs
+      ``low_rank_min_dim <= low_rank``): a dense 16-bit inverse cannot stay
+      positive definite. Under ``optax.inject_hyperparams`` pass a name
+      (``'bfloat16'``; a dtype class would be taken for a schedule).
+    max_factor_dim: a side wider than this is the identity (read at ``init``).
+    low_rank: rank :math:`k` of the inverses :math:`c I + Q \operatorname{diag}(s) Q^\top`
+      of sides at least ``low_rank_min_dim`` wide (exact for :math:`k`
+      refreshes, then the best rank-:math:`k` truncation; memory :math:`O(dk)`
+      per side); ``None``: dense inverses everywhere.
+    low_rank_min_dim: the narrowest side held in low-rank form (``0``: every
+      side wider than ``low_rank``). Both are read at ``init`` only.
+    factor_power: the power :math:`p` in (0, 1] of each side's inverse: ``1``
+      (default) is MKOR's and K-FAC's; ``0.5`` and ``0.25`` the Shampoo
+      family's roots (free for low-rank sides; an ``eigh`` per step for a
+      dense one).
+    shard_factors: split each factor over the mesh of partitioned
+      parameters (model parallel) instead of replicating it (:mod:`mkor_optax.sharding`).
     exclude: layers to leave alone: regex(es) searched in the layer path
       ``'a/b/c'``, or a predicate on it (a predicate needs
       ``static_args=('exclude',)`` under ``optax.inject_hyperparams``).
     layouts: ``{path: Layout}`` overriding the layout read from parameter
       shapes and names (see :class:`Layout` and :func:`layer_layouts`).
-    rescale: ``True`` (default) rescales each layer's update to its raw
-      gradient's Frobenius norm, for a learning-rate backend; ``False``
-      returns :math:`F_R^{-p} \bar G F_L^{-p}` itself (with ``damping=None``,
-      :math:`R^{-p} \bar G L^{-p}`), for :func:`scale_by_quadratic_step`
-      (:func:`adaptive_mkor`). A side wider than ``max_factor_dim`` is the
-      identity in both.
+    rescale: ``True``: each layer's update at its gradient's norm (for a
+      learning rate); ``False``: :math:`F_R^{-p} \bar G F_L^{-p}` (absolute
+      form: :math:`R^{-p} \bar G L^{-p}`), for :func:`adaptive_mkor`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose update is
@@ -405,7 +366,7 @@ def mkor(
       ``optax.lamb(learning_rate, weight_decay=weight_decay)`` with that
       mask). With an explicit backend, ``learning_rate`` and
       ``weight_decay`` are unused (the backend carries its own).
-    {scale_by_mkor}
+    {scale_by_mkor: damping, gamma, zeta, epsilon, inv_freq, refresh, axis_name, factor_dtype, max_factor_dim, low_rank, low_rank_min_dim, factor_power, shard_factors, exclude, layouts}
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` takes ``stats=``
