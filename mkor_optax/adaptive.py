@@ -72,7 +72,8 @@ def sampled_loss(loss: str, outputs: jax.Array, key: jax.Array) -> jax.Array:
   factors.
 
   Args:
-    loss: one of :data:`FISHER_LOSSES`.
+    loss: ``'sigmoid_cross_entropy'``, ``'softmax_cross_entropy'`` or
+      ``'squared_error'``.
     outputs: the model's outputs ``(batch, ..., d)`` (logits for the
       cross-entropies).
     key: a ``jax.random`` key, a fresh one every step.
@@ -122,8 +123,8 @@ def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key
 
   * the loss :math:`L` and the gradient :math:`g` of
     ``loss_of_outputs(outputs_fn(params))``;
-  * the layer statistics for the factors: with ``fisher`` (a name from
-    :data:`FISHER_LOSSES`, the distribution of ``loss_of_outputs``), those
+  * the layer statistics for the factors: with ``fisher`` (the name of
+    ``loss_of_outputs``'s distribution, as :func:`sampled_loss` takes it), those
     of :func:`sampled_loss`, the true Fisher, from one more forward and
     backward pass. With ``lazy`` (default) that pass is handed over as
     ``stats_fn``, which :func:`adaptive_mkor` runs only on the steps that
