@@ -136,10 +136,11 @@ def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key
   * ``curvature`` (:func:`~mkor_optax.gauss_newton`), ``grad``, ``value`` and
     ``value_fn`` for :func:`~mkor_optax.scale_by_quadratic_step`.
 
-  With ``axis_name`` (inside ``pmap``/``shard_map`` over a data axis) the
-  loss, the gradient, the curvature products and ``value_fn`` are averaged
-  over it (the statistics are averaged by the transform's own
-  ``axis_name``).
+  With ``axis_name`` (inside ``pmap`` over a data axis) the loss, the
+  gradient, the curvature products and ``value_fn`` are averaged over it
+  (the statistics are averaged by the transform's own ``axis_name``).
+  ``shard_map`` is not supported yet: its capture needs the loss averaged
+  inside, and says so.
 
   Args:
     outputs_fn: ``params -> outputs``, the model applied to this step's
