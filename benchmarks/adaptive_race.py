@@ -11,7 +11,7 @@ compare.py grid per seed; kfac-jax runs as kfac_jax_compare.py runs it
 (adaptive learning rate, momentum and damping); the adaptive methods need
 no learning rate. Target: the same seed's LAMB final loss (EMA 0.9).
 Seconds are the per-step medians of --timing-repeats runs of each
-configuration, interleaved within a seed. Writes
+configuration, interleaved within a seed in a new random order each round. Writes
 results/adaptive_step/adaptive_race_<task>.{md,json}.
 """
 
@@ -152,8 +152,14 @@ def main(argv=None):
       losses, times = run()
       runs[name] = {'lr': 'adaptive', 'losses': losses, 'times': [times]}
       timers[name] = lambda run=run: run()[1]
-    for _ in range(args.timing_repeats - 1):  # interleaved: every method once per round
-      for name in runs:
+    # the timed runs: every method once per round, in a new random order each
+    # round (a fixed order timed each method after the same neighbours, which
+    # moved some by 20% or more); the first runs above only pick the lr
+    order = np.random.default_rng(seed)
+    for name in runs:
+      runs[name]['times'] = []
+    for _ in range(args.timing_repeats):
+      for name in order.permutation(list(runs)):
         runs[name]['times'].append(timers[name]())
     target = float(smooth(runs['lamb']['losses'])[-1])
     for name, r in runs.items():
@@ -171,7 +177,7 @@ def main(argv=None):
   fmt = lambda v: '-' if v is None else (f'{v:.2f}' if isinstance(v, float) else str(v))
   lines = [f"jax {jax.__version__}, {args.task} (compare.py), {steps} steps, seeds {args.seeds}; "
            "target = the same seed's LAMB final loss (EMA 0.9). Medians over seeds (ratio to LAMB's); "
-           f'seconds: per-step medians of {args.timing_repeats} interleaved runs.', '',
+           f'seconds: per-step medians of {args.timing_repeats} runs, interleaved in a random order.', '',
            '| optimizer | lr per seed | steps per seed | steps (/ LAMB) | seconds (/ LAMB) | ms/step (/ LAMB) | final loss |',
            '|---|---|---|---|---|---|---|']
   for name, r in rows.items():
