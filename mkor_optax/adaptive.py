@@ -193,17 +193,18 @@ def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key
     # and its BatchNorm statistics are not the batch's)
     capture_from = lambda: nnx.merge(graphdef, *jax.tree.map(lambda v: v, (params, rest)))  # this trace's
     value_and_grad = nnx.value_and_grad
-  stats_of = lambda f: capture.value_and_grad(f, kind=kind)(capture_from())
+  model_loss = lambda m: loss_of_outputs(outputs_fn(m))
   loss_fn = lambda p: loss_of_outputs(tree_outputs(p))
   gram = gauss_newton(tree_outputs, loss_of_outputs)
   if fisher is None:
-    loss, grads, stats = capture.value_and_grad(lambda m: loss_of_outputs(outputs_fn(m)), kind=kind)(model)
+    loss, grads, stats = capture.value_and_grad(model_loss, kind=kind)(model)
     given = dict(stats=stats)
   else:
-    stats_fn = lambda: stats_of(lambda m: sampled_loss(fisher, outputs_fn(m), key))[2]
+    sampled = lambda m: sampled_loss(fisher, outputs_fn(m), key)
+    stats_fn = lambda: capture.value_and_grad(sampled, kind=kind)(capture_from())[2]
     given = dict(stats_fn=stats_fn) if lazy else dict(stats=stats_fn())
     # (one jitted step: XLA merges this forward pass with the curvature's)
-    loss, grads = value_and_grad(lambda m: loss_of_outputs(outputs_fn(m)))(model)
+    loss, grads = value_and_grad(model_loss)(model)
   loss, grads = mean(loss), mean(grads)
   extra = dict(given, grad=grads, value=loss, curvature=lambda p, vs: mean(gram(p, vs)),
                value_fn=lambda p: mean(loss_fn(p)))

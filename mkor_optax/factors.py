@@ -346,13 +346,12 @@ def in_statistic_units(u, rms_per_side, damping, exponent=1.0):
   statistics' units: divided by ``(damping n)^e`` per preconditioned side
   (``n = rms^2``, ``(S,)``), since the stored ``P = damping n F^-1``; so it is
   ``F_R^-e G F_L^-e``. ``damping=None`` (``P = F^-1`` already): ``u``."""
-  if damping is None:
+  if damping is None or not rms_per_side:
     return u
-  units = 1.0
-  for rms in rms_per_side:
-    n = jnp.asarray(damping, jnp.float32) * jnp.square(rms)
-    units = units * jnp.where(n > 0, 1.0 / jnp.where(n > 0, n, 1.0), 1.0) ** exponent
-  scale = lambda b: b * jnp.reshape(units, (-1, 1, 1)).astype(b.dtype) if jnp.ndim(units) else b
+  n = [jnp.asarray(damping, jnp.float32) * jnp.square(rms) for rms in rms_per_side]
+  units = functools.reduce(jnp.multiply, [jnp.where(v > 0, 1.0 / jnp.where(v > 0, v, 1.0), 1.0)
+                                          for v in n]) ** exponent
+  scale = lambda b: b * units.reshape(-1, 1, 1).astype(b.dtype)
   return tuple(scale(b) for b in u) if isinstance(u, tuple) else scale(u)
 
 
@@ -373,11 +372,9 @@ def precondition_rescaled(g_aug, r_inv=None, l_inv=None, blocks=None, g_sq=None,
   if low_r is None and low_l is None:
     u = precondition(g_aug, r_inv, l_inv)
     return rescale_to(u, g_aug, g_sq) if rescale else u
-  if not rescale:
-    g_norm = None
-  else:
-    if g_sq is None:
-      g_sq = jnp.sum(jnp.square(g_aug), axis=(1, 2))
+  g_norm = None
+  if rescale:
+    g_sq = jnp.sum(jnp.square(g_aug), axis=(1, 2)) if g_sq is None else g_sq
     g_norm = jnp.sqrt(g_sq)
   dense_r = None if low_r is not None else r_inv
   dense_l = None if low_l is not None else l_inv

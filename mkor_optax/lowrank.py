@@ -197,10 +197,6 @@ def precondition_rescaled(blocks, r, l, g_norm: jax.Array, h_sq=None) -> list:
   c_l = one if l is None else l.c
   alpha = c_r * c_l
   total = lambda terms: sum(jnp.sum(t, axis=(1, 2)) for t in terms)
-  rescale = g_norm is not None
-  if h_sq is None and rescale:
-    h_sq = total(jnp.square(h) for h in blocks)
-  sq = jnp.square(alpha) * h_sq if rescale else None
   if r is not None:
     q_r = r.q.astype(dtype)
     bounds = np.cumsum([0] + [h.shape[1] for h in blocks])
@@ -214,21 +210,21 @@ def precondition_rescaled(blocks, r, l, g_norm: jax.Array, h_sq=None) -> list:
   if r is not None and l is not None:
     core = r.s[:, :, None] * jnp.einsum('skn,snj->skj', a, q_l) * l.s[:, None, :]
     x = x + jnp.einsum('skj,snj->skn', core, q_l)
-  if rescale and r is not None:
-    gram = jnp.einsum('smk,smj->skj', q_r, q_r)
-    sq += total([x * jnp.einsum('skj,sjn->skn', gram, x), 2.0 * alpha[:, None, None] * a * x])
-  if rescale and l is not None:
-    gram = jnp.einsum('snk,snj->skj', q_l, q_l)
-    sq += total(jnp.einsum('smk,skj->smj', y, gram) * y for y in ys)
-    sq += 2.0 * alpha * total(b * y for b, y in zip(bs, ys))
-  if rescale and r is not None and l is not None:
-    qy = sum(jnp.einsum('smk,smj->skj', q, y) for q, y in zip(q_rows, ys))
-    sq += 2.0 * total([jnp.einsum('skn,snj->skj', x, q_l) * qy])
-  if rescale:
+  s = one
+  if g_norm is not None:  # the squared norm of R h L from k-sized products
+    sq = jnp.square(alpha) * (total(jnp.square(h) for h in blocks) if h_sq is None else h_sq)
+    if r is not None:
+      gram = jnp.einsum('smk,smj->skj', q_r, q_r)
+      sq += total([x * jnp.einsum('skj,sjn->skn', gram, x), 2.0 * alpha[:, None, None] * a * x])
+    if l is not None:
+      gram = jnp.einsum('snk,snj->skj', q_l, q_l)
+      sq += total(jnp.einsum('smk,skj->smj', y, gram) * y for y in ys)
+      sq += 2.0 * alpha * total(b * y for b, y in zip(bs, ys))
+    if r is not None and l is not None:
+      qy = sum(jnp.einsum('smk,smj->skj', q, y) for q, y in zip(q_rows, ys))
+      sq += 2.0 * total([jnp.einsum('skn,snj->skj', x, q_l) * qy])
     norm = jnp.sqrt(jnp.maximum(sq, 0.0))
     s = jnp.where(norm > 0, g_norm / jnp.where(norm > 0, norm, 1.0), 0.0)
-  else:
-    s = one
   rhs = []
   if r is not None:
     rhs.append(s[:, None, None] * x)

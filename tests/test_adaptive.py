@@ -231,6 +231,12 @@ def test_nnx_model_through_nnx_optimizer():
       return loss
 
     losses[lazy] = [float(step(net, optimizer, jax.random.PRNGKey(t))) for t in range(15)]
+    # the sampled pass reached the factors: every side moved off its identity start
+    mkor_state = optimizer.opt_state[0]
+    for side in (mkor_state.input_side, mkor_state.output_side):
+      assert sorted(side) == ['layers/0', 'layers/2']
+      for p in side.values():
+        assert not np.allclose(np.asarray(p), np.eye(p.shape[-1])), 'a factor stayed at I'
   np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
   assert losses[True][-1] < 0.5 * losses[True][0]
 
