@@ -284,7 +284,11 @@ def refresh_relative_many(jobs: list, **rule) -> list:
     p_old, rms_old = jax.tree.map(cat, *ps), cat(*rmss)
     keep = cat(*(jnp.broadcast_to(k, (s,)) for k, s in zip(keeps, sizes)))
     p, rms, reset = refresh_relative(p_old, rms_old, cat(*vs), widths=widths, **rule)
-    p, rms = _by_entry(keep, (p_old, rms_old), (p, rms))
+    # A cond, whose result XLA materialises once: otherwise it fuses the
+    # refresh's elementwise tail into each side's slice below, the same
+    # arithmetic compiled once per side (most of a small model's compile time).
+    p, rms = jax.lax.cond(jnp.all(keep), lambda: (p_old, rms_old),
+                          lambda: _by_entry(keep, (p_old, rms_old), (p, rms)))
     start = 0
     for i, s in zip(members, sizes):
       cut = lambda a: a[start:start + s]
