@@ -1,0 +1,149 @@
+"""Where a train step's time and compile go, kernel by kernel: default MKOR
+beside LAMB, each XLA kernel attributed to the source line that made it.
+
+The step (``value_and_grad`` with the capture, ``update``, ``apply_updates``)
+is jitted as in ``step_cost.py``. Per step: ``--steps`` steps run under
+``jax.profiler``, with XLA:CPU's per-kernel trace events on; each event is
+matched, by its instruction name, to the compiled HLO's stack frames, and
+its time summed per group (a module of this library, of optax or of the
+model). Compile: the kernels (fusions, dots, copies, custom calls) of the
+compiled program, those of the refresh's ``lax.cond`` branches included,
+counted per group; XLA:CPU's compile time grows with that count (each kernel
+is emitted and compiled by LLVM on its own).
+
+Profiled times carry the tracer's own cost per kernel and are larger than
+``step_cost.py``'s; read them as shares, not as milliseconds.
+
+    python benchmarks/kernel_profile.py [--task autoencoder] [--steps 200] [--by file|function|line]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import sys
+import tempfile
+
+# per-kernel trace events of XLA:CPU (read when the backend starts)
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_enable_xprof_traceme=true').strip()
+
+import jax  # noqa: E402
+import optax  # noqa: E402
+from jax.profiler import ProfileData  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'examples'))
+import mkor_optax  # noqa: E402
+from common import make_step  # noqa: E402
+from compare import build  # noqa: E402
+
+NOT_KERNELS = ('parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant')
+
+
+def _table(hlo: str, name: str) -> list:
+  block = hlo.split('\n' + name + '\n')
+  return re.findall(r'^(\d+) (.*)$', block[1].split('\n\n')[0], re.M) if len(block) > 1 else []
+
+
+def source_of(hlo: str, by: str) -> dict:
+  """``{instruction name: group}`` from the compiled HLO's stack frames."""
+  files = {int(i): v.strip('"').split('/')[-1] for i, v in _table(hlo, 'FileNames')}
+  funcs = {int(i): v.strip('"') for i, v in _table(hlo, 'FunctionNames')}
+  where = {}
+  for i, v in _table(hlo, 'FileLocations'):
+    d = dict(re.findall(r'(\w+)=(\d+)', v))
+    f, fn = files[int(d['file_name_id'])], funcs[int(d['function_name_id'])]
+    where[int(i)] = {'file': f, 'function': f'{f}:{fn}', 'line': f"{f}:{fn}:{d['line']}"}[by]
+  frames = {int(i): int(dict(re.findall(r'(\w+)=(\d+)', v))['file_location_id'])
+            for i, v in _table(hlo, 'StackFrames')}
+  out = {}
+  for m in re.finditer(r'^\s*(?:ROOT )?%([\w.\-]+) = [^\n]*?stack_frame_id=(\d+)', hlo, re.M):
+    out[m.group(1)] = where[frames[int(m.group(2))]]
+  return out
+
+
+def compiled_kernels(hlo: str, groups: dict) -> collections.Counter:
+  """Kernels per group in the entry computation and the conditional branches
+  (the instructions the runtime launches; fused computations are inside them)."""
+  comps = dict(re.findall(r'^(?:ENTRY )?%([\w.\-]+) \([^\n]*\{\n(.*?)\n\}', hlo, re.M | re.S))
+  entry = re.search(r'^ENTRY %([\w.\-]+)', hlo, re.M).group(1)
+  todo, seen, count = [entry], set(), collections.Counter()
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in comps:
+      continue
+    seen.add(name)
+    for line in comps[name].splitlines():
+      if ' conditional(' in line:
+        todo += re.findall(r'%([\w.\-]+)', line.split('branch_computations=')[1].split('}')[0])
+        continue
+      m = re.search(r'%([\w.\-]+) = \S+ ([\w\-]+)\(', line)
+      if not m or m.group(2) in NOT_KERNELS:
+        continue
+      count[groups.get(m.group(1), 'unattributed (XLA)')] += 1
+  return count
+
+
+def profile(step, carry, batch, steps: int, groups: dict) -> tuple:
+  """(µs per step per group, kernel launches per step per group, wall µs per step)."""
+  for _ in range(10):
+    carry = step(*carry, *batch)[:2]
+  jax.block_until_ready(carry)
+  with tempfile.TemporaryDirectory() as d:
+    jax.profiler.start_trace(d)
+    for _ in range(steps):
+      carry = jax.block_until_ready(step(*carry, *batch)[:2])
+    jax.profiler.stop_trace()
+    data = ProfileData.from_file(glob.glob(f'{d}/**/*.xplane.pb', recursive=True)[0])
+  time_us, launches, wall = collections.Counter(), collections.Counter(), 0.0
+  for plane in data.planes:
+    for line in plane.lines:
+      if 'XLA' not in line.name:
+        continue
+      for ev in line.events:
+        if ev.name.startswith('ThunkExecutor'):
+          wall += ev.duration_ns if 'wait' in ev.name else 0.0
+          continue
+        if ev.name.startswith('end:') or '::' in ev.name:
+          continue
+        g = groups.get(ev.name, 'unattributed (XLA)')
+        time_us[g] += ev.duration_ns / 1e3 / steps
+        launches[g] += 1 / steps
+  return time_us, launches, wall / 1e3 / steps
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser()
+  ap.add_argument('--task', default='autoencoder')
+  ap.add_argument('--steps', type=int, default=200)
+  ap.add_argument('--by', default='file', choices=('file', 'function', 'line'))
+  ap.add_argument('--top', type=int, default=25)
+  args = ap.parse_args(argv)
+  params, make_iter, loss_fn, _ = build(args.task, quick=True)
+  batch = next(make_iter())
+  rows = {}
+  for name, opt, kind in (('LAMB', optax.lamb(1e-2), None),
+                          ('MKOR', mkor_optax.mkor(1e-2, weight_decay=0.0), mkor_optax.SKETCH)):
+    state = opt.init(params)
+    step = make_step(loss_fn, opt, kind)
+    hlo = step.lower(params, state, *batch).compile().as_text()
+    groups = source_of(hlo, args.by)
+    t, n, wall = profile(step, (params, state), batch, args.steps, groups)
+    rows[name] = (t, n, compiled_kernels(hlo, groups), wall)
+  print(f'{args.task}: profiled step {rows["MKOR"][3]:.0f} µs (MKOR) vs {rows["LAMB"][3]:.0f} µs (LAMB); '
+        f'kernels compiled {sum(rows["MKOR"][2].values())} vs {sum(rows["LAMB"][2].values())}; '
+        f'kernel time {sum(rows["MKOR"][0].values()):.0f} vs {sum(rows["LAMB"][0].values()):.0f} µs/step '
+        '(both threads summed)')
+  print(f'{"group":60s} {"µs/step":>9s} {"LAMB":>7s} {"launches":>9s} {"LAMB":>6s} {"compiled":>9s} {"LAMB":>6s}')
+  t, n, c, _ = rows['MKOR']
+  lt, ln, lc, _ = rows['LAMB']
+  for g in sorted(set(t) | set(c), key=lambda g: -t.get(g, 0.0))[:args.top]:
+    print(f'{g[:60]:60s} {t.get(g, 0):9.1f} {lt.get(g, 0):7.1f} {n.get(g, 0):9.1f} {ln.get(g, 0):6.1f} '
+          f'{c.get(g, 0):9d} {lc.get(g, 0):6d}')
+
+
+if __name__ == '__main__':
+  main()
