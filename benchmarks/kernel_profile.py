@@ -14,7 +14,7 @@ is emitted and compiled by LLVM on its own).
 Profiled times carry the tracer's own cost per kernel and are larger than
 ``step_cost.py``'s; read them as shares, not as milliseconds.
 
-    python benchmarks/kernel_profile.py [--task autoencoder] [--steps 200] [--by file|function|line]
+    python benchmarks/kernel_profile.py [--task autoencoder|cnn|...|256] [--steps 200] [--by file|function|line] [--method mkor|adaptive] [--out F]
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'examples'))
 import mkor_optax  # noqa: E402
 from common import make_step  # noqa: E402
 from compare import build  # noqa: E402
+from step_cost import mlp_case  # noqa: E402
 
 NOT_KERNELS = ('parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant')
 
@@ -50,7 +51,8 @@ def _table(hlo: str, name: str) -> list:
 
 def source_of(hlo: str, by: str) -> dict:
   """``{instruction name: group}`` from the compiled HLO's stack frames."""
-  files = {int(i): v.strip('"').split('/')[-1] for i, v in _table(hlo, 'FileNames')}
+  # package/module.py (optax's numerics.py is not this library's)
+  files = {int(i): '/'.join(v.strip('"').split('/')[-2:]) for i, v in _table(hlo, 'FileNames')}
   funcs = {int(i): v.strip('"') for i, v in _table(hlo, 'FunctionNames')}
   where = {}
   for i, v in _table(hlo, 'FileLocations'):
@@ -88,7 +90,7 @@ def compiled_kernels(hlo: str, groups: dict) -> collections.Counter:
 
 
 def profile(step, carry, batch, steps: int, groups: dict) -> tuple:
-  """(µs per step per group, kernel launches per step per group, wall µs per step)."""
+  """(µs per step per group, kernel launches per step per group)."""
   for _ in range(10):
     carry = step(*carry, *batch)[:2]
   jax.block_until_ready(carry)
@@ -98,51 +100,78 @@ def profile(step, carry, batch, steps: int, groups: dict) -> tuple:
       carry = jax.block_until_ready(step(*carry, *batch)[:2])
     jax.profiler.stop_trace()
     data = ProfileData.from_file(glob.glob(f'{d}/**/*.xplane.pb', recursive=True)[0])
-  time_us, launches, wall = collections.Counter(), collections.Counter(), 0.0
+  time_us, launches = collections.Counter(), collections.Counter()
   for plane in data.planes:
     for line in plane.lines:
       if 'XLA' not in line.name:
         continue
       for ev in line.events:
-        if ev.name.startswith('ThunkExecutor'):
-          wall += ev.duration_ns if 'wait' in ev.name else 0.0
-          continue
-        if ev.name.startswith('end:') or '::' in ev.name:
+        if ev.name.startswith(('ThunkExecutor', 'end:')) or '::' in ev.name:
           continue
         g = groups.get(ev.name, 'unattributed (XLA)')
         time_us[g] += ev.duration_ns / 1e3 / steps
         launches[g] += 1 / steps
-  return time_us, launches, wall / 1e3 / steps
+  return time_us, launches
+
+
+def adaptive_step(task):
+  """(the adaptive race's jitted step for ``task``, with a fixed key, and its optimizer)."""
+  from adaptive_race import tasks
+  model, loss_of_outputs, fisher, _ = tasks()[task]
+  opt = mkor_optax.adaptive_mkor()
+  key = jax.random.PRNGKey(0)
+
+  @jax.jit
+  def step(p, s, xb, yb):
+    loss, g, extra = mkor_optax.adaptive_inputs(lambda q: model.apply({'params': q}, xb),
+                                                lambda out: loss_of_outputs(out, xb, yb), p, key,
+                                                fisher=fisher)
+    u, s = opt.update(g, s, p, **extra)
+    return optax.apply_updates(p, u), s, loss
+
+  return step, opt
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser()
-  ap.add_argument('--task', default='autoencoder')
+  ap.add_argument('--task', default='autoencoder', help='a compare.py task, or a width (d-d-d MLP)')
   ap.add_argument('--steps', type=int, default=200)
   ap.add_argument('--by', default='file', choices=('file', 'function', 'line'))
+  ap.add_argument('--method', default='mkor', choices=('mkor', 'adaptive'),
+                  help="'adaptive': the adaptive race's adaptive_mkor step (autoencoder, cnn) in MKOR's place")
   ap.add_argument('--top', type=int, default=25)
+  ap.add_argument('--out', default=None, help='append the table (markdown) to this file')
   args = ap.parse_args(argv)
-  params, make_iter, loss_fn, _ = build(args.task, quick=True)
-  batch = next(make_iter())
+  if args.task.isdigit():  # a d-d-d MLP of that width, batch 256 (step_cost.py's widths)
+    params, batch, loss_fn = mlp_case(2, int(args.task), 256)
+  else:
+    params, make_iter, loss_fn, _ = build(args.task, quick=True)
+    batch = next(make_iter())
   rows = {}
   for name, opt, kind in (('LAMB', optax.lamb(1e-2), None),
                           ('MKOR', mkor_optax.mkor(1e-2, weight_decay=0.0), mkor_optax.SKETCH)):
+    if name == 'MKOR' and args.method == 'adaptive':
+      step, opt = adaptive_step(args.task)
+    else:
+      step = make_step(loss_fn, opt, kind)
     state = opt.init(params)
-    step = make_step(loss_fn, opt, kind)
     hlo = step.lower(params, state, *batch).compile().as_text()
     groups = source_of(hlo, args.by)
-    t, n, wall = profile(step, (params, state), batch, args.steps, groups)
-    rows[name] = (t, n, compiled_kernels(hlo, groups), wall)
-  print(f'{args.task}: profiled step {rows["MKOR"][3]:.0f} µs (MKOR) vs {rows["LAMB"][3]:.0f} µs (LAMB); '
-        f'kernels compiled {sum(rows["MKOR"][2].values())} vs {sum(rows["LAMB"][2].values())}; '
-        f'kernel time {sum(rows["MKOR"][0].values()):.0f} vs {sum(rows["LAMB"][0].values()):.0f} µs/step '
-        '(both threads summed)')
-  print(f'{"group":60s} {"µs/step":>9s} {"LAMB":>7s} {"launches":>9s} {"LAMB":>6s} {"compiled":>9s} {"LAMB":>6s}')
-  t, n, c, _ = rows['MKOR']
-  lt, ln, lc, _ = rows['LAMB']
+    rows[name] = (*profile(step, (params, state), batch, args.steps, groups), compiled_kernels(hlo, groups))
+  t, n, c = rows['MKOR']
+  lt, ln, lc = rows['LAMB']
+  head = (f'{args.task}: kernel time {sum(t.values()):.0f} µs per step (MKOR) against '
+          f'{sum(lt.values()):.0f} (LAMB), both threads summed; kernels compiled {sum(c.values())} '
+          f'against {sum(lc.values())}.')
+  lines = [head, '', f'| {args.by} | µs per step | LAMB | launches per step | LAMB | kernels compiled | LAMB |',
+           '|---|---|---|---|---|---|---|']
   for g in sorted(set(t) | set(c), key=lambda g: -t.get(g, 0.0))[:args.top]:
-    print(f'{g[:60]:60s} {t.get(g, 0):9.1f} {lt.get(g, 0):7.1f} {n.get(g, 0):9.1f} {ln.get(g, 0):6.1f} '
-          f'{c.get(g, 0):9d} {lc.get(g, 0):6d}')
+    lines.append(f'| {g} | {t.get(g, 0):.1f} | {lt.get(g, 0):.1f} | {n.get(g, 0):.1f} | {ln.get(g, 0):.1f} '
+                 f'| {c.get(g, 0)} | {lc.get(g, 0)} |')
+  print('\n'.join(lines))
+  if args.out:
+    with open(args.out, 'a') as f:
+      f.write('\n'.join(lines) + '\n\n')
 
 
 if __name__ == '__main__':

@@ -6,9 +6,9 @@ capture, ``update``, ``apply_updates``: what a user's loop runs) is built in
 one process. Compile time is ``jit(...).lower(...).compile()``, once per
 configuration, in rotating order over ``--compile-repeats`` fresh
 compilations (median). Steps are timed in interleaved blocks of ``--steps``
-calls (10 on the masked-LM and widths above 256), ``--repeats`` times
-(median block), so that a noisy neighbour slows every configuration alike;
-each block holds whole refresh periods (``inv_freq=10``).
+calls (default: as many whole refresh periods, ``inv_freq=10``, as make a
+block of LAMB's steps last 0.2 s), ``--repeats`` times (median block), so
+that a noisy neighbour slows every configuration alike.
 
 1. the compare.py tasks: the digits autoencoder, the CNN, the ResNet with
    BatchNorm, the masked-LM encoder and the small MLP autoencoder
@@ -43,12 +43,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'examples'))
 import mkor_optax  # noqa: E402
 from common import make_step  # noqa: E402
 from compare import FACTOR_DIM, build  # noqa: E402
-from step_time import interleaved  # noqa: E402
+from step_time import interleaved, time_block  # noqa: E402
 
 WD = 0.0
 # Every timed block holds a whole number of refresh periods (inv_freq 10), so
 # that each block holds the same number of refresh steps.
 PERIOD = 10
+# A timed block lasts at least this long (on a shared machine, blocks of a few
+# milliseconds measure the scheduler more than the step).
+MIN_BLOCK_S = 0.2
 
 
 def configs(max_dim):
@@ -71,7 +74,9 @@ def configs(max_dim):
 
 
 def costs(params, batch, loss_fn, cfgs, n, repeats, compile_repeats) -> dict:
-  """``{name: {'ms', 'per_step', 'compile_s', 'compile'}}``, ratios to ``'lamb'``."""
+  """``{name: {'ms', 'per_step', 'compile_s', 'compile'}}``, ratios to ``'lamb'``;
+  ``n`` steps per timed block (``None``: as many whole refresh periods as
+  make LAMB's block last :data:`MIN_BLOCK_S`)."""
   steps, fns, carries = {}, {}, {}
   for name, (opt, kind, *loud) in cfgs.items():
     state = opt.init(params)
@@ -92,6 +97,9 @@ def costs(params, batch, loss_fn, cfgs, n, repeats, compile_repeats) -> dict:
       jax.block_until_ready(step(params, state, *batch))
     fns[name] = lambda c, step=step: step(c[0], c[1], *batch)[:2]
     carries[name] = (params, state)
+  if n is None:  # blocks of at least MIN_BLOCK_S of LAMB's steps, whole refresh periods
+    dt, _ = time_block(fns['lamb'], carries['lamb'], PERIOD)
+    n = PERIOD * max(1, int(np.ceil(MIN_BLOCK_S / (PERIOD * dt))))
   med = interleaved(fns, carries, n, repeats)
   comp = {k: float(np.median(v)) for k, v in compile_s.items()}
   return {name: {'ms': 1e3 * med[name], 'per_step': med[name] / med['lamb'],
@@ -171,7 +179,8 @@ def main(argv=None):
   ap.add_argument('--widths', default='256,1024,4096')
   ap.add_argument('--depths', default='2,4,8')
   ap.add_argument('--model-widths', default='64,256')
-  ap.add_argument('--steps', type=int, default=20, help='steps per timed block')
+  ap.add_argument('--steps', type=int, default=None,
+                  help=f'steps per timed block (default: whole refresh periods lasting {MIN_BLOCK_S} s of LAMB)')
   ap.add_argument('--repeats', type=int, default=7)
   ap.add_argument('--compile-repeats', type=int, default=3)
   ap.add_argument('--quick', action='store_true', help='fewer blocks (a smoke run)')
@@ -181,7 +190,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
   if args.quick:
     args.repeats, args.compile_repeats, args.steps = 3, 1, PERIOD
-  if args.steps % PERIOD:
+  if args.steps is not None and args.steps % PERIOD:
     ap.error(f'--steps must be a multiple of {PERIOD} (the refresh period)')
   if args.from_json:
     rewrite(args.from_json)
@@ -192,14 +201,14 @@ def main(argv=None):
   for task in split(args.tasks):
     params, make_iter, loss_fn, _ = build(task, quick=True, seed=0)
     batch = next(make_iter())
-    n = PERIOD if task == 'bert' else args.steps
+    n = args.steps
     report['tasks'][task] = costs(params, batch, loss_fn, configs(FACTOR_DIM[task]), n, args.repeats,
                                   args.compile_repeats)
     print(task, {k: round(v['per_step'], 3) for k, v in report['tasks'][task].items()},
           f'{time.time() - t0:.0f} s', flush=True)
   for w in map(int, split(args.widths)):
     params, batch, loss_fn = mlp_case(2, w, 256)
-    n = args.steps if w <= 256 else PERIOD
+    n = args.steps
     report['widths'][w] = costs(params, batch, loss_fn, configs(4096), n, args.repeats,
                                 args.compile_repeats)
     print('width', w, {k: round(v['per_step'], 3) for k, v in report['widths'][w].items()},
@@ -221,7 +230,7 @@ def write(report, machine, args):
   """step_cost.md (two tables per group: per step, per compile), .json, .png."""
   lines = [f'Cost per step and per compile against LAMB in the same process ({machine}); '
            f'`python benchmarks/step_cost.py`. Per step: median of {args.repeats} interleaved blocks '
-           '(refresh steps included, inv_freq 10); compile: median of '
+           f'(whole refresh periods, inv_freq 10, lasting at least {MIN_BLOCK_S} s of LAMB\'s steps); compile: median of '
            f'{args.compile_repeats} compilations. Default `mkor` captures Sketch(4); `mkor mean` RANK1. '
            'Ratios to LAMB.', '']
   for key, title in (('tasks', 'Tasks'), ('widths', 'Widths (d-d-d MLP, batch 256)')):
