@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import optax
 
 from mkor_optax import checks, docstrings
-from mkor_optax.numerics import fold_into_first, report_if
+from mkor_optax.numerics import all_finite, fold_into_first, report_if
 
 
 class QuadraticStepState(NamedTuple):
@@ -70,18 +70,8 @@ class QuadraticStepState(NamedTuple):
 
 
 def _dot(a, b):
-  """``<a, b>`` of two parameter-shaped trees, in float32."""
-  return _inner_products([a, b])[0, 1]
-
-
-def _inner_products(trees) -> jax.Array:
-  """``(k, k)`` float32 inner products of ``k`` parameter-shaped trees: one
-  matrix product of their flattened leaves, where a sum of per-leaf dot
-  products launches a kernel per leaf and pair (most of this step's kernels
-  on a small model)."""
-  flat = jnp.stack([jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(t)])
-                    for t in trees])
-  return flat @ flat.T
+  return sum(jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 @docstrings.filled()
@@ -153,13 +143,12 @@ def _check_update_args(params, grad, curvature, value, value_fn):
                        f'shape {out_shape}')
 
 
-def _fit(inner, lam, gram, momentum: bool):
-  """``(alpha, mu, predicted decrease)`` minimising the damped model, from the
-  inner products ``inner`` of ``[g, D, d0]`` (``[g, D]`` without momentum)
-  and the Gauss-Newton Gram matrix ``gram`` of ``[D, d0]``."""
-  gp, pp = inner[0, 1], inner[1, 1]
+def _fit(grad, proposal, prev, lam, gram, momentum: bool):
+  """``(alpha, mu, predicted decrease, gram, g.p, p.p)`` minimising the damped model."""
+  gp = _dot(grad, proposal)
+  pp = _dot(proposal, proposal)
   if momentum:
-    gq, qq, pq = inner[0, 2], inner[2, 2], inner[1, 2]
+    gq, qq, pq = _dot(grad, prev), _dot(prev, prev), _dot(proposal, prev)
     a = jnp.array([[gram[0, 0] + lam * pp, gram[0, 1] + lam * pq],
                    [gram[1, 0] + lam * pq, gram[1, 1] + lam * qq]])
     b = -jnp.array([gp, gq])
@@ -173,7 +162,7 @@ def _fit(inner, lam, gram, momentum: bool):
     alpha = -gp / (gram[0, 0] + lam * pp)
     mu = jnp.zeros([], jnp.float32)
     predicted = 0.5 * alpha * gp
-  return alpha, mu, predicted
+  return alpha, mu, predicted, gram, gp, pp
 
 
 def _adapt(lam, omega, measure, params, step, value, value_fn, predicted):
@@ -293,22 +282,16 @@ def scale_by_quadratic_step(
              value_fn=None, **extra_args):
     del extra_args
     _check_update_args(params, grad, curvature, value, value_fn)
-    # the proposal D = -u enters through signs on the scalars (its inner
-    # products, its Gram entries, the step's alpha): -u is never formed
-    direction = jax.tree.map(lambda u: u.astype(jnp.float32), updates)
-    vectors = [direction, state.previous] if momentum else [direction]
-    sign = jnp.array([1.0, -1.0, 1.0][:len(vectors) + 1], jnp.float32)  # g, D = -u, d0
-    inner = _inner_products([grad] + vectors) * sign[:, None] * sign[None, :]
-    gram = curvature(params, vectors) * sign[1:, None] * sign[None, 1:]
-    alpha, mu, predicted = _fit(inner, state.damping, gram, momentum)
+    proposal = jax.tree.map(lambda u: -u.astype(jnp.float32), updates)
+    alpha, mu, predicted, gram, gp, pp = _fit(grad, proposal, state.previous, state.damping,
+                                              curvature(params, [proposal, state.previous]
+                                                        if momentum else [proposal]), momentum)
     # non-finite inputs (a NaN gradient entry, an overflowing curvature): a zero
-    # update and the state as it was (0 * NaN is NaN, so zero by selection).
-    # A non-finite entry of g or u makes its squared norm in inner non-finite
-    # (as does a norm above ~1e19, which counts as non-finite too)
-    inputs_ok = jnp.all(jnp.isfinite(gram)) & jnp.all(jnp.isfinite(inner))
+    # update and the state as it was (0 * NaN is NaN, so zero by selection)
+    inputs_ok = all_finite(gram, jnp.stack([gp, pp]), grad, proposal)
     ok = jnp.logical_and(jnp.isfinite(predicted), predicted < 0) & inputs_ok
     alpha, mu = jnp.where(ok, alpha, 0.0), jnp.where(ok, mu, 0.0)
-    step = jax.tree.map(lambda u, d0: jnp.where(ok, (-alpha) * u + mu * d0, 0.0), direction,
+    step = jax.tree.map(lambda d, d0: jnp.where(ok, alpha * d + mu * d0, 0.0), proposal,
                         state.previous)
     receipt = report_if(~inputs_ok, 'scale_by_quadratic_step: non-finite gradient, direction '
                         'or curvature: a zero update, the state left as it was')
