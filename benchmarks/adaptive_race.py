@@ -78,10 +78,8 @@ def tasks():
           'cnn': (CNN(), classes, 'softmax_cross_entropy', labels)}
 
 
-def train_adaptive(model, params, make_iter, steps, make, kind, loss_of_outputs, fisher, seed):
-  """The recipe's loop as a user writes it; ``(losses, cumulative seconds)``."""
-  opt = make()
-
+def adaptive_step(model, opt, kind, loss_of_outputs, fisher):
+  """The recipe's jitted step ``(params, state, x, y, key) -> (params, state, loss)``."""
   @jax.jit
   def step(p, s, xb, yb, key):
     # K-FAC's chain takes the statistics every step (stats=), adaptive_mkor lazily
@@ -92,6 +90,13 @@ def train_adaptive(model, params, make_iter, steps, make, kind, loss_of_outputs,
     u, s = opt.update(g, s, p, **extra)
     return optax.apply_updates(p, u), s, loss
 
+  return step
+
+
+def train_adaptive(model, params, make_iter, steps, make, kind, loss_of_outputs, fisher, seed):
+  """The recipe's loop as a user writes it; ``(losses, cumulative seconds)``."""
+  opt = make()
+  step = adaptive_step(model, opt, kind, loss_of_outputs, fisher)
   state = opt.init(params)
   data = make_iter()
   batch = next(data)

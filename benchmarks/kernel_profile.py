@@ -114,24 +114,6 @@ def profile(step, carry, batch, steps: int, groups: dict) -> tuple:
   return time_us, launches
 
 
-def adaptive_step(task):
-  """(the adaptive race's jitted step for ``task``, with a fixed key, and its optimizer)."""
-  from adaptive_race import tasks
-  model, loss_of_outputs, fisher, _ = tasks()[task]
-  opt = mkor_optax.adaptive_mkor()
-  key = jax.random.PRNGKey(0)
-
-  @jax.jit
-  def step(p, s, xb, yb):
-    loss, g, extra = mkor_optax.adaptive_inputs(lambda q: model.apply({'params': q}, xb),
-                                                lambda out: loss_of_outputs(out, xb, yb), p, key,
-                                                fisher=fisher)
-    u, s = opt.update(g, s, p, **extra)
-    return optax.apply_updates(p, u), s, loss
-
-  return step, opt
-
-
 def main(argv=None):
   ap = argparse.ArgumentParser()
   ap.add_argument('--task', default='autoencoder', help='a compare.py task, or a width (d-d-d MLP)')
@@ -150,14 +132,19 @@ def main(argv=None):
   rows = {}
   for name, opt, kind in (('LAMB', optax.lamb(1e-2), None),
                           ('MKOR', mkor_optax.mkor(1e-2, weight_decay=0.0), mkor_optax.SKETCH)):
-    if name == 'MKOR' and args.method == 'adaptive':
-      step, opt = adaptive_step(args.task)
+    inputs = batch
+    if name == 'MKOR' and args.method == 'adaptive':  # the adaptive race's step, a fixed key
+      from adaptive_race import adaptive_step, tasks
+      model, loss_of_outputs, fisher, _ = tasks()[args.task]
+      opt = mkor_optax.adaptive_mkor()
+      step = adaptive_step(model, opt, mkor_optax.SKETCH, loss_of_outputs, fisher)
+      inputs = tuple(batch) + (jax.random.PRNGKey(0),)
     else:
       step = make_step(loss_fn, opt, kind)
     state = opt.init(params)
-    hlo = step.lower(params, state, *batch).compile().as_text()
+    hlo = step.lower(params, state, *inputs).compile().as_text()
     groups = source_of(hlo, args.by)
-    rows[name] = (*profile(step, (params, state), batch, args.steps, groups), compiled_kernels(hlo, groups))
+    rows[name] = (*profile(step, (params, state), inputs, args.steps, groups), compiled_kernels(hlo, groups))
   t, n, c = rows['MKOR']
   lt, ln, lc = rows['LAMB']
   head = (f'{args.task}: kernel time {sum(t.values()):.0f} µs per step (MKOR) against '
