@@ -163,6 +163,20 @@ def test_sides_refreshed_together_equal_each_refreshed_alone(k, damping):
     np.testing.assert_array_equal(reset, want[2])
 
 
+def test_sides_all_kept_come_back_exactly():
+  """A group in which every side is kept (no statistics this accumulation, a
+  cancelled mean) returns every inverse and scale bit for bit, resets off."""
+  from mkor_optax import factors
+  rng = np.random.default_rng(3)
+  jobs = [job[:3] + (jnp.asarray(True),) for job in _side_jobs(rng, [(1, 5), (2, 7), (1, 16)], 4)]
+  rule = dict(damping=1.0, gamma=0.95, zeta=0.9, epsilon=2.0, refresh='ema')
+  together = jax.jit(lambda jobs: factors.refresh_relative_many(jobs, **rule))(jobs)
+  for job, (p, rms, reset) in zip(jobs, together):
+    np.testing.assert_array_equal(p, job[0])
+    np.testing.assert_array_equal(rms, job[1])
+    assert not reset.any()
+
+
 def test_groups_pad_narrow_sides_together_and_leave_wide_ones_alone():
   """Sides of similar width share a group; a side that would make padding
   cost more than PAD_WASTE times the entries of a large group starts a new
