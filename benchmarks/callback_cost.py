@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'examples'))
 from compare import build  # noqa: E402
 from mkor_optax.numerics import report_if  # noqa: E402
-from step_time import interleaved  # noqa: E402
+from common import interleaved  # noqa: E402
 
 
 def guarded(flag, n):

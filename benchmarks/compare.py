@@ -41,7 +41,8 @@ from common import (METHODS, Autoencoder, Method, Encoder, autoencoder_loss, bat
                     run_method)
 from mkor_optax.kfac import damped_inverse  # noqa: E402
 from mkor_optax.mkor import refresh_inverse  # noqa: E402
-from step_time import interleaved, refresh_update_fns  # noqa: E402
+from common import interleaved  # noqa: E402
+from step_time import refresh_update_fns  # noqa: E402
 
 GRIDS = {'autoencoder': (3e-3, 1e-2, 3e-2), 'bert': (2e-3, 5e-3, 1e-2), 'cnn': (3e-3, 1e-2, 3e-2),
          'resnet': (1e-3, 3e-3, 1e-2), 'mlp64': (3e-3, 1e-2, 3e-2)}

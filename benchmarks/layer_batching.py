@@ -26,7 +26,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(__file__))
 from compare import build  # noqa: E402
-from step_time import interleaved  # noqa: E402
+from common import interleaved  # noqa: E402
 from mkor_optax.mkor import GAMMA, refresh_inverse  # noqa: E402
 
 # the library's own refresh (batched over leading axes), at the defaults

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'examples'))
 import mkor_optax  # noqa: E402
 from common import METHODS as COMMON_METHODS  # noqa: E402
 from common import MLP, Encoder, Method, classification_loss, load_digits, make_step, token_loss  # noqa: E402
-from step_time import interleaved  # noqa: E402
+from common import interleaved  # noqa: E402
 
 # the examples' registry, with K-FAC at two refresh periods
 METHODS = dict(COMMON_METHODS)

@@ -16,7 +16,7 @@ import optax
 sys.path.insert(0, os.path.dirname(__file__))
 import mkor_optax  # noqa: E402
 from compare import TASK_METHODS, build  # noqa: E402
-from step_time import interleaved  # noqa: E402
+from common import interleaved  # noqa: E402
 
 
 def main(argv=None):

@@ -11,8 +11,9 @@ block of LAMB's steps last 0.2 s), ``--repeats`` times (median block), so
 that a noisy neighbour slows every configuration alike.
 
 1. the compare.py tasks: the digits autoencoder, the CNN, the ResNet with
-   BatchNorm, the masked-LM encoder and the small MLP autoencoder
-   (``--tasks``);
+   BatchNorm, the masked-LM encoder and the small MLP autoencoder, and
+   ``demo``, the model of ``make demo`` and the quickstart notebook
+   (64-512-256-32-256-512-64, batch 256) (``--tasks``);
 2. a d-d-d MLP (two d x d Dense layers, batch 256) for d in ``--widths``;
 3. a cost model: MLPs of ``L`` Dense layers of width ``d`` (batch 128), the
    per-step overhead over LAMB in milliseconds against ``L`` and ``d``
@@ -41,17 +42,16 @@ import optax
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'examples'))
 import mkor_optax  # noqa: E402
-from common import make_step  # noqa: E402
+from common import MIN_BLOCK_S, PERIOD, block_steps, interleaved, make_step  # noqa: E402
 from compare import FACTOR_DIM, build  # noqa: E402
-from step_time import interleaved, time_block  # noqa: E402
+from demo import demo_case  # noqa: E402
 
 WD = 0.0
-# Every timed block holds a whole number of refresh periods (inv_freq 10), so
-# that each block holds the same number of refresh steps.
-PERIOD = 10
-# A timed block lasts at least this long (on a shared machine, blocks of a few
-# milliseconds measure the scheduler more than the step).
-MIN_BLOCK_S = 0.2
+# Every timed block holds a whole number of refresh periods (PERIOD, inv_freq
+# 10), so that each block holds the same number of refresh steps, and lasts at
+# least MIN_BLOCK_S of LAMB's steps (on a shared machine, blocks of a few
+# milliseconds measure the scheduler more than the step): examples/common.py's
+# rule, which make demo and the quickstart notebook time their steps by too.
 
 
 def configs(max_dim):
@@ -98,8 +98,7 @@ def costs(params, batch, loss_fn, cfgs, n, repeats, compile_repeats) -> dict:
     fns[name] = lambda c, step=step: step(c[0], c[1], *batch)[:2]
     carries[name] = (params, state)
   if n is None:  # blocks of at least MIN_BLOCK_S of LAMB's steps, whole refresh periods
-    dt, _ = time_block(fns['lamb'], carries['lamb'], PERIOD)
-    n = PERIOD * max(1, int(np.ceil(MIN_BLOCK_S / (PERIOD * dt))))
+    n = block_steps(fns['lamb'], carries['lamb'])
   med = interleaved(fns, carries, n, repeats)
   comp = {k: float(np.median(v)) for k, v in compile_s.items()}
   return {name: {'ms': 1e3 * med[name], 'per_step': med[name] / med['lamb'],
@@ -175,7 +174,7 @@ def plot(model_rows: dict, path: str):
 
 def main(argv=None):
   ap = argparse.ArgumentParser()
-  ap.add_argument('--tasks', default='autoencoder,cnn,resnet,bert,mlp64')
+  ap.add_argument('--tasks', default='autoencoder,cnn,resnet,bert,mlp64,demo')
   ap.add_argument('--widths', default='256,1024,4096')
   ap.add_argument('--depths', default='2,4,8')
   ap.add_argument('--model-widths', default='64,256')
@@ -199,10 +198,13 @@ def main(argv=None):
   report = {'tasks': {}, 'widths': {}, 'model': {}}
   t0 = time.time()
   for task in split(args.tasks):
-    params, make_iter, loss_fn, _ = build(task, quick=True, seed=0)
-    batch = next(make_iter())
+    if task == 'demo':  # make demo's model (its factors: every side, max_factor_dim 4096)
+      params, batch, loss_fn = demo_case()
+    else:
+      params, make_iter, loss_fn, _ = build(task, quick=True, seed=0)
+      batch = next(make_iter())
     n = args.steps
-    report['tasks'][task] = costs(params, batch, loss_fn, configs(FACTOR_DIM[task]), n, args.repeats,
+    report['tasks'][task] = costs(params, batch, loss_fn, configs(FACTOR_DIM.get(task, 4096)), n, args.repeats,
                                   args.compile_repeats)
     print(task, {k: round(v['per_step'], 3) for k, v in report['tasks'][task].items()},
           f'{time.time() - t0:.0f} s', flush=True)

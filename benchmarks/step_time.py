@@ -29,27 +29,9 @@ import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'examples'))
 import mkor_optax  # noqa: E402
-from common import METHODS, MLP, Encoder, classification_loss, load_digits, make_step, token_loss  # noqa: E402
+from common import (METHODS, MLP, Encoder, classification_loss, interleaved, load_digits,  # noqa: E402
+                    make_step, token_loss)
 from mkor_optax.mkor import refresh_inverse  # noqa: E402
-
-
-def time_block(fn, carry, n):
-  carry = jax.block_until_ready(fn(carry))  # not timed: settles any recompilation
-  t0 = time.perf_counter()
-  for _ in range(n):
-    carry = fn(carry)
-  jax.block_until_ready(carry)
-  return (time.perf_counter() - t0) / n, carry
-
-
-def interleaved(fns: dict, carries: dict, n: int, repeats: int) -> dict:
-  """Median seconds per call of each fn, timed in alternating blocks."""
-  samples = {k: [] for k in fns}
-  for _ in range(repeats):
-    for k, fn in fns.items():
-      dt, carries[k] = time_block(fn, carries[k], n)
-      samples[k].append(dt)
-  return {k: float(np.median(v)) for k, v in samples.items()}
 
 
 def step_times(name, model, loss_fn, batch, lr, n, repeats):

@@ -31,7 +31,7 @@ import optax
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'examples'))
 import mkor_optax  # noqa: E402
-from step_time import interleaved  # noqa: E402
+from common import interleaved  # noqa: E402
 
 
 class DDD(nn.Module):

@@ -165,6 +165,52 @@ def make_step(loss_fn, opt, kind=None, needs_value=False):
   return step
 
 
+# How a step's cost is timed, by make demo and benchmarks/step_cost.py alike:
+# blocks of whole refresh periods (inv_freq 10), each lasting at least
+# MIN_BLOCK_S of the first function's steps, the functions taking turns.
+PERIOD = 10
+MIN_BLOCK_S = 0.2
+
+
+def time_block(fn, carry, n):
+  """Seconds per call of ``n`` chained calls ``carry = fn(carry)``, waited
+  for at the end only (the calls queue as in a training loop that does not
+  read the loss every step)."""
+  carry = jax.block_until_ready(fn(carry))  # not timed: settles any recompilation
+  t0 = time.perf_counter()
+  for _ in range(n):
+    carry = fn(carry)
+  jax.block_until_ready(carry)
+  return (time.perf_counter() - t0) / n, carry
+
+
+def interleaved(fns: dict, carries: dict, n: int, repeats: int) -> dict:
+  """Median seconds per call of each fn, timed in alternating blocks of ``n``
+  calls, so that a noisy neighbour slows every fn alike."""
+  samples = {k: [] for k in fns}
+  for _ in range(repeats):
+    for k, fn in fns.items():
+      dt, carries[k] = time_block(fn, carries[k], n)
+      samples[k].append(dt)
+  return {k: float(np.median(v)) for k, v in samples.items()}
+
+
+def block_steps(fn, carry, period: int = PERIOD, min_s: float = MIN_BLOCK_S) -> int:
+  """Calls per timed block: as many whole ``period``s as make ``fn``'s block
+  last ``min_s`` seconds."""
+  dt, _ = time_block(fn, carry, period)
+  return period * max(1, int(np.ceil(min_s / (period * dt))))
+
+
+def seconds_per_step(fns: dict, carries: dict, repeats: int = 7, n: Optional[int] = None) -> dict:
+  """Median seconds per step of each ``fn`` (``carry -> carry``), in
+  interleaved blocks of ``n`` steps (default: :func:`block_steps` of the
+  first fn): the per-step cost that benchmarks/step_cost.py reports."""
+  first = next(iter(fns))
+  n = n or block_steps(fns[first], carries[first])
+  return interleaved(fns, dict(carries), n, repeats)
+
+
 def train(params, opt, data_iter, steps: int, loss_fn, kind=None, needs_value=False,
           progress: bool = False, desc: str = ''):
   """Runs ``steps`` steps; returns (params, losses, seconds after each step).

@@ -5,6 +5,7 @@ run them: ``__main__``, their own argv, a fresh working directory), which
 saves an interpreter start and a jax import each; the ``jax.distributed``
 runs start processes of their own."""
 
+import json
 import os
 import pathlib
 import runpy
@@ -81,6 +82,10 @@ def test_demo_writes_table_and_plot(tmp_path, monkeypatch, capsys):
   out = run_here(['demo.py', '--steps', '5', '--out', str(tmp_path / 'demo')], tmp_path, monkeypatch,
                  capsys)
   assert '| MKOR+LAMB |' in out and (tmp_path / 'demo' / 'loss.png').stat().st_size > 1000
+  # the cost per step timed as benchmarks/step_cost.py times it, in the table and the verdict
+  saved = json.loads((tmp_path / 'demo' / 'demo.json').read_text())['rows']
+  blocks = saved['MKOR+LAMB']['ms_per_step_blocks'] / saved['LAMB']['ms_per_step_blocks']
+  assert f'a MKOR+LAMB step costs {blocks:.2f}x a LAMB step' in out
 
 
 def test_quickstart_runs_without_tqdm(tmp_path, monkeypatch, capsys):

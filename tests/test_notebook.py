@@ -22,4 +22,5 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
   outputs = ''.join(o.get('text', '') for c in nb.cells if c.cell_type == 'code'
                     for o in c.get('outputs', []))
   assert 'MKOR+LAMB' in outputs and 'ms/step' in outputs
+  assert "x LAMB's)" in outputs.split('per step, in blocks')[1]  # the step cost, timed in blocks
   assert 'NNX MKOR+LAMB' in outputs  # the NNX loop ran too
