@@ -236,6 +236,10 @@ NUMBERS.update({
     'demo_steps': lambda: _demo_ratio('steps to target'),
     'demo_seconds': lambda: _demo_ratio('seconds to target'),
     'demo_step_cost': lambda: _demo_ratio('ms/step'),
+    # the same cost timed in blocks, as step_cost.py times it (in the demo's run, and
+    # step_cost.py's own row for the demo's model)
+    'demo_step_cost_blocks': lambda: _demo_ratio('ms/step, in blocks'),
+    'cost_mkor_demo': lambda: _cost('demo'),
 })
 
 
@@ -243,7 +247,10 @@ def readme_demo():
   """What ``make demo`` printed on this project's machine."""
   return (f"On this project's 2-core CPU, `make demo` printed: MKOR+LAMB reached LAMB's final "
           f"loss in {value('demo_steps')}x LAMB's steps and {value('demo_seconds')}x its seconds, "
-          f"each step costing {value('demo_step_cost')}x a LAMB step.")
+          f"each step costing {value('demo_step_cost')}x a LAMB step in that run (which waits for "
+          f"every step's loss) and {value('demo_step_cost_blocks')}x timed in blocks as "
+          f"`benchmarks/step_cost.py` times it (its `demo` row, a separate run: "
+          f"{value('cost_mkor_demo')}x).")
 
 
 RACE = 'adaptive_step/adaptive_race_autoencoder.md'
