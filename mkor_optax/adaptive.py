@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from mkor_optax import capture, checks, docstrings
+from mkor_optax.layers import varying_axes
 from mkor_optax import kronecker as kr
 from mkor_optax.mkor import EPSILON, GAMMA, LOW_RANK, LOW_RANK_MIN_DIM, ZETA, scale_by_mkor
 from mkor_optax.quadratic import gauss_newton, scale_by_quadratic_step
@@ -50,7 +51,19 @@ ADAPTIVE_INV_FREQ = 5
 FISHER_LOSSES = ('sigmoid_cross_entropy', 'softmax_cross_entropy', 'squared_error')
 
 
-def sampled_loss(loss: str, outputs: jax.Array, key: jax.Array) -> jax.Array:
+def _draw(sample, key, shape: tuple, axis_name: Optional[str]):
+  """``sample(key, shape)``, or inside ``pmap``/``shard_map`` over
+  ``axis_name`` this device's rows of the draw for the whole batch (the
+  devices' rows stacked along the leading axis in device order)."""
+  if axis_name is None:
+    return sample(key, shape)
+  rows = shape[0]
+  full = sample(key, (jax.lax.axis_size(axis_name) * rows,) + tuple(shape[1:]))
+  return jax.lax.dynamic_slice_in_dim(full, jax.lax.axis_index(axis_name) * rows, rows, axis=0)
+
+
+def sampled_loss(loss: str, outputs: jax.Array, key: jax.Array, *,
+                 axis_name: Optional[str] = None) -> jax.Array:
   r"""The loss at targets drawn from the model's own predictive distribution.
 
   Its gradient in the outputs has, per example, the covariance of the
@@ -69,14 +82,23 @@ def sampled_loss(loss: str, outputs: jax.Array, key: jax.Array) -> jax.Array:
   Summed over the outputs and divided by the leading (batch) axis's size.
   The targets do not depend on the parameters (no gradient flows through
   the draw). The loss's overall scale does not matter to MKOR's scale-free
-  factors.
+  factors. The draws are ``u < sigmoid(z)`` with ``u`` uniform,
+  ``argmax(z + gumbel)``, and ``y + normal``: those of
+  ``jax.random.bernoulli``, ``jax.random.categorical`` and
+  ``jax.random.normal`` with the same key.
 
   Args:
     loss: ``'sigmoid_cross_entropy'``, ``'softmax_cross_entropy'`` or
       ``'squared_error'``.
     outputs: the model's outputs ``(batch, ..., d)`` (logits for the
       cross-entropies).
-    key: a ``jax.random`` key, a fresh one every step.
+    key: a ``jax.random`` key, a fresh one every step (the same on every
+      device).
+    axis_name: inside ``pmap`` or ``shard_map`` over a data axis whose
+      devices each hold an equal slice of the batch (along the leading axis,
+      in device order): the noise is drawn for the whole batch and each
+      device takes its own rows, so the targets are those that one device
+      would draw for the whole batch. The loss is still this device's mean.
 
   Returns:
     The scalar loss at the sampled targets.
@@ -93,14 +115,15 @@ def sampled_loss(loss: str, outputs: jax.Array, key: jax.Array) -> jax.Array:
     raise ValueError(f'sampled_loss: outputs need a leading batch axis, got shape {outputs.shape}')
   fixed = jax.lax.stop_gradient(outputs.astype(jnp.float32))
   z = outputs.astype(jnp.float32)
+  noise = lambda sample: _draw(lambda k, s: sample(k, s, jnp.float32), key, fixed.shape, axis_name)
   if loss == 'sigmoid_cross_entropy':
-    t = jax.random.bernoulli(key, jax.nn.sigmoid(fixed)).astype(jnp.float32)
+    t = (noise(jax.random.uniform) < jax.nn.sigmoid(fixed)).astype(jnp.float32)
     total = jnp.sum(optax.sigmoid_binary_cross_entropy(z, t))
   elif loss == 'softmax_cross_entropy':
-    c = jax.random.categorical(key, fixed, axis=-1)
+    c = jnp.argmax(fixed + noise(jax.random.gumbel), axis=-1)
     total = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(z, c))
   else:
-    t = fixed + jax.random.normal(key, fixed.shape, jnp.float32)
+    t = fixed + noise(jax.random.normal)
     total = 0.5 * jnp.sum(jnp.square(z - t))
   return total / outputs.shape[0]
 
@@ -136,11 +159,14 @@ def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key
   * ``curvature`` (:func:`~mkor_optax.gauss_newton`), ``grad``, ``value`` and
     ``value_fn`` for :func:`~mkor_optax.scale_by_quadratic_step`.
 
-  With ``axis_name`` (inside ``pmap`` over a data axis) the loss, the
-  gradient, the curvature products and ``value_fn`` are averaged over it
-  (the statistics are averaged by the transform's own ``axis_name``).
-  ``shard_map`` is not supported yet: its capture needs the loss averaged
-  inside, and says so.
+  With ``axis_name`` (inside ``pmap`` or ``shard_map`` over a data axis,
+  each device holding an equal slice of the batch along its leading axis)
+  the loss, the gradient, the curvature products and ``value_fn`` are
+  averaged over it (under ``shard_map`` the differentiated losses are
+  averaged inside, as its capture needs), so they are the whole batch's, the targets of
+  ``fisher`` are drawn for the whole batch (:func:`sampled_loss`), and the
+  statistics are averaged by the transform's own ``axis_name``: the step is
+  the one a single device takes on the whole batch.
 
   Args:
     outputs_fn: ``params -> outputs``, the model applied to this step's
@@ -158,7 +184,7 @@ def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key
       ``'sigmoid_cross_entropy'``, ``'softmax_cross_entropy'`` or
       ``'squared_error'``.
     kind: the statistic kind (:data:`SKETCH` by default).
-    axis_name: the data-parallel axis, or ``None``.
+    axis_name: the data-parallel axis (``pmap``'s or ``shard_map``'s), or ``None``.
     lazy: with ``fisher``, return ``stats_fn`` (computed by the transform
       when a refresh is due) instead of ``stats``.
 
@@ -193,14 +219,20 @@ def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key
     # and its BatchNorm statistics are not the batch's)
     capture_from = lambda: nnx.merge(graphdef, *jax.tree.map(lambda v: v, (params, rest)))  # this trace's
     value_and_grad = nnx.value_and_grad
-  model_loss = lambda m: loss_of_outputs(outputs_fn(m))
+  # Under shard_map (the loss varies over the axis) the differentiated losses
+  # are averaged inside: the gradient of the replicated parameters is then the
+  # whole batch's, as the capture requires. Under pmap each device's gradient
+  # is averaged below instead (and no collective runs inside the statistics'
+  # lax.cond).
+  inside = lambda v: (jax.lax.pmean(v, axis_name) if axis_name in varying_axes(v) else v)
+  model_loss = lambda m: inside(loss_of_outputs(outputs_fn(m)))
   loss_fn = lambda p: loss_of_outputs(tree_outputs(p))
   gram = gauss_newton(tree_outputs, loss_of_outputs)
   if fisher is None:
     loss, grads, stats = capture.value_and_grad(model_loss, kind=kind)(model)
     given = dict(stats=stats)
   else:
-    sampled = lambda m: sampled_loss(fisher, outputs_fn(m), key)
+    sampled = lambda m: inside(sampled_loss(fisher, outputs_fn(m), key, axis_name=axis_name))
     stats_fn = lambda: capture.value_and_grad(sampled, kind=kind)(capture_from())[2]
     given = dict(stats_fn=stats_fn) if lazy else dict(stats=stats_fn())
     # (one jitted step: XLA merges this forward pass with the curvature's)

@@ -188,27 +188,68 @@ def test_a_non_finite_gradient_leaves_the_state_as_it_was():
   jax.tree.map(np.testing.assert_array_equal, new, state)
 
 
-def test_pmap_equals_one_device_on_the_whole_batch():
+@pytest.mark.parametrize('fisher', [None, 'squared_error'])
+@pytest.mark.parametrize('layout', ['pmap', 'shard_map'])
+def test_data_parallel_equals_one_device_on_the_whole_batch(layout, fisher):
   """4 devices, a quarter of the batch each, ``axis_name`` on both the
-  transform and the inputs: the same updates as one device on the whole batch
-  (mean statistics and the labels' Fisher, so no draw differs)."""
+  transform and the inputs, under ``pmap`` or ``shard_map``: the same updates
+  and states as one device on the whole batch, over 3 steps (the first
+  refreshes), with the labels' Fisher and with targets sampled from the model
+  (drawn for the whole batch, each device taking its rows). Mean statistics:
+  a pmap capture sketches its rows with signs of its own."""
+  from jax.sharding import PartitionSpec as P
   n = 4
-  params = init_params()
-  x, y = batch(0, n=16)
+  opt = lambda axis_name=None: mkor_optax.adaptive_mkor(low_rank=None, inv_freq=2, axis_name=axis_name)
 
-  def step(p, s, x, y, axis_name=None):
+  def step(p, s, x, y, t, axis_name=None):
     _, g, extra = mkor_optax.adaptive_inputs(lambda q: Net().apply({'params': q}, x),
                                              lambda out: jnp.mean((out - y) ** 2), p,
+                                             jax.random.PRNGKey(t), fisher=fisher,
                                              kind=mkor_optax.RANK1, axis_name=axis_name)
-    return mkor_optax.adaptive_mkor(low_rank=None, axis_name=axis_name).update(g, s, p, **extra)
+    u, s = opt(axis_name).update(g, s, p, **extra)
+    return optax.apply_updates(p, u), s
 
-  state = mkor_optax.adaptive_mkor(low_rank=None).init(params)
-  want, want_state = jax.jit(step)(params, state, x, y)
   rep = lambda tree: jax.tree.map(lambda v: jnp.stack([v] * n), tree)
-  got, got_state = jax.pmap(lambda p, s, x, y: step(p, s, x, y, 'batch'), axis_name='batch')(
-      rep(params), rep(state), x.reshape(n, -1, 4), y.reshape(n, -1, 3))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=2e-4, atol=1e-6), got, want)
-  np.testing.assert_allclose(got_state[1].alpha[0], want_state[1].alpha, rtol=2e-4)
+  split = lambda v: v.reshape((n, -1) + v.shape[1:])
+  if layout == 'pmap':
+    parallel = jax.pmap(lambda p, s, x, y, t: step(p, s, x, y, t, 'batch'), axis_name='batch',
+                        in_axes=(0, 0, 0, 0, None))
+    wrap, unwrap = (lambda p, s: (rep(p), rep(s))), (lambda tree: jax.tree.map(lambda v: v[0], tree))
+    shard = split
+  else:
+    mesh = jax.make_mesh((n,), ('batch',))
+    parallel = jax.jit(jax.shard_map(lambda p, s, x, y, t: step(p, s, x, y, t, 'batch'), mesh=mesh,
+                                     in_specs=(P(), P(), P('batch'), P('batch'), P()),
+                                     out_specs=(P(), P())))
+    sharded = jax.sharding.NamedSharding(mesh, P('batch'))
+    wrap, unwrap, shard = (lambda p, s: (p, s)), (lambda tree: tree), (lambda v: jax.device_put(v, sharded))
+  single = jax.jit(step)
+  params = init_params()
+  want = (params, opt().init(params))
+  got = wrap(*want)
+  for t in range(3):
+    x, y = batch(t, n=16)
+    want = single(*want, x, y, t)
+    got = parallel(*got, shard(x), shard(y), t)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6), unwrap(got),
+                 want)
+  assert int(unwrap(got)[1][0].count) == 3  # every step counted: none was taken for a bad one
+
+
+def test_sampled_targets_split_over_devices_are_the_whole_batch_draw():
+  """``sampled_loss(..., axis_name=)``: each device's targets are its rows of
+  the one-device draw for the whole batch (checked through the gradient of
+  the loss in the outputs, which is the residual ``y - t`` per row)."""
+  n = 4
+  out = jax.random.normal(jax.random.PRNGKey(5), (16, 3))
+  key = jax.random.PRNGKey(7)
+  for loss in mkor_optax.adaptive.FISHER_LOSSES:
+    whole = jax.grad(lambda o: mkor_optax.sampled_loss(loss, o, key))(out)
+    per_device = jax.pmap(jax.grad(lambda o: mkor_optax.sampled_loss(loss, o, key, axis_name='d')),
+                          axis_name='d')(out.reshape(n, 4, 3))
+    # each device's loss is its own mean (1/4 of the rows): its gradient is 4x the whole one's
+    np.testing.assert_allclose(per_device.reshape(16, 3), 4 * whole, rtol=1e-5, atol=1e-6,
+                               err_msg=loss)
 
 
 def test_nnx_model_through_nnx_optimizer():

@@ -102,3 +102,43 @@ def test_tuning_guide_runs_as_printed():
   assert len(schedule) == 1 and schedule[0][2] == 0.01 and schedule[0][-1] < 1e-4
   assert any(line.startswith("{'Dense_0': ") for line in lines)
   assert lines[-1].startswith('zeta: must be < gamma')
+
+
+def test_data_parallel_guides_adaptive_shard_map_step_runs_as_printed():
+  """The adaptive recipe under ``shard_map`` as the data-parallel guide prints
+  it (the page's other blocks are fragments of a loop): 4 devices take the
+  step one device takes on the whole batch."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+  import optax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  block = [b for b in python_blocks('guides/data_parallel.md') if 'adaptive_mkor' in b]
+  assert len(block) == 1
+  model = nn.Sequential([nn.Dense(8), nn.tanh, nn.Dense(5)])
+  mesh = jax.make_mesh((4,), ('batch',))
+  scope = dict(jax=jax, optax=optax, mkor_optax=mkor_optax, P=P, model=model, mesh=mesh)
+  exec(compile(block[0], 'docs/guides/data_parallel.md', 'exec'), scope)
+  x = jax.random.normal(jax.random.PRNGKey(0), (16, 3))
+  y = (jax.random.uniform(jax.random.PRNGKey(1), (16, 5)) > 0.5).astype(jnp.float32)
+  params = model.init(jax.random.PRNGKey(2), x)['params']
+  opt = scope['opt']
+  one = mkor_optax.adaptive_mkor()
+  loss_of = lambda out: optax.sigmoid_binary_cross_entropy(out, y).sum(-1).mean()
+
+  @jax.jit
+  def single(params, state, key):
+    loss, grads, extra = mkor_optax.adaptive_inputs(lambda p: model.apply({'params': p}, x), loss_of,
+                                                    params, key, fisher='sigmoid_cross_entropy')
+    updates, state = one.update(grads, state, params, **extra)
+    return optax.apply_updates(params, updates), state, loss
+
+  sharded = NamedSharding(mesh, P('batch'))
+  got = want = (params, opt.init(params))
+  losses = []
+  for t in range(4):
+    key = jax.random.PRNGKey(t)
+    *got, loss = scope['step'](*got, jax.device_put(x, sharded), jax.device_put(y, sharded), key)
+    *want, _ = single(*want, key)
+    losses.append(float(loss))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), got, want)
+  assert losses[-1] < losses[0]
