@@ -186,7 +186,9 @@ def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key
     kind: the statistic kind (:data:`SKETCH` by default).
     axis_name: the data-parallel axis (``pmap``'s or ``shard_map``'s), or ``None``.
     lazy: with ``fisher``, return ``stats_fn`` (computed by the transform
-      when a refresh is due) instead of ``stats``.
+      when a refresh is due) instead of ``stats``. ``False`` under
+      :class:`mkor_optax.MultiSteps`, which accumulates ``stats`` over the
+      micro-batches (and refuses ``stats_fn``).
 
   Returns:
     ``(loss, grads, extra)``: pass ``opt.update(grads, state, params, **extra)``.
@@ -301,7 +303,11 @@ def adaptive_mkor(
     curvature, value, value_fn)`` takes what :func:`adaptive_inputs` returns:
     ``stats``, or ``stats_fn``, a function of no arguments that returns
     them, called only on the steps that refresh the factors (zeros, unread,
-    on the others).
+    on the others). Inside :class:`mkor_optax.MultiSteps` (gradient
+    accumulation; pass ``lazy=False`` to :func:`adaptive_inputs` so that
+    the statistics of every micro-batch are accumulated) the step's
+    gradient is the micro-batches' mean, and its curvature products and
+    loss evaluations are those of the last micro-batch.
 
   Example:
     >>> opt = mkor_optax.adaptive_mkor()
@@ -329,6 +335,15 @@ def adaptive_mkor(
     if (stats is None) == (stats_fn is None):
       raise ValueError('adaptive_mkor: pass stats= or stats_fn= (from mkor_optax.adaptive_inputs), '
                        'one of the two')
+    if checks.accumulating():  # inside mkor_optax.MultiSteps, on its k-th micro-batch
+      if stats_fn is not None:
+        raise ValueError(
+            'adaptive_mkor inside mkor_optax.MultiSteps: stats_fn= would refresh the factors from '
+            'the last micro-batch alone. Pass lazy=False to adaptive_inputs, so that MultiSteps '
+            'accumulates the statistics of every micro-batch.')
+      # the updates are the micro-batches' mean gradient: the quadratic model's
+      # linear term (its curvature and loss are the last micro-batch's)
+      extra = dict(extra, grad=updates)
     if stats_fn is not None:  # the statistics' pass only where the factors refresh
       shapes = jax.eval_shape(stats_fn)
       zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

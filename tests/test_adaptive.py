@@ -293,3 +293,39 @@ def test_a_step_the_model_predicts_no_decrease_is_a_zero_update_and_raises_the_d
   updates, new = opt.update(grads, state, params, **extra)
   assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
   np.testing.assert_allclose(float(new[1].damping), STEP_DAMPING / DECAY ** ADAPT_EVERY, rtol=1e-6)
+
+
+def test_multisteps_takes_the_mean_gradient_and_statistics_and_the_last_micro_batchs_curvature():
+  """``mkor_optax.MultiSteps(adaptive_mkor(), 2)`` on two halves of a batch:
+  one update, equal to ``adaptive_mkor``'s on the whole batch's mean
+  gradient and statistics with the second half's curvature and loss (what
+  the docstring says); ``stats_fn`` (lazy statistics) is refused there."""
+  params = init_params()
+  x, y = batch(0, n=16)
+  halves = [(x[:8], y[:8]), (x[8:], y[8:])]
+  apply = lambda xb: (lambda p: Net().apply({'params': p}, xb))
+  mse = lambda yb: (lambda out: jnp.mean((out - yb) ** 2))
+  inputs = lambda p, xb, yb, lazy=False: mkor_optax.adaptive_inputs(
+      apply(xb), mse(yb), p, kind=mkor_optax.RANK1, lazy=lazy)
+  multi = mkor_optax.MultiSteps(recipe(), 2, kind=mkor_optax.RANK1)
+  state = multi.init(params)
+  for xb, yb in halves:
+    _, grads, extra = inputs(params, xb, yb)
+    updates, state = multi.update(grads, state, params, **extra)
+  assert bool(multi.has_updated(state))
+  # the reference: the whole batch's gradient and statistics, the second half's curvature and loss
+  _, whole_grads, whole = inputs(params, x, y)
+  _, _, last = inputs(params, *halves[1])
+  want, want_state = recipe().update(whole_grads, recipe().init(params), params,
+                                     **dict(last, stats=whole['stats'], grad=whole_grads))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), updates, want)
+  np.testing.assert_allclose(state.inner.inner_opt_state[1].alpha, want_state[1].alpha, rtol=1e-4)
+  # the gradient of the last micro-batch alone would give another step
+  other, _ = recipe().update(whole_grads, recipe().init(params), params,
+                             **dict(last, stats=whole['stats']))
+  assert not np.allclose(ravel_pytree(other)[0], ravel_pytree(want)[0], rtol=1e-3)
+  _, grads, extra = mkor_optax.adaptive_inputs(apply(x[:8]), mse(y[:8]), params, jax.random.PRNGKey(0),
+                                               fisher='squared_error', kind=mkor_optax.RANK1)
+  assert 'stats_fn' in extra
+  with pytest.raises(ValueError, match='lazy=False'):
+    multi.update(grads, multi.init(params), params, **extra)
