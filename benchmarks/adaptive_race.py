@@ -6,7 +6,9 @@ the same step, Muon, AdamW and LAMB, in one process, over seeds.
     .venv-kfac/bin/python benchmarks/adaptive_race.py [--task autoencoder|cnn] [--seeds 0,1,2]
 
 (With the main .venv, kfac-jax is skipped.) compare.py's tasks (the digits
-autoencoder, batch 256, 500 steps; the CNN, batch 64, 300 steps): the learning-rate methods take their best lr of the
+autoencoder, batch 256, 500 steps; the CNN, batch 64, 300 steps; the masked
+LM, batch 32, 300 steps, the sampled targets weighted by its mask, without
+kfac-jax): the learning-rate methods take their best lr of the
 compare.py grid per seed; kfac-jax runs as kfac_jax_compare.py runs it
 (adaptive learning rate, momentum and damping); the adaptive methods need
 no learning rate. Target: the same seed's LAMB final loss (EMA 0.9).
@@ -55,6 +57,17 @@ def classes(out, x, y):
   return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
 
 
+def masked_tokens(out, inputs, targets, weights):
+  """The masked LM's loss of its logits: cross-entropy on the masked positions."""
+  del inputs
+  ce = optax.softmax_cross_entropy_with_integer_labels(out, targets)
+  return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+# per task: the weight of each output position in the sampled loss (from the batch)
+FISHER_WEIGHTS = {'bert': lambda inputs, targets, weights: weights}
+
+
 def kfac_loss(model, loss_of_outputs, register):
   """``loss_fn(params, (x, y))`` for kfac-jax, its likelihood registered."""
   def loss_fn(params, batch):
@@ -74,18 +87,26 @@ def tasks():
   except ImportError:
     pixels = labels = None
   from cnn import CNN
+  from common import Encoder, load_pydoc_tokens
+  vocab = load_pydoc_tokens(64, 2000)[1]
   return {'autoencoder': (Autoencoder(), bernoulli_pixels, 'sigmoid_cross_entropy', pixels),
-          'cnn': (CNN(), classes, 'softmax_cross_entropy', labels)}
+          'cnn': (CNN(), classes, 'softmax_cross_entropy', labels),
+          # (kfac-jax not run: its masked cross-entropy is not registered here)
+          'bert': (Encoder(vocab=len(vocab), d=64, depth=2, heads=4, max_len=64), masked_tokens,
+                   'softmax_cross_entropy', None)}
 
 
-def adaptive_step(model, opt, kind, loss_of_outputs, fisher):
-  """The recipe's jitted step ``(params, state, x, y, key) -> (params, state, loss)``."""
+def adaptive_step(model, opt, kind, loss_of_outputs, fisher, fisher_weights=None):
+  """The recipe's jitted step ``(params, state, *batch, key) -> (params, state, loss)``
+  (the model reads ``batch[0]``)."""
   @jax.jit
-  def step(p, s, xb, yb, key):
+  def step(p, s, *batch_and_key):
+    *batch, key = batch_and_key
     # K-FAC's chain takes the statistics every step (stats=), adaptive_mkor lazily
-    loss, g, extra = mkor_optax.adaptive_inputs(lambda q: model.apply({'params': q}, xb),
-                                                lambda out: loss_of_outputs(out, xb, yb), p, key,
+    loss, g, extra = mkor_optax.adaptive_inputs(lambda q: model.apply({'params': q}, batch[0]),
+                                                lambda out: loss_of_outputs(out, *batch), p, key,
                                                 fisher=fisher, kind=kind,
+                                                weights=fisher_weights and fisher_weights(*batch),
                                                 lazy=kind != mkor_optax.COVARIANCE)
     u, s = opt.update(g, s, p, **extra)
     return optax.apply_updates(p, u), s, loss
@@ -93,10 +114,11 @@ def adaptive_step(model, opt, kind, loss_of_outputs, fisher):
   return step
 
 
-def train_adaptive(model, params, make_iter, steps, make, kind, loss_of_outputs, fisher, seed):
+def train_adaptive(model, params, make_iter, steps, make, kind, loss_of_outputs, fisher, seed,
+                   fisher_weights=None):
   """The recipe's loop as a user writes it; ``(losses, cumulative seconds)``."""
   opt = make()
-  step = adaptive_step(model, opt, kind, loss_of_outputs, fisher)
+  step = adaptive_step(model, opt, kind, loss_of_outputs, fisher, fisher_weights)
   state = opt.init(params)
   data = make_iter()
   batch = next(data)
@@ -114,7 +136,7 @@ def train_adaptive(model, params, make_iter, steps, make, kind, loss_of_outputs,
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument('--task', default='autoencoder', choices=('autoencoder', 'cnn'))
+  ap.add_argument('--task', default='autoencoder', choices=('autoencoder', 'cnn', 'bert'))
   ap.add_argument('--steps', type=int, default=None, help="default: the task's (compare.py)")
   ap.add_argument('--seeds', default='0,1,2')
   ap.add_argument('--timing-repeats', type=int, default=3)
@@ -153,7 +175,8 @@ def main(argv=None):
       timers['kfac-jax'] = lambda: run_kfac_jax(model, params0, make_iter, steps, kloss)[1]
     for name, (make, kind) in ADAPTIVE.items():
       run = lambda make=make, kind=kind: train_adaptive(model, params0, make_iter, steps, make, kind,
-                                                        loss_of_outputs, fisher, seed)
+                                                        loss_of_outputs, fisher, seed,
+                                                        FISHER_WEIGHTS.get(args.task))
       losses, times = run()
       runs[name] = {'lr': 'adaptive', 'losses': losses, 'times': [times]}
       timers[name] = lambda run=run: run()[1]

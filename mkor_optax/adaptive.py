@@ -62,7 +62,7 @@ def _draw(sample, key, shape: tuple, axis_name: Optional[str]):
   return jax.lax.dynamic_slice_in_dim(full, jax.lax.axis_index(axis_name) * rows, rows, axis=0)
 
 
-def sampled_loss(loss: str, outputs: jax.Array, key: jax.Array, *,
+def sampled_loss(loss: str, outputs: jax.Array, key: jax.Array, *, weights=None,
                  axis_name: Optional[str] = None) -> jax.Array:
   r"""The loss at targets drawn from the model's own predictive distribution.
 
@@ -79,7 +79,8 @@ def sampled_loss(loss: str, outputs: jax.Array, key: jax.Array, *,
   * ``'squared_error'``: :math:`t = y + \varepsilon`,
     :math:`\varepsilon \sim N(0, I)`, :math:`\tfrac12 \sum (y - t)^2`.
 
-  Summed over the outputs and divided by the leading (batch) axis's size.
+  Summed over the outputs (each position's loss times its weight, with
+  ``weights``) and divided by the leading (batch) axis's size.
   The targets do not depend on the parameters (no gradient flows through
   the draw). The loss's overall scale does not matter to MKOR's scale-free
   factors. The draws are ``u < sigmoid(z)`` with ``u`` uniform,
@@ -94,6 +95,11 @@ def sampled_loss(loss: str, outputs: jax.Array, key: jax.Array, *,
       cross-entropies).
     key: a ``jax.random`` key, a fresh one every step (the same on every
       device).
+    weights: ``None``, or a weight per position, of the shape of
+      ``outputs`` without its last axis (``(batch, length)`` for a
+      sequence's logits), as the loss weights its positions: a masked LM's
+      mask (1 on the positions it predicts, 0 elsewhere), a padding mask.
+      A position of weight 0 adds nothing to the statistics.
     axis_name: inside ``pmap`` or ``shard_map`` over a data axis whose
       devices each hold an equal slice of the batch (along the leading axis,
       in device order): the noise is drawn for the whole batch and each
@@ -113,18 +119,28 @@ def sampled_loss(loss: str, outputs: jax.Array, key: jax.Array, *,
   outputs = jnp.asarray(outputs)
   if outputs.ndim < 1:
     raise ValueError(f'sampled_loss: outputs need a leading batch axis, got shape {outputs.shape}')
+  if weights is not None:
+    weights = jnp.asarray(weights)
+    if weights.shape != outputs.shape[:-1]:
+      raise ValueError(f'sampled_loss: weights must have the shape of outputs without its last axis, '
+                       f'{outputs.shape[:-1]}, got {weights.shape}')
+    weights = jax.lax.stop_gradient(weights.astype(jnp.float32))
+  def total_of(per_entry, last_axis=True):  # the (weighted) sum over every entry
+    if weights is None:
+      return jnp.sum(per_entry)
+    return jnp.sum(weights * (jnp.sum(per_entry, axis=-1) if last_axis else per_entry))
   fixed = jax.lax.stop_gradient(outputs.astype(jnp.float32))
   z = outputs.astype(jnp.float32)
   noise = lambda sample: _draw(lambda k, s: sample(k, s, jnp.float32), key, fixed.shape, axis_name)
   if loss == 'sigmoid_cross_entropy':
     t = (noise(jax.random.uniform) < jax.nn.sigmoid(fixed)).astype(jnp.float32)
-    total = jnp.sum(optax.sigmoid_binary_cross_entropy(z, t))
+    total = total_of(optax.sigmoid_binary_cross_entropy(z, t))
   elif loss == 'softmax_cross_entropy':
     c = jnp.argmax(fixed + noise(jax.random.gumbel), axis=-1)
-    total = jnp.sum(optax.softmax_cross_entropy_with_integer_labels(z, c))
+    total = total_of(optax.softmax_cross_entropy_with_integer_labels(z, c), last_axis=False)
   else:
     t = fixed + noise(jax.random.normal)
-    total = 0.5 * jnp.sum(jnp.square(z - t))
+    total = 0.5 * total_of(jnp.square(z - t))
   return total / outputs.shape[0]
 
 
@@ -137,7 +153,7 @@ def _is_nnx_module(x) -> bool:
 
 
 def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key=None, *,
-                    fisher: Optional[str] = None, kind: Any = SKETCH,
+                    fisher: Optional[str] = None, weights=None, kind: Any = SKETCH,
                     axis_name: Optional[str] = None, lazy: bool = True):
   r"""The loss, the gradient and every extra argument of :func:`adaptive_mkor`'s update.
 
@@ -183,6 +199,9 @@ def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key
     fisher: ``None``, or the name of ``loss_of_outputs``'s distribution:
       ``'sigmoid_cross_entropy'``, ``'softmax_cross_entropy'`` or
       ``'squared_error'``.
+    weights: with ``fisher``, the weight of each output position in the
+      sampled loss (:func:`sampled_loss`), as ``loss_of_outputs`` weights
+      them: a masked LM's mask, a padding mask. ``None``: every position alike.
     kind: the statistic kind (:data:`SKETCH` by default).
     axis_name: the data-parallel axis (``pmap``'s or ``shard_map``'s), or ``None``.
     lazy: with ``fisher``, return ``stats_fn`` (computed by the transform
@@ -205,6 +224,9 @@ def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key
   """
   if fisher is not None and fisher not in FISHER_LOSSES:
     raise ValueError(f'adaptive_inputs: fisher must be None or one of {FISHER_LOSSES}, got {fisher!r}')
+  if weights is not None and fisher is None:
+    raise ValueError('adaptive_inputs: weights= weights the sampled targets of fisher=; the labels\' '
+                     'Fisher (fisher=None) takes its weights from loss_of_outputs itself')
   if fisher is not None and key is None:
     raise ValueError('adaptive_inputs: fisher= samples targets; pass key= (a fresh '
                      'jax.random key every step)')
@@ -234,7 +256,8 @@ def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key
     loss, grads, stats = capture.value_and_grad(model_loss, kind=kind)(model)
     given = dict(stats=stats)
   else:
-    sampled = lambda m: inside(sampled_loss(fisher, outputs_fn(m), key, axis_name=axis_name))
+    sampled = lambda m: inside(sampled_loss(fisher, outputs_fn(m), key, weights=weights,
+                                            axis_name=axis_name))
     stats_fn = lambda: capture.value_and_grad(sampled, kind=kind)(capture_from())[2]
     given = dict(stats_fn=stats_fn) if lazy else dict(stats=stats_fn())
     # (one jitted step: XLA merges this forward pass with the curvature's)

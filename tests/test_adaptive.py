@@ -329,3 +329,38 @@ def test_multisteps_takes_the_mean_gradient_and_statistics_and_the_last_micro_ba
   assert 'stats_fn' in extra
   with pytest.raises(ValueError, match='lazy=False'):
     multi.update(grads, multi.init(params), params, **extra)
+
+
+@pytest.mark.parametrize('loss', mkor_optax.adaptive.FISHER_LOSSES)
+def test_weighted_sampled_loss_weights_each_positions_gradient(loss):
+  """``weights`` (a masked LM's mask, a padding mask): each position's
+  gradient in the outputs is its weight times the unweighted one (the same
+  draw), so a position of weight 0 adds nothing; a weight of the wrong shape
+  is refused."""
+  out = jax.random.normal(jax.random.PRNGKey(2), (3, 5, 4))  # (batch, length, features)
+  w = jnp.array([[1.0, 0.0, 2.0, 0.0, 1.0]] * 3)
+  key = jax.random.PRNGKey(4)
+  plain = jax.grad(lambda o: mkor_optax.sampled_loss(loss, o, key))(out)
+  weighted = jax.grad(lambda o: mkor_optax.sampled_loss(loss, o, key, weights=w))(out)
+  np.testing.assert_allclose(weighted, w[..., None] * plain, rtol=1e-6, atol=1e-7)
+  assert np.all(np.asarray(weighted)[:, 1] == 0) and np.any(np.asarray(weighted)[:, 2] != 0)
+  with pytest.raises(ValueError, match='shape of outputs without its last axis'):
+    mkor_optax.sampled_loss(loss, out, key, weights=w[:, :, None])
+
+
+def test_adaptive_inputs_pass_the_weights_to_the_sampled_pass():
+  """Zero weights: the sampled loss is zero, so are the output-side statistics;
+  weights of one: the statistics of no weights."""
+  params = init_params()
+  x, y = batch(0)
+  run = lambda w: mkor_optax.adaptive_inputs(
+      lambda p: Net().apply({'params': p}, x), lambda out: jnp.mean((out - y) ** 2), params,
+      jax.random.PRNGKey(0), fisher='squared_error', weights=w, kind=mkor_optax.RANK1,
+      lazy=False)[2]['stats']
+  ones, zeros, none = run(jnp.ones(x.shape[0])), run(jnp.zeros(x.shape[0])), run(None)
+  for layer in none:
+    np.testing.assert_allclose(ones[layer]['g'], none[layer]['g'], rtol=1e-6)
+    assert np.all(np.asarray(zeros[layer]['g']) == 0) and np.any(np.asarray(none[layer]['g']) != 0)
+  with pytest.raises(ValueError, match='fisher'):
+    mkor_optax.adaptive_inputs(lambda p: Net().apply({'params': p}, x), lambda out: jnp.mean(out),
+                               params, weights=jnp.ones(x.shape[0]))
