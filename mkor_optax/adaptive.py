@@ -153,7 +153,8 @@ def _is_nnx_module(x) -> bool:
 
 
 def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key=None, *,
-                    fisher: Optional[str] = None, weights=None, kind: Any = SKETCH,
+                    fisher: Optional[str] = None, weights=None, has_aux: bool = False,
+                    kind: Any = SKETCH,
                     axis_name: Optional[str] = None, lazy: bool = True):
   r"""The loss, the gradient and every extra argument of :func:`adaptive_mkor`'s update.
 
@@ -202,6 +203,12 @@ def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key
     weights: with ``fisher``, the weight of each output position in the
       sampled loss (:func:`sampled_loss`), as ``loss_of_outputs`` weights
       them: a masked LM's mask, a padding mask. ``None``: every position alike.
+    has_aux: ``outputs_fn`` returns ``(outputs, aux)``, such as a linen
+      model with BatchNorm in training mode,
+      ``lambda p: model.apply({'params': p, 'batch_stats': stats}, x,
+      mutable=['batch_stats'])``, whose new batch statistics are ``aux``.
+      The first value returned is then ``(loss, aux)`` (``aux`` of the
+      gradient's pass), as ``jax.value_and_grad(..., has_aux=True)`` gives.
     kind: the statistic kind (:data:`SKETCH` by default).
     axis_name: the data-parallel axis (``pmap``'s or ``shard_map``'s), or ``None``.
     lazy: with ``fisher``, return ``stats_fn`` (computed by the transform
@@ -210,7 +217,8 @@ def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key
       micro-batches (and refuses ``stats_fn``).
 
   Returns:
-    ``(loss, grads, extra)``: pass ``opt.update(grads, state, params, **extra)``.
+    ``(loss, grads, extra)`` (``((loss, aux), grads, extra)`` with
+    ``has_aux``): pass ``opt.update(grads, state, params, **extra)``.
 
   Example:
     >>> opt = mkor_optax.adaptive_mkor()
@@ -249,23 +257,31 @@ def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key
   # is averaged below instead (and no collective runs inside the statistics'
   # lax.cond).
   inside = lambda v: (jax.lax.pmean(v, axis_name) if axis_name in varying_axes(v) else v)
-  model_loss = lambda m: inside(loss_of_outputs(outputs_fn(m)))
-  loss_fn = lambda p: loss_of_outputs(tree_outputs(p))
-  gram = gauss_newton(tree_outputs, loss_of_outputs)
+  only = (lambda f: (lambda m: f(m)[0])) if has_aux else (lambda f: f)  # the outputs alone
+
+  def model_loss(m):
+    out = outputs_fn(m)
+    if has_aux:
+      return inside(loss_of_outputs(out[0])), out[1]
+    return inside(loss_of_outputs(out))
+
+  loss_fn = lambda p: loss_of_outputs(only(tree_outputs)(p))
+  gram = gauss_newton(only(tree_outputs), loss_of_outputs)
   if fisher is None:
-    loss, grads, stats = capture.value_and_grad(model_loss, kind=kind)(model)
+    value, grads, stats = capture.value_and_grad(model_loss, kind=kind, has_aux=has_aux)(model)
     given = dict(stats=stats)
   else:
-    sampled = lambda m: inside(sampled_loss(fisher, outputs_fn(m), key, weights=weights,
+    sampled = lambda m: inside(sampled_loss(fisher, only(outputs_fn)(m), key, weights=weights,
                                             axis_name=axis_name))
     stats_fn = lambda: capture.value_and_grad(sampled, kind=kind)(capture_from())[2]
     given = dict(stats_fn=stats_fn) if lazy else dict(stats=stats_fn())
     # (one jitted step: XLA merges this forward pass with the curvature's)
-    loss, grads = value_and_grad(model_loss)(model)
+    value, grads = value_and_grad(model_loss, has_aux=has_aux)(model)
+  loss, aux = value if has_aux else (value, None)
   loss, grads = mean(loss), mean(grads)
   extra = dict(given, grad=grads, value=loss, curvature=lambda p, vs: mean(gram(p, vs)),
                value_fn=lambda p: mean(loss_fn(p)))
-  return loss, grads, extra
+  return ((loss, aux) if has_aux else loss), grads, extra
 
 
 @docstrings.filled()

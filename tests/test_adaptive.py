@@ -364,3 +364,46 @@ def test_adaptive_inputs_pass_the_weights_to_the_sampled_pass():
   with pytest.raises(ValueError, match='fisher'):
     mkor_optax.adaptive_inputs(lambda p: Net().apply({'params': p}, x), lambda out: jnp.mean(out),
                                params, weights=jnp.ones(x.shape[0]))
+
+
+def test_has_aux_carries_a_batchnorm_models_new_statistics_through_the_step():
+  """A linen model with BatchNorm in training mode (``mutable=['batch_stats']``):
+  ``has_aux=True`` returns ``(loss, new batch statistics)``, the statistics
+  those of the model's own call, and the step is the one of the same outputs
+  without the aux; the loss falls over a few steps."""
+  import flax.linen as nn
+
+  class BNNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.BatchNorm(use_running_average=False)(nn.Dense(8)(x))
+      return nn.Dense(3)(jnp.tanh(h))
+
+  model = BNNet()
+  x, y = batch(0, n=16)
+  variables = model.init(jax.random.PRNGKey(0), x)
+  params, bn = variables['params'], variables['batch_stats']
+  mse = lambda out: jnp.mean((out - y) ** 2)
+  opt = mkor_optax.adaptive_mkor(inv_freq=2)
+
+  @jax.jit
+  def step(params, bn, state, key):
+    outputs = lambda p: model.apply({'params': p, 'batch_stats': bn}, x, mutable=['batch_stats'])
+    (loss, new), grads, extra = mkor_optax.adaptive_inputs(outputs, mse, params, key,
+                                                           fisher='squared_error', has_aux=True)
+    # the same step from the outputs alone
+    _, grads2, extra2 = mkor_optax.adaptive_inputs(lambda p: outputs(p)[0], mse, params, key,
+                                                   fisher='squared_error')
+    updates2, _ = opt.update(grads2, state, params, **extra2)
+    updates, state = opt.update(grads, state, params, **extra)
+    return optax.apply_updates(params, updates), new['batch_stats'], state, loss, updates, updates2
+
+  state = opt.init(params)
+  losses = []
+  for t in range(6):
+    want_bn = model.apply({'params': params, 'batch_stats': bn}, x, mutable=['batch_stats'])[1]
+    params, bn, state, loss, updates, updates2 = step(params, bn, state, jax.random.PRNGKey(t))
+    jax.tree.map(np.testing.assert_allclose, bn, want_bn['batch_stats'])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), updates, updates2)
+    losses.append(float(loss))
+  assert losses[-1] < losses[0]
