@@ -7,7 +7,8 @@ the same step, Muon, AdamW and LAMB, in one process, over seeds.
 
 (With the main .venv, kfac-jax is skipped.) compare.py's tasks (the digits
 autoencoder, batch 256, 500 steps; the CNN, batch 64, 300 steps; the masked
-LM, batch 32, 300 steps, the sampled targets weighted by its mask, without
+LM, batch 32, 300 steps, the sampled targets weighted by its mask; the ResNet
+with BatchNorm in training mode, batch 64, 300 steps; these two without
 kfac-jax): the learning-rate methods take their best lr of the
 compare.py grid per seed; kfac-jax runs as kfac_jax_compare.py runs it
 (adaptive learning rate, momentum and damping); the adaptive methods need
@@ -64,6 +65,18 @@ def masked_tokens(out, inputs, targets, weights):
   return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+class TrainMode:
+  """A BatchNorm model applied as compare.py's ResNet task applies it: in
+  training mode, on the batch's own statistics (its running averages unused)."""
+
+  def __init__(self, model, batch_stats):
+    self.model, self.batch_stats = model, batch_stats
+
+  def apply(self, variables, x):
+    return self.model.apply(dict(variables, batch_stats=self.batch_stats), x,
+                            mutable=['batch_stats'])[0]
+
+
 # per task: the weight of each output position in the sampled loss (from the batch)
 FISHER_WEIGHTS = {'bert': lambda inputs, targets, weights: weights}
 
@@ -87,13 +100,18 @@ def tasks():
   except ImportError:
     pixels = labels = None
   from cnn import CNN
-  from common import Encoder, load_pydoc_tokens
+  from common import Encoder, load_digits, load_pydoc_tokens
+  from resnet import ResNet, init
   vocab = load_pydoc_tokens(64, 2000)[1]
+  resnet = ResNet()
   return {'autoencoder': (Autoencoder(), bernoulli_pixels, 'sigmoid_cross_entropy', pixels),
           'cnn': (CNN(), classes, 'softmax_cross_entropy', labels),
           # (kfac-jax not run: its masked cross-entropy is not registered here)
           'bert': (Encoder(vocab=len(vocab), d=64, depth=2, heads=4, max_len=64), masked_tokens,
-                   'softmax_cross_entropy', None)}
+                   'softmax_cross_entropy', None),
+          # (kfac-jax not run: its graph matcher is not given the BatchNorm model here)
+          'resnet': (TrainMode(resnet, init(resnet, load_digits()[0][0][:2], 0)[1]), classes,
+                     'softmax_cross_entropy', None)}
 
 
 def adaptive_step(model, opt, kind, loss_of_outputs, fisher, fisher_weights=None):
@@ -136,7 +154,7 @@ def train_adaptive(model, params, make_iter, steps, make, kind, loss_of_outputs,
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument('--task', default='autoencoder', choices=('autoencoder', 'cnn', 'bert'))
+  ap.add_argument('--task', default='autoencoder', choices=('autoencoder', 'cnn', 'bert', 'resnet'))
   ap.add_argument('--steps', type=int, default=None, help="default: the task's (compare.py)")
   ap.add_argument('--seeds', default='0,1,2')
   ap.add_argument('--timing-repeats', type=int, default=3)
