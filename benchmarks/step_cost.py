@@ -42,7 +42,7 @@ import optax
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'examples'))
 import mkor_optax  # noqa: E402
-from common import MIN_BLOCK_S, PERIOD, block_steps, interleaved, make_step  # noqa: E402
+from common import MIN_BLOCK_S, PERIOD, make_step, seconds_per_step  # noqa: E402
 from compare import FACTOR_DIM, build  # noqa: E402
 from demo import demo_case  # noqa: E402
 
@@ -97,9 +97,8 @@ def costs(params, batch, loss_fn, cfgs, n, repeats, compile_repeats) -> dict:
       jax.block_until_ready(step(params, state, *batch))
     fns[name] = lambda c, step=step: step(c[0], c[1], *batch)[:2]
     carries[name] = (params, state)
-  if n is None:  # blocks of at least MIN_BLOCK_S of LAMB's steps, whole refresh periods
-    n = block_steps(fns['lamb'], carries['lamb'])
-  med = interleaved(fns, carries, n, repeats)
+  # (n None: blocks of at least MIN_BLOCK_S of LAMB's steps, the first config's)
+  med = seconds_per_step(fns, carries, repeats, n)
   comp = {k: float(np.median(v)) for k, v in compile_s.items()}
   return {name: {'ms': 1e3 * med[name], 'per_step': med[name] / med['lamb'],
                  'compile_s': comp[name], 'compile': comp[name] / comp['lamb']} for name in cfgs}
@@ -203,15 +202,13 @@ def main(argv=None):
     else:
       params, make_iter, loss_fn, _ = build(task, quick=True, seed=0)
       batch = next(make_iter())
-    n = args.steps
-    report['tasks'][task] = costs(params, batch, loss_fn, configs(FACTOR_DIM.get(task, 4096)), n, args.repeats,
-                                  args.compile_repeats)
+    report['tasks'][task] = costs(params, batch, loss_fn, configs(FACTOR_DIM.get(task, 4096)),
+                                  args.steps, args.repeats, args.compile_repeats)
     print(task, {k: round(v['per_step'], 3) for k, v in report['tasks'][task].items()},
           f'{time.time() - t0:.0f} s', flush=True)
   for w in map(int, split(args.widths)):
     params, batch, loss_fn = mlp_case(2, w, 256)
-    n = args.steps
-    report['widths'][w] = costs(params, batch, loss_fn, configs(4096), n, args.repeats,
+    report['widths'][w] = costs(params, batch, loss_fn, configs(4096), args.steps, args.repeats,
                                 args.compile_repeats)
     print('width', w, {k: round(v['per_step'], 3) for k, v in report['widths'][w].items()},
           f'{time.time() - t0:.0f} s', flush=True)

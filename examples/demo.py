@@ -62,15 +62,23 @@ def first_at_or_below(curve, target):
   return int(idx[0]) if len(idx) else None
 
 
-def train_side_by_side(params0, loss_fn, x, y, args):
+def jitted_steps(loss_fn, lr) -> dict:
+  """``{name: (jitted train step, optimizer)}`` of both optimizers, compiled
+  once for the run and the block timing."""
+  out = {}
+  for name, method in RUNS.items():
+    m = METHODS[method]
+    opt = m.make(lr)
+    out[name] = (make_step(loss_fn, opt, m.kind, m.needs_value), opt)
+  return out
+
+
+def train_side_by_side(steps, params0, x, y, args):
   """Both optimizers step in turn on the same batches, so a machine that
   slows down or speeds up mid-run slows both alike. Returns, per optimizer,
   (final params, per-step losses, seconds spent in its own steps so far)."""
   runs = {}
-  for name, method in RUNS.items():
-    m = METHODS[method]
-    opt = m.make(args.lr)
-    step = make_step(loss_fn, opt, m.kind, m.needs_value)
+  for name, (step, opt) in steps.items():
     state = opt.init(params0)
     jax.block_until_ready(step(params0, state, x[:args.batch], y[:args.batch]))  # compile
     runs[name] = [step, params0, state, [], [], 0.0]
@@ -94,13 +102,10 @@ def train_side_by_side(params0, loss_fn, x, y, args):
   return {name: (r[1], np.array(r[3]), np.array(r[4])) for name, r in runs.items()}
 
 
-def block_timed_ms(params0, loss_fn, batch, args):
+def block_timed_ms(steps, params0, batch):
   """ms per step of each optimizer as benchmarks/step_cost.py times it."""
   fns, carries = {}, {}
-  for name, method in RUNS.items():
-    m = METHODS[method]
-    opt = m.make(args.lr)
-    step = make_step(loss_fn, opt, m.kind, m.needs_value)
+  for name, (step, opt) in steps.items():
     fns[name] = lambda c, step=step: step(c[0], c[1], *batch)[:2]
     carries[name] = (params0, opt.init(params0))
   return {k: 1e3 * v for k, v in seconds_per_step(fns, carries, BLOCK_REPEATS).items()}
@@ -141,11 +146,12 @@ def main(argv=None):
   (x, y), (x_test, _) = load_digits(seed=args.seed)
   params0, _, loss_fn = demo_case(args.batch, args.seed)
   test_loss = jax.jit(lambda p: loss_fn(p, x_test))
+  steps = jitted_steps(loss_fn, args.lr)
   curves, finals = {}, {}
-  for name, (params, losses, times) in train_side_by_side(params0, loss_fn, x, y, args).items():
+  for name, (params, losses, times) in train_side_by_side(steps, params0, x, y, args).items():
     curves[name] = (smooth(losses), times)
     finals[name] = float(test_loss(params))
-  blocks_ms = block_timed_ms(params0, loss_fn, (x[:args.batch], y[:args.batch]), args)
+  blocks_ms = block_timed_ms(steps, params0, (x[:args.batch], y[:args.batch]))
 
   target = curves['LAMB'][0][-1]
   rows = {}

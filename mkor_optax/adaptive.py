@@ -35,8 +35,8 @@ import jax.numpy as jnp
 import optax
 
 from mkor_optax import capture, checks, docstrings
-from mkor_optax.layers import varying_axes
 from mkor_optax import kronecker as kr
+from mkor_optax.layers import varying_axes
 from mkor_optax.mkor import EPSILON, GAMMA, LOW_RANK, LOW_RANK_MIN_DIM, ZETA, scale_by_mkor
 from mkor_optax.quadratic import gauss_newton, scale_by_quadratic_step
 from mkor_optax.tap import SKETCH
