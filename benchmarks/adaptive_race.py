@@ -40,6 +40,7 @@ from compare import GRIDS, TASK_METHODS, build, first_at_or_below, smooth  # noq
 ADAPTIVE = {
     'adaptive_mkor': (lambda: mkor_optax.adaptive_mkor(), mkor_optax.SKETCH),
     'adaptive_mkor Sketch(8)': (lambda: mkor_optax.adaptive_mkor(), mkor_optax.Sketch(8)),
+    'adaptive_mkor rescale': (lambda: mkor_optax.adaptive_mkor(rescale=True), mkor_optax.SKETCH),
     'kfac + quadratic step': (
         lambda: optax.chain(mkor_optax.scale_by_kfac(), mkor_optax.scale_by_quadratic_step()),
         mkor_optax.COVARIANCE),

@@ -268,6 +268,19 @@ NUMBERS.update({
     'race_lamb_steps': lambda: cell(RACE, 'lamb', 'steps (/ LAMB)', part='value'),
 })
 
+RACE_RESNET = 'adaptive_step/adaptive_race_resnet.md'
+NUMBERS.update({
+    # the same race on the ResNet with BatchNorm (3 seeds): rescale=True against the default
+    'resnet_race_rescale_steps': lambda: cell(RACE_RESNET, 'adaptive_mkor rescale', 'steps (/ LAMB)',
+                                              part='value'),
+    'resnet_race_rescale_seconds': lambda: cell(RACE_RESNET, 'adaptive_mkor rescale',
+                                                'seconds (/ LAMB)', part='ratio'),
+    'resnet_race_lamb_steps': lambda: cell(RACE_RESNET, 'lamb', 'steps (/ LAMB)', part='value'),
+    'resnet_race_adamw_seconds': lambda: cell(RACE_RESNET, 'adamw', 'seconds (/ LAMB)', part='ratio'),
+    'resnet_race_mkor_final': lambda: cell(RACE_RESNET, 'adaptive_mkor', 'final loss'),
+    'resnet_race_lamb_final': lambda: cell(RACE_RESNET, 'lamb', 'final loss'),
+})
+
 
 def readme_adaptive():
   """The adaptive recipe's race on the autoencoder."""

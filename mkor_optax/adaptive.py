@@ -300,6 +300,7 @@ def adaptive_mkor(
     adapt_every: int = 5,
     decay: float = 0.95,
     momentum: bool = True,
+    rescale: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""MKOR's natural gradient, stepped by the damped quadratic model (no learning rate).
 
@@ -335,6 +336,11 @@ def adaptive_mkor(
     step_damping: the quadratic model's initial damping :math:`\lambda_s`.
     adapt_every, decay: its Levenberg-Marquardt adaptation.
     momentum: fit :math:`\mu` as well as :math:`\alpha`.
+    rescale: rescale each layer's direction to its gradient's norm
+      (:func:`scale_by_mkor`'s ``rescale``) before the quadratic model
+      scales it: one :math:`\alpha` then serves layers whose natural-gradient
+      lengths differ by orders of magnitude (convolutions behind a
+      BatchNorm against a plain head).
 
   Returns:
     ``optax.chain(scale_by_mkor(rescale=False, ...), scale_by_quadratic_step(...))``
@@ -366,7 +372,7 @@ def adaptive_mkor(
   inner = optax.chain(
       scale_by_mkor(damping=damping, gamma=gamma, zeta=zeta, epsilon=epsilon, inv_freq=inv_freq,
                     axis_name=axis_name, max_factor_dim=max_factor_dim, low_rank=low_rank,
-                    low_rank_min_dim=low_rank_min_dim, rescale=False),
+                    low_rank_min_dim=low_rank_min_dim, rescale=rescale),
       scale_by_quadratic_step(damping=step_damping, adapt_every=adapt_every, decay=decay,
                               momentum=momentum))
 

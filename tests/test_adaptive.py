@@ -55,10 +55,11 @@ def gauss_newton_matrix(params, t):
   return 2.0 / j.shape[0] * j.T @ j
 
 
-@pytest.mark.parametrize('fisher', [None, 'squared_error'])
-def test_two_steps_equal_a_float64_hand_computation(fisher):
+@pytest.mark.parametrize('fisher, rescale', [(None, False), ('squared_error', False),
+                                             ('squared_error', True)])
+def test_two_steps_equal_a_float64_hand_computation(fisher, rescale):
   params = init_params()
-  opt = recipe()
+  opt = recipe(rescale=rescale)
   state = opt.init(params)
   flat = lambda tree: np.asarray(ravel_pytree(tree)[0], np.float64)
   lam, previous, history = STEP_DAMPING, None, []
@@ -66,8 +67,9 @@ def test_two_steps_equal_a_float64_hand_computation(fisher):
   for t in range(2):
     loss, grads, stats, updates, state = step(params, state, t)
     history.append((grads, stats))
-    # by hand: D = -F_R^-1 G F_L^-1 (float64 MKOR reference), C formed in full
-    direction = -flat(reference_run(history, rescale=False, **HP)[-1])
+    # by hand: D = -F_R^-1 G F_L^-1 (float64 MKOR reference; with rescale each
+    # layer's D scaled to its gradient's norm), C formed in full
+    direction = -flat(reference_run(history, rescale=rescale, **HP)[-1])
     g, c = flat(grads), gauss_newton_matrix(params, t)
     curv = lambda u, v: u @ c @ v + lam * (u @ v)
     if previous is None:
