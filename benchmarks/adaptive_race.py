@@ -41,6 +41,10 @@ ADAPTIVE = {
     'adaptive_mkor': (lambda: mkor_optax.adaptive_mkor(), mkor_optax.SKETCH),
     'adaptive_mkor Sketch(8)': (lambda: mkor_optax.adaptive_mkor(), mkor_optax.Sketch(8)),
     'adaptive_mkor rescale': (lambda: mkor_optax.adaptive_mkor(rescale=True), mkor_optax.SKETCH),
+    # the Gauss-Newton products on the batch's first quarter (adaptive_inputs' curvature_on)
+    'adaptive_mkor, curvature on 1/4': (lambda: mkor_optax.adaptive_mkor(), mkor_optax.SKETCH, 4),
+    'adaptive_mkor Sketch(8), curvature on 1/4': (lambda: mkor_optax.adaptive_mkor(),
+                                                  mkor_optax.Sketch(8), 4),
     'kfac + quadratic step': (
         lambda: optax.chain(mkor_optax.scale_by_kfac(), mkor_optax.scale_by_quadratic_step()),
         mkor_optax.COVARIANCE),
@@ -115,18 +119,24 @@ def tasks():
                      'softmax_cross_entropy', None)}
 
 
-def adaptive_step(model, opt, kind, loss_of_outputs, fisher, fisher_weights=None):
+def adaptive_step(model, opt, kind, loss_of_outputs, fisher, fisher_weights=None, part=1):
   """The recipe's jitted step ``(params, state, *batch, key) -> (params, state, loss)``
-  (the model reads ``batch[0]``)."""
+  (the model reads ``batch[0]``; ``part`` > 1: the curvature products on the
+  batch's first ``1 / part`` of rows)."""
   @jax.jit
   def step(p, s, *batch_and_key):
     *batch, key = batch_and_key
+    rows = [b[:b.shape[0] // part] for b in batch]
+    curvature_on = (None if part == 1 else
+                    (lambda q: model.apply({'params': q}, rows[0]),
+                     lambda out: loss_of_outputs(out, *rows)))
     # K-FAC's chain takes the statistics every step (stats=), adaptive_mkor lazily
     loss, g, extra = mkor_optax.adaptive_inputs(lambda q: model.apply({'params': q}, batch[0]),
                                                 lambda out: loss_of_outputs(out, *batch), p, key,
                                                 fisher=fisher, kind=kind,
                                                 weights=fisher_weights and fisher_weights(*batch),
-                                                lazy=kind != mkor_optax.COVARIANCE)
+                                                lazy=kind != mkor_optax.COVARIANCE,
+                                                curvature_on=curvature_on)
     u, s = opt.update(g, s, p, **extra)
     return optax.apply_updates(p, u), s, loss
 
@@ -134,10 +144,10 @@ def adaptive_step(model, opt, kind, loss_of_outputs, fisher, fisher_weights=None
 
 
 def train_adaptive(model, params, make_iter, steps, make, kind, loss_of_outputs, fisher, seed,
-                   fisher_weights=None):
+                   fisher_weights=None, part=1):
   """The recipe's loop as a user writes it; ``(losses, cumulative seconds)``."""
   opt = make()
-  step = adaptive_step(model, opt, kind, loss_of_outputs, fisher, fisher_weights)
+  step = adaptive_step(model, opt, kind, loss_of_outputs, fisher, fisher_weights, part)
   state = opt.init(params)
   data = make_iter()
   batch = next(data)
@@ -192,10 +202,10 @@ def main(argv=None):
       losses, times, _ = run_kfac_jax(model, params0, make_iter, steps, kloss)
       runs['kfac-jax'] = {'lr': 'adaptive', 'losses': losses, 'times': [times]}
       timers['kfac-jax'] = lambda: run_kfac_jax(model, params0, make_iter, steps, kloss)[1]
-    for name, (make, kind) in ADAPTIVE.items():
-      run = lambda make=make, kind=kind: train_adaptive(model, params0, make_iter, steps, make, kind,
-                                                        loss_of_outputs, fisher, seed,
-                                                        FISHER_WEIGHTS.get(args.task))
+    for name, (make, kind, *part) in ADAPTIVE.items():
+      run = lambda make=make, kind=kind, part=part: train_adaptive(
+          model, params0, make_iter, steps, make, kind, loss_of_outputs, fisher, seed,
+          FISHER_WEIGHTS.get(args.task), *part)
       losses, times = run()
       runs[name] = {'lr': 'adaptive', 'losses': losses, 'times': [times]}
       timers[name] = lambda run=run: run()[1]

@@ -266,6 +266,21 @@ NUMBERS.update({
     'race_muon_seconds': lambda: cell(RACE, 'muon', 'seconds (/ LAMB)', part='ratio'),
     'race_adamw_seconds': lambda: cell(RACE, 'adamw', 'seconds (/ LAMB)', part='ratio'),
     'race_lamb_steps': lambda: cell(RACE, 'lamb', 'steps (/ LAMB)', part='value'),
+    # the curvature products on the batch's first quarter (curvature_on)
+    'race_quarter_steps': lambda: cell(RACE, 'adaptive_mkor, curvature on 1/4', 'steps (/ LAMB)',
+                                       part='value'),
+    'race_quarter_seconds': lambda: cell(RACE, 'adaptive_mkor, curvature on 1/4', 'seconds (/ LAMB)',
+                                         part='ratio'),
+    'race_quarter_step_cost': lambda: cell(RACE, 'adaptive_mkor, curvature on 1/4',
+                                           'ms/step (/ LAMB)', part='ratio'),
+    'race_s8_quarter_steps': lambda: cell(RACE, 'adaptive_mkor Sketch(8), curvature on 1/4',
+                                          'steps (/ LAMB)', part='value'),
+    'race_s8_quarter_seconds': lambda: cell(RACE, 'adaptive_mkor Sketch(8), curvature on 1/4',
+                                            'seconds (/ LAMB)', part='ratio'),
+    'race_s8_quarter_step_cost': lambda: cell(RACE, 'adaptive_mkor Sketch(8), curvature on 1/4',
+                                              'ms/step (/ LAMB)', part='ratio'),
+    'race_s8_quarter_steps_vs_kfac_jax': lambda: (
+        f"{float(cell(RACE, 'adaptive_mkor Sketch(8), curvature on 1/4', 'steps (/ LAMB)', part='value')) / float(cell(RACE, 'kfac-jax', 'steps (/ LAMB)', part='value')):.2f}"),
 })
 
 RACE_RESNET = 'adaptive_step/adaptive_race_resnet.md'
@@ -290,7 +305,11 @@ def readme_adaptive():
           f"LAMB: {value('race_lamb_steps')}) and {value('race_mkor_seconds')}x LAMB's seconds, "
           f"each step costing {value('race_mkor_step_cost')}x a LAMB step. kfac-jax took "
           f"{value('race_kfac_jax_seconds')}x LAMB's seconds, Muon {value('race_muon_seconds')}x, "
-          f"AdamW {value('race_adamw_seconds')}x.")
+          f"AdamW {value('race_adamw_seconds')}x. With 8 sketches and the curvature products on a "
+          f"quarter of the batch (`adaptive_inputs(..., kind=mkor_optax.Sketch(8), curvature_on=...)`) "
+          f"it took {value('race_s8_quarter_steps')} steps "
+          f"({value('race_s8_quarter_steps_vs_kfac_jax')}x kfac-jax's) and "
+          f"{value('race_s8_quarter_seconds')}x LAMB's seconds.")
 
 
 README_BLOCKS = {'measured': readme_measured, 'demo': readme_demo, 'adaptive': readme_adaptive}

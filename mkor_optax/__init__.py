@@ -1,7 +1,8 @@
 """mkor_optax: scalable second-order optimizers for Optax and Flax."""
 
 from mkor_optax.accumulation import MultiSteps, MultiStepsState
-from mkor_optax.adaptive import adaptive_inputs, adaptive_mkor, sampled_loss
+from mkor_optax.adaptive import adaptive_inputs, adaptive_mkor
+from mkor_optax.fisher import sampled_loss
 from mkor_optax.checkpoint import restore_state
 from mkor_optax.capture import (COVARIANCE, RANK1, SKETCH, Covariance, Sketch, StatKind,
                                 layer_layouts, untapped, value_and_grad)

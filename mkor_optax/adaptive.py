@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from mkor_optax import capture, checks, docstrings
+from mkor_optax.fisher import FISHER_LOSSES, sampled_loss
 from mkor_optax import kronecker as kr
 from mkor_optax.layers import varying_axes
 from mkor_optax.mkor import EPSILON, GAMMA, LOW_RANK, LOW_RANK_MIN_DIM, ZETA, scale_by_mkor
@@ -47,101 +48,6 @@ from mkor_optax.tap import SKETCH
 # steps paid for themselves.
 ADAPTIVE_DAMPING = 0.0625
 ADAPTIVE_INV_FREQ = 5
-# The losses whose predictive distribution sampled_loss knows.
-FISHER_LOSSES = ('sigmoid_cross_entropy', 'softmax_cross_entropy', 'squared_error')
-
-
-def _draw(sample, key, shape: tuple, axis_name: Optional[str]):
-  """``sample(key, shape)``, or inside ``pmap``/``shard_map`` over
-  ``axis_name`` this device's rows of the draw for the whole batch (the
-  devices' rows stacked along the leading axis in device order)."""
-  if axis_name is None:
-    return sample(key, shape)
-  rows = shape[0]
-  full = sample(key, (jax.lax.axis_size(axis_name) * rows,) + tuple(shape[1:]))
-  return jax.lax.dynamic_slice_in_dim(full, jax.lax.axis_index(axis_name) * rows, rows, axis=0)
-
-
-def sampled_loss(loss: str, outputs: jax.Array, key: jax.Array, *, weights=None,
-                 axis_name: Optional[str] = None) -> jax.Array:
-  r"""The loss at targets drawn from the model's own predictive distribution.
-
-  Its gradient in the outputs has, per example, the covariance of the
-  Gauss-Newton matrix :math:`H` of the named loss (the true Fisher of its
-  likelihood), so statistics captured from it are the factors of the true
-  Fisher, the curvature that :func:`~mkor_optax.scale_by_quadratic_step`
-  models:
-
-  * ``'sigmoid_cross_entropy'``: :math:`t \sim \mathrm{Bernoulli}(\sigma(z))`
-    per output, :math:`\sum \mathrm{BCE}(z, t)`;
-  * ``'softmax_cross_entropy'``: one class :math:`c \sim \mathrm{softmax}(z)`
-    over the last axis, :math:`\sum \mathrm{CE}(z, e_c)`;
-  * ``'squared_error'``: :math:`t = y + \varepsilon`,
-    :math:`\varepsilon \sim N(0, I)`, :math:`\tfrac12 \sum (y - t)^2`.
-
-  Summed over the outputs (each position's loss times its weight, with
-  ``weights``) and divided by the leading (batch) axis's size.
-  The targets do not depend on the parameters (no gradient flows through
-  the draw). The loss's overall scale does not matter to MKOR's scale-free
-  factors. The draws are ``u < sigmoid(z)`` with ``u`` uniform,
-  ``argmax(z + gumbel)``, and ``y + normal``: those of
-  ``jax.random.bernoulli``, ``jax.random.categorical`` and
-  ``jax.random.normal`` with the same key.
-
-  Args:
-    loss: ``'sigmoid_cross_entropy'``, ``'softmax_cross_entropy'`` or
-      ``'squared_error'``.
-    outputs: the model's outputs ``(batch, ..., d)`` (logits for the
-      cross-entropies).
-    key: a ``jax.random`` key, a fresh one every step (the same on every
-      device).
-    weights: ``None``, or a weight per position, of the shape of
-      ``outputs`` without its last axis (``(batch, length)`` for a
-      sequence's logits), as the loss weights its positions: a masked LM's
-      mask (1 on the positions it predicts, 0 elsewhere), a padding mask.
-      A position of weight 0 adds nothing to the statistics.
-    axis_name: inside ``pmap`` or ``shard_map`` over a data axis whose
-      devices each hold an equal slice of the batch (along the leading axis,
-      in device order): the noise is drawn for the whole batch and each
-      device takes its own rows, so the targets are those that one device
-      would draw for the whole batch. The loss is still this device's mean.
-
-  Returns:
-    The scalar loss at the sampled targets.
-
-  Example:
-    >>> logits = model.apply({'params': params}, x)
-    >>> mkor_optax.sampled_loss('sigmoid_cross_entropy', logits, jax.random.PRNGKey(0)).shape
-    ()
-  """
-  if loss not in FISHER_LOSSES:
-    raise ValueError(f'sampled_loss: loss must be one of {FISHER_LOSSES}, got {loss!r}')
-  outputs = jnp.asarray(outputs)
-  if outputs.ndim < 1:
-    raise ValueError(f'sampled_loss: outputs need a leading batch axis, got shape {outputs.shape}')
-  if weights is not None:
-    weights = jnp.asarray(weights)
-    if weights.shape != outputs.shape[:-1]:
-      raise ValueError(f'sampled_loss: weights must have the shape of outputs without its last axis, '
-                       f'{outputs.shape[:-1]}, got {weights.shape}')
-    weights = jax.lax.stop_gradient(weights.astype(jnp.float32))
-  def total_of(per_entry, last_axis=True):  # the (weighted) sum over every entry
-    if weights is None:
-      return jnp.sum(per_entry)
-    return jnp.sum(weights * (jnp.sum(per_entry, axis=-1) if last_axis else per_entry))
-  fixed = jax.lax.stop_gradient(outputs.astype(jnp.float32))
-  z = outputs.astype(jnp.float32)
-  noise = lambda sample: _draw(lambda k, s: sample(k, s, jnp.float32), key, fixed.shape, axis_name)
-  if loss == 'sigmoid_cross_entropy':
-    t = (noise(jax.random.uniform) < jax.nn.sigmoid(fixed)).astype(jnp.float32)
-    total = total_of(optax.sigmoid_binary_cross_entropy(z, t))
-  elif loss == 'softmax_cross_entropy':
-    c = jnp.argmax(fixed + noise(jax.random.gumbel), axis=-1)
-    total = total_of(optax.softmax_cross_entropy_with_integer_labels(z, c), last_axis=False)
-  else:
-    t = fixed + noise(jax.random.normal)
-    total = 0.5 * total_of(jnp.square(z - t))
-  return total / outputs.shape[0]
 
 
 def _is_nnx_module(x) -> bool:
@@ -154,7 +60,7 @@ def _is_nnx_module(x) -> bool:
 
 def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key=None, *,
                     fisher: Optional[str] = None, weights=None, has_aux: bool = False,
-                    kind: Any = SKETCH,
+                    kind: Any = SKETCH, curvature_on: Optional[tuple] = None,
                     axis_name: Optional[str] = None, lazy: bool = True):
   r"""The loss, the gradient and every extra argument of :func:`adaptive_mkor`'s update.
 
@@ -210,6 +116,15 @@ def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key
       The first value returned is then ``(loss, aux)`` (``aux`` of the
       gradient's pass), as ``jax.value_and_grad(..., has_aux=True)`` gives.
     kind: the statistic kind (:data:`SKETCH` by default).
+    curvature_on: ``None`` (the whole batch), or ``(outputs_fn,
+      loss_of_outputs)`` of a part of it, such as its first quarter of rows
+      (``(lambda p: model.apply({'params': p}, x[:n]), lambda out: loss(out,
+      y[:n]))``, a mean loss as above): the Gauss-Newton products of the
+      quadratic model are computed on that part alone, an unbiased estimate of
+      the whole batch's at a fraction of their cost (curvature mini-batches
+      smaller than the gradient's, as in Hessian-free optimisation, Martens
+      2010). The gradient, the statistics and the loss stay the whole batch's.
+      With ``has_aux`` its ``outputs_fn`` returns ``(outputs, aux)`` too.
     axis_name: the data-parallel axis (``pmap``'s or ``shard_map``'s), or ``None``.
     lazy: with ``fisher``, return ``stats_fn`` (computed by the transform
       when a refresh is due) instead of ``stats``. ``False`` under
@@ -235,18 +150,24 @@ def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key
   if weights is not None and fisher is None:
     raise ValueError('adaptive_inputs: weights= weights the sampled targets of fisher=; the labels\' '
                      'Fisher (fisher=None) takes its weights from loss_of_outputs itself')
+  if curvature_on is not None and (not isinstance(curvature_on, tuple) or len(curvature_on) != 2
+                                   or not all(callable(f) for f in curvature_on)):
+    raise ValueError('adaptive_inputs: curvature_on must be None or a pair (outputs_fn, '
+                     f'loss_of_outputs) of a part of the batch, got {curvature_on!r}')
   if fisher is not None and key is None:
     raise ValueError('adaptive_inputs: fisher= samples targets; pass key= (a fresh '
                      'jax.random key every step)')
   mean = (lambda v: v) if axis_name is None else (lambda v: jax.lax.pmean(v, axis_name))
   model = params  # the statistics are captured from what the user differentiates
   capture_from = lambda: model
-  tree_outputs = outputs_fn
+  curvature_outputs, curvature_loss = curvature_on or (outputs_fn, loss_of_outputs)
+  tree_outputs, tree_curvature_outputs = outputs_fn, curvature_outputs
   value_and_grad = jax.value_and_grad
   if _is_nnx_module(model):  # an NNX model: the curvature from its nnx.Param state
     from flax import nnx
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tree_outputs = lambda state: outputs_fn(nnx.merge(graphdef, state, rest))
+    tree_curvature_outputs = lambda state: curvature_outputs(nnx.merge(graphdef, state, rest))
     # the sampled pass on a copy (it may run inside the transform's cond,
     # and its BatchNorm statistics are not the batch's)
     capture_from = lambda: nnx.merge(graphdef, *jax.tree.map(lambda v: v, (params, rest)))  # this trace's
@@ -266,7 +187,7 @@ def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key
     return inside(loss_of_outputs(out))
 
   loss_fn = lambda p: loss_of_outputs(only(tree_outputs)(p))
-  gram = gauss_newton(only(tree_outputs), loss_of_outputs)
+  gram = gauss_newton(only(tree_curvature_outputs), curvature_loss)
   if fisher is None:
     value, grads, stats = capture.value_and_grad(model_loss, kind=kind, has_aux=has_aux)(model)
     given = dict(stats=stats)

@@ -46,9 +46,10 @@ def stepper(opt, fisher='squared_error', lazy=True):
   return lambda params, state, t: step(params, state, *batch(t), t)
 
 
-def gauss_newton_matrix(params, t):
-  """float64 ``J^T H J`` of the mean squared error: ``H = 2 / (N m) I``."""
-  x, _ = batch(t)
+def gauss_newton_matrix(params, t, rows=None):
+  """float64 ``J^T H J`` of the mean squared error: ``H = 2 / (N m) I``
+  (on the batch's first ``rows`` rows, all by default)."""
+  x = batch(t)[0][:rows]
   flat, unravel = ravel_pytree(params)
   out = lambda v: Net().apply({'params': unravel(v)}, x).reshape(-1)
   j = np.asarray(jax.jacfwd(out)(flat), np.float64)
@@ -160,6 +161,30 @@ def test_lazy_statistics_give_the_same_steps_and_skip_the_pass_between_refreshes
     opt.update(grads, state, params, **dict(extra, stats=fn()))
 
 
+def test_curvature_on_a_part_of_the_batch_is_that_parts_gauss_newton_matrix():
+  params = init_params()
+  x, y = batch(0)
+  part = (lambda p: Net().apply({'params': p}, x[:3]), lambda out: jnp.mean((out - y[:3]) ** 2))
+  loss, grads, extra = mkor_optax.adaptive_inputs(
+      lambda p: Net().apply({'params': p}, x), lambda out: jnp.mean((out - y) ** 2), params,
+      jax.random.PRNGKey(0), fisher='squared_error', curvature_on=part)
+  vs = [jax.tree.map(lambda g, i=i: g * (i + 1.0) + 0.1 * i, grads) for i in range(2)]
+  flat = lambda tree: np.asarray(ravel_pytree(tree)[0], np.float64)
+  v = np.stack([flat(u) for u in vs])
+  np.testing.assert_allclose(extra['curvature'](params, vs), v @ gauss_newton_matrix(params, 0, 3) @ v.T,
+                             rtol=1e-4)
+  assert not np.allclose(v @ gauss_newton_matrix(params, 0) @ v.T, v @ gauss_newton_matrix(params, 0, 3) @ v.T,
+                         rtol=1e-2)
+  # the gradient, the loss and value_fn stay the whole batch's
+  want_loss, want_grads = jax.value_and_grad(loss_fn)(params, x, y)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, want_grads)
+  np.testing.assert_allclose(extra['value_fn'](params), want_loss, rtol=1e-6)
+  opt = recipe()
+  updates, _ = opt.update(grads, opt.init(params), params, **extra)
+  assert float(loss_fn(optax.apply_updates(params, updates), x, y)) < float(loss)
+
+
 def test_bad_inputs_raise():
   params = init_params()
   with pytest.raises(ValueError, match='fisher'):
@@ -171,6 +196,9 @@ def test_bad_inputs_raise():
     mkor_optax.sampled_loss('hinge', jnp.zeros((2, 3)), jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match='step_damping'):
     mkor_optax.adaptive_mkor(step_damping=0.0)
+  with pytest.raises(ValueError, match='curvature_on'):
+    inputs_fn = lambda p: Net().apply({'params': p}, batch(0)[0])
+    mkor_optax.adaptive_inputs(inputs_fn, jnp.mean, params, curvature_on=inputs_fn)
 
 
 def test_a_non_finite_gradient_leaves_the_state_as_it_was():
