@@ -218,24 +218,31 @@ def test_a_non_finite_gradient_leaves_the_state_as_it_was():
   jax.tree.map(np.testing.assert_array_equal, new, state)
 
 
-@pytest.mark.parametrize('fisher', [None, 'squared_error'])
-@pytest.mark.parametrize('layout', ['pmap', 'shard_map'])
-def test_data_parallel_equals_one_device_on_the_whole_batch(layout, fisher):
+@pytest.mark.parametrize('layout, fisher, part', [
+    ('pmap', None, False), ('pmap', 'squared_error', False), ('shard_map', None, False),
+    ('shard_map', 'squared_error', False), ('shard_map', 'squared_error', True)])
+def test_data_parallel_equals_one_device_on_the_whole_batch(layout, fisher, part):
   """4 devices, a quarter of the batch each, ``axis_name`` on both the
   transform and the inputs, under ``pmap`` or ``shard_map``: the same updates
   and states as one device on the whole batch, over 3 steps (the first
   refreshes), with the labels' Fisher and with targets sampled from the model
   (drawn for the whole batch, each device taking its rows). Mean statistics:
-  a pmap capture sketches its rows with signs of its own."""
+  a pmap capture sketches its rows with signs of its own. With ``part``, the
+  curvature products on the first 2 of each device's 4 rows
+  (``curvature_on``) equal one device's on the union of those rows."""
   from jax.sharding import PartitionSpec as P
   n = 4
   opt = lambda axis_name=None: mkor_optax.adaptive_mkor(low_rank=None, inv_freq=2, axis_name=axis_name)
 
   def step(p, s, x, y, t, axis_name=None):
+    rows = (np.arange(2) if axis_name else np.array([0, 1, 4, 5, 8, 9, 12, 13]))
+    curvature_on = ((lambda q: Net().apply({'params': q}, x[rows]),
+                     lambda out: jnp.mean((out - y[rows]) ** 2)) if part else None)
     _, g, extra = mkor_optax.adaptive_inputs(lambda q: Net().apply({'params': q}, x),
                                              lambda out: jnp.mean((out - y) ** 2), p,
                                              jax.random.PRNGKey(t), fisher=fisher,
-                                             kind=mkor_optax.RANK1, axis_name=axis_name)
+                                             kind=mkor_optax.RANK1, axis_name=axis_name,
+                                             curvature_on=curvature_on)
     u, s = opt(axis_name).update(g, s, p, **extra)
     return optax.apply_updates(p, u), s
 
