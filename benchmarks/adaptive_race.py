@@ -126,10 +126,11 @@ def adaptive_step(model, opt, kind, loss_of_outputs, fisher, fisher_weights=None
   @jax.jit
   def step(p, s, *batch_and_key):
     *batch, key = batch_and_key
-    rows = [b[:b.shape[0] // part] for b in batch]
-    curvature_on = (None if part == 1 else
-                    (lambda q: model.apply({'params': q}, rows[0]),
-                     lambda out: loss_of_outputs(out, *rows)))
+    curvature_on = None
+    if part > 1:
+      rows = [b[:b.shape[0] // part] for b in batch]
+      curvature_on = (lambda q: model.apply({'params': q}, rows[0]),
+                      lambda out: loss_of_outputs(out, *rows))
     # K-FAC's chain takes the statistics every step (stats=), adaptive_mkor lazily
     loss, g, extra = mkor_optax.adaptive_inputs(lambda q: model.apply({'params': q}, batch[0]),
                                                 lambda out: loss_of_outputs(out, *batch), p, key,

@@ -161,13 +161,12 @@ def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key
   model = params  # the statistics are captured from what the user differentiates
   capture_from = lambda: model
   curvature_outputs, curvature_loss = curvature_on or (outputs_fn, loss_of_outputs)
-  tree_outputs, tree_curvature_outputs = outputs_fn, curvature_outputs
+  of_tree = lambda f: f  # an outputs function of the parameters' pytree
   value_and_grad = jax.value_and_grad
   if _is_nnx_module(model):  # an NNX model: the curvature from its nnx.Param state
     from flax import nnx
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tree_outputs = lambda state: outputs_fn(nnx.merge(graphdef, state, rest))
-    tree_curvature_outputs = lambda state: curvature_outputs(nnx.merge(graphdef, state, rest))
+    of_tree = lambda f: (lambda state: f(nnx.merge(graphdef, state, rest)))
     # the sampled pass on a copy (it may run inside the transform's cond,
     # and its BatchNorm statistics are not the batch's)
     capture_from = lambda: nnx.merge(graphdef, *jax.tree.map(lambda v: v, (params, rest)))  # this trace's
@@ -186,8 +185,8 @@ def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key
       return inside(loss_of_outputs(out[0])), out[1]
     return inside(loss_of_outputs(out))
 
-  loss_fn = lambda p: loss_of_outputs(only(tree_outputs)(p))
-  gram = gauss_newton(only(tree_curvature_outputs), curvature_loss)
+  loss_fn = lambda p: loss_of_outputs(only(of_tree(outputs_fn))(p))
+  gram = gauss_newton(only(of_tree(curvature_outputs)), curvature_loss)
   if fisher is None:
     value, grads, stats = capture.value_and_grad(model_loss, kind=kind, has_aux=has_aux)(model)
     given = dict(stats=stats)
@@ -196,7 +195,8 @@ def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key
                                             axis_name=axis_name))
     stats_fn = lambda: capture.value_and_grad(sampled, kind=kind)(capture_from())[2]
     given = dict(stats_fn=stats_fn) if lazy else dict(stats=stats_fn())
-    # (one jitted step: XLA merges this forward pass with the curvature's)
+    # (one jitted step: XLA merges this forward pass with the curvature's,
+    # unless curvature_on gives the curvature a part of the batch)
     value, grads = value_and_grad(model_loss, has_aux=has_aux)(model)
   loss, aux = value if has_aux else (value, None)
   loss, grads = mean(loss), mean(grads)
@@ -232,7 +232,7 @@ def adaptive_mkor(
      (\alpha, \mu) = \arg\min\, g^\top d + \tfrac12 d^\top (C + \lambda_s I)\, d,
 
   per layer :math:`F_R, F_L` MKOR's scale-free Kronecker factors
-  (:func:`scale_by_mkor` with ``rescale=False``, relative damping
+  (:func:`scale_by_mkor` with ``rescale=False`` by default, relative damping
   ``damping``), :math:`C` the Gauss-Newton matrix, :math:`d_0` the previous
   update and :math:`\lambda_s` the step's Levenberg-Marquardt damping
   (:func:`scale_by_quadratic_step`). The two dampings are separate: the
@@ -264,7 +264,7 @@ def adaptive_mkor(
       BatchNorm against a plain head).
 
   Returns:
-    ``optax.chain(scale_by_mkor(rescale=False, ...), scale_by_quadratic_step(...))``
+    ``optax.chain(scale_by_mkor(rescale=rescale, ...), scale_by_quadratic_step(...))``
     whose ``update(grads, state, params, *, stats=None, stats_fn=None, grad,
     curvature, value, value_fn)`` takes what :func:`adaptive_inputs` returns:
     ``stats``, or ``stats_fn``, a function of no arguments that returns
