@@ -195,33 +195,38 @@ def _by_entry(flag, new, old):
                       new, old)
 
 
-# Dense sides refreshed together: a group of narrow sides is zero-padded to
-# its widest member when that holds at most PAD_WASTE times their entries, or
-# at most PAD_FREE entries in all (a refresh of that size costs less than the
-# fixed cost of the kernels it saves); sides wider than GROUP_MAX_DIM are
-# refreshed alone (their arithmetic, not the kernel count, is the cost).
+# Sides refreshed together: a group of narrow sides is zero-padded to its
+# widest member when that holds at most PAD_WASTE times their entries, or at
+# most PAD_FREE entries in all (a refresh of that size costs less than the
+# fixed cost of the kernels it saves, and every group is one more copy of
+# the refresh to compile). A dense side holds d^2 entries, a low-rank one
+# d k; dense sides wider than GROUP_MAX_DIM are refreshed alone (their
+# arithmetic, not the kernel count, is the cost).
 PAD_WASTE = 2.0
 PAD_FREE = 2 ** 18
 GROUP_MAX_DIM = 1024
 
 
-def _groups(widths: list) -> list:
-  """Indices of ``widths`` (dense sides, ``(S, d)`` each) in groups padded
-  to a common width, narrowest first (the rule of :data:`PAD_WASTE`)."""
+def _groups(widths: list, rank=None) -> list:
+  """Indices of ``widths`` (sides, ``(S, d)`` each) in groups padded to a
+  common width, narrowest first (the rule of :data:`PAD_WASTE`): dense
+  sides, or low-rank sides of rank ``rank`` (no width limit: a padded basis
+  row costs ``k`` entries, not ``d``)."""
   order = sorted(range(len(widths)), key=lambda i: widths[i][1])
+  size = (lambda d: d * d) if rank is None else (lambda d: d * rank)
   groups, current, entries = [], [], 0
   for i in order:
     s, d = widths[i]
-    if d > GROUP_MAX_DIM:
+    if rank is None and d > GROUP_MAX_DIM:
       groups.append([i])
       continue
     count = sum(widths[j][0] for j in current) + s
-    padded = count * d * d  # every entry padded to d, the widest so far
-    if current and padded > PAD_FREE and padded > PAD_WASTE * (entries + s * d * d):
+    padded = count * size(d)  # every entry padded to d, the widest so far
+    if current and padded > PAD_FREE and padded > PAD_WASTE * (entries + s * size(d)):
       groups.append(current)
       current, entries = [], 0
     current.append(i)
-    entries += s * d * d
+    entries += s * size(d)
   if current:
     groups.append(current)
   return groups
@@ -270,8 +275,8 @@ def refresh_relative_many(jobs: list, **rule) -> list:
   for i, (p, _, v, _) in enumerate(jobs):
     low = isinstance(p, lowrank.LowRankInverse)
     kinds.setdefault(None if not low else (p.rank, p.q.dtype, v.shape[1:-1]), []).append(i)
-  batches = [[members[j] for j in g] for members in kinds.values()
-             for g in _groups([side_shape(jobs[i][0]) for i in members])]
+  batches = [[members[j] for j in g] for key, members in kinds.items()
+             for g in _groups([side_shape(jobs[i][0]) for i in members], key and key[0])]
   cat = lambda *xs: jnp.concatenate(xs, axis=0) if len(xs) > 1 else xs[0]
   for members in batches:
     ps, rmss, vs, keeps = zip(*(jobs[i] for i in members))

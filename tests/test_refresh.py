@@ -189,6 +189,21 @@ def test_groups_pad_narrow_sides_together_and_leave_wide_ones_alone():
   assert factors._groups([(1, 600), (1, 40), (1, 620)]) == [[1, 0, 2]]
 
 
+def test_low_rank_groups_count_d_k_entries():
+  """A low-rank side holds d k entries, not d^2: the demo's eight low-rank
+  sides (256 to 513 wide, rank 8) form one group, where counted as dense
+  they would form two, and no width is too wide to share one; sides whose
+  padding would exceed PAD_WASTE times their entries (and PAD_FREE) still
+  start a new group."""
+  from mkor_optax import factors
+  demo = [(1, d) for d in (513, 257, 257, 513, 512, 256, 256, 512)]
+  assert len(factors._groups(demo)) == 2
+  assert [sorted(g) for g in factors._groups(demo, 8)] == [list(range(8))]
+  assert factors._groups([(1, 4097), (1, 1025)], 8) == [[1, 0]]
+  assert factors._groups([(1, 4097), (1, 1025)]) == [[1], [0]]
+  assert len(factors._groups([(16, 256), (1, 40000)], 8)) == 2  # 16 x 40000 x 8 > PAD_FREE, > 2x
+
+
 @pytest.mark.parametrize('k', [0, 4])
 def test_low_rank_sides_refreshed_together_equal_each_refreshed_alone(k):
   """Low-rank sides of one rank and different widths (bases padded with zero
