@@ -9,6 +9,13 @@ low-rank factors, a Dense head) for a few jitted steps and records the loss,
 the parameters and every array of the optimizer state after each step, as
 a SHA-256 of its bytes (with dtype and shape). ``--check`` exits 1 and names
 the first case and leaf whose bytes differ.
+
+The bytes depend on the machine: XLA:CPU compiles for the host's
+instruction set, so another CPU (or another jax, jaxlib or numpy) rounds
+some steps differently. The file records where it was made (its
+``_machine`` entry); a check on another machine says so, and its verdict
+then means nothing: record the base commit on this machine first (from a
+``git worktree`` or after ``git stash``) and check against that.
 """
 
 from __future__ import annotations
@@ -174,6 +181,22 @@ def check_renamed(want: dict, flat: dict) -> int:
   return 0
 
 
+MACHINE_KEY = '_machine'
+
+
+def machine() -> str:
+  """The CPU model and the versions that the recorded bytes depend on."""
+  import platform
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu)
+  except OSError:
+    pass
+  import jaxlib
+  return f'{cpu}; jax {jax.__version__}, jaxlib {jaxlib.__version__}, numpy {np.__version__}'
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   group = ap.add_mutually_exclusive_group(required=True)
@@ -183,11 +206,15 @@ def main(argv=None):
   flat = record()
   if args.save:
     with open(args.save, 'w') as f:
-      json.dump(flat, f, indent=0, sort_keys=True)
+      json.dump({**flat, MACHINE_KEY: machine()}, f, indent=0, sort_keys=True)
     print(f'{len(flat)} arrays recorded in {args.save}')
     return 0
   with open(args.check) as f:
     want = json.load(f)
+  made = want.pop(MACHINE_KEY, 'an unrecorded machine')
+  if made != machine():
+    print(f'note: {args.check} was recorded on {made}; this is {machine()}. Differences can be '
+          "the machine's rounding: record the base commit here and check against that.")
   if set(want) != set(flat):
     return check_renamed(want, flat)
   for key in sorted(want, key=lambda k: (k.split('/')[0], int(k.split('/')[1]), k)):
