@@ -35,13 +35,9 @@ def child(task: str, method: str):
   import optax
   import mkor_optax
   from common import make_step
-  from compare import FACTOR_DIM, build
-  from demo import demo_case
-  if task == 'demo':
-    params, batch, loss_fn = demo_case()
-  else:
-    params, make_iter, loss_fn, _ = build(task, quick=True, seed=0)
-    batch = next(make_iter())
+  from compare import FACTOR_DIM
+  from step_cost import case
+  params, batch, loss_fn = case(task)
   if method == 'lamb':
     opt, kind = optax.lamb(1e-2), None
   else:
@@ -78,7 +74,7 @@ def profile(task: str, method: str) -> dict:
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  ap.add_argument('--tasks', default='autoencoder,demo')
+  ap.add_argument('--tasks', default='autoencoder,demo', help='compare.py tasks, demo, or widths')
   ap.add_argument('--out', default=None, help='write the markdown tables to this file')
   ap.add_argument('--child', nargs=2, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)

@@ -38,8 +38,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'examples'))
 import mkor_optax  # noqa: E402
 from common import make_step  # noqa: E402
-from compare import build  # noqa: E402
-from step_cost import mlp_case  # noqa: E402
+from step_cost import case  # noqa: E402
 
 NOT_KERNELS = ('parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant')
 
@@ -124,11 +123,7 @@ def main(argv=None):
   ap.add_argument('--top', type=int, default=25)
   ap.add_argument('--out', default=None, help='append the table (markdown) to this file')
   args = ap.parse_args(argv)
-  if args.task.isdigit():  # a d-d-d MLP of that width, batch 256 (step_cost.py's widths)
-    params, batch, loss_fn = mlp_case(2, int(args.task), 256)
-  else:
-    params, make_iter, loss_fn, _ = build(args.task, quick=True)
-    batch = next(make_iter())
+  params, batch, loss_fn = case(args.task)  # a width: a d-d-d MLP, batch 256 (step_cost.py's)
   rows = {}
   for name, opt, kind in (('LAMB', optax.lamb(1e-2), None),
                           ('MKOR', mkor_optax.mkor(1e-2, weight_decay=0.0), mkor_optax.SKETCH)):

@@ -127,6 +127,18 @@ def mlp_case(depth, width, batch):
   return params, (x, y), loss_fn
 
 
+def case(task: str):
+  """``(params, one batch, loss_fn)`` of a task: a compare.py task (its first
+  quick batch, seed 0), ``'demo'`` (the model of ``make demo``), or a width
+  (a d-d-d MLP, batch 256: the widths below)."""
+  if task == 'demo':
+    return demo_case()
+  if task.isdigit():
+    return mlp_case(2, int(task), 256)
+  params, make_iter, loss_fn, _ = build(task, quick=True, seed=0)
+  return params, next(make_iter()), loss_fn
+
+
 def table(rows: dict, first: str, what: str) -> list:
   """One markdown table: ``what`` ('per_step' or 'compile') of each
   configuration over LAMB's, and LAMB's own time, a row per task or width."""
@@ -196,18 +208,14 @@ def main(argv=None):
   split = lambda s: [x for x in s.split(',') if x]
   report = {'tasks': {}, 'widths': {}, 'model': {}}
   t0 = time.time()
-  for task in split(args.tasks):
-    if task == 'demo':  # make demo's model (its factors: every side, max_factor_dim 4096)
-      params, batch, loss_fn = demo_case()
-    else:
-      params, make_iter, loss_fn, _ = build(task, quick=True, seed=0)
-      batch = next(make_iter())
+  for task in split(args.tasks):  # (demo: its factors on every side, max_factor_dim 4096)
+    params, batch, loss_fn = case(task)
     report['tasks'][task] = costs(params, batch, loss_fn, configs(FACTOR_DIM.get(task, 4096)),
                                   args.steps, args.repeats, args.compile_repeats)
     print(task, {k: round(v['per_step'], 3) for k, v in report['tasks'][task].items()},
           f'{time.time() - t0:.0f} s', flush=True)
   for w in map(int, split(args.widths)):
-    params, batch, loss_fn = mlp_case(2, w, 256)
+    params, batch, loss_fn = case(str(w))
     report['widths'][w] = costs(params, batch, loss_fn, configs(4096), args.steps, args.repeats,
                                 args.compile_repeats)
     print('width', w, {k: round(v['per_step'], 3) for k, v in report['widths'][w].items()},

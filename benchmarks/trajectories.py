@@ -211,9 +211,9 @@ def main(argv=None):
     return 0
   with open(args.check) as f:
     want = json.load(f)
-  made = want.pop(MACHINE_KEY, 'an unrecorded machine')
-  if made != machine():
-    print(f'note: {args.check} was recorded on {made}; this is {machine()}. Differences can be '
+  made, here = want.pop(MACHINE_KEY, 'an unrecorded machine'), machine()
+  if made != here:
+    print(f'note: {args.check} was recorded on {made}; this is {here}. Differences can be '
           "the machine's rounding: record the base commit here and check against that.")
   if set(want) != set(flat):
     return check_renamed(want, flat)

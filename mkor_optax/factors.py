@@ -276,7 +276,7 @@ def refresh_relative_many(jobs: list, **rule) -> list:
     low = isinstance(p, lowrank.LowRankInverse)
     kinds.setdefault(None if not low else (p.rank, p.q.dtype, v.shape[1:-1]), []).append(i)
   batches = [[members[j] for j in g] for key, members in kinds.items()
-             for g in _groups([side_shape(jobs[i][0]) for i in members], key and key[0])]
+             for g in _groups([side_shape(jobs[i][0]) for i in members], key[0] if key else None)]
   cat = lambda *xs: jnp.concatenate(xs, axis=0) if len(xs) > 1 else xs[0]
   for members in batches:
     ps, rmss, vs, keeps = zip(*(jobs[i] for i in members))
