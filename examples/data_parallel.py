@@ -227,8 +227,17 @@ def launch_two_processes(mode, steps, smoke):
     port = sock.getsockname()[1]
   cmd = [sys.executable, __file__, '--mode', mode, '--steps', str(steps), '--port', str(port)]
   cmd += ['--smoke'] if smoke else []
-  procs = [subprocess.Popen(cmd + ['--process-id', str(i)]) for i in range(2)]
+  # Each process writes to a file of its own, printed whole once both end:
+  # two processes sharing one stdout can interleave within a line.
+  import tempfile
+  logs = [tempfile.TemporaryFile('w+') for _ in range(2)]
+  procs = [subprocess.Popen(cmd + ['--process-id', str(i)], stdout=log, stderr=subprocess.STDOUT,
+                            text=True) for i, log in enumerate(logs)]
   codes = [p.wait(timeout=600) for p in procs]
+  for i, log in enumerate(logs):
+    log.seek(0)
+    print(f'--- process {i} (exit code {codes[i]}) ---\n{log.read()}', end='', flush=True)
+    log.close()
   if any(codes):
     sys.exit(f'a process failed: exit codes {codes}')
 
