@@ -1,6 +1,7 @@
 """What optax's own tests hold every optimizer to, for every method here:
 extra arguments, inject_hyperparams, dtype preservation, gradient
-accumulation, stable state under jit, and the safe step counter."""
+accumulation, stable state under jit, a donated state, and the safe step
+counter."""
 
 import inspect
 
@@ -144,7 +145,6 @@ def test_state_shapes_dtypes_and_shardings_are_stable_under_jit(name):
     assert a.sharding.is_equivalent_to(b.sharding, a.ndim)
 
 
-
 @pytest.mark.parametrize('name', NAMES)
 def test_a_donated_state_trains_as_an_undonated_one(name):
   """``jit(step, donate_argnums=(0, 1))`` (state updated in place, as the
@@ -170,6 +170,7 @@ def test_a_donated_state_trains_as_an_undonated_one(name):
     d_params, d_state = donated(d_params, d_state, *batch(t))
   assert first.is_deleted()
   assert_tree_close((d_params, d_state), (params, state), rtol=1e-5, atol=1e-6)
+
 
 @pytest.mark.parametrize('name', NAMES)
 def test_step_counter_saturates_instead_of_overflowing(name):
