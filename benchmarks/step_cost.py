@@ -229,8 +229,12 @@ def main(argv=None):
       print('model', depth, w, {k: round(v['ms'], 3) for k, v in report['model'][(depth, w)].items()},
             f'{time.time() - t0:.0f} s', flush=True)
 
-  machine = f'jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores ({platform.machine()})'
-  write(report, machine, args)
+  write(report, machine(), args)
+
+
+def machine() -> str:
+  """The jax version, the backend and the cores, as the tables name them."""
+  return f'jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores ({platform.machine()})'
 
 
 def write(report, machine, args):

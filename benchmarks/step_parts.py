@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import importlib
 import json
 import os
@@ -52,9 +51,9 @@ import optax
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'examples'))
 import mkor_optax  # noqa: E402
-from common import make_step, seconds_per_step  # noqa: E402
+from common import PERIOD, make_step, seconds_per_step  # noqa: E402
 from compare import FACTOR_DIM  # noqa: E402
-from step_cost import WD, case  # noqa: E402
+from step_cost import WD, case, machine  # noqa: E402
 
 MKOR_MODULE = importlib.import_module('mkor_optax.mkor')  # (the package exports the alias mkor)
 NAMES = ('lamb', 'lamb + capture', 'mkor, no refresh, no preconditioning', 'mkor, no refresh', 'mkor',
@@ -95,21 +94,6 @@ def capture_step(loss_fn, opt):
   return step
 
 
-def donated_step(loss_fn, opt, kind):
-  """``make_step``'s step, its parameters and state donated."""
-  grad_fn = (mkor_optax.value_and_grad(loss_fn, kind=kind) if kind is not None
-             else lambda p, *b: (*jax.value_and_grad(loss_fn)(p, *b), None))
-
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step(params, state, *batch):
-    loss, grads, stats = grad_fn(params, *batch)
-    extra = {'stats': stats} if kind is not None else {}
-    updates, state = opt.update(grads, state, params, **extra)
-    return optax.apply_updates(params, updates), state, loss
-
-  return step
-
-
 def steps_of(task: str):
   params, batch, loss_fn = case(task)
   max_dim = FACTOR_DIM.get(task, 4096)
@@ -127,7 +111,7 @@ def steps_of(task: str):
     elif name == 'lamb + capture':
       step = capture_step(loss_fn, opt)
     elif name.endswith('donated'):
-      step = donated_step(loss_fn, opt, None if name.startswith('lamb') else mkor_optax.SKETCH)
+      step = make_step(loss_fn, opt, None if name.startswith('lamb') else mkor_optax.SKETCH, donate=True)
     else:
       step = make_step(loss_fn, opt, mkor_optax.SKETCH)
     state = opt.init(params)
@@ -168,20 +152,16 @@ def main(argv=None):
     rows[task]['rounds'] = rounds
     print(task, {k: round(v, 3) for k, v in rows[task].items() if k != 'rounds'},
           f'{time.time() - t0:.0f} s', flush=True)
-  lines = table(rows, args, machine())
+  where = machine()
+  lines = table(rows, args, where)
   print('\n'.join(lines))
   if args.out:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, 'step_parts.md'), 'w') as f:
       f.write('\n'.join(lines) + '\n')
     with open(os.path.join(args.out, 'step_parts.json'), 'w') as f:
-      json.dump({'machine': machine(), 'rounds': args.rounds, 'repeats': args.repeats, 'rows': rows}, f,
+      json.dump({'machine': where, 'rounds': args.rounds, 'repeats': args.repeats, 'rows': rows}, f,
                 indent=1)
-
-
-def machine() -> str:
-  import platform
-  return f'jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores ({platform.machine()})'
 
 
 def table(rows: dict, args, where: str) -> list:
@@ -199,7 +179,7 @@ def table(rows: dict, args, where: str) -> list:
     capture = r[NAMES[2]] - 1.0
     precondition = r[NAMES[3]] - r[NAMES[2]]
     refresh = r[NAMES[4]] - r[NAMES[3]]
-    one = (r[NAMES[5]] - r[NAMES[4]]) / 0.9
+    one = (r[NAMES[5]] - r[NAMES[4]]) / (1 - 1 / PERIOD)  # every step against one in PERIOD
     donated = r[NAMES[7]] / r[NAMES[6]] if NAMES[7] in r else float('nan')
     lines.append(f'| {task} | {capture:+.2f} | {precondition:+.2f} | {refresh:+.2f} | {one:+.2f} | {donated:.2f} |')
   return lines

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable, NamedTuple, Optional, Sequence
 
@@ -145,15 +146,17 @@ METHODS = {
 }
 
 
-def make_step(loss_fn, opt, kind=None, needs_value=False):
-  """A jitted train step; the two lines MKOR changes are marked."""
+def make_step(loss_fn, opt, kind=None, needs_value=False, donate=False):
+  """A jitted train step; the two lines MKOR changes are marked.
+  ``donate``: the parameters and the optimizer state are donated (updated
+  in place; the arrays passed in cannot be used after the call)."""
   if kind is not None:
     grad_fn = mkor_optax.value_and_grad(loss_fn, kind=kind)           # changed line 1
   else:
     plain = jax.value_and_grad(loss_fn)
     grad_fn = lambda p, *b: (*plain(p, *b), None)
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=(0, 1) if donate else ())
   def step(params, opt_state, *batch):
     loss, grads, stats = grad_fn(params, *batch)
     extra = {'stats': stats} if kind is not None else {}
