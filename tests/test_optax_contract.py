@@ -39,16 +39,20 @@ def grads_and_extra(name, params, x, y):
   return loss, grads, extra
 
 
-def run(opt, name, steps=3, params=None, jit=True):
-  params = init_params() if params is None else params
-  state = opt.init(params)
-
+def train_step(opt, name):
+  """``(params, state, x, y) -> (params, state)``, not jitted."""
   def step(params, state, x, y):
     _, grads, extra = grads_and_extra(name, params, x, y)
     updates, state = opt.update(grads, state, params, **extra)
     return optax.apply_updates(params, updates), state
 
-  step = jax.jit(step) if jit else step
+  return step
+
+
+def run(opt, name, steps=3, params=None, jit=True):
+  params = init_params() if params is None else params
+  state = opt.init(params)
+  step = jax.jit(train_step(opt, name)) if jit else train_step(opt, name)
   for t in range(steps):
     params, state = step(params, state, *batch(t))
   return params, state
@@ -155,12 +159,7 @@ def test_a_donated_state_trains_as_an_undonated_one(name):
   alias = METHODS[name][0]
   takes = 'inv_freq' in inspect.signature(alias).parameters  # (Eva refreshes every step)
   opt = alias(1e-2, inv_freq=2) if takes else alias(1e-2)
-
-  def step(params, state, x, y):
-    _, grads, extra = grads_and_extra(name, params, x, y)
-    updates, state = opt.update(grads, state, params, **extra)
-    return optax.apply_updates(params, updates), state
-
+  step = train_step(opt, name)
   plain, donated = jax.jit(step), jax.jit(step, donate_argnums=(0, 1))
   params, state = init_params(), opt.init(init_params())
   d_params, d_state = jax.tree.map(jnp.copy, (params, state))
