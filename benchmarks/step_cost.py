@@ -6,7 +6,7 @@ capture, ``update``, ``apply_updates``: what a user's loop runs) is built in
 one process. Compile time is ``jit(...).lower(...).compile()``, once per
 configuration, in rotating order over ``--compile-repeats`` fresh
 compilations (median). Steps are timed in interleaved blocks of ``--steps``
-calls (default: as many whole refresh periods, ``inv_freq=10``, as make a
+calls (default: as many whole refresh periods of default MKOR's ``inv_freq`` as make a
 block of LAMB's steps last 0.2 s), ``--repeats`` times (median block), so
 that a noisy neighbour slows every configuration alike.
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
@@ -47,8 +46,8 @@ from compare import FACTOR_DIM, build  # noqa: E402
 from demo import demo_case  # noqa: E402
 
 WD = 0.0
-# Every timed block holds a whole number of refresh periods (PERIOD, inv_freq
-# 10), so that each block holds the same number of refresh steps, and lasts at
+# Every timed block holds a whole number of refresh periods (PERIOD, default
+# MKOR's inv_freq), so that each block holds the same number of refresh steps, and lasts at
 # least MIN_BLOCK_S of LAMB's steps (on a shared machine, blocks of a few
 # milliseconds measure the scheduler more than the step): examples/common.py's
 # rule, which make demo and the quickstart notebook time their steps by too.
@@ -64,9 +63,10 @@ def configs(max_dim):
       'mkor, jit warnings': (mkor_optax.mkor(1e-2, weight_decay=WD, max_factor_dim=max_dim),
                              mkor_optax.SKETCH, True),
       'mkor mean': (mkor_optax.mkor(1e-2, weight_decay=WD, max_factor_dim=max_dim), mkor_optax.RANK1),
-      # 0.1.0's absolute factors (damping=None), for the cost of the scale-free ones
-      'mkor absolute': (mkor_optax.mkor(1e-2, weight_decay=WD, max_factor_dim=max_dim, damping=None),
-                        mkor_optax.SKETCH),
+      # 0.1.0's defaults (absolute factors, a refresh every 10 steps), for the
+      # cost of today's scale-free factors and period
+      'mkor 0.1.0': (mkor_optax.mkor(1e-2, weight_decay=WD, max_factor_dim=max_dim, damping=None,
+                                     inv_freq=10), mkor_optax.SKETCH),
       'kfac': (mkor_optax.kfac(1e-2, weight_decay=WD, max_factor_dim=max_dim),
                mkor_optax.Covariance(max_dim=max_dim)),
       'sonew': (mkor_optax.sonew(1e-2), None),
@@ -221,7 +221,7 @@ def main(argv=None):
     print('width', w, {k: round(v['per_step'], 3) for k, v in report['widths'][w].items()},
           f'{time.time() - t0:.0f} s', flush=True)
   model_cfgs = lambda: {k: v for k, v in configs(4096).items()
-                        if k not in ('sonew', 'mkor absolute', 'mkor, jit warnings')}
+                        if k not in ('sonew', 'mkor 0.1.0', 'mkor, jit warnings')}
   for depth in map(int, split(args.depths)):
     for w in map(int, split(args.model_widths)):
       params, batch, loss_fn = mlp_case(depth, w, 128)
@@ -233,17 +233,19 @@ def main(argv=None):
 
 
 def machine() -> str:
-  """The jax version, the backend and the cores, as the tables name them."""
-  return f'jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores ({platform.machine()})'
+  """The jax version, the backend, the cores and the CPU, as the tables name them."""
+  from trajectories import cpu_model
+  return f'jax {jax.__version__}, {jax.devices()[0].platform}, {os.cpu_count()} cores ({cpu_model()})'
 
 
 def write(report, machine, args):
   """step_cost.md (two tables per group: per step, per compile), .json, .png."""
   lines = [f'Cost per step and per compile against LAMB in the same process ({machine}); '
            f'`python benchmarks/step_cost.py`. Per step: median of {args.repeats} interleaved blocks '
-           f'(whole refresh periods, inv_freq 10, lasting at least {MIN_BLOCK_S} s of LAMB\'s steps); compile: median of '
-           f'{args.compile_repeats} compilations. Default `mkor` captures Sketch(4); `mkor mean` RANK1. '
-           'Ratios to LAMB.', '']
+           f'(whole refresh periods, inv_freq {PERIOD}, lasting at least {MIN_BLOCK_S} s of LAMB\'s steps); compile: median of '
+           f'{args.compile_repeats} compilations. Default `mkor` captures Sketch(4); `mkor mean` RANK1; '
+           '`mkor 0.1.0` is 0.1.0\'s defaults (absolute factors, inv_freq 10). K-FAC inverts every 10 '
+           'steps, so a block holds a whole number of its periods only roughly. Ratios to LAMB.', '']
   for key, title in (('tasks', 'Tasks'), ('widths', 'Widths (d-d-d MLP, batch 256)')):
     if report[key]:
       first = 'task' if key == 'tasks' else 'width'

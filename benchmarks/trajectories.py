@@ -184,8 +184,8 @@ def check_renamed(want: dict, flat: dict) -> int:
 MACHINE_KEY = '_machine'
 
 
-def machine() -> str:
-  """The CPU model and the versions that the recorded bytes depend on."""
+def cpu_model() -> str:
+  """The host CPU's model name (its architecture where that is not known)."""
   import platform
   cpu = platform.processor() or platform.machine()
   try:
@@ -193,8 +193,13 @@ def machine() -> str:
       cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu)
   except OSError:
     pass
+  return cpu
+
+
+def machine() -> str:
+  """The CPU model and the versions that the recorded bytes depend on."""
   import jaxlib
-  return f'{cpu}; jax {jax.__version__}, jaxlib {jaxlib.__version__}, numpy {np.__version__}'
+  return f'{cpu_model()}; jax {jax.__version__}, jaxlib {jaxlib.__version__}, numpy {np.__version__}'
 
 
 def main(argv=None):

@@ -130,7 +130,7 @@ def _seeds(path, row, section=None, col='steps to target, per seed'):
 
 NUMBERS = {
     # steps to LAMB's loss, 3-seed medians, as ratios to LAMB (the scale-free study)
-    **{f'steps_mkor_{t}': (lambda t=t: _study('MKOR, damping 1 (default)', t)) for t in TASKS},
+    **{f'steps_mkor_{t}': (lambda t=t: _study('MKOR, damping 1, inv_freq 7 (default)', t)) for t in TASKS},
     **{f'steps_kfac_{t}': (lambda t=t: _study('K-FAC, relative 0.1 (default)', t)) for t in TASKS},
     **{f'steps_muon_{t}': (lambda t=t: _study('Muon', t)) for t in TASKS},
     **{f'steps_mkor_025_{t}': (lambda t=t: _study('MKOR, damping 0.25', t)) for t in TASKS},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import time
 from typing import Callable, NamedTuple, Optional, Sequence
 
@@ -169,9 +170,9 @@ def make_step(loss_fn, opt, kind=None, needs_value=False, donate=False):
 
 
 # How a step's cost is timed, by make demo and benchmarks/step_cost.py alike:
-# blocks of whole refresh periods (inv_freq 10), each lasting at least
-# MIN_BLOCK_S of the first function's steps, the functions taking turns.
-PERIOD = 10
+# blocks of whole refresh periods of default MKOR (its inv_freq), each lasting
+# at least MIN_BLOCK_S of the first function's steps, the functions taking turns.
+PERIOD = inspect.signature(mkor_optax.mkor).parameters['inv_freq'].default
 MIN_BLOCK_S = 0.2
 
 

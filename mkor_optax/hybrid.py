@@ -37,7 +37,7 @@ import optax
 from mkor_optax import checks, docstrings, sharding
 from mkor_optax.eager import compiled_when_eager
 from mkor_optax import kronecker as kr
-from mkor_optax.mkor import (DAMPING, EPSILON, GAMMA, LOW_RANK, LOW_RANK_MIN_DIM, ZETA, MKORState, mkor,
+from mkor_optax.mkor import (DAMPING, EPSILON, GAMMA, INV_FREQ, LOW_RANK, LOW_RANK_MIN_DIM, ZETA, MKORState, mkor,
                              mkor_args, scale_by_mkor)
 
 
@@ -82,7 +82,7 @@ def scale_by_mkor_h(
     gamma: float = GAMMA,
     zeta: float = ZETA,
     epsilon: float = EPSILON,
-    inv_freq: int = kr.INV_FREQ,
+    inv_freq: int = INV_FREQ,
     refresh: str = 'ema',
     axis_name: Optional[str] = None,
     factor_dtype: Any = None,
@@ -226,7 +226,7 @@ def mkor_h(
     gamma: float = GAMMA,
     zeta: float = ZETA,
     epsilon: float = EPSILON,
-    inv_freq: int = kr.INV_FREQ,
+    inv_freq: int = INV_FREQ,
     refresh: str = 'ema',
     axis_name: Optional[str] = None,
     factor_dtype: Any = None,
