@@ -34,7 +34,7 @@ from compare import FACTOR_DIM, GRIDS, build, first_at_or_below, smooth  # noqa:
 
 
 # Every study here was measured with MKOR refreshing every 10 steps (the
-# default before 0.3 made it 7), so a configuration runs at that period unless
+# default up to 0.2.0; 7 since), so a configuration runs at that period unless
 # its name gives another: a rerun reproduces its table whatever the default.
 STUDY_INV_FREQ = 10
 
