@@ -118,18 +118,19 @@ def test_rescale_must_be_a_bool():
     mkor_optax.scale_by_mkor(rescale='no')
 
 
-def test_factor_inverses_refresh_only_every_inv_freq_steps():
+@pytest.mark.parametrize('kwargs, period', [(dict(inv_freq=3), 3), ({}, 7)])  # {}: the documented default
+def test_factor_inverses_refresh_only_every_inv_freq_steps(kwargs, period):
   params = init_params()
-  tx = mkor_optax.scale_by_mkor(inv_freq=3)
+  tx = mkor_optax.scale_by_mkor(**kwargs)
   state = tx.init(params)
   history = []
-  for t in range(7):
+  for t in range(2 * period + 1):
     _, grads, stats = GRAD(params, *batch(t))
     _, state = tx.update(grads, state, params, stats=stats)
     history.append(np.asarray(state.output_side['hidden']))
-  changed = [not np.array_equal(history[t], history[t - 1]) for t in range(1, 7)]
+  changed = [not np.array_equal(history[t], history[t - 1]) for t in range(1, len(history))]
   assert not np.array_equal(history[0], np.eye(6)[None])
-  assert changed == [False, False, True, False, False, True]
+  assert changed == [t % period == 0 for t in range(1, len(history))]
 
 
 @pytest.mark.parametrize('kwargs, name', [
