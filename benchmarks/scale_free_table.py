@@ -96,8 +96,9 @@ def main(argv=None):
            '(MKOR absolute, damping 1 at inv_freq 10 and 7, damping 2, damping 2 and 0.5 at '
            'inv_freq 5, K-FAC relative 0.1) were run with the current code on one machine, an Intel '
            'Xeon; the other rows on an AMD EPYC: MKOR\'s at damping 0.5, at damping 0.25 and at '
-           'damping 1 with inv_freq 5 with the current code, its other rows with the earlier k sequential rank-1 steps of '
-           'a sketched refresh (the same factor, rounded differently). LAMB\'s counts are the same '
+           'damping 1 with inv_freq 5 with the current code, its other rows with the earlier k '
+           'sequential rank-1 steps of a sketched refresh (the same factor, rounded '
+           'differently). LAMB\'s counts are the same '
            'on both machines; MKOR\'s move by a few steps between machines and between such '
            'versions (on the ResNet, seed 0 at damping 1 took 274 steps on the AMD machine and 297 '
            'on the Intel one).', '',

@@ -27,6 +27,7 @@ Writes results/bench/step_cost.{json,md,png}; the docs' cost numbers quote it.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -46,6 +47,7 @@ from compare import FACTOR_DIM, build  # noqa: E402
 from demo import demo_case  # noqa: E402
 
 WD = 0.0
+KFAC_PERIOD = inspect.signature(mkor_optax.kfac).parameters['inv_freq'].default
 # Every timed block holds a whole number of refresh periods (PERIOD, default
 # MKOR's inv_freq), so that each block holds the same number of refresh steps, and lasts at
 # least MIN_BLOCK_S of LAMB's steps (on a shared machine, blocks of a few
@@ -244,8 +246,9 @@ def write(report, machine, args):
            f'`python benchmarks/step_cost.py`. Per step: median of {args.repeats} interleaved blocks '
            f'(whole refresh periods, inv_freq {PERIOD}, lasting at least {MIN_BLOCK_S} s of LAMB\'s steps); compile: median of '
            f'{args.compile_repeats} compilations. Default `mkor` captures Sketch(4); `mkor mean` RANK1; '
-           '`mkor 0.1.0` is 0.1.0\'s defaults (absolute factors, inv_freq 10). K-FAC inverts every 10 '
-           'steps, so a block holds a whole number of its periods only roughly. Ratios to LAMB.', '']
+           '`mkor 0.1.0` is 0.1.0\'s defaults (absolute factors, inv_freq 10). K-FAC inverts every '
+           f'{KFAC_PERIOD} steps, so a block holds a whole number of its periods only roughly. '
+           'Ratios to LAMB.', '']
   for key, title in (('tasks', 'Tasks'), ('widths', 'Widths (d-d-d MLP, batch 256)')):
     if report[key]:
       first = 'task' if key == 'tasks' else 'width'
