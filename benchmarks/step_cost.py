@@ -48,6 +48,7 @@ from demo import demo_case  # noqa: E402
 
 WD = 0.0
 KFAC_PERIOD = inspect.signature(mkor_optax.kfac).parameters['inv_freq'].default
+OLD_PERIOD = 10  # 0.1.0's inv_freq
 # Every timed block holds a whole number of refresh periods (PERIOD, default
 # MKOR's inv_freq), so that each block holds the same number of refresh steps, and lasts at
 # least MIN_BLOCK_S of LAMB's steps (on a shared machine, blocks of a few
@@ -55,10 +56,49 @@ KFAC_PERIOD = inspect.signature(mkor_optax.kfac).parameters['inv_freq'].default
 # rule, which make demo and the quickstart notebook time their steps by too.
 
 
+def package_at(rev: str):
+  """The ``mkor_optax`` package as it was at git revision ``rev`` of this
+  repository, imported beside today's as ``mkor_optax_at_<rev>`` (its files
+  copied to a temporary folder, every ``mkor_optax`` in them renamed), for
+  a comparison in one process."""
+  import importlib
+  import re
+  import subprocess
+  import tarfile
+  import tempfile
+  name = 'mkor_optax_at_' + re.sub(r'\W', '_', rev)
+  root = tempfile.mkdtemp(prefix='step_cost_')
+  repo = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
+  archive = subprocess.run(['git', '-C', repo, 'archive', '--format=tar', rev, 'mkor_optax'],
+                           check=True, capture_output=True).stdout
+  with tarfile.open(fileobj=__import__('io').BytesIO(archive)) as tar:
+    tar.extractall(root, filter='data')
+  os.rename(os.path.join(root, 'mkor_optax'), os.path.join(root, name))
+  for folder, _, files in os.walk(os.path.join(root, name)):
+    for f in files:
+      if f.endswith('.py'):
+        path = os.path.join(folder, f)
+        with open(path) as fh:
+          text = re.sub(r'\bmkor_optax\b', name, fh.read())
+        with open(path, 'w') as fh:
+          fh.write(text)
+  sys.path.insert(0, root)
+  return importlib.import_module(name)
+
+
+SINCE = {}  # rev -> that revision's package (--since)
+
+
 def configs(max_dim):
-  """name -> (optimizer, statistic kind[, traced with mkor_optax.jit_warnings(True)]):
-  LAMB first (the reference). Steps are traced with the library's default
-  (no host checks) unless the third entry says so."""
+  """name -> (optimizer, statistic kind[, traced with mkor_optax.jit_warnings(True)
+  [, the value_and_grad to capture with]]): LAMB first (the reference).
+  Steps are traced with the library's default (no host checks) unless the
+  third entry says so. With ``--since REV``, ``mkor at REV`` is that
+  revision's default ``mkor`` with its own default capture."""
+  since = {f'mkor at {rev}': (pkg.mkor(1e-2, weight_decay=WD, max_factor_dim=max_dim),
+                              inspect.signature(pkg.value_and_grad).parameters['kind'].default,
+                              False, pkg.value_and_grad)
+           for rev, pkg in SINCE.items()}
   return {
       'lamb': (optax.lamb(1e-2, weight_decay=WD), None),
       'mkor': (mkor_optax.mkor(1e-2, weight_decay=WD, max_factor_dim=max_dim), mkor_optax.SKETCH),
@@ -68,39 +108,57 @@ def configs(max_dim):
       # 0.1.0's defaults (absolute factors, a refresh every 10 steps), for the
       # cost of today's scale-free factors and period
       'mkor 0.1.0': (mkor_optax.mkor(1e-2, weight_decay=WD, max_factor_dim=max_dim, damping=None,
-                                     inv_freq=10), mkor_optax.SKETCH),
+                                     inv_freq=OLD_PERIOD), mkor_optax.SKETCH),
       'kfac': (mkor_optax.kfac(1e-2, weight_decay=WD, max_factor_dim=max_dim),
                mkor_optax.Covariance(max_dim=max_dim)),
       'sonew': (mkor_optax.sonew(1e-2), None),
+      **since,
   }
+
+
+def chosen(cfgs: dict, only) -> dict:
+  """``cfgs`` restricted to the names in ``only`` (LAMB always kept), or all."""
+  return cfgs if not only else {k: v for k, v in cfgs.items() if k == 'lamb' or k in only}
+
+
+def block_period(names) -> int:
+  """The steps a timed block is a whole multiple of: the least common
+  multiple of the refresh periods of the configurations ``names`` (so every
+  block holds the same number of each one's refreshes)."""
+  periods = [PERIOD] + [OLD_PERIOD for n in names if n == 'mkor 0.1.0'] + [
+      KFAC_PERIOD for n in names if n == 'kfac'] + [
+      inspect.signature(SINCE[n[len('mkor at '):]].mkor).parameters['inv_freq'].default
+      for n in names if n.startswith('mkor at ')]
+  return int(np.lcm.reduce(periods))
 
 
 def costs(params, batch, loss_fn, cfgs, n, repeats, compile_repeats) -> dict:
   """``{name: {'ms', 'per_step', 'compile_s', 'compile'}}``, ratios to ``'lamb'``;
-  ``n`` steps per timed block (``None``: as many whole refresh periods as
-  make LAMB's block last :data:`MIN_BLOCK_S`)."""
+  ``n`` steps per timed block (``None``: as many whole :func:`block_period`s
+  as make LAMB's block last :data:`MIN_BLOCK_S`)."""
   steps, fns, carries = {}, {}, {}
-  for name, (opt, kind, *loud) in cfgs.items():
+  for name, (opt, kind, *rest) in cfgs.items():
     state = opt.init(params)
-    steps[name] = (opt, kind, state, bool(loud and loud[0]))
+    loud, capture = (list(rest) + [False, None])[:2]
+    steps[name] = (opt, kind, state, bool(loud), capture)
   compile_s = {name: [] for name in cfgs}
   for r in range(compile_repeats):
     names = list(cfgs)
     for name in names[r % len(names):] + names[:r % len(names)]:
-      opt, kind, state, loud = steps[name]
-      step = make_step(loss_fn, opt, kind)  # a fresh jit: nothing cached
+      opt, kind, state, loud, capture = steps[name]
+      step = make_step(loss_fn, opt, kind, capture=capture)  # a fresh jit: nothing cached
       with mkor_optax.jit_warnings(loud):
         t0 = time.perf_counter()
         step.lower(params, state, *batch).compile()
         compile_s[name].append(time.perf_counter() - t0)
-  for name, (opt, kind, state, loud) in steps.items():
-    step = make_step(loss_fn, opt, kind)
+  for name, (opt, kind, state, loud, capture) in steps.items():
+    step = make_step(loss_fn, opt, kind, capture=capture)
     with mkor_optax.jit_warnings(loud):  # traced here, at the first call
       jax.block_until_ready(step(params, state, *batch))
     fns[name] = lambda c, step=step: step(c[0], c[1], *batch)[:2]
     carries[name] = (params, state)
   # (n None: blocks of at least MIN_BLOCK_S of LAMB's steps, the first config's)
-  med = seconds_per_step(fns, carries, repeats, n)
+  med = seconds_per_step(fns, carries, repeats, n, period=block_period(cfgs))
   comp = {k: float(np.median(v)) for k, v in compile_s.items()}
   return {name: {'ms': 1e3 * med[name], 'per_step': med[name] / med['lamb'],
                  'compile_s': comp[name], 'compile': comp[name] / comp['lamb']} for name in cfgs}
@@ -197,28 +255,36 @@ def main(argv=None):
   ap.add_argument('--compile-repeats', type=int, default=3)
   ap.add_argument('--quick', action='store_true', help='fewer blocks (a smoke run)')
   ap.add_argument('--out', default='results/bench')
+  ap.add_argument('--since', default=None,
+                  help="also time default mkor as it was at these git revisions, comma-separated ('mkor at REV')")
+  ap.add_argument('--only', default=None,
+                  help="the configurations to time beside LAMB, comma-separated (default: all)")
   ap.add_argument('--from-json', default=None,
                   help='render step_cost.md and .png again from this saved step_cost.json; measures nothing')
   args = ap.parse_args(argv)
   if args.quick:
-    args.repeats, args.compile_repeats, args.steps = 3, 1, PERIOD
+    args.repeats, args.compile_repeats, args.steps = 3, 1, int(np.lcm(PERIOD, OLD_PERIOD))
   if args.steps is not None and args.steps % PERIOD:
     ap.error(f'--steps must be a multiple of {PERIOD} (the refresh period)')
   if args.from_json:
     rewrite(args.from_json)
     return
   split = lambda s: [x for x in s.split(',') if x]
+  args.lcm_blocks = True
+  for rev in split(args.since or ''):
+    SINCE[rev] = package_at(rev)
+  only = split(args.only) if args.only else None
   report = {'tasks': {}, 'widths': {}, 'model': {}}
   t0 = time.time()
   for task in split(args.tasks):  # (demo: its factors on every side, max_factor_dim 4096)
     params, batch, loss_fn = case(task)
-    report['tasks'][task] = costs(params, batch, loss_fn, configs(FACTOR_DIM.get(task, 4096)),
+    report['tasks'][task] = costs(params, batch, loss_fn, chosen(configs(FACTOR_DIM.get(task, 4096)), only),
                                   args.steps, args.repeats, args.compile_repeats)
     print(task, {k: round(v['per_step'], 3) for k, v in report['tasks'][task].items()},
           f'{time.time() - t0:.0f} s', flush=True)
   for w in map(int, split(args.widths)):
     params, batch, loss_fn = case(str(w))
-    report['widths'][w] = costs(params, batch, loss_fn, configs(4096), args.steps, args.repeats,
+    report['widths'][w] = costs(params, batch, loss_fn, chosen(configs(4096), only), args.steps, args.repeats,
                                 args.compile_repeats)
     print('width', w, {k: round(v['per_step'], 3) for k, v in report['widths'][w].items()},
           f'{time.time() - t0:.0f} s', flush=True)
@@ -242,12 +308,31 @@ def machine() -> str:
 
 def write(report, machine, args):
   """step_cost.md (two tables per group: per step, per compile), .json, .png."""
+  if getattr(args, 'lcm_blocks', False):  # runs since the --since option
+    blocks = (f'each a whole multiple of every timed configuration\'s refresh period (inv_freq {PERIOD} '
+              f'of default MKOR, {OLD_PERIOD} of 0.1.0\'s and {KFAC_PERIOD} of K-FAC\'s, so '
+              f'{int(np.lcm.reduce([PERIOD, OLD_PERIOD, KFAC_PERIOD]))} steps) lasting at least '
+              f'{MIN_BLOCK_S} s of LAMB\'s steps')
+    kfac_note = ''
+  else:
+    blocks = (f'whole refresh periods, inv_freq {PERIOD}, lasting at least {MIN_BLOCK_S} s of '
+              'LAMB\'s steps')
+    kfac_note = (f'K-FAC inverts every {KFAC_PERIOD} steps, so a block holds a whole number of its '
+                 'periods only roughly. ')
+  revs = [r for r in (getattr(args, 'since', None) or '').split(',') if r]
+  since = (f"`mkor at REV` is default `mkor` as it was at commit REV ({', '.join(revs)}), with its "
+           'own default capture, imported beside today\'s package. ' if revs else '')
+  flags = ''.join(f' --{k} "{v}"' for k, v in (('since', getattr(args, 'since', None)),
+                                                 ('only', getattr(args, 'only', None)),
+                                                 ('tasks', args.tasks), ('widths', args.widths),
+                                                 ('depths', args.depths)) if v is not None
+                  and (k in ('since', 'only') and v or k not in ('since', 'only') and (
+                      getattr(args, 'since', None) or getattr(args, 'only', None))))
   lines = [f'Cost per step and per compile against LAMB in the same process ({machine}); '
-           f'`python benchmarks/step_cost.py`. Per step: median of {args.repeats} interleaved blocks '
-           f'(whole refresh periods, inv_freq {PERIOD}, lasting at least {MIN_BLOCK_S} s of LAMB\'s steps); compile: median of '
+           f'`python benchmarks/step_cost.py{flags}`. Per step: median of {args.repeats} interleaved blocks '
+           f'({blocks}); compile: median of '
            f'{args.compile_repeats} compilations. Default `mkor` captures Sketch(4); `mkor mean` RANK1; '
-           '`mkor 0.1.0` is 0.1.0\'s defaults (absolute factors, inv_freq 10). K-FAC inverts every '
-           f'{KFAC_PERIOD} steps, so a block holds a whole number of its periods only roughly. '
+           f'`mkor 0.1.0` is 0.1.0\'s defaults (absolute factors, inv_freq {OLD_PERIOD}). {since}{kfac_note}'
            'Ratios to LAMB.', '']
   for key, title in (('tasks', 'Tasks'), ('widths', 'Widths (d-d-d MLP, batch 256)')):
     if report[key]:

@@ -147,12 +147,14 @@ METHODS = {
 }
 
 
-def make_step(loss_fn, opt, kind=None, needs_value=False, donate=False):
+def make_step(loss_fn, opt, kind=None, needs_value=False, donate=False, capture=None):
   """A jitted train step; the two lines MKOR changes are marked.
   ``donate``: the parameters and the optimizer state are donated (updated
-  in place; the arrays passed in cannot be used after the call)."""
+  in place; the arrays passed in cannot be used after the call).
+  ``capture``: the ``value_and_grad`` to capture with (default
+  ``mkor_optax.value_and_grad``; another version's, for a comparison)."""
   if kind is not None:
-    grad_fn = mkor_optax.value_and_grad(loss_fn, kind=kind)           # changed line 1
+    grad_fn = (capture or mkor_optax.value_and_grad)(loss_fn, kind=kind)  # changed line 1
   else:
     plain = jax.value_and_grad(loss_fn)
     grad_fn = lambda p, *b: (*plain(p, *b), None)
@@ -206,12 +208,14 @@ def block_steps(fn, carry, period: int = PERIOD, min_s: float = MIN_BLOCK_S) -> 
   return period * max(1, int(np.ceil(min_s / (period * dt))))
 
 
-def seconds_per_step(fns: dict, carries: dict, repeats: int = 7, n: Optional[int] = None) -> dict:
+def seconds_per_step(fns: dict, carries: dict, repeats: int = 7, n: Optional[int] = None,
+                     period: int = PERIOD) -> dict:
   """Median seconds per step of each ``fn`` (``carry -> carry``), in
   interleaved blocks of ``n`` steps (default: :func:`block_steps` of the
-  first fn): the per-step cost that benchmarks/step_cost.py reports."""
+  first fn, whole ``period``s): the per-step cost that
+  benchmarks/step_cost.py reports."""
   first = next(iter(fns))
-  n = n or block_steps(fns[first], carries[first])
+  n = n or block_steps(fns[first], carries[first], period)
   return interleaved(fns, dict(carries), n, repeats)
 
 
