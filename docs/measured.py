@@ -133,6 +133,7 @@ NUMBERS = {
     **{f'steps_mkor_{t}': (lambda t=t: _study('MKOR, damping 1, inv_freq 7 (default)', t)) for t in TASKS},
     **{f'steps_kfac_{t}': (lambda t=t: _study('K-FAC, relative 0.1 (default)', t)) for t in TASKS},
     **{f'steps_muon_{t}': (lambda t=t: _study('Muon', t)) for t in TASKS},
+    **{f'steps_adamw_{t}': (lambda t=t: _study('AdamW', t)) for t in TASKS},
     **{f'steps_mkor_025_{t}': (lambda t=t: _study('MKOR, damping 0.25', t)) for t in TASKS},
     **{f'steps_mkor_mean_{t}': (lambda t=t: _study('MKOR, mean statistics, damping 0.25', t))
        for t in TASKS},
@@ -207,7 +208,8 @@ def readme_measured():
   """The README's table: steps to LAMB's loss (study) and cost per step."""
   rows = [('**MKOR** (`mkor(lr)`)', 'steps_mkor', 'cost_mkor'),
           ('K-FAC (`kfac(lr)`)', 'steps_kfac', 'cost_kfac'),
-          ('Muon (`optax.contrib.muon`)', 'steps_muon', None)]
+          ('Muon (`optax.contrib.muon`)', 'steps_muon', None),
+          ('AdamW (`optax.adamw`)', 'steps_adamw', None)]
   head = ('| optimizer | ' + ' | '.join(TASKS.values()) + ' |\n'
           + '|---' * (len(TASKS) + 1) + '|\n')
   out = ['Steps to reach LAMB\'s final training loss, as ratios to LAMB\'s steps '

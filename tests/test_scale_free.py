@@ -31,6 +31,11 @@ CONFIGS = {
 }
 
 
+# each side's statistics, whatever the kind: its mean (and the output side's
+# mass, which scales with it), its sketches, its covariance
+SIDE_NAMES = ({'a', 'a_sketches', 'A'}, {'g', 'g_mass', 'g_sketches', 'G'})
+
+
 def updates_over_steps(make, kind, *, loss_scale=1.0, side_scale=None, steps=20):
   """The bare transform's updates over ``steps`` batches (parameters held
   fixed, so every run sees the same layer outputs), with the loss multiplied
@@ -46,7 +51,7 @@ def updates_over_steps(make, kind, *, loss_scale=1.0, side_scale=None, steps=20)
     loss, grads, stats = grad_fn(params, *batch(t))
     if side_scale is not None:
       i, c = side_scale
-      stats = {k: {n: v * c if j == i else v for j, (n, v) in enumerate(s.items())}
+      stats = {k: {n: v * c if n in SIDE_NAMES[i] else v for n, v in s.items()}
                for k, s in stats.items()}
     u, state = tx.update(grads, state, params, stats=stats, value=loss)
     out.append(u)
