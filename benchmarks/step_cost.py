@@ -158,10 +158,12 @@ def costs(params, batch, loss_fn, cfgs, n, repeats, compile_repeats) -> dict:
     fns[name] = lambda c, step=step: step(c[0], c[1], *batch)[:2]
     carries[name] = (params, state)
   # (n None: blocks of at least MIN_BLOCK_S of LAMB's steps, the first config's)
-  med = seconds_per_step(fns, carries, repeats, n, period=block_period(cfgs))
+  period = block_period(cfgs)
+  med = seconds_per_step(fns, carries, repeats, n, period=period)
   comp = {k: float(np.median(v)) for k, v in compile_s.items()}
   return {name: {'ms': 1e3 * med[name], 'per_step': med[name] / med['lamb'],
-                 'compile_s': comp[name], 'compile': comp[name] / comp['lamb']} for name in cfgs}
+                 'compile_s': comp[name], 'compile': comp[name] / comp['lamb'],
+                 'block_period': period} for name in cfgs}
 
 
 class MLP(nn.Module):
@@ -309,10 +311,12 @@ def machine() -> str:
 def write(report, machine, args):
   """step_cost.md (two tables per group: per step, per compile), .json, .png."""
   if getattr(args, 'lcm_blocks', False):  # runs since the --since option
-    blocks = (f'each a whole multiple of every timed configuration\'s refresh period (inv_freq {PERIOD} '
-              f'of default MKOR, {OLD_PERIOD} of 0.1.0\'s and {KFAC_PERIOD} of K-FAC\'s, so '
-              f'{int(np.lcm.reduce([PERIOD, OLD_PERIOD, KFAC_PERIOD]))} steps) lasting at least '
-              f'{MIN_BLOCK_S} s of LAMB\'s steps')
+    # (runs before 'block_period' was recorded timed 0.1.0's period and revisions' of 10)
+    lcm = {r[n].get('block_period', int(np.lcm(PERIOD, OLD_PERIOD)))
+           for group in ('tasks', 'widths') for r in report[group].values() for n in r}
+    blocks = (f'each a whole multiple of every timed configuration\'s refresh period ('
+              + ' or '.join(f'{p} steps' for p in sorted(lcm)) + f', default MKOR\'s being {PERIOD}) '
+              f'lasting at least {MIN_BLOCK_S} s of LAMB\'s steps')
     kfac_note = ''
   else:
     blocks = (f'whole refresh periods, inv_freq {PERIOD}, lasting at least {MIN_BLOCK_S} s of '
