@@ -6,9 +6,12 @@ capture, ``update``, ``apply_updates``: what a user's loop runs) is built in
 one process. Compile time is ``jit(...).lower(...).compile()``, once per
 configuration, in rotating order over ``--compile-repeats`` fresh
 compilations (median). Steps are timed in interleaved blocks of ``--steps``
-calls (default: as many whole refresh periods of default MKOR's ``inv_freq`` as make a
-block of LAMB's steps last 0.2 s), ``--repeats`` times (median block), so
-that a noisy neighbour slows every configuration alike.
+calls (default: as many whole multiples of every timed configuration's
+refresh period as make a block of LAMB's steps last 0.2 s), ``--repeats``
+times (median block), so that a noisy neighbour slows every configuration
+alike. ``--since REV`` also times default ``mkor`` as it was at git
+revision ``REV`` (its package imported beside today's); ``--only`` picks
+the configurations.
 
 1. the compare.py tasks: the digits autoencoder, the CNN, the ResNet with
    BatchNorm, the masked-LM encoder and the small MLP autoencoder, and
@@ -49,11 +52,13 @@ from demo import demo_case  # noqa: E402
 WD = 0.0
 KFAC_PERIOD = inspect.signature(mkor_optax.kfac).parameters['inv_freq'].default
 OLD_PERIOD = 10  # 0.1.0's inv_freq
-# Every timed block holds a whole number of refresh periods (PERIOD, default
-# MKOR's inv_freq), so that each block holds the same number of refresh steps, and lasts at
-# least MIN_BLOCK_S of LAMB's steps (on a shared machine, blocks of a few
-# milliseconds measure the scheduler more than the step): examples/common.py's
-# rule, which make demo and the quickstart notebook time their steps by too.
+# Every timed block holds a whole number of every timed configuration's
+# refresh period (block_period: PERIOD, default MKOR's inv_freq, and 10 where
+# 0.1.0's settings or K-FAC are timed), so that each block holds the same
+# number of each one's refresh steps, and lasts at least MIN_BLOCK_S of LAMB's
+# steps (on a shared machine, blocks of a few milliseconds measure the
+# scheduler more than the step): examples/common.py's rule, which make demo and
+# the quickstart notebook time their steps by too (with PERIOD alone).
 
 
 def package_at(rev: str):
@@ -62,6 +67,7 @@ def package_at(rev: str):
   copied to a temporary folder, every ``mkor_optax`` in them renamed), for
   a comparison in one process."""
   import importlib
+  import io
   import re
   import subprocess
   import tarfile
@@ -71,7 +77,7 @@ def package_at(rev: str):
   repo = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
   archive = subprocess.run(['git', '-C', repo, 'archive', '--format=tar', rev, 'mkor_optax'],
                            check=True, capture_output=True).stdout
-  with tarfile.open(fileobj=__import__('io').BytesIO(archive)) as tar:
+  with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
     tar.extractall(root, filter='data')
   os.rename(os.path.join(root, 'mkor_optax'), os.path.join(root, name))
   for folder, _, files in os.walk(os.path.join(root, name)):
@@ -276,6 +282,9 @@ def main(argv=None):
   for rev in split(args.since or ''):
     SINCE[rev] = package_at(rev)
   only = split(args.only) if args.only else None
+  unknown = sorted(set(only or ()) - set(configs(4096)))
+  if unknown:
+    ap.error(f'--only: unknown configuration(s) {unknown}; choose from {sorted(configs(4096))}')
   report = {'tasks': {}, 'widths': {}, 'model': {}}
   t0 = time.time()
   for task in split(args.tasks):  # (demo: its factors on every side, max_factor_dim 4096)
