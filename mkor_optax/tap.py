@@ -318,17 +318,18 @@ class Sketch(StatKind):
     xs = call.sketch_of_inputs(signs)
     if call.has_bias:
       xs = jnp.concatenate([gathered(xs), jnp.sum(signs, axis=0)[:, None]], axis=1)
-    # the output side's signs are drawn here too (one kernel with the input
-    # side's) and ride to the backward pass as a residual
-    out_rows = call.output.size // int(np.prod(call.output.shape[call.output.ndim - call.out_ndim:]))
+    # the seed and the row offset travel as exact float32 halves (a residual
+    # here must be a float array)
+    halves = jnp.stack([seed >> 16, seed & 0xFFFF, offset >> 16, offset & 0xFFFF]).astype(jnp.float32)
     return {**(RANK1.forward(call) if self.means else {}),
             'xs': xs, 'rows': jnp.asarray(call.rows, jnp.float32),
-            'n': jnp.asarray(call.rows * call.g_scale, jnp.float32),
-            'out_signs': _signs(seed, 1, out_rows, self.k, offset)}
+            'n': jnp.asarray(call.rows * call.g_scale, jnp.float32), 'seed': halves}
 
   def backward(self, fwd, dy_rows, g_scale, devices):
     # per-example rows h as in Covariance (undoing shard_map's pmean)
-    signs, rows = fwd['out_signs'], dy_rows.shape[0]
+    halves = fwd['seed'].astype(jnp.uint32)
+    rows = dy_rows.shape[0]
+    signs = _signs((halves[0] << 16) | halves[1], 1, rows, self.k, (halves[2] << 16) | halves[3])
     h = dy_rows.astype(jnp.float32) * (fwd['n'] * devices)
     return {**(RANK1.backward(fwd, dy_rows, g_scale, devices) if self.means else {}),
             'xs': fwd['xs'], 'rows': fwd['rows'], 'calls': jnp.ones_like(fwd['rows']),
