@@ -335,12 +335,12 @@ def write(report, machine, args):
   revs = [r for r in (getattr(args, 'since', None) or '').split(',') if r]
   since = (f"`mkor at REV` is default `mkor` as it was at commit REV ({', '.join(revs)}), with its "
            'own default capture, imported beside today\'s package. ' if revs else '')
-  flags = ''.join(f' --{k} "{v}"' for k, v in (('since', getattr(args, 'since', None)),
-                                                 ('only', getattr(args, 'only', None)),
-                                                 ('tasks', args.tasks), ('widths', args.widths),
-                                                 ('depths', args.depths)) if v is not None
-                  and (k in ('since', 'only') and v or k not in ('since', 'only') and (
-                      getattr(args, 'since', None) or getattr(args, 'only', None))))
+  # a partial run (--since, --only) names its whole command
+  partial = {k: v for k, v in (('since', getattr(args, 'since', None)),
+                               ('only', getattr(args, 'only', None))) if v}
+  if partial:
+    partial.update(tasks=args.tasks, widths=args.widths, depths=args.depths)
+  flags = ''.join(f' --{k} "{v}"' for k, v in partial.items() if v is not None)
   lines = [f'Cost per step and per compile against LAMB in the same process ({machine}); '
            f'`python benchmarks/step_cost.py{flags}`. Per step: median of {args.repeats} interleaved blocks '
            f'({blocks}); compile: median of '

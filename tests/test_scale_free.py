@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import mkor_optax
-from mkor_optax import factors, lowrank
+from mkor_optax import factors, lowrank, statistics
 from helpers import KEY, batch, init_params, loss_fn
 
 SCALES = (1e-3, 1e-2, 1.0, 1e2, 1e3)
@@ -31,9 +31,10 @@ CONFIGS = {
 }
 
 
-# each side's statistics, whatever the kind: its mean (and the output side's
-# mass, which scales with it), its sketches, its covariance
-SIDE_NAMES = ({'a', 'a_sketches', 'A'}, {'g', 'g_mass', 'g_sketches', 'G'})
+# each side's statistics, whatever the kind (the library's names: mean,
+# sketches, covariance), and the output side's mass, which scales with its mean
+SIDE_NAMES = tuple({names[i] for names in statistics.NAMES.values()} | extra
+                   for i, extra in ((0, set()), (1, {'g_mass'})))
 
 
 def updates_over_steps(make, kind, *, loss_scale=1.0, side_scale=None, steps=20):
