@@ -35,8 +35,9 @@ import optax
 from mkor_optax import checks
 from mkor_optax.kronecker import factored_states, stats_template
 from mkor_optax.statistics import SKETCH_CARRIES, capture_call, sketch_count
-from mkor_optax.tap import DEFAULT_KIND, Sketch, StatKind
-from mkor_optax.tap import _hash as tap_hash
+from mkor_optax.sketch import DEFAULT_KIND, Sketch
+from mkor_optax.sketch import _hash as tap_hash
+from mkor_optax.tap import StatKind
 
 
 def micro_batch_signs(micro_step, side: int, k: int) -> jax.Array:

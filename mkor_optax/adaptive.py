@@ -40,7 +40,7 @@ from mkor_optax import kronecker as kr
 from mkor_optax.layers import varying_axes
 from mkor_optax.mkor import EPSILON, GAMMA, LOW_RANK, LOW_RANK_MIN_DIM, ZETA, scale_by_mkor
 from mkor_optax.quadratic import gauss_newton, scale_by_quadratic_step
-from mkor_optax.tap import SKETCH
+from mkor_optax.sketch import SKETCH
 
 # Measured on the digits autoencoder, 3 seeds, steps to LAMB's final loss
 # (results/adaptive_step/adaptive_mkor.md): the natural gradient wants less

@@ -41,8 +41,9 @@ from mkor_optax import layers as layers_lib
 from mkor_optax.layout import Layout
 from mkor_optax.paths import DELETE, get_at, path_str, set_at, unbox
 
-from mkor_optax.tap import (COVARIANCE, DEFAULT_KIND, RANK1, SKETCH, TAP, Covariance, LayerInfo, Rank1,  # noqa: F401 (re-exported)
-                            Sketch, StatKind, tap)
+from mkor_optax.sketch import DEFAULT_KIND, SKETCH, Sketch  # noqa: F401 (re-exported)
+from mkor_optax.tap import (COVARIANCE, RANK1, TAP, Covariance, LayerInfo, Rank1,  # noqa: F401 (re-exported)
+                            StatKind, tap)
 
 _active = threading.local()  # [module, re-entered] for the layer calls in progress
 

@@ -60,7 +60,7 @@ class LayerCall(NamedTuple):
     input_sum: optional ``() -> (d_in,)``, the sum of ``input_rows()`` computed
       more cheaply; by default the rows are summed.
     output: the layer's output ``y`` (the capture sets it before handing
-      the call to a statistic kind; :class:`~mkor_optax.tap.Sketch` draws
+      the call to a statistic kind; :class:`~mkor_optax.sketch.Sketch` draws
       its random signs from it).
     input_sketch: optional ``signs (rows, k) -> (k, d_in)``, ``signs^T
       input_rows()`` computed without the rows; by default the rows are

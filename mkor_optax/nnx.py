@@ -37,6 +37,7 @@ from mkor_optax import capture as capture_lib
 from mkor_optax import checks
 from mkor_optax import layout as layout_lib
 from mkor_optax import layers as layers_lib
+from mkor_optax import sketch as sketch_lib
 from mkor_optax import tap as tap_lib
 from mkor_optax.nnx_layers import layers_of, layout_hints, layouts  # noqa: F401 (public)
 from mkor_optax.paths import path_str
@@ -136,7 +137,7 @@ def _get(state, path):
 
 
 def value_and_grad(fun: Callable, argnums=0, has_aux: bool = False, *,
-                   kind: tap_lib.StatKind = tap_lib.DEFAULT_KIND, **grad_kwargs):
+                   kind: tap_lib.StatKind = sketch_lib.DEFAULT_KIND, **grad_kwargs):
   """``nnx.value_and_grad`` that also returns the layer statistics.
 
   Args:

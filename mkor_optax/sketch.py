@@ -1,0 +1,197 @@
+r"""Random-sign sketches: the default statistics of MKOR and MKOR-H.
+
+:class:`Sketch` is a statistic kind (:class:`~mkor_optax.tap.StatKind`):
+``k`` random-sign sketches of each side's second moment per layer call,
+``a_j = X^T s_j / sqrt(N)`` and ``g_j = H^T s'_j / sqrt(R)``, whose outer
+products average to K-FAC's factors ``A`` and ``G``. The signs are integer
+hashes (no random key to thread through a training loop).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mkor_optax import layers as layers_lib
+from mkor_optax.sharding import gathered
+from mkor_optax.tap import RANK1, StatKind
+
+
+def _check_seed(seed):
+  """``seed`` as a uint32 scalar (``None`` stays ``None``): an integer, or an
+  integer array of one element, concrete or traced."""
+  if seed is None:
+    return None
+  if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+    return jnp.asarray(int(seed) & 0xFFFFFFFF, jnp.uint32)
+  ok = (hasattr(seed, 'dtype') and hasattr(seed, 'shape') and jnp.issubdtype(seed.dtype, jnp.integer)
+        and int(np.prod(seed.shape)) == 1)
+  if not ok:
+    raise TypeError('Sketch: seed must be an integer scalar that changes every step (such as the '
+                    f'step counter), got {seed!r}')
+  return jnp.reshape(seed, ()).astype(jnp.uint32)
+
+
+class Sketch(StatKind):
+  r"""Random-sign sketches of both sides' second moments, ``k`` per side.
+
+  With the ``N`` input rows ``X`` of a layer (a 1 appended for the bias) and
+  its ``R`` per-example output-gradient rows ``H`` (as in
+  :class:`Covariance`), and independent random signs ``s_j`` per row,
+
+  .. math::
+
+     a_j &= X^T s_j / \sqrt{N}, \quad g_j = H^T s'_j / \sqrt{R}, \\
+     E[a_j a_j^T] &= X^T X / N = A, \quad E[g_j g_j^T] = H^T H / R = G,
+
+  so ``k`` sketches give MKOR ``k`` rank-1 directions per refresh whose
+  average is K-FAC's factor, where the mean statistic gives one (and under a
+  training-mode BatchNorm, whose mean output gradient is zero, none).
+
+  The randomness costs no argument: each call's signs are hashes of the
+  global row index and of a digest of the layer's output rows (each row's
+  sign and exponent bits added, hashed with its index, summed mod 2^32),
+  which changes with the batch and which every device layout computes
+  alike: one device and a batch split over several get the same signs.
+  Since the digest keeps only each entry's sign and exponent, a layer whose
+  output does not move between steps (a constant output, or a small model
+  fed the same full batch while its outputs drift by less than a power of
+  two) keeps its signs. Pass ``seed`` (any integer that changes every step,
+  such as the step counter, the same on every device) to mix it into the
+  signs, so that no two steps share them::
+
+    kind = mkor_optax.Sketch(4, seed=state.step)
+    loss, grads, stats = mkor_optax.value_and_grad(loss_fn, kind=kind)(state.params, x, y)
+
+  A layer called several times (shared, or under
+  ``nn.scan``'s steps) pools its calls as :class:`Covariance` does. Under
+  ``shard_map`` each device sketches its own rows with its own signs and
+  the summed sketch, divided by the root of the global row count, sketches
+  the global moments; over a ``pmap``/``shard_map`` ``axis_name`` the
+  transforms sum the per-device sketches and divide by the root of the
+  device count (``mkor_optax.statistics.gather_stats``).
+
+  Statistics per layer (stacking axes first): ``a_sketches``
+  ``(k, d_in + 1)`` and ``g_sketches`` ``(k, d_out)``, and :data:`RANK1`'s
+  means (``a``, ``g``, ``g_mass``, computed alike) for Eva. In one ``jit``
+  with an ``update`` that does not read them, XLA drops them; where the
+  statistics leave the ``jit``, ``means=False`` does not compute them.
+
+  Example:
+    >>> grad_fn = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.Sketch(8))
+    >>> loss, grads, stats = grad_fn(params, x, y)
+    >>> stats['layers_0']['a_sketches'].shape  # (k, d_in + 1)
+    (8, 4)
+    >>> opt = mkor_optax.mkor(1e-2)  # MKOR refreshes from all k sketches
+    >>> updates, state = opt.update(grads, opt.init(params), params, stats=stats)
+  """
+
+  def __init__(self, k: int = 4, seed=None, *, means: bool = True):
+    if not (isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 1):
+      raise ValueError(f'Sketch: k must be an integer >= 1, got {k!r}')
+    if not isinstance(means, (bool, np.bool_)):
+      raise ValueError(f'Sketch: means must be True or False, got {means!r}')
+    self.k = int(k)
+    self.seed = _check_seed(seed)
+    self.means = bool(means)  # RANK1's entries ride along, summed alike
+
+  def __repr__(self):
+    args = [f'k={self.k}'] + (['seed=...'] if self.seed is not None else [])
+    return f"Sketch({', '.join(args + ([] if self.means else ['means=False']))})"
+
+  def zeros(self, info):
+    d_in = info.d_in + int(info.has_bias)
+    return {**(RANK1.zeros(info) if self.means else {}),
+            'xs': jnp.zeros((self.k, d_in), jnp.float32),
+            'hs': jnp.zeros((self.k, info.d_out), jnp.float32),
+            'rows': jnp.zeros((), jnp.float32), 'calls': jnp.zeros((), jnp.float32)}
+
+  def forward(self, call):
+    if call.output is None:
+      raise ValueError('Sketch: the layer call carries no output to draw its signs from')
+    seed, offset = _output_digest(call.output, call.out_ndim)
+    if self.seed is not None:
+      seed = _hash(seed ^ _hash(self.seed + jnp.uint32(0x2545F491)))
+    signs = _signs(seed, 0, call.rows, self.k, offset)
+    xs = call.sketch_of_inputs(signs)
+    if call.has_bias:
+      xs = jnp.concatenate([gathered(xs), jnp.sum(signs, axis=0)[:, None]], axis=1)
+    # the seed and the row offset travel as exact float32 halves (a residual
+    # here must be a float array)
+    halves = jnp.stack([seed >> 16, seed & 0xFFFF, offset >> 16, offset & 0xFFFF]).astype(jnp.float32)
+    return {**(RANK1.forward(call) if self.means else {}),
+            'xs': xs, 'rows': jnp.asarray(call.rows, jnp.float32),
+            'n': jnp.asarray(call.rows * call.g_scale, jnp.float32), 'seed': halves}
+
+  def backward(self, fwd, dy_rows, g_scale, devices):
+    # per-example rows h as in Covariance (undoing shard_map's pmean)
+    halves = fwd['seed'].astype(jnp.uint32)
+    rows = dy_rows.shape[0]
+    signs = _signs((halves[0] << 16) | halves[1], 1, rows, self.k, (halves[2] << 16) | halves[3])
+    h = dy_rows.astype(jnp.float32) * (fwd['n'] * devices)
+    return {**(RANK1.backward(fwd, dy_rows, g_scale, devices) if self.means else {}),
+            'xs': fwd['xs'], 'rows': fwd['rows'], 'calls': jnp.ones_like(fwd['rows']),
+            'hs': (signs.T @ h) / jnp.sqrt(jnp.asarray(rows, jnp.float32))}
+
+  def finalize(self, ct, info):
+    rows = jnp.maximum(ct['rows'], 1.0)[..., None, None]
+    calls = jnp.maximum(ct['calls'], 1.0)[..., None, None]
+    return {'a_sketches': ct['xs'] / jnp.sqrt(rows), 'g_sketches': ct['hs'] / jnp.sqrt(calls),
+            **(RANK1.finalize(ct, info) if self.means else {})}
+
+
+SKETCH = Sketch(4)
+# What value_and_grad (linen and NNX) captures, and MultiSteps expects, unless told otherwise.
+DEFAULT_KIND = SKETCH
+
+
+def _hash(x):
+  """A 32-bit integer hash with full avalanche (``lowbias32``, C. Wellons)."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+COARSE_BITS = 0xFF800000
+
+
+def _output_digest(y, out_ndim: int):
+  """``(seed, row offset)`` of a layer call, both uint32, from what every
+  device layout computes alike: each output row's signs and exponents, added over
+  its features, hashed with the row's global index, and the hashes added (mod
+  2^32, so in any order). Under ``shard_map`` the row offset is the device's
+  position times its rows, and the sum runs over the devices (``psum``); with
+  a batch sharded under ``jit`` the rows are global already. A summation
+  order therefore changes no sign, a different batch or kernel changes all
+  of them, and one step computed twice sketches the same."""
+  y = jax.lax.stop_gradient(y).astype(jnp.float32)
+  d_out = int(np.prod(y.shape[y.ndim - out_ndim:]))
+  # sign and exponent: the last-bit differences that another summation order
+  # leaves (1e-7 relative, growing over steps) rarely cross a power of two
+  bits = jax.lax.bitcast_convert_type(y.reshape(-1, d_out), jnp.uint32) & jnp.uint32(COARSE_BITS)
+  # added mod 2^32 (in any order, and an all-reduce every backend has when
+  # the features are split over devices, where XOR is not)
+  per_row = jnp.sum(bits, axis=1, dtype=jnp.uint32)
+  rows = per_row.shape[0]
+  axes = tuple(sorted(layers_lib.varying_axes(y)))
+  offset = jnp.zeros((), jnp.uint32)
+  if axes:
+    offset = jax.lax.axis_index(axes).astype(jnp.uint32) * jnp.uint32(rows)
+  index = jnp.arange(rows, dtype=jnp.uint32) + offset
+  digest = jnp.sum(_hash(per_row ^ _hash(index + jnp.uint32(0x9E3779B9))), dtype=jnp.uint32)
+  if axes:
+    digest = jax.lax.psum(digest, axes)
+  return _hash(digest), offset
+
+
+def _signs(seed, side: int, rows: int, k: int, offset=0):
+  """``(rows, k)`` float32 signs, one hash per entry of ``seed``'s stream
+  ``side``, rows numbered from ``offset`` (their global index): a few
+  integer operations each, where a counter-based generator such as
+  threefry would add its twenty rounds to every captured layer's program."""
+  idx = jnp.arange(rows * k, dtype=jnp.uint32).reshape(rows, k) + jnp.uint32(k) * jnp.asarray(offset, jnp.uint32)
+  bits = _hash(idx * jnp.uint32(2) + jnp.uint32(side) + _hash(seed))
+  return 1.0 - 2.0 * (bits >> 31).astype(jnp.float32)
