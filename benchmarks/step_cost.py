@@ -111,6 +111,9 @@ def configs(max_dim):
       'mkor, jit warnings': (mkor_optax.mkor(1e-2, weight_decay=WD, max_factor_dim=max_dim),
                              mkor_optax.SKETCH, True),
       'mkor mean': (mkor_optax.mkor(1e-2, weight_decay=WD, max_factor_dim=max_dim), mkor_optax.RANK1),
+      # the Dense layers' sketches formed on refresh steps only
+      'mkor lazy': (mkor_optax.mkor(1e-2, weight_decay=WD, max_factor_dim=max_dim),
+                    mkor_optax.Sketch(4, lazy=True)),
       # 0.1.0's defaults (absolute factors, a refresh every 10 steps), for the
       # cost of today's scale-free factors and period
       'mkor 0.1.0': (mkor_optax.mkor(1e-2, weight_decay=WD, max_factor_dim=max_dim, damping=None,

@@ -34,10 +34,14 @@ import optax
 
 from mkor_optax import checks
 from mkor_optax.kronecker import factored_states, stats_template
-from mkor_optax.statistics import SKETCH_CARRIES, capture_call, sketch_count
+from mkor_optax.statistics import SKETCH_CARRIES, capture_call, holds_rows, sketch_count
 from mkor_optax.sketch import DEFAULT_KIND, Sketch
 from mkor_optax.sketch import _hash as tap_hash
 from mkor_optax.tap import StatKind
+
+LAZY_ROWS = ('mkor_optax.MultiSteps: Sketch(lazy=True) hands the transform each layer\'s rows, which '
+             'differ from micro-batch to micro-batch; MultiSteps accumulates sketches: capture '
+             'with mkor_optax.Sketch(k) (lazy=False), the default.')
 
 
 def micro_batch_signs(micro_step, side: int, k: int) -> jax.Array:
@@ -119,6 +123,8 @@ class MultiSteps:
       raise ValueError(f'mkor_optax.MultiSteps: kind must be a statistic kind such as '
                        f'mkor_optax.Sketch(4), got {kind!r}')
     kind = DEFAULT_KIND if kind is None else kind  # value_and_grad's default
+    if getattr(kind, 'lazy', False):
+      raise ValueError(LAZY_ROWS)
     self._sketches = kind.k if isinstance(kind, Sketch) else None  # for the sketch-taking states
     self._multi = optax.MultiSteps(opt, every_k_schedule, use_grad_mean, should_skip_update_fn)
 
@@ -140,6 +146,8 @@ class MultiSteps:
       if not hasattr(stats, 'keys'):
         raise ValueError('mkor_optax.MultiSteps: stats must be the dict returned by '
                          'mkor_optax.value_and_grad')
+      if any(holds_rows(fields) for fields in stats.values()):
+        raise ValueError(LAZY_ROWS)
       sketches = sketch_count(acc)  # what init made room for
       if acc and stats:  # (an empty dict: no layer of this micro-batch, warned below)
         self._check_sketches(sketch_count(stats), sketches, old.inner_opt_state, acc, stats)

@@ -41,7 +41,7 @@ from mkor_optax import layers as layers_lib
 from mkor_optax.layout import Layout
 from mkor_optax.paths import DELETE, get_at, path_str, set_at, unbox
 
-from mkor_optax.sketch import DEFAULT_KIND, SKETCH, Sketch  # noqa: F401 (re-exported)
+from mkor_optax.sketch import DEFAULT_KIND, ROWS, SKETCH, Sketch  # noqa: F401 (re-exported)
 from mkor_optax.tap import (COVARIANCE, RANK1, TAP, Covariance, LayerInfo, Rank1,  # noqa: F401 (re-exported)
                             StatKind, tap)
 
@@ -56,15 +56,20 @@ def _capture(mode: str, record: dict, kind: StatKind, path: tuple, call, y, dumm
     d_in = int(np.prod(call.kernel_shape)) // d_out
     info = LayerInfo(path, tuple(call.kernel_shape), d_in, d_out, call.out_ndim, call.has_bias)
     old = record.get(path)
-    if old is not None and old != info:
+    if old is not None and old._replace(rows=None) != info:
       raise ValueError(f'layer {path_str(path)!r} is called with inconsistent shapes: '
-                       f'{old} vs {info}')
-    record[path] = info
+                       f'{old._replace(rows=None)} vs {info}')
+    # rows to hand over: one call with plain input rows, outside shard_map
+    # (there the devices' rows of a replicated dummy would be summed)
+    rowwise = call.input_sketch is None and call.input_sum is None and not layers_lib.varying_axes(y)
+    record[path] = info._replace(rows=int(call.rows) if old is None and rowwise else None)
     return y
   if dummy is None:
     return y
   record.setdefault('tapped', set()).add(path)
-  return tap(dummy, y, kind.forward(call._replace(output=y)), kind, call.out_ndim, call.g_scale)
+  call = call._replace(output=y)
+  fwd = kind.forward_rows(call) if ROWS in dummy else kind.forward(call)
+  return tap(dummy, y, fwd, kind, call.out_ndim, call.g_scale)
 
 
 def _composite_call(mode, record, kind, module, fn, args, kwargs):

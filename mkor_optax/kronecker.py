@@ -34,7 +34,8 @@ from mkor_optax.layout import INPUT, OUTPUT, SIDES, Exclude, exclude_predicate, 
 from mkor_optax.numerics import all_finite, collect, fold_into_first, receipt_total, report_if
 from mkor_optax.paths import rebox_like, unbox
 from mkor_optax.precondition import layer_grads, row_blocks, write_layer
-from mkor_optax.statistics import (CANCELLED_FIX, NAMES, TAILS, cancelled_means, check_stats,
+from mkor_optax.sketch import ROWS
+from mkor_optax.statistics import (CANCELLED_FIX, NAMES, TAILS, cancelled_means, check_stats, holds_rows,
                                    gather_stats, kind_of, missing_stats)
 
 __all__ = ['Exclude', 'FactorRule', 'Prepared', 'scale_by_kronecker', 'with_backend',
@@ -108,9 +109,11 @@ def prepare(updates, stats, plan: dict, count, *, excluded, who: str, axis_name,
   plan = {k: lp for k, lp in plan.items() if k not in lacking}
   if plan:
     checks.check_data_parallel({k: stats[k] for k in plan}, axis_name, who)
-  gathered = gather_stats(stats, plan, axis_name, kind)
+  gathered = gather_stats(stats, plan, axis_name, kind, count)
   names = dict(zip(NAMES[kind], SIDES))
-  by_side = {k: {names[n]: v for n, v in s.items()} for k, s in gathered.items()}
+  # a lazy sketch capture's rows stay whole (ROWS: the rule sketches them when it refreshes)
+  by_side = {k: {ROWS: s} if holds_rows(s) else {names[n]: v for n, v in s.items()}
+             for k, s in gathered.items()}
   plain = unbox(updates)
   grads = {k: layer_grads(plain, lp) for k, lp in plan.items()}
   # squared norms from the kernel and bias blocks (no concatenated copy read);
@@ -118,7 +121,10 @@ def prepare(updates, stats, plan: dict, count, *, excluded, who: str, axis_name,
   sq_norms = {k: sum(jnp.sum(jnp.square(b), axis=(1, 2)) for b in row_blocks(grads[k][0], lp.dims))
               for k, lp in plan.items()}
   present = {k: jnp.asarray(stats[k].get(checks.PRESENT, True), bool) for k in plan}
-  return Prepared(plan, by_side, grads, sq_norms, all_finite(gathered, sq_norms), present, count,
+  # rows are not read here (a pass over every activation): non-finite rows make the
+  # gradient non-finite, and a refresh checks what it forms from them
+  checked = {k: s for k, s in gathered.items() if not holds_rows(s)}
+  return Prepared(plan, by_side, grads, sq_norms, all_finite(checked, sq_norms), present, count,
                   updates)
 
 

@@ -25,6 +25,7 @@ from mkor_optax import kronecker as kr
 from mkor_optax.factors import DENSE_16_BIT
 from mkor_optax.layout import OUTPUT, SIDES
 from mkor_optax.rank1 import REFRESH_RULES, check_stabiliser, refresh_inverse, refresh_inverse_checked  # noqa: F401
+from mkor_optax.statistics import sided_sketches
 
 # Low-rank factors by default for sides of at least this width (measured:
 # benchmarks/width_sweep.py, docs/guides/wide_layers.md).
@@ -87,13 +88,13 @@ def mkor_rule(*, damping, gamma, zeta, epsilon, inv_freq, refresh, dtype, low_ra
 
   def refreshed(sides, prep):
     jobs = [(i, k) for i, entries in enumerate(sides[:2]) for k in entries if k in prep.stats]
-    # a side stays as it was on a non-finite step (the refresh is only due on
-    # finite ones), for a layer without statistics this accumulation, and on
-    # the output side of a layer whose mean gradient cancelled (rounding
-    # noise is no curvature)
+    stats = sided_sketches(prep.stats, prep.plan, prep.count)  # rows are sketched here, when due
+    # a side stays as it was on a non-finite step (the refresh is only due on finite ones), for a layer
+    # without statistics this accumulation, and on the output side of a layer whose mean gradient
+    # cancelled (rounding noise is no curvature)
     keep = {k: ~(prep.finite & prep.present[k]) for _, k in jobs}
     fresh = factors.refresh_relative_many(
-        [(sides[i][k], sides[2 + i][k], prep.stats[k][SIDES[i]],
+        [(sides[i][k], sides[2 + i][k], stats[k][SIDES[i]],
           keep[k] | prep.cancelled[k] if SIDES[i] == OUTPUT and k in prep.cancelled else keep[k])
          for i, k in jobs], damping=damping, gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh)
     new, flags = [dict(s) for s in sides], {}
@@ -103,8 +104,7 @@ def mkor_rule(*, damping, gamma, zeta, epsilon, inv_freq, refresh, dtype, low_ra
     return tuple(new), flags
 
   def kept(sides, prep):
-    names = [f'{k} ({side} side)' for side, entries in zip(SIDES, sides[:2])
-             for k in entries if k in prep.stats]
+    names = [f'{k} ({side} side)' for side, entries in zip(SIDES, sides[:2]) for k in entries if k in prep.stats]
     return sides, {n: jnp.asarray(False) for n in names}
 
   def refresh_sides(sides, prep):

@@ -9,6 +9,8 @@ hashes (no random key to thread through a training loop).
 
 from __future__ import annotations
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +18,9 @@ import numpy as np
 from mkor_optax import layers as layers_lib
 from mkor_optax.sharding import gathered
 from mkor_optax.tap import RANK1, StatKind
+
+# The key of a layer's input rows in the statistics of Sketch(lazy=True)
+ROWS = 'x_rows'
 
 
 def _check_seed(seed):
@@ -72,6 +77,19 @@ class Sketch(StatKind):
   transforms sum the per-device sketches and divide by the root of the
   device count (``mkor_optax.statistics.gather_stats``).
 
+  ``lazy=True`` forms the sketches where they are used instead: the layers
+  that can (a single call with plain input rows, as ``nn.Dense`` and
+  ``nn.DenseGeneral``, outside ``shard_map``) hand the transform their rows,
+  ``x_rows`` ``(N, d_in)`` and ``dy_rows`` ``(N, d_out)`` with the
+  per-example scale ``dy_scale`` (buffers the backward pass holds anyway, so
+  within one ``jit`` nothing is copied), and MKOR and MKOR-H sketch them on
+  their refresh steps only (:func:`sketch_rows`), with signs drawn from
+  their step count, the layer and the global row index: on the other steps
+  the capture costs nothing. Other layers (convolutions, shared layers) are
+  sketched here as before. Over a ``pmap`` ``axis_name`` each device
+  sketches its rows every step before the sketches are pooled;
+  ``MultiSteps`` does not take row statistics.
+
   Statistics per layer (stacking axes first): ``a_sketches``
   ``(k, d_in + 1)`` and ``g_sketches`` ``(k, d_out)``, and :data:`RANK1`'s
   means (``a``, ``g``, ``g_mass``, computed alike) for Eva. In one ``jit``
@@ -87,20 +105,31 @@ class Sketch(StatKind):
     >>> updates, state = opt.update(grads, opt.init(params), params, stats=stats)
   """
 
-  def __init__(self, k: int = 4, seed=None, *, means: bool = True):
+  def __init__(self, k: int = 4, seed=None, *, means: bool = True, lazy: bool = False):
     if not (isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 1):
       raise ValueError(f'Sketch: k must be an integer >= 1, got {k!r}')
-    if not isinstance(means, (bool, np.bool_)):
-      raise ValueError(f'Sketch: means must be True or False, got {means!r}')
+    for name, flag in (('means', means), ('lazy', lazy)):
+      if not isinstance(flag, (bool, np.bool_)):
+        raise ValueError(f'Sketch: {name} must be True or False, got {flag!r}')
+    if lazy and seed is not None:
+      raise ValueError('Sketch: lazy=True draws its signs from the transform\'s step count; '
+                       'seed= is for the sketches formed in the capture (lazy=False)')
     self.k = int(k)
     self.seed = _check_seed(seed)
     self.means = bool(means)  # RANK1's entries ride along, summed alike
+    self.lazy = bool(lazy)
 
   def __repr__(self):
-    args = [f'k={self.k}'] + (['seed=...'] if self.seed is not None else [])
-    return f"Sketch({', '.join(args + ([] if self.means else ['means=False']))})"
+    args = ([f'k={self.k}'] + (['seed=...'] if self.seed is not None else [])
+            + ([] if self.means else ['means=False']) + (['lazy=True'] if self.lazy else []))
+    return f"Sketch({', '.join(args)})"
 
   def zeros(self, info):
+    if self.lazy and info.rows is not None:  # the layer's rows, handed over (see the class)
+      return {**(RANK1.zeros(info) if self.means else {}),
+              ROWS: jnp.zeros((info.rows, info.d_in), jnp.float32),
+              'dy_rows': jnp.zeros((info.rows, info.d_out), jnp.float32),
+              'dy_scale': jnp.zeros((), jnp.float32)}
     d_in = info.d_in + int(info.has_bias)
     return {**(RANK1.zeros(info) if self.means else {}),
             'xs': jnp.zeros((self.k, d_in), jnp.float32),
@@ -124,21 +153,55 @@ class Sketch(StatKind):
             'xs': xs, 'rows': jnp.asarray(call.rows, jnp.float32),
             'n': jnp.asarray(call.rows * call.g_scale, jnp.float32), 'seed': halves}
 
+  def forward_rows(self, call):
+    """:meth:`forward` of a layer whose dummy takes its rows (``lazy``)."""
+    return {**(RANK1.forward(call) if self.means else {}), ROWS: call.input_rows(),
+            'n': jnp.asarray(call.rows * call.g_scale, jnp.float32)}
+
   def backward(self, fwd, dy_rows, g_scale, devices):
+    means = RANK1.backward(fwd, dy_rows, g_scale, devices) if self.means else {}
+    if ROWS in fwd:  # dL/dy as it is: the per-example scale applies to the sketch
+      return {**means, ROWS: fwd[ROWS], 'dy_rows': dy_rows.astype(jnp.float32),
+              'dy_scale': fwd['n'] * devices}
     # per-example rows h as in Covariance (undoing shard_map's pmean)
     halves = fwd['seed'].astype(jnp.uint32)
     rows = dy_rows.shape[0]
     signs = _signs((halves[0] << 16) | halves[1], 1, rows, self.k, (halves[2] << 16) | halves[3])
     h = dy_rows.astype(jnp.float32) * (fwd['n'] * devices)
-    return {**(RANK1.backward(fwd, dy_rows, g_scale, devices) if self.means else {}),
-            'xs': fwd['xs'], 'rows': fwd['rows'], 'calls': jnp.ones_like(fwd['rows']),
+    return {**means, 'xs': fwd['xs'], 'rows': fwd['rows'], 'calls': jnp.ones_like(fwd['rows']),
             'hs': (signs.T @ h) / jnp.sqrt(jnp.asarray(rows, jnp.float32))}
 
   def finalize(self, ct, info):
+    means = RANK1.finalize(ct, info) if self.means else {}
+    if ROWS in ct:  # k rides as the shape of an empty array
+      return {**means, ROWS: ct[ROWS], 'dy_rows': ct['dy_rows'], 'dy_scale': ct['dy_scale'],
+              'sketches': jnp.zeros(ct['dy_scale'].shape + (self.k, 0), jnp.float32)}
     rows = jnp.maximum(ct['rows'], 1.0)[..., None, None]
     calls = jnp.maximum(ct['calls'], 1.0)[..., None, None]
     return {'a_sketches': ct['xs'] / jnp.sqrt(rows), 'g_sketches': ct['hs'] / jnp.sqrt(calls),
-            **(RANK1.finalize(ct, info) if self.means else {})}
+            **means}
+
+
+def sketch_rows(fields: dict, count, layer: str, has_bias: bool, offset=0) -> tuple:
+  """``(a_sketches, g_sketches)``, ``(S, k, d_in[+1])`` and ``(S, k, d_out)``,
+  of a ``Sketch(lazy=True)`` layer's statistics ``fields`` (rows ``(S, N,
+  d)``, stacking axes flattened): the sketches the capture would have
+  formed, with signs hashed from the transform's step ``count``, the
+  ``layer``'s name and the global row index (``offset`` + the row: over a
+  data-parallel axis, each device's first row), the same for any split of
+  the rows over devices."""
+  x, dy, scale = fields[ROWS], fields['dy_rows'], fields['dy_scale']
+  k, n = fields['sketches'].shape[-2], x.shape[-2]
+  salt = zlib.crc32(layer.encode()) & 0xFFFFFFFF
+  seed = _hash(jnp.asarray(count).astype(jnp.uint32) ^ _hash(jnp.uint32(salt)))
+  s_in, s_out = (_signs(seed, side, n, k, offset) for side in (0, 1))
+  root = np.sqrt(n, dtype=np.float32)
+  a = jnp.einsum('nk,snd->skd', s_in, x.astype(jnp.float32)) / root
+  if has_bias:
+    a = jnp.concatenate([a, jnp.broadcast_to(jnp.sum(s_in, axis=0)[None, :, None] / root,
+                                             a.shape[:2] + (1,))], axis=-1)
+  g = jnp.einsum('nk,snd->skd', s_out, dy.astype(jnp.float32)) * (scale.reshape(-1, 1, 1) / root)
+  return a, g
 
 
 SKETCH = Sketch(4)

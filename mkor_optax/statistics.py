@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mkor_optax.layers import varying_axes
-from mkor_optax.layout import LAYOUTS_FIX, LayerPlan
+from mkor_optax.layout import LAYOUTS_FIX, SIDES, LayerPlan
 from mkor_optax.paths import get_at, unbox
+from mkor_optax.sketch import ROWS, sketch_rows
 
 
 # (input side, output side)
@@ -47,11 +48,18 @@ def capture_call(kind: str) -> str:
 
 
 def _layer_sketches(fields) -> Optional[int]:
-  """``k`` when one layer's ``fields`` hold sketches, else ``None``."""
-  for name in NAMES['SKETCH']:
+  """``k`` when one layer's ``fields`` hold sketches (or the rows a lazy
+  sketch capture hands over, ``k`` as the shape of its empty ``'sketches'``),
+  else ``None``."""
+  for name in NAMES['SKETCH'] + ('sketches',):
     if hasattr(fields, 'get') and fields.get(name) is not None:
       return int(np.shape(fields[name])[-2])
   return None
+
+
+def holds_rows(fields) -> bool:
+  """Whether one layer's statistics are the rows of ``Sketch(lazy=True)``."""
+  return hasattr(fields, 'get') and fields.get(ROWS) is not None
 
 
 def sketch_count(stats) -> Optional[int]:
@@ -73,6 +81,10 @@ def stat_shapes(kind: str, lp: LayerPlan, fields=None) -> dict:
   first); for ``'SKETCH'``, ``k`` is read from the layer's own ``fields``."""
   k = _layer_sketches(fields) if kind == 'SKETCH' else None
   d, tail = lp.dims, TAILS[kind]
+  if kind == 'SKETCH' and holds_rows(fields):  # N rows of each side, k sketches to form
+    n = int(np.shape(fields[ROWS])[-2])
+    return {ROWS: d.stack + (n, d.d_in), 'dy_rows': d.stack + (n, d.d_out), 'dy_scale': d.stack,
+            'sketches': d.stack + (k, 0)}
   sides = ((lp.has_r, d.d_in_aug), (lp.has_l, d.d_out))
   return {name: d.stack + tail(width, k)
           for name, (has, width) in zip(NAMES[kind], sides) if has}
@@ -141,14 +153,32 @@ def check_stats(stats, plan: dict, params, excluded: Callable[[str], bool], who:
   return lacking
 
 
-def gather_stats(stats, plan: dict, axis_name: Optional[str], kind: str = 'RANK1') -> dict:
+def sided_sketches(by_side: dict, plan: dict, count) -> dict:
+  """``{layer: {side: statistic}}`` with a lazy sketch capture's rows
+  (``{ROWS: fields}``, see :func:`mkor_optax.kronecker.prepare`) sketched
+  (:func:`~mkor_optax.sketch.sketch_rows`): called where a refresh is due."""
+  out = dict(by_side)
+  for name, fields in by_side.items():
+    if ROWS in fields:
+      out[name] = dict(zip(SIDES, sketch_rows(fields[ROWS], count, name, plan[name].dims.has_bias)))
+  return out
+
+
+def gather_stats(stats, plan: dict, axis_name: Optional[str], kind: str = 'RANK1', count=0) -> dict:
   """The ``kind`` statistics of the planned layers, stacking axes flattened
-  to one (``(S, ...)``), averaged over ``axis_name`` when given."""
+  to one (``(S, ...)``), averaged over ``axis_name`` when given. Over an
+  ``axis_name``, rows (``Sketch(lazy=True)``) are sketched here, each
+  device's with the signs of its global rows (``count``: the transform's
+  step), and pooled as sketches."""
   out = {}
   for name, lp in plan.items():
     want = stat_shapes(kind, lp, stats[name])
     out[name] = {k: jnp.reshape(stats[name][k], (lp.dims.n_stack,) + want[k][len(lp.dims.stack):])
                  for k in want}
+    if axis_name is not None and holds_rows(out[name]):
+      offset = jax.lax.axis_index(axis_name) * out[name][ROWS].shape[-2]
+      out[name] = dict(zip(NAMES['SKETCH'], sketch_rows(out[name], count, name, lp.dims.has_bias,
+                                                        offset)))
   if axis_name is not None:
     pooled = kind == 'SKETCH' and already_pooled(out, axis_name)
     out = jax.lax.pmean(out, axis_name)

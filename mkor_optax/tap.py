@@ -23,7 +23,7 @@ A *statistic kind* (:class:`StatKind`) decides what the dummy holds:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,10 @@ class LayerInfo(NamedTuple):
   d_out: int
   out_ndim: int
   has_bias: bool
+  # the rows of its one call, for a layer that can hand them over (its
+  # LayerCall has input rows and no sketch of its own, it is called once
+  # per trace, outside shard_map); None otherwise
+  rows: Optional[int] = None
 
 
 class StatKind:
