@@ -348,6 +348,7 @@ def write(report, machine, args):
            f'`python benchmarks/step_cost.py{flags}`. Per step: median of {args.repeats} interleaved blocks '
            f'({blocks}); compile: median of '
            f'{args.compile_repeats} compilations. Default `mkor` captures Sketch(4); `mkor mean` RANK1; '
+           '`mkor lazy` Sketch(4, lazy=True) (the Dense layers\' sketches formed on refresh steps only); '
            f'`mkor 0.1.0` is 0.1.0\'s defaults (absolute factors, inv_freq {OLD_PERIOD}). {since}{kfac_note}'
            'Ratios to LAMB.', '']
   for key, title in (('tasks', 'Tasks'), ('widths', 'Widths (d-d-d MLP, batch 256)')):

@@ -83,7 +83,7 @@ class Sketch(StatKind):
   ``x_rows`` ``(N, d_in)`` and ``dy_rows`` ``(N, d_out)`` with the
   per-example scale ``dy_scale`` (buffers the backward pass holds anyway, so
   within one ``jit`` nothing is copied), and MKOR and MKOR-H sketch them on
-  their refresh steps only (:func:`sketch_rows`), with signs drawn from
+  their refresh steps only (``mkor_optax.sketch.sketch_rows``), with signs drawn from
   their step count, the layer and the global row index: on the other steps
   the capture costs nothing. Other layers (convolutions, shared layers) are
   sketched here as before. Over a ``pmap`` ``axis_name`` each device

@@ -155,8 +155,8 @@ def check_stats(stats, plan: dict, params, excluded: Callable[[str], bool], who:
 
 def sided_sketches(by_side: dict, plan: dict, count) -> dict:
   """``{layer: {side: statistic}}`` with a lazy sketch capture's rows
-  (``{ROWS: fields}``, see :func:`mkor_optax.kronecker.prepare`) sketched
-  (:func:`~mkor_optax.sketch.sketch_rows`): called where a refresh is due."""
+  (``{ROWS: fields}``, see ``mkor_optax.kronecker.prepare``) sketched
+  (``mkor_optax.sketch.sketch_rows``): called where a refresh is due."""
   out = dict(by_side)
   for name, fields in by_side.items():
     if ROWS in fields:
