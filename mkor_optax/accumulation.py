@@ -30,18 +30,16 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mkor_optax import checks
 from mkor_optax.kronecker import factored_states, stats_template
 from mkor_optax.statistics import SKETCH_CARRIES, capture_call, holds_rows, sketch_count
-from mkor_optax.sketch import DEFAULT_KIND, Sketch
+from mkor_optax.sketch import DEFAULT_KIND, ROWS, Sketch, _output_digest, sketch_rows
 from mkor_optax.sketch import _hash as tap_hash
 from mkor_optax.tap import StatKind
 
-LAZY_ROWS = ('mkor_optax.MultiSteps: Sketch(lazy=True) hands the transform each layer\'s rows, which '
-             'differ from micro-batch to micro-batch; MultiSteps accumulates sketches: capture '
-             'with mkor_optax.Sketch(k) (lazy=False), the default.')
 
 
 def micro_batch_signs(micro_step, side: int, k: int) -> jax.Array:
@@ -123,8 +121,6 @@ class MultiSteps:
       raise ValueError(f'mkor_optax.MultiSteps: kind must be a statistic kind such as '
                        f'mkor_optax.Sketch(4), got {kind!r}')
     kind = DEFAULT_KIND if kind is None else kind  # value_and_grad's default
-    if getattr(kind, 'lazy', False):
-      raise ValueError(LAZY_ROWS)
     self._sketches = kind.k if isinstance(kind, Sketch) else None  # for the sketch-taking states
     self._multi = optax.MultiSteps(opt, every_k_schedule, use_grad_mean, should_skip_update_fn)
 
@@ -146,8 +142,7 @@ class MultiSteps:
       if not hasattr(stats, 'keys'):
         raise ValueError('mkor_optax.MultiSteps: stats must be the dict returned by '
                          'mkor_optax.value_and_grad')
-      if any(holds_rows(fields) for fields in stats.values()):
-        raise ValueError(LAZY_ROWS)
+      stats = self._rows_sketched(stats, acc, old)
       sketches = sketch_count(acc)  # what init made room for
       if acc and stats:  # (an empty dict: no layer of this micro-batch, warned below)
         self._check_sketches(sketch_count(stats), sketches, old.inner_opt_state, acc, stats)
@@ -192,6 +187,23 @@ class MultiSteps:
     raise ValueError(f'mkor_optax.MultiSteps was built for {built} but got {got}: build it with '
                      f'MultiSteps(..., kind={fix}), the kind passed to value_and_grad, so that '
                      'init makes room for them.')
+
+  def _rows_sketched(self, stats, acc, inner):
+    """``stats`` with the rows of ``Sketch(lazy=True)`` sketched now, each
+    micro-batch with signs of its own (the accumulation sums sketches)."""
+    out = dict(stats)
+    for layer, fields in stats.items():
+      if layer in acc and holds_rows(fields) and 'a_sketches' in acc[layer]:
+        s, d_aug = acc[layer]['a_sketches'].shape[0], acc[layer]['a_sketches'].shape[-1]
+        flat = {k: jnp.reshape(v, (s,) + np.shape(v)[np.ndim(v) - (2 if k != 'dy_scale' else 0):])
+                for k, v in fields.items() if k in (ROWS, 'dy_rows', 'dy_scale', 'sketches')}
+        # the micro-step, and a digest of the rows: data-parallel devices get signs of their own
+        step = (jnp.asarray(inner.gradient_step, jnp.uint32) * jnp.uint32(0x9E3779B9)
+                + jnp.asarray(inner.mini_step, jnp.uint32)) ^ _output_digest(flat['dy_rows'], 1)[0]
+        a, g = sketch_rows(flat, step, layer, has_bias=d_aug == flat[ROWS].shape[-1] + 1)
+        out[layer] = {**{k: v for k, v in fields.items() if k not in flat},
+                      'a_sketches': a, 'g_sketches': g}
+    return out
 
   def _accumulate(self, acc, counts, stats, sketches, micro_step):
     """Each layer's running mean (sketches: running sum) over the micro-batches

@@ -158,14 +158,34 @@ def test_convolutions_and_shared_layers_are_sketched_in_the_capture():
     assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
 
 
-def test_multisteps_refuses_rows():
-  with pytest.raises(ValueError, match='lazy=True'):
-    mkor_optax.MultiSteps(mkor_optax.mkor(1e-2), 2, kind=LAZY)
+def test_multisteps_sketches_each_micro_batch_of_rows():
+  """Under MultiSteps rows are sketched per micro-batch: two micro-batches
+  of 8 rows give the update of the same accumulation fed their sketches."""
   params = init_params()
-  opt = mkor_optax.MultiSteps(mkor_optax.mkor(1e-2), 2)
-  _, grads, stats = mkor_optax.value_and_grad(loss_fn, kind=LAZY)(params, *batch(0))
-  with pytest.raises(ValueError, match='lazy=True'):
-    opt.update(grads, opt.init(params), params, stats=stats)
+  grad_fn = mkor_optax.value_and_grad(loss_fn, kind=LAZY)
+  results = []
+  for convert in (False, True):
+    opt = mkor_optax.MultiSteps(mkor_optax.mkor(1e-2), 2, kind=LAZY)
+    state = opt.init(params)
+    for i in range(2):
+      _, grads, stats = grad_fn(params, *batch(i))
+      if convert:  # what MultiSteps does with them, by hand
+        stats = opt._rows_sketched(stats, state.acc_stats, state.inner)
+        assert all('x_rows' not in f and f['a_sketches'].shape[-2] == 4 for f in stats.values())
+      updates, state = opt.update(grads, state, params, stats=stats)
+    results.append(updates)
+  assert_tree_close(results[0], results[1], rtol=1e-6, atol=1e-8)
+  assert not np.allclose(results[0]['hidden']['kernel'], 0.0)
+  # each micro-batch's sketches sketch its covariance (K of them)
+  opt = mkor_optax.MultiSteps(mkor_optax.mkor(1e-2), 2, kind=mkor_optax.Sketch(K, lazy=True))
+  state = opt.init(params)
+  x, y = batch(3, n=16)
+  rows = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.Sketch(K, lazy=True))(params, x, y)[2]
+  cov = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.COVARIANCE)(params, x, y)[2]
+  sketched = opt._rows_sketched(rows, state.acc_stats, state.inner)
+  for name in cov:
+    assert_expectation(sketched[name]['a_sketches'][0], cov[name]['A'])
+    assert_expectation(sketched[name]['g_sketches'][0], cov[name]['G'])
 
 
 def test_lazy_takes_no_seed_and_says_so():
