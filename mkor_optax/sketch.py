@@ -87,8 +87,8 @@ class Sketch(StatKind):
   their step count, the layer and the global row index: on the other steps
   the capture costs nothing. Other layers (convolutions, shared layers) are
   sketched here as before. Over a ``pmap`` ``axis_name`` each device
-  sketches its rows every step before the sketches are pooled;
-  ``MultiSteps`` does not take row statistics.
+  sketches its rows every step before the sketches are pooled, and under
+  ``MultiSteps`` each micro-batch's rows are sketched as they arrive.
 
   Statistics per layer (stacking axes first): ``a_sketches``
   ``(k, d_in + 1)`` and ``g_sketches`` ``(k, d_out)``, and :data:`RANK1`'s
