@@ -194,3 +194,24 @@ def test_lazy_takes_no_seed_and_says_so():
   with pytest.raises(ValueError, match='lazy'):
     mkor_optax.Sketch(4, lazy='yes')
   assert repr(LAZY) == 'Sketch(k=4, lazy=True)'
+
+
+def test_a_batch_sharded_under_jit_hands_over_its_global_rows():
+  params, x, y, _ = data_parallel_case()
+  mesh = jax.make_mesh((N_DEV,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  put = lambda a: jax.device_put(a, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data')))
+  grad = jax.jit(mkor_optax.value_and_grad(loss_fn, kind=LAZY))
+  sharded, whole = grad(params, put(x), put(y))[2], grad(params, x, y)[2]
+  for name in whole:
+    for field in ('x_rows', 'dy_rows', 'dy_scale'):
+      np.testing.assert_allclose(sharded[name][field], whole[name][field], rtol=1e-5, atol=1e-7)
+
+
+def test_nnx_layers_are_sketched_in_the_capture():
+  """The NNX capture hands over no rows: its layers are sketched as with lazy=False."""
+  from flax import nnx
+  model = nnx.Sequential(nnx.Linear(4, 6, rngs=nnx.Rngs(0)), jnp.tanh, nnx.Linear(6, 3, rngs=nnx.Rngs(1)))
+  x, y = batch(0, n=16)
+  loss = lambda m: jnp.mean((m(x) - y) ** 2)
+  stats = mkor_optax.nnx.value_and_grad(loss, kind=LAZY)(model)[2]
+  assert stats and all(f['a_sketches'].shape[-2] == 4 and 'x_rows' not in f for f in stats.values())
