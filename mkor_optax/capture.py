@@ -331,7 +331,11 @@ def value_and_grad(fun: Callable, argnums: int = 0, has_aux: bool = False, *,
     (where ``params['a']['b']['c']['kernel']`` is its kernel) to its
     statistics: ``{'a': (*stack, d_in[+1]), 'g': (*stack, d_out), 'g_mass':
     (*stack,)}`` for ``RANK1``, and for sketches these and ``'a_sketches':
-    (*stack, k, d_in[+1]), 'g_sketches': (*stack, k, d_out)``.
+    (*stack, k, d_in[+1]), 'g_sketches': (*stack, k, d_out)``; with
+    ``Sketch(k, lazy=True)`` a layer that hands over its ``N`` rows has
+    ``'x_rows': (*stack, N, d_in), 'dy_rows': (*stack, N, d_out),
+    'dy_scale': (*stack,), 'sketches': (*stack, k, 0)`` in place of the
+    sketches.
 
   Raises:
     ValueError: naming every captured layer that did not receive its tap (its

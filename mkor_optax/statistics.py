@@ -11,7 +11,11 @@ Per layer, ``mkor_optax.value_and_grad`` returns (stacking axes first):
 * ``Sketch(k)``: ``a_sketches`` ``(k, d_in + 1)`` and ``g_sketches``
   ``(k, d_out)``, random-sign sketches whose outer products average to ``A``
   and ``G``, and ``RANK1``'s statistics as well (so the default capture,
-  ``SKETCH``, serves the transforms that read the means: Eva).
+  ``SKETCH``, serves the transforms that read the means: Eva);
+* ``Sketch(k, lazy=True)``: for the layers that hand over their rows,
+  ``x_rows`` ``(N, d_in)``, ``dy_rows`` ``(N, d_out)``, ``dy_scale`` and an
+  empty ``sketches`` ``(k, 0)`` in place of the sketches, which the
+  transforms form when they refresh (``mkor_optax.sketch.sketch_rows``).
 """
 
 from __future__ import annotations
