@@ -215,3 +215,29 @@ def test_nnx_layers_are_sketched_in_the_capture():
   loss = lambda m: jnp.mean((m(x) - y) ** 2)
   stats = mkor_optax.nnx.value_and_grad(loss, kind=LAZY)(model)[2]
   assert stats and all(f['a_sketches'].shape[-2] == 4 and 'x_rows' not in f for f in stats.values())
+
+
+def test_mkor_over_a_pmap_axis_takes_the_steps_of_one_device():
+  """Three refreshing steps with the rows sketched per device (global row
+  indices) equal one device's on the whole batch."""
+  params = init_params()
+  x, y = batch(0, n=16)
+  grad = mkor_optax.value_and_grad(loss_fn, kind=LAZY)
+  out = {}
+  for axis in (None, 'i'):
+    opt = mkor_optax.mkor(1e-2, inv_freq=1, axis_name=axis)
+
+    def step(p, s, xb, yb, opt=opt, axis=axis):
+      _, g, stats = grad(p, xb, yb)
+      g = g if axis is None else jax.lax.pmean(g, axis)
+      u, s = opt.update(g, s, p, stats=stats)
+      return optax.apply_updates(p, u), s
+
+    run = (jax.jit(step) if axis is None else
+           jax.pmap(step, axis_name=axis, in_axes=(None, None, 0, 0), out_axes=None))
+    shard = (lambda a: a) if axis is None else (lambda a: a.reshape((N_DEV, -1) + a.shape[1:]))
+    p, s = params, opt.init(params)
+    for _ in range(3):
+      p, s = run(p, s, shard(x), shard(y))
+    out[axis] = p
+  assert_tree_close(out['i'], out[None], rtol=1e-5, atol=1e-7)
