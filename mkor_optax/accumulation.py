@@ -36,7 +36,7 @@ import optax
 from mkor_optax import checks
 from mkor_optax.kronecker import factored_states, stats_template
 from mkor_optax.statistics import SKETCH_CARRIES, capture_call, holds_rows, sketch_count
-from mkor_optax.sketch import DEFAULT_KIND, ROWS, Sketch, _output_digest, sketch_rows
+from mkor_optax.sketch import DEFAULT_KIND, ROW_FIELDS, ROWS, Sketch, _output_digest, sketch_rows
 from mkor_optax.sketch import _hash as tap_hash
 from mkor_optax.tap import StatKind
 
@@ -195,8 +195,8 @@ class MultiSteps:
     for layer, fields in stats.items():
       if layer in acc and holds_rows(fields) and 'a_sketches' in acc[layer]:
         s, d_aug = acc[layer]['a_sketches'].shape[0], acc[layer]['a_sketches'].shape[-1]
-        flat = {k: jnp.reshape(v, (s,) + np.shape(v)[np.ndim(v) - (2 if k != 'dy_scale' else 0):])
-                for k, v in fields.items() if k in (ROWS, 'dy_rows', 'dy_scale', 'sketches')}
+        flat = {k: jnp.reshape(v, (s,) + np.shape(v)[np.ndim(v) - ROW_FIELDS[k]:])
+                for k, v in fields.items() if k in ROW_FIELDS}
         # the micro-step, and a digest of the rows: data-parallel devices get signs of their own
         step = (jnp.asarray(inner.gradient_step, jnp.uint32) * jnp.uint32(0x9E3779B9)
                 + jnp.asarray(inner.mini_step, jnp.uint32)) ^ _output_digest(flat['dy_rows'], 1)[0]

@@ -21,6 +21,8 @@ from mkor_optax.tap import RANK1, StatKind
 
 # The key of a layer's input rows in the statistics of Sketch(lazy=True)
 ROWS = 'x_rows'
+# Its row statistics, each with its number of trailing (non-stacking) axes
+ROW_FIELDS = {ROWS: 2, 'dy_rows': 2, 'dy_scale': 0, 'sketches': 2}
 
 
 def _check_seed(seed):
