@@ -197,9 +197,10 @@ class MultiSteps:
         s, d_aug = acc[layer]['a_sketches'].shape[0], acc[layer]['a_sketches'].shape[-1]
         flat = {k: jnp.reshape(v, (s,) + np.shape(v)[np.ndim(v) - ROW_FIELDS[k]:])
                 for k, v in fields.items() if k in ROW_FIELDS}
-        # the micro-step, and a digest of the rows: data-parallel devices get signs of their own
+        # the micro-step, and a digest of the input rows (which the loss's
+        # scale leaves alone): pmap's devices get signs of their own
         step = (jnp.asarray(inner.gradient_step, jnp.uint32) * jnp.uint32(0x9E3779B9)
-                + jnp.asarray(inner.mini_step, jnp.uint32)) ^ _output_digest(flat['dy_rows'], 1)[0]
+                + jnp.asarray(inner.mini_step, jnp.uint32)) ^ _output_digest(flat[ROWS], 1)[0]
         a, g = sketch_rows(flat, step, layer, has_bias=d_aug == flat[ROWS].shape[-1] + 1)
         out[layer] = {**{k: v for k, v in fields.items() if k not in flat},
                       'a_sketches': a, 'g_sketches': g}

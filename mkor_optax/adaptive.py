@@ -37,7 +37,7 @@ import optax
 from mkor_optax import capture, checks, docstrings
 from mkor_optax.fisher import FISHER_LOSSES, sampled_loss
 from mkor_optax import kronecker as kr
-from mkor_optax.layers import varying_axes
+from mkor_optax.layers import cast_varying, varying_axes
 from mkor_optax.mkor import EPSILON, GAMMA, LOW_RANK, LOW_RANK_MIN_DIM, ZETA, scale_by_mkor
 from mkor_optax.quadratic import gauss_newton, scale_by_quadratic_step
 from mkor_optax.sketch import SKETCH
@@ -311,8 +311,16 @@ def adaptive_mkor(
       # linear term (its curvature and loss are the last micro-batch's)
       extra = dict(extra, grad=updates)
     if stats_fn is not None:  # the statistics' pass only where the factors refresh
-      shapes = jax.eval_shape(stats_fn)
-      zeros = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+      varying = []  # what each statistic varies over (under shard_map, the rows of a lazy capture)
+
+      def probe():
+        out = stats_fn()
+        varying.append(jax.tree.map(varying_axes, out))
+        return out
+
+      shapes = jax.eval_shape(probe)
+      zeros = lambda: jax.tree.map(lambda s, v: cast_varying(jnp.zeros(s.shape, s.dtype), v),
+                                   shapes, varying[0])
       stats = jax.lax.cond(state[0].count % inv_freq == 0, stats_fn, zeros)
     return inner.update(updates, state, params, stats=stats, **extra)
 

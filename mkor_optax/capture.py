@@ -41,7 +41,7 @@ from mkor_optax import layers as layers_lib
 from mkor_optax.layout import Layout
 from mkor_optax.paths import DELETE, get_at, path_str, set_at, unbox
 
-from mkor_optax.sketch import DEFAULT_KIND, ROWS, SKETCH, Sketch  # noqa: F401 (re-exported)
+from mkor_optax.sketch import DEFAULT_KIND, ROW_FIELDS, ROWS, SKETCH, Sketch  # noqa: F401 (re-exported)
 from mkor_optax.tap import (COVARIANCE, RANK1, TAP, Covariance, LayerInfo, Rank1,  # noqa: F401 (re-exported)
                             StatKind, tap)
 
@@ -56,13 +56,13 @@ def _capture(mode: str, record: dict, kind: StatKind, path: tuple, call, y, dumm
     d_in = int(np.prod(call.kernel_shape)) // d_out
     info = LayerInfo(path, tuple(call.kernel_shape), d_in, d_out, call.out_ndim, call.has_bias)
     old = record.get(path)
-    if old is not None and old._replace(rows=None) != info:
+    if old is not None and old._replace(rows=None, row_axes=()) != info:
       raise ValueError(f'layer {path_str(path)!r} is called with inconsistent shapes: '
-                       f'{old._replace(rows=None)} vs {info}')
-    # rows to hand over: one call with plain input rows, outside shard_map
-    # (there the devices' rows of a replicated dummy would be summed)
-    rowwise = call.input_sketch is None and call.input_sum is None and not layers_lib.varying_axes(y)
-    record[path] = info._replace(rows=int(call.rows) if old is None and rowwise else None)
+                       f'{old._replace(rows=None, row_axes=())} vs {info}')
+    # rows to hand over: one call with plain input rows (under shard_map, each device's)
+    rowwise = old is None and call.input_sketch is None and call.input_sum is None
+    record[path] = info._replace(rows=int(call.rows) if rowwise else None,
+                                 row_axes=tuple(sorted(layers_lib.varying_axes(y))) if rowwise else ())
     return y
   if dummy is None:
     return y
@@ -276,6 +276,9 @@ def _with_taps(params, infos: dict, kind):
       continue
     prefix, stack = where
     dummy = jax.tree.map(lambda z: jnp.zeros(stack + z.shape, z.dtype), kind.zeros(info))
+    if info.row_axes and ROWS in dummy:  # shard_map sums a replicated dummy's gradient:
+      rows = {k: v for k, v in dummy.items() if k in ROW_FIELDS}  # each device keeps its rows
+      dummy = {**dummy, **layers_lib.cast_varying(rows, frozenset(info.row_axes))}
     tapped_params = set_at(tapped_params, prefix + path + (TAP,), dummy)
     tapped[path] = (prefix, info)
   return tapped_params, tapped
@@ -317,10 +320,12 @@ def value_and_grad(fun: Callable, argnums: int = 0, has_aux: bool = False, *,
     argnums: which positional argument holds the parameters (an int, as
       the optimizer preconditions one parameter tree).
     has_aux: as in ``jax.value_and_grad``.
-    kind: the statistic kind: ``mkor_optax.SKETCH`` (default, ``Sketch(4)``:
-      four random-sign sketches of each side's second moment per step, for
-      MKOR and MKOR-H, the fewest steps to target of the kinds measured; it
-      carries the batch means too, for Eva), ``Sketch(k)``,
+    kind: the statistic kind: ``mkor_optax.SKETCH`` (default, ``Sketch(4,
+      lazy=True)``: four random-sign sketches of each side's second moment
+      for MKOR and MKOR-H, which sketch the rows ``nn.Dense``-like layers
+      hand over on their refresh steps; the batch means too, for Eva),
+      ``Sketch(k)`` (all sketched here, every step: for statistics that
+      leave the ``jit``),
       ``mkor_optax.RANK1`` (the batch means of the MKOR paper alone: cheaper
       where only Eva reads them) or ``mkor_optax.COVARIANCE`` (K-FAC).
 
@@ -332,7 +337,7 @@ def value_and_grad(fun: Callable, argnums: int = 0, has_aux: bool = False, *,
     statistics: ``{'a': (*stack, d_in[+1]), 'g': (*stack, d_out), 'g_mass':
     (*stack,)}`` for ``RANK1``, and for sketches these and ``'a_sketches':
     (*stack, k, d_in[+1]), 'g_sketches': (*stack, k, d_out)``; with
-    ``Sketch(k, lazy=True)`` a layer that hands over its ``N`` rows has
+    ``Sketch(k, lazy=True)`` (the default) a layer that hands over its ``N`` rows has
     ``'x_rows': (*stack, N, d_in), 'dy_rows': (*stack, N, d_out),
     'dy_scale': (*stack,), 'sketches': (*stack, k, 0)`` in place of the
     sketches.
@@ -345,7 +350,10 @@ def value_and_grad(fun: Callable, argnums: int = 0, has_aux: bool = False, *,
 
   Example:
     >>> loss, grads, stats = mkor_optax.value_and_grad(loss_fn)(params, x, y)
-    >>> jax.tree.map(jnp.shape, stats['layers_0'])  # k = 4, d_in + 1 = 4, d_out = 8
+    >>> jax.tree.map(jnp.shape, stats['layers_0'])  # N = 8 rows, d_in = 3, d_out = 8, k = 4
+    {'a': (4,), 'dy_rows': (8, 8), 'dy_scale': (), 'g': (8,), 'g_mass': (), 'sketches': (4, 0), 'x_rows': (8, 3)}
+    >>> sketched = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.Sketch(4))
+    >>> jax.tree.map(jnp.shape, sketched(params, x, y)[2]['layers_0'])  # d_in + 1 = 4
     {'a': (4,), 'a_sketches': (4, 4), 'g': (8,), 'g_mass': (), 'g_sketches': (4, 8)}
     >>> means = mkor_optax.value_and_grad(loss_fn, kind=mkor_optax.RANK1)
     >>> jax.tree.map(jnp.shape, means(params, x, y)[2]['layers_0'])

@@ -107,7 +107,9 @@ def check_data_parallel(stats, axis_name: Optional[str], who: str):
         f'{who}: the statistics differ between devices along {sorted(varying)} (computed from a '
         f'per-device loss): pass axis_name={sorted(varying)[0]!r}, or under shard_map make the '
         'loss the lax.pmean of the per-device losses.')
-  named = bound_axis_names()
+  # shard_map's axes are tracked (a statistic that varies is caught above);
+  # pmap's and vmap's are not, and their statistics may be per device
+  named = frozenset(a for a in bound_axis_names() if not varying_axes(jax.lax.axis_index(a)))
   if named:
     warnings.warn(
         f'{who}: update runs under the named axes {sorted(named)} (pmap?) but axis_name=None: '

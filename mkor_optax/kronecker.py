@@ -34,7 +34,7 @@ from mkor_optax.layout import INPUT, OUTPUT, SIDES, Exclude, exclude_predicate, 
 from mkor_optax.numerics import all_finite, collect, fold_into_first, receipt_total, report_if
 from mkor_optax.paths import rebox_like, unbox
 from mkor_optax.precondition import layer_grads, row_blocks, write_layer
-from mkor_optax.sketch import ROWS
+from mkor_optax.sketch import ROW_FIELDS, ROWS
 from mkor_optax.statistics import (CANCELLED_FIX, NAMES, TAILS, cancelled_means, check_stats, holds_rows,
                                    gather_stats, kind_of, missing_stats)
 
@@ -108,7 +108,9 @@ def prepare(updates, stats, plan: dict, count, *, excluded, who: str, axis_name,
   lacking = check_stats(stats, plan, updates, excluded, who, kind)
   plan = {k: lp for k, lp in plan.items() if k not in lacking}
   if plan:
-    checks.check_data_parallel({k: stats[k] for k in plan}, axis_name, who)
+    # a lazy sketch capture's rows are each device's own under shard_map
+    checks.check_data_parallel({k: {f: v for f, v in stats[k].items() if f not in ROW_FIELDS}
+                                for k in plan}, axis_name, who)
   gathered = gather_stats(stats, plan, axis_name, kind, count)
   names = dict(zip(NAMES[kind], SIDES))
   # a lazy sketch capture's rows stay whole (ROWS: the rule sketches them when it refreshes)

@@ -166,7 +166,8 @@ def register_layer(module_type: type, adapter: Adapter, *, layout=None) -> None:
     >>> net = nn.Sequential([Doubled(), nn.tanh, nn.Dense(2)])
     >>> f = lambda p, x, y: jnp.mean((net.apply({'params': p}, x) - y) ** 2)
     >>> p = net.init(jax.random.PRNGKey(0), x)['params']
-    >>> mkor_optax.value_and_grad(f)(p, x, y)[2]['layers_0']['a_sketches'].shape  # no bias row
+    >>> sketched = mkor_optax.value_and_grad(f, kind=mkor_optax.Sketch(4))
+    >>> sketched(p, x, y)[2]['layers_0']['a_sketches'].shape  # no bias row
     (4, 3)
   """
   nnx = _nnx_if_loaded()

@@ -184,16 +184,23 @@ class Sketch(StatKind):
             **means}
 
 
-def sketch_rows(fields: dict, count, layer: str, has_bias: bool, offset=0) -> tuple:
+def sketch_rows(fields: dict, count, layer: str, has_bias: bool, axis_name=None) -> tuple:
   """``(a_sketches, g_sketches)``, ``(S, k, d_in[+1])`` and ``(S, k, d_out)``,
   of a ``Sketch(lazy=True)`` layer's statistics ``fields`` (rows ``(S, N,
   d)``, stacking axes flattened): the sketches the capture would have
   formed, with signs hashed from the transform's step ``count``, the
-  ``layer``'s name and the global row index (``offset`` + the row: over a
-  data-parallel axis, each device's first row), the same for any split of
-  the rows over devices."""
+  ``layer``'s name and the global row index, the same for any split of the
+  rows over devices. Rows that vary over ``shard_map`` axes are numbered
+  from the device's position along them, and the devices' sketches are
+  summed over the root of their number (the sketch of the pooled rows);
+  over a ``pmap`` ``axis_name`` (which does not say what varies) the
+  rows are numbered alike and each device's sketch is returned for the
+  caller to pool."""
   x, dy, scale = fields[ROWS], fields['dy_rows'], fields['dy_scale']
   k, n = fields['sketches'].shape[-2], x.shape[-2]
+  tracked = tuple(sorted(layers_lib.varying_axes(x)))
+  axes = tracked or axis_name
+  offset = 0 if axes is None else jax.lax.axis_index(axes).astype(jnp.uint32) * jnp.uint32(n)
   salt = zlib.crc32(layer.encode()) & 0xFFFFFFFF
   seed = _hash(jnp.asarray(count).astype(jnp.uint32) ^ _hash(jnp.uint32(salt)))
   s_in, s_out = (_signs(seed, side, n, k, offset) for side in (0, 1))
@@ -203,10 +210,14 @@ def sketch_rows(fields: dict, count, layer: str, has_bias: bool, offset=0) -> tu
     a = jnp.concatenate([a, jnp.broadcast_to(jnp.sum(s_in, axis=0)[None, :, None] / root,
                                              a.shape[:2] + (1,))], axis=-1)
   g = jnp.einsum('nk,snd->skd', s_out, dy.astype(jnp.float32)) * (scale.reshape(-1, 1, 1) / root)
+  if tracked:  # the sketch of the pooled rows: the sum over the root of the device count
+    a, g = jax.lax.psum((a, g), tracked)
+    root_devices = np.sqrt(np.prod([jax.lax.axis_size(a) for a in tracked]), dtype=np.float32)
+    a, g = a / root_devices, g / root_devices
   return a, g
 
 
-SKETCH = Sketch(4)
+SKETCH = Sketch(4, lazy=True)
 # What value_and_grad (linen and NNX) captures, and MultiSteps expects, unless told otherwise.
 DEFAULT_KIND = SKETCH
 

@@ -180,9 +180,8 @@ def gather_stats(stats, plan: dict, axis_name: Optional[str], kind: str = 'RANK1
     out[name] = {k: jnp.reshape(stats[name][k], (lp.dims.n_stack,) + want[k][len(lp.dims.stack):])
                  for k in want}
     if axis_name is not None and holds_rows(out[name]):
-      offset = jax.lax.axis_index(axis_name) * out[name][ROWS].shape[-2]
       out[name] = dict(zip(NAMES['SKETCH'], sketch_rows(out[name], count, name, lp.dims.has_bias,
-                                                        offset)))
+                                                        axis_name)))
   if axis_name is not None:
     pooled = kind == 'SKETCH' and already_pooled(out, axis_name)
     out = jax.lax.pmean(out, axis_name)

@@ -46,8 +46,10 @@ class LayerInfo(NamedTuple):
   has_bias: bool
   # the rows of its one call, for a layer that can hand them over (its
   # LayerCall has input rows and no sketch of its own, it is called once
-  # per trace, outside shard_map); None otherwise
+  # per trace); None otherwise
   rows: Optional[int] = None
+  # the shard_map axes its rows vary over (each device hands over its own)
+  row_axes: tuple = ()
 
 
 class StatKind:

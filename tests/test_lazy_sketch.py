@@ -241,3 +241,65 @@ def test_mkor_over_a_pmap_axis_takes_the_steps_of_one_device():
       p, s = run(p, s, shard(x), shard(y))
     out[axis] = p
   assert_tree_close(out['i'], out[None], rtol=1e-5, atol=1e-7)
+
+
+def _shard_map_run(make_opt, axis_name, steps=3, kind=LAZY, value=False):
+  """``steps`` steps of ``make_opt(axis_name)`` under ``shard_map`` over 4
+  devices (``axis_name=None``: the transform is not told the axis) and of
+  ``make_opt(None)`` on one device, on the same 16-row batches."""
+  params = init_params()
+  mesh = jax.make_mesh((N_DEV,), ('batch',), axis_types=(jax.sharding.AxisType.Explicit,))
+  spec = jax.sharding.PartitionSpec
+
+  def step(p, s, x, y, opt, pmean):
+    loss = (lambda p, x, y: jax.lax.pmean(loss_fn(p, x, y), 'batch')) if pmean else loss_fn
+    v, g, stats = mkor_optax.value_and_grad(loss, kind=kind)(p, x, y)
+    u, s = opt.update(g, s, p, stats=stats, **({'value': v} if value else {}))
+    return optax.apply_updates(p, u), s
+
+  out = []
+  for split in (False, True):
+    opt = make_opt(axis_name if split else None)
+    run = jax.jit(functools.partial(step, opt=opt, pmean=split))
+    if split:
+      run = jax.jit(jax.shard_map(functools.partial(step, opt=opt, pmean=True), mesh=mesh,
+                                  in_specs=(spec(), spec(), spec('batch'), spec('batch')),
+                                  out_specs=(spec(), spec())))
+    put = ((lambda a: jax.device_put(a, jax.sharding.NamedSharding(mesh, spec('batch')))) if split
+           else (lambda a: a))
+    p, s = params, opt.init(params)
+    for t in range(steps):
+      p, s = run(p, s, *map(put, batch(t, n=16)))
+    out.append(p)
+  assert not np.allclose(out[0]['hidden']['kernel'], params['hidden']['kernel'])
+  return out
+
+
+@pytest.mark.parametrize('axis_name', [None, 'batch'])
+def test_shard_map_hands_over_each_devices_rows_and_takes_one_devices_steps(axis_name):
+  """Under ``shard_map`` the rows' dummies vary over the axis, so each
+  device keeps its own rows (a replicated dummy's would be summed over the
+  devices); the transform numbers them from the device's offset and sums
+  the devices' sketches, told the axis or not: MKOR's 3 refreshing steps
+  on 4 devices equal one device's on the whole batch."""
+  params = init_params()
+  mesh = jax.make_mesh((N_DEV,), ('batch',), axis_types=(jax.sharding.AxisType.Explicit,))
+  spec = jax.sharding.PartitionSpec
+  grad = mkor_optax.value_and_grad(lambda p, x, y: jax.lax.pmean(loss_fn(p, x, y), 'batch'), kind=LAZY)
+  x, y = batch(0, n=16)
+  rows = jax.jit(jax.shard_map(lambda p, x, y: grad(p, x, y)[2]['hidden']['x_rows'], mesh=mesh,
+                               in_specs=(spec(), spec('batch'), spec('batch')),
+                               out_specs=spec('batch')))(params, *[
+      jax.device_put(a, jax.sharding.NamedSharding(mesh, spec('batch'))) for a in (x, y)])
+  np.testing.assert_array_equal(rows, x)  # each device's own rows, not their sum
+  one, four = _shard_map_run(lambda axis: mkor_optax.mkor(1e-2, inv_freq=1, axis_name=axis), axis_name)
+  assert_tree_close(four, one, rtol=1e-5, atol=1e-7)
+
+
+def test_shard_map_rows_serve_mkor_h_and_multisteps_as_on_one_device():
+  one, four = _shard_map_run(lambda axis: mkor_optax.mkor_h(1e-2, inv_freq=1, axis_name=axis), None,
+                             value=True)
+  assert_tree_close(four, one, rtol=1e-5, atol=1e-7)
+  one, four = _shard_map_run(lambda axis: mkor_optax.MultiSteps(
+      mkor_optax.mkor(1e-2, inv_freq=1, axis_name=axis), 2, kind=LAZY), None, steps=4)
+  assert_tree_close(four, one, rtol=1e-5, atol=1e-7)

@@ -64,14 +64,18 @@ def assert_close(got, want, tol=1e-6):
 
 def test_the_default_capture_returns_the_rank1_means_computed_alike():
   params, (x, y) = conv_params(), conv_data(0)
-  _, _, sk = mkor_optax.value_and_grad(conv_loss)(params, x, y)
+  _, _, sk = mkor_optax.value_and_grad(conv_loss, kind=mkor_optax.Sketch(4))(params, x, y)
+  _, _, lazy = mkor_optax.value_and_grad(conv_loss)(params, x, y)  # the default: rows where it can
   _, _, mean = mkor_optax.value_and_grad(conv_loss, kind=mkor_optax.RANK1)(params, x, y)
-  assert sorted(sk) == sorted(mean) == ['conv', 'head', 'shared']
+  assert sorted(sk) == sorted(lazy) == sorted(mean) == ['conv', 'head', 'shared']
+  rows = {'x_rows', 'dy_rows', 'dy_scale', 'sketches'}
   for name, fields in mean.items():
     assert set(sk[name]) == set(MEANS) | {'a_sketches', 'g_sketches'}
+    assert set(lazy[name]) == set(MEANS) | (rows if name == 'head' else {'a_sketches', 'g_sketches'})
     assert set(fields) == set(MEANS)
     for k in MEANS:  # the same operations on the same values: equal
       np.testing.assert_array_equal(sk[name][k], fields[k], err_msg=f'{name}/{k}')
+      np.testing.assert_array_equal(lazy[name][k], fields[k], err_msg=f'{name}/{k}')
 
 
 def test_the_nnx_default_capture_returns_the_rank1_means_computed_alike():
@@ -303,15 +307,17 @@ def test_mkor_default_step_compiles_to_the_program_without_means():
       return optax.apply_updates(params, updates), state
     return jax.jit(step).lower(params, state, x, y).compile()
 
-  with_means, without = compiled(mkor_optax.SKETCH), compiled(mkor_optax.Sketch(4, means=False))
-  assert _opcodes(with_means) == _opcodes(without) and len(_opcodes(without)) > 100
+  for means, no_means in ((mkor_optax.SKETCH, mkor_optax.Sketch(4, means=False, lazy=True)),
+                          (mkor_optax.Sketch(4), mkor_optax.Sketch(4, means=False))):
+    with_means, without = compiled(means), compiled(no_means)
+    assert _opcodes(with_means) == _opcodes(without) and len(_opcodes(without)) > 100
 
 
 def test_sketch_without_means_gives_the_same_sketches_and_mkor_steps():
   params, (x, y) = conv_params(), conv_data(0)
   kind = mkor_optax.Sketch(4, means=False)
   assert repr(kind) == 'Sketch(k=4, means=False)'
-  _, _, sk = mkor_optax.value_and_grad(conv_loss)(params, x, y)
+  _, _, sk = mkor_optax.value_and_grad(conv_loss, kind=mkor_optax.Sketch(4))(params, x, y)
   _, grads, only = mkor_optax.value_and_grad(conv_loss, kind=kind)(params, x, y)
   for name, fields in only.items():
     assert set(fields) == {'a_sketches', 'g_sketches'}
@@ -319,7 +325,7 @@ def test_sketch_without_means_gives_the_same_sketches_and_mkor_steps():
       np.testing.assert_array_equal(v, sk[name][k], err_msg=f'{name}/{k}')
   make = lambda: mkor_optax.mkor(1e-2, inv_freq=1)
   jax.tree.map(np.testing.assert_array_equal, _linen_run(make, kind, steps=3),
-               _linen_run(make, None, steps=3))
+               _linen_run(make, mkor_optax.Sketch(4), steps=3))
   tx = mkor_optax.scale_by_eva()  # nothing for Eva to read: the error names the default
   with pytest.raises(ValueError, match=r'hold sketches, which scale_by_eva does not read.*'
                      r'value_and_grad\(loss_fn\) \(its default kind'):

@@ -109,8 +109,8 @@ def test_a_step_seed_gives_a_constant_output_layer_new_signs_each_step():
 
   @jax.jit
   def sketch(params, step):
-    kind = None if step is None else mkor_optax.Sketch(4, seed=step)
-    stats = mkor_optax.value_and_grad(loss, **({} if kind is None else {'kind': kind}))(params, x, y)[2]
+    kind = mkor_optax.Sketch(4) if step is None else mkor_optax.Sketch(4, seed=step)
+    stats = mkor_optax.value_and_grad(loss, kind=kind)(params, x, y)[2]
     return stats['constant']['g_sketches']
 
   unseeded = {np.asarray(sketch(params, None)).tobytes() for _ in range(3)}
