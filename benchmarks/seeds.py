@@ -152,8 +152,11 @@ STUDIES = {
         **{f'mkor damping {d:g} inv_freq {f}': Config(mkor_method(damping=d, inv_freq=f), mkor_optax.SKETCH)
            for d in (2.0, 1.0, 0.5) for f in (5, 7)},
         'mkor damping 2': Config(mkor_method(damping=2.0), mkor_optax.SKETCH),
-        # the default with the Dense layers' sketches formed on refresh steps (other signs)
+        # the default capture (the Dense layers' sketches formed on refresh
+        # steps), and the former one (every layer sketched in the capture,
+        # every step): the studies run before the change took it as SKETCH
         'mkor lazy sketches': Config(mkor_method(), mkor_optax.Sketch(4, lazy=True)),
+        'mkor capture sketches': Config(mkor_method(), mkor_optax.Sketch(4)),
         'kfac absolute 1e-3': kfac_method(damping=1e-3, relative_damping=False),
         **{f'kfac relative {d:g}': kfac_method(damping=d, relative_damping=True)
            for d in (1e-1, 1e-2, 1e-3)},

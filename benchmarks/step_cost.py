@@ -111,9 +111,9 @@ def configs(max_dim):
       'mkor, jit warnings': (mkor_optax.mkor(1e-2, weight_decay=WD, max_factor_dim=max_dim),
                              mkor_optax.SKETCH, True),
       'mkor mean': (mkor_optax.mkor(1e-2, weight_decay=WD, max_factor_dim=max_dim), mkor_optax.RANK1),
-      # the Dense layers' sketches formed on refresh steps only
-      'mkor lazy': (mkor_optax.mkor(1e-2, weight_decay=WD, max_factor_dim=max_dim),
-                    mkor_optax.Sketch(4, lazy=True)),
+      # the former default capture: every layer's sketches formed in the capture, every step
+      'mkor Sketch(4)': (mkor_optax.mkor(1e-2, weight_decay=WD, max_factor_dim=max_dim),
+                         mkor_optax.Sketch(4)),
       # 0.1.0's defaults (absolute factors, a refresh every 10 steps), for the
       # cost of today's scale-free factors and period
       'mkor 0.1.0': (mkor_optax.mkor(1e-2, weight_decay=WD, max_factor_dim=max_dim, damping=None,
@@ -347,8 +347,9 @@ def write(report, machine, args):
   lines = [f'Cost per step and per compile against LAMB in the same process ({machine}); '
            f'`python benchmarks/step_cost.py{flags}`. Per step: median of {args.repeats} interleaved blocks '
            f'({blocks}); compile: median of '
-           f'{args.compile_repeats} compilations. Default `mkor` captures Sketch(4); `mkor mean` RANK1; '
-           '`mkor lazy` Sketch(4, lazy=True) (the Dense layers\' sketches formed on refresh steps only); '
+           f'{args.compile_repeats} compilations. Default `mkor` captures Sketch(4, lazy=True) (the Dense '
+           'layers\' sketches formed on refresh steps only); `mkor Sketch(4)` the former default (every '
+           'layer\'s sketches formed in the capture, every step); `mkor mean` RANK1; '
            f'`mkor 0.1.0` is 0.1.0\'s defaults (absolute factors, inv_freq {OLD_PERIOD}). {since}{kfac_note}'
            'Ratios to LAMB.', '']
   for key, title in (('tasks', 'Tasks'), ('widths', 'Widths (d-d-d MLP, batch 256)')):

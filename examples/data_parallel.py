@@ -10,12 +10,12 @@
 
 Each mode checks that it matches the single-device full-batch run. The
 steps use MKOR's batch-mean statistics (kind=mkor_optax.RANK1), with which
-every mode equals one device to rounding. The default sketched statistics
-are equal to one device's in expectation only (each device sketches its own
-rows with its own signs), so the shard_map and sharded modes (and their
-jax.distributed runs) also check that the mean outer product of 1024
-sketches of one global batch equals the single-device float32 covariances
-within 6 standard errors, entry by entry. Run:
+every mode equals one device to rounding. Sketched statistics are
+estimates, so the shard_map and sharded modes (and their jax.distributed
+runs) also check that the mean outer product of 1024 sketches formed in the
+capture (Sketch(1024)) of one global batch, each device sketching its own
+rows, equals the single-device float32 covariances within 6 standard
+errors, entry by entry. Run:
     python examples/data_parallel.py --mode shard_map [--steps 20] [--smoke]
 A comma list (--mode distributed,distributed-sharded) runs several modes in
 one go, against one single-device run (the distributed modes in one pair of

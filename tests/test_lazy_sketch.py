@@ -280,8 +280,8 @@ def test_shard_map_hands_over_each_devices_rows_and_takes_one_devices_steps(axis
   """Under ``shard_map`` the rows' dummies vary over the axis, so each
   device keeps its own rows (a replicated dummy's would be summed over the
   devices); the transform numbers them from the device's offset and sums
-  the devices' sketches, told the axis or not: MKOR's 3 refreshing steps
-  on 4 devices equal one device's on the whole batch."""
+  the devices' sketches, told the axis or not: the sketches, and MKOR's 3
+  refreshing steps, on 4 devices equal one device's on the whole batch."""
   params = init_params()
   mesh = jax.make_mesh((N_DEV,), ('batch',), axis_types=(jax.sharding.AxisType.Explicit,))
   spec = jax.sharding.PartitionSpec
@@ -292,6 +292,24 @@ def test_shard_map_hands_over_each_devices_rows_and_takes_one_devices_steps(axis
                                out_specs=spec('batch')))(params, *[
       jax.device_put(a, jax.sharding.NamedSharding(mesh, spec('batch'))) for a in (x, y)])
   np.testing.assert_array_equal(rows, x)  # each device's own rows, not their sum
+  plan = plan_of(params)
+
+  def sketched(p, x, y):  # the transform's sketches of the (pooled) rows, at step 3
+    whole = statistics.gather_stats(grad(p, x, y)[2], plan, axis_name, 'SKETCH', count=3)
+    if axis_name is None:
+      whole = {k: dict(zip(('a_sketches', 'g_sketches'), sketch.sketch_rows(
+          f, 3, k, plan[k].dims.has_bias))) for k, f in whole.items()}
+    return whole
+
+  four = jax.jit(jax.shard_map(sketched, mesh=mesh, in_specs=(spec(), spec('batch'), spec('batch')),
+                               out_specs=spec()))(params, *[
+      jax.device_put(a, jax.sharding.NamedSharding(mesh, spec('batch'))) for a in (x, y)])
+  one = mkor_optax.value_and_grad(loss_fn, kind=LAZY)(params, x, y)[2]
+  one = statistics.gather_stats(one, plan, None, 'SKETCH')
+  for name in plan:
+    a, g = sketch.sketch_rows(one[name], 3, name, plan[name].dims.has_bias)
+    np.testing.assert_allclose(four[name]['a_sketches'], a, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(four[name]['g_sketches'], g, rtol=1e-5, atol=1e-6)
   one, four = _shard_map_run(lambda axis: mkor_optax.mkor(1e-2, inv_freq=1, axis_name=axis), axis_name)
   assert_tree_close(four, one, rtol=1e-5, atol=1e-7)
 
