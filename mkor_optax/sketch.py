@@ -79,18 +79,22 @@ class Sketch(StatKind):
   transforms sum the per-device sketches and divide by the root of the
   device count (``mkor_optax.statistics.gather_stats``).
 
-  ``lazy=True`` forms the sketches where they are used instead: the layers
-  that can (a single call with plain input rows, as ``nn.Dense`` and
-  ``nn.DenseGeneral``, outside ``shard_map``) hand the transform their rows,
+  ``lazy=True`` (the default capture, :data:`SKETCH`) forms the sketches
+  where they are used instead: the layers that can (a single call with
+  plain input rows, as ``nn.Dense`` and ``nn.DenseGeneral``) hand the
+  transform their rows,
   ``x_rows`` ``(N, d_in)`` and ``dy_rows`` ``(N, d_out)`` with the
   per-example scale ``dy_scale`` (buffers the backward pass holds anyway, so
   within one ``jit`` nothing is copied), and MKOR and MKOR-H sketch them on
   their refresh steps only (``mkor_optax.sketch.sketch_rows``), with signs drawn from
   their step count, the layer and the global row index: on the other steps
   the capture costs nothing. Other layers (convolutions, shared layers) are
-  sketched here as before. Over a ``pmap`` ``axis_name`` each device
-  sketches its rows every step before the sketches are pooled, and under
-  ``MultiSteps`` each micro-batch's rows are sketched as they arrive.
+  sketched here as before. Under ``shard_map`` each device hands over its
+  own rows and the transform sums the devices' sketches; over a ``pmap``
+  ``axis_name`` each device sketches its rows every step before the
+  sketches are pooled, and under ``MultiSteps`` each micro-batch's rows are
+  sketched as they arrive. Where the statistics leave the ``jit``,
+  ``Sketch(k)`` keeps them small.
 
   Statistics per layer (stacking axes first): ``a_sketches``
   ``(k, d_in + 1)`` and ``g_sketches`` ``(k, d_out)``, and :data:`RANK1`'s
@@ -212,7 +216,7 @@ def sketch_rows(fields: dict, count, layer: str, has_bias: bool, axis_name=None)
   g = jnp.einsum('nk,snd->skd', s_out, dy.astype(jnp.float32)) * (scale.reshape(-1, 1, 1) / root)
   if tracked:  # the sketch of the pooled rows: the sum over the root of the device count
     a, g = jax.lax.psum((a, g), tracked)
-    root_devices = np.sqrt(np.prod([jax.lax.axis_size(a) for a in tracked]), dtype=np.float32)
+    root_devices = np.sqrt(np.prod([jax.lax.axis_size(ax) for ax in tracked]), dtype=np.float32)
     a, g = a / root_devices, g / root_devices
   return a, g
 
