@@ -65,6 +65,10 @@ def cases():
   yield 'mkor_lowrank_all', mkor_optax.mkor(1e-2, low_rank=4, low_rank_min_dim=0, inv_freq=1), \
       mkor_optax.RANK1, {}
   yield 'mkor_h', mkor_optax.mkor_h(1e-2), mkor_optax.RANK1, {'value': True}
+  # the default capture (the Dense layers' rows sketched on refresh steps) and
+  # the sketches formed in the capture
+  yield 'mkor_sketch', mkor_optax.mkor(1e-2, inv_freq=2), mkor_optax.SKETCH, {}
+  yield 'mkor_sketch_capture', mkor_optax.mkor(1e-2, inv_freq=2), mkor_optax.Sketch(4), {}
   yield 'kfac', mkor_optax.kfac(1e-2, inv_freq=3), mkor_optax.COVARIANCE, {}
   yield 'kfac_relative', mkor_optax.kfac(1e-2, relative_damping=True), mkor_optax.COVARIANCE, {}
   yield 'eva', mkor_optax.eva(1e-2), mkor_optax.RANK1, {}
