@@ -324,8 +324,8 @@ def value_and_grad(fun: Callable, argnums: int = 0, has_aux: bool = False, *,
       lazy=True)``: four random-sign sketches of each side's second moment
       for MKOR and MKOR-H, which sketch the rows ``nn.Dense``-like layers
       hand over on their refresh steps; the batch means too, for Eva),
-      ``Sketch(k)`` (all sketched here, every step: for statistics that
-      leave the ``jit``),
+      ``Sketch(k)`` (all sketched here, every step: ``2k`` vectors per
+      layer, for statistics kept outside the ``jit``),
       ``mkor_optax.RANK1`` (the batch means of the MKOR paper alone: cheaper
       where only Eva reads them) or ``mkor_optax.COVARIANCE`` (K-FAC).
 

@@ -93,8 +93,8 @@ class Sketch(StatKind):
   own rows and the transform sums the devices' sketches; over a ``pmap``
   ``axis_name`` each device sketches its rows every step before the
   sketches are pooled, and under ``MultiSteps`` each micro-batch's rows are
-  sketched as they arrive. Where the statistics leave the ``jit``,
-  ``Sketch(k)`` keeps them small.
+  sketched as they arrive. Statistics kept outside the ``jit`` hold
+  those layers' activations; ``Sketch(k)`` keeps them small.
 
   Statistics per layer (stacking axes first): ``a_sketches``
   ``(k, d_in + 1)`` and ``g_sketches`` ``(k, d_out)``, and :data:`RANK1`'s
