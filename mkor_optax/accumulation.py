@@ -41,7 +41,6 @@ from mkor_optax.sketch import _hash as tap_hash
 from mkor_optax.tap import StatKind
 
 
-
 def micro_batch_signs(micro_step, side: int, k: int) -> jax.Array:
   """``(k,)`` float32 signs for the ``k`` sketches of one side of one micro-batch."""
   idx = (jnp.asarray(micro_step, jnp.uint32) * jnp.uint32(2 * k) + jnp.uint32(side * k)
