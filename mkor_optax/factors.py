@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mkor_optax import lowrank, rank1
-from mkor_optax.numerics import report_if, safe_norm
+from mkor_optax.numerics import report_resets, safe_norm  # noqa: F401 (report_resets: re-exported)
 from mkor_optax.precondition import precondition, rescale_to
 
 DENSE_16_BIT = (
@@ -49,7 +49,7 @@ def identity(n: int, s: int, *, rank, min_dim, dtype):
   return jnp.broadcast_to(jnp.eye(n, dtype=jnp.promote_types(dtype, jnp.float32)), (s, n, n))
 
 
-def refresh_checked(p, v, *, gamma, zeta, epsilon, refresh: str, widths=None):
+def refresh_checked(p, v, *, gamma, zeta, epsilon, refresh: str, widths=None, **dense):
   r"""``(refreshed p, per-entry reset flag)`` for either form.
 
   ``v`` is one statistic per stack entry, ``(S, d)``, or ``k`` sketches,
@@ -70,11 +70,12 @@ def refresh_checked(p, v, *, gamma, zeta, epsilon, refresh: str, widths=None):
   (:func:`mkor_optax.rank1.refresh_inverse_rank_k_checked`, the Woodbury
   identity: the same factor, one pass over ``p`` instead of ``k`` in a loop).
   ``widths`` ``(S,)``: dense sides zero-padded to a common width
-  (:func:`refresh_relative_many`).
+  (:func:`refresh_relative_many`). ``dense``: a dense rule's ``scale`` and
+  ``keep`` (:func:`mkor_optax.rank1.refresh_inverse_checked`).
   """
   low = isinstance(p, lowrank.LowRankInverse)
   rule = functools.partial(lowrank.refresh_checked if low else rank1.refresh_inverse_checked,
-                           widths=widths)
+                           widths=widths, **dense)
   if v.ndim == 2:
     return rule(p, v, gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh)
   k = v.shape[1]
@@ -82,7 +83,7 @@ def refresh_checked(p, v, *, gamma, zeta, epsilon, refresh: str, widths=None):
     return rule(p, v[:, 0], gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh)
   if not low:  # all k terms at once (Woodbury), no loop
     return rank1.refresh_inverse_rank_k_checked(p, v, gamma=gamma, zeta=zeta, epsilon=epsilon,
-                                                refresh=refresh, widths=widths)
+                                                refresh=refresh, widths=widths, **dense)
   weight = jnp.sqrt((1.0 - gamma) / k) if refresh == 'ema' else 1.0 / np.sqrt(k)
   first = jnp.arange(k) == 0  # the rule itself; then additive blend steps
   steps = (jnp.swapaxes(v, 0, 1),  # (k, S, d)
@@ -142,7 +143,8 @@ def ema_rms(rms, v_rms, gamma):
   return jnp.where(rms > 0, both, v_rms)
 
 
-def refresh_relative(p, rms, v, *, damping, gamma, zeta, epsilon, refresh: str, widths=None):
+def refresh_relative(p, rms, v, *, damping, gamma, zeta, epsilon, refresh: str, widths=None,
+                     keep=None):
   r"""The scale-free refresh: ``(p, rms, reset)`` after the statistic ``v``.
 
   ``rms`` ``(S,)`` tracks the side's scale, ``n_t = rms_t^2``, an EMA of the
@@ -164,10 +166,13 @@ def refresh_relative(p, rms, v, *, damping, gamma, zeta, epsilon, refresh: str, 
   by orders of magnitude make the old factor negligible, not infinite).
   ``damping=None`` is the absolute form: ``P = F^{-1}``, ``rms`` unused.
   ``widths``: zero-padded dense sides (:func:`refresh_relative_many`).
+  ``keep`` ``(S,)``: entries returned as they are (reset flag ``False``).
+  A dense inverse is moved, refreshed and kept in the rule's one write.
   """
+  keep = jnp.zeros(rms.shape, bool) if keep is None else jnp.broadcast_to(keep, rms.shape)
+  rule = dict(gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh, widths=widths)
   if damping is None:
-    new, reset = refresh_checked(p, v, gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh,
-                                 widths=widths)
+    new, reset = _refreshed(p, v, None, keep, rule)
     return new, rms, reset
   new_rms = ema_rms(rms, statistic_rms(v, widths), gamma)
   moved = (rms > 0) & (new_rms > 0)
@@ -181,11 +186,20 @@ def refresh_relative(p, rms, v, *, damping, gamma, zeta, epsilon, refresh: str, 
   grow = jnp.where(moved, 1.0 / jnp.where(moved, rho, 1.0), 1.0)
   top = max_abs(p, widths)
   grow = jnp.minimum(grow, MAX_MOVED * jnp.maximum(epsilon, 1.0) / jnp.where(top > 0, top, 1.0))
-  p_now = scaled(p, jnp.maximum(grow, 0.0))
-  new, reset = refresh_checked(p_now, w, gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh,
-                               widths=widths)
-  seen = new_rms > 0  # no statistic yet (all zero): the prior stays as it was
-  return _by_entry(seen, new, p), new_rms, reset & seen
+  grow = jnp.maximum(grow, 0.0)
+  kept = keep | ~(new_rms > 0)  # no statistic yet (all zero): the prior stays as it was
+  new, reset = _refreshed(p, w, grow, kept, rule)
+  return new, jnp.where(keep, rms, new_rms), reset
+
+
+def _refreshed(p, v, scale, keep, rule):
+  """:func:`refresh_checked` of ``scale * p`` (``None``: ``p``), the ``keep``
+  entries returned as ``p`` is (reset flag ``False``); a dense ``p`` is
+  scaled, refreshed and kept in the rule's one write."""
+  if not isinstance(p, lowrank.LowRankInverse):
+    return refresh_checked(p, v, **rule, scale=scale, keep=keep)
+  new, reset = refresh_checked(p if scale is None else scaled(p, scale), v, **rule)
+  return _by_entry(keep, p, new), reset & ~keep
 
 
 def _by_entry(flag, new, old):
@@ -288,19 +302,19 @@ def refresh_relative_many(jobs: list, **rule) -> list:
       ps, vs = [_padded(p, width) for p in ps], [_pad(v, width, 1) for v in vs]
     p_old, rms_old = jax.tree.map(cat, *ps), cat(*rmss)
     keep = cat(*(jnp.broadcast_to(k, (s,)) for k, s in zip(keeps, sizes)))
-    p, rms, reset = refresh_relative(p_old, rms_old, cat(*vs), widths=widths, **rule)
-    # A cond, whose result XLA materialises once: otherwise it fuses the
+    # In a cond, whose result XLA materialises once: otherwise it fuses the
     # refresh's elementwise tail into each side's slice below, the same
     # arithmetic compiled once per side (most of a small model's compile time).
-    p, rms = jax.lax.cond(jnp.all(keep), lambda: (p_old, rms_old),
-                          lambda: _by_entry(keep, (p_old, rms_old), (p, rms)))
+    p, rms, reset = jax.lax.cond(
+        jnp.all(keep), lambda v: (p_old, rms_old, jnp.zeros_like(keep)),
+        lambda v: refresh_relative(p_old, rms_old, v, widths=widths, keep=keep, **rule), cat(*vs))
     start = 0
     for i, s in zip(members, sizes):
       cut = lambda a: a[start:start + s]
       p_i = jax.tree.map(cut, p)
       if widths is not None:
         p_i = _cropped(p_i, side_shape(jobs[i][0])[1])
-      out[i] = (p_i, cut(rms), cut(reset & ~keep))
+      out[i] = (p_i, cut(rms), cut(reset))
       start += s
   return out
 
@@ -336,18 +350,6 @@ def power(p, exponent):
   if isinstance(exponent, (int, float)):
     return rooted(p)
   return jax.lax.cond(one, lambda p: p, rooted, p)  # no eigh on steps where it is 1
-
-
-def report_resets(resets: dict, who: str):
-  """A :class:`~mkor_optax.numerics.NumericalWarning` naming the factors that
-  a refresh found indefinite or non-finite (and reset or kept)."""
-  if not resets:
-    return
-  names = sorted(resets)
-  report_if(jnp.stack([resets[k] for k in names]),
-            f'{who}: factor(s) {{names}} were not positive definite (or not '
-            'finite) at the refresh and were reset toward the identity (16-bit factors, or '
-            'statistics beyond float32 range)', names=names)
 
 
 def in_statistic_units(u, rms_per_side, damping, exponent=1.0):

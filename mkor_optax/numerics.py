@@ -327,3 +327,15 @@ def rank1_coefficients(vu, inv_sq, gamma, refresh, scale=1.0):
     return ema() if refresh == 'ema' else blend()
   # a traced boolean, True for 'ema' (see blend_first)
   return tuple(jnp.where(refresh, e, b) for e, b in zip(ema(), blend()))
+
+
+def report_resets(resets: dict, who: str):
+  """A :class:`~mkor_optax.numerics.NumericalWarning` naming the factors that
+  a refresh found indefinite or non-finite (and reset or kept)."""
+  if not resets:
+    return
+  names = sorted(resets)
+  report_if(jnp.stack([resets[k] for k in names]),
+            f'{who}: factor(s) {{names}} were not positive definite (or not '
+            'finite) at the refresh and were reset toward the identity (16-bit factors, or '
+            'statistics beyond float32 range)', names=names)

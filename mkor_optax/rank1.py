@@ -31,10 +31,13 @@ from mkor_optax.numerics import MIN_EIGENVALUE, blend_first, rank1_coefficients,
 REFRESH_RULES = ('ema', 'blend')
 
 
-def _stabilised(p, v, *, gamma, zeta, epsilon, refresh):
+def _stabilised(p, v, *, gamma, zeta, epsilon, refresh, scale=None):
   """What both refresh forms start from: ``(p``'s dtype, ``p`` in the compute
-  dtype (at least float32), the unit statistic(s) and ``1/|v|^2``, ``max|P|``
-  and the stabiliser's (and ``blend``'s) ``P' = alpha P + beta I``)."""
+  dtype (at least float32), ``P = scale p`` as the rule sees it, the unit
+  statistic(s) and ``1/|v|^2``, ``max|P|`` and the stabiliser's (and
+  ``blend``'s) ``P' = alpha P + beta I``). ``max|P|`` is ``scale max|p|``
+  exactly (rounding is monotonic and ``scale >= 0``), so ``P`` is read
+  once for it."""
   if isinstance(refresh, str) and refresh not in REFRESH_RULES:
     raise ValueError(f'refresh: must be one of {REFRESH_RULES}, got {refresh!r}')
   dtype = p.dtype
@@ -42,11 +45,15 @@ def _stabilised(p, v, *, gamma, zeta, epsilon, refresh):
   p = p.astype(compute)
   unit, inv_sq = unit_statistic(v.astype(compute))
   top = jnp.max(jnp.abs(p), axis=(-2, -1))
+  p_now = p
+  if scale is not None:
+    scale = scale.astype(compute)
+    p_now, top = p * scale[..., None, None], top * scale
   big = top > epsilon
   alpha = jnp.where(big, zeta, 1.0).astype(compute)
   beta = jnp.where(big, 1.0 - zeta, 0.0).astype(compute)
   alpha, beta = blend_first(alpha, beta, gamma, refresh)
-  return dtype, p, unit, inv_sq, top, alpha, beta
+  return dtype, p, p_now, unit, inv_sq, top, alpha, beta
 
 
 def identity_like(p, widths=None):
@@ -61,11 +68,23 @@ def identity_like(p, widths=None):
   return eye * inside[:, :, None].astype(p.dtype)
 
 
-def _finite_or_kept(new, p, dtype, bad):
-  """``new`` where it is finite, else ``p``, in ``dtype``; and the reset flags."""
-  ok = jnp.all(jnp.isfinite(new), axis=(-2, -1))
-  new = jnp.where(ok[..., None, None], new, p)
-  return new.astype(dtype), bad | ~ok
+# A result whose entries are bounded by this (in float32) is finite however
+# its products round: the bound sums at most a few terms of at most it each.
+FINITE_BOUND = 0.25 * float(jnp.finfo(jnp.float32).max)
+
+
+def _bounded_or_kept(new, p, p_now, dtype, bad, bound, keep):
+  """The refresh's one write: ``new`` where its entry bound ``bound`` ``(S,)``
+  proves it finite, else ``p_now`` (the inverse the rule started from, kept),
+  and ``p`` itself where ``keep``; and the reset flags (``False`` where
+  kept). The bound stands in for a finiteness test of every entry of
+  ``new``, which would read the ``(S, d, d)`` result once more and make it
+  a separate kernel; with it, the result is written in one pass."""
+  ok = bound < FINITE_BOUND  # False where the bound is not finite
+  if keep is None:
+    keep = jnp.zeros_like(ok)
+  out = jnp.where((ok & ~keep)[..., None, None], new, jnp.where(keep[..., None, None], p, p_now))
+  return out.astype(dtype), (bad | ~ok) & ~keep
 
 
 def refresh_inverse(p, v, *, gamma: float, zeta: float, epsilon: float, refresh: str = 'ema'):
@@ -95,15 +114,18 @@ def refresh_inverse(p, v, *, gamma: float, zeta: float, epsilon: float, refresh:
                                  refresh=refresh)[0]
 
 
-def refresh_inverse_checked(p, v, *, gamma, zeta, epsilon, refresh: str = 'ema', widths=None):
+def refresh_inverse_checked(p, v, *, gamma, zeta, epsilon, refresh: str = 'ema', widths=None,
+                            scale=None, keep=None):
   """:func:`refresh_inverse` and a boolean per stack entry: ``True`` where
   the factor was found indefinite or non-finite and reset. ``widths``
   ``(S,)``: each entry is a side of that width zero-padded to ``d`` (``p``
   zero and ``v`` zero beyond it), whose identity is its own
-  (:func:`identity_like`)."""
-  dtype, p, unit, inv_sq, top, alpha, beta = _stabilised(p, v, gamma=gamma, zeta=zeta,
-                                                          epsilon=epsilon, refresh=refresh)
-  pv = jnp.einsum('...ij,...j->...i', p, unit)
+  (:func:`identity_like`). ``scale`` ``(S,)``, at least 0: the rule
+  refreshes ``scale * p`` (formed in the same pass). ``keep`` ``(S,)``:
+  entries returned as ``p`` is, unrefreshed (reset flag ``False``)."""
+  dtype, p, p_now, unit, inv_sq, top, alpha, beta = _stabilised(
+      p, v, gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh, scale=scale)
+  pv = jnp.einsum('...ij,...j->...i', p_now, unit)
   u = alpha[..., None] * pv + beta[..., None] * unit
   vu = jnp.sum(unit * u, axis=-1)
   moved = jnp.any(unit != 0, axis=-1)
@@ -112,19 +134,22 @@ def refresh_inverse_checked(p, v, *, gamma, zeta, epsilon, refresh: str = 'ema',
   alpha, beta = jnp.where(bad, 0.0, alpha), jnp.where(bad, 1.0, beta)
   u = jnp.where(bad[..., None], unit, u)
   vu = jnp.where(bad, jnp.sum(unit * unit, axis=-1), vu)
-  scale = jnp.where(bad, 1.0, alpha * top + beta)  # bounds the entries of P'
-  kappa, lam = rank1_coefficients(vu, inv_sq, gamma, refresh, scale)
+  bound_p = jnp.where(bad, 1.0, alpha * top + beta)  # bounds the entries of P'
+  kappa, lam = rank1_coefficients(vu, inv_sq, gamma, refresh, bound_p)
   eye = identity_like(p, widths)
-  base = jnp.where(bad[..., None, None], 0.0, alpha[..., None, None] * p)
+  base = jnp.where(bad[..., None, None], 0.0, alpha[..., None, None] * p_now)
   new = (kappa[..., None, None] * (base + beta[..., None, None] * eye)
          - lam[..., None, None] * (u[..., :, None] * u[..., None, :]))
-  return _finite_or_kept(new, p, dtype, bad)
+  # |new_ij| <= |kappa| (|alpha| max|P| + |beta|) + |lam| max|u|^2
+  bound = (jnp.abs(kappa) * (jnp.where(bad, 0.0, jnp.abs(alpha) * top) + jnp.abs(beta))
+           + jnp.abs(lam) * jnp.max(jnp.square(u), axis=-1))
+  return _bounded_or_kept(new, p, p_now, dtype, bad, bound, keep)
 
 
 
 
 def refresh_inverse_rank_k_checked(p, v, *, gamma, zeta, epsilon, refresh: str = 'ema',
-                                   widths=None):
+                                   widths=None, scale=None, keep=None):
   r"""The refresh from ``k`` statistics at once, ``v`` ``(..., k, d)``, and a
   reset flag per stack entry: the stabiliser, then the Woodbury identity for
 
@@ -148,14 +173,14 @@ def refresh_inverse_rank_k_checked(p, v, *, gamma, zeta, epsilon, refresh: str =
   symmetric whenever ``P`` is: the correction ``Y^T Y`` sums the same ``k``
   products for entry ``(i, j)`` as for ``(j, i)`` (exactly, in the order a
   matrix product of inner size ``k`` takes; the tests check it).
-  ``widths``: zero-padded sides, as in :func:`refresh_inverse_checked`.
+  ``widths``, ``scale``, ``keep``: as in :func:`refresh_inverse_checked`.
   """
-  dtype, p, unit, inv_sq, top, alpha, beta = _stabilised(p, v, gamma=gamma, zeta=zeta,
-                                                          epsilon=epsilon, refresh=refresh)
+  dtype, p, p_now, unit, inv_sq, top, alpha, beta = _stabilised(
+      p, v, gamma=gamma, zeta=zeta, epsilon=epsilon, refresh=refresh, scale=scale)
   compute = p.dtype
   k = v.shape[-2]  # unit (..., k, d), inv_sq (..., k)
   unit_t = jnp.swapaxes(unit, -1, -2)  # (..., d, k)
-  u = alpha[..., None, None] * (p @ unit_t) + beta[..., None, None] * unit_t  # P' V^T
+  u = alpha[..., None, None] * (p_now @ unit_t) + beta[..., None, None] * unit_t  # P' V^T
   gram = unit @ u  # V P' V^T, (..., k, k)
   diag = jnp.diagonal(gram, axis1=-2, axis2=-1)
   moved = jnp.any(unit != 0, axis=-1)
@@ -164,13 +189,13 @@ def refresh_inverse_rank_k_checked(p, v, *, gamma, zeta, epsilon, refresh: str =
   alpha, beta = jnp.where(bad, 0.0, alpha), jnp.where(bad, 1.0, beta)
   u = jnp.where(bad[..., None, None], unit_t, u)
   gram = jnp.where(bad[..., None, None], unit @ unit_t, gram)
-  scale = jnp.maximum(jnp.where(bad, 1.0, alpha * top + beta), 0.0)  # bounds the entries of P'
+  bound_p = jnp.maximum(jnp.where(bad, 1.0, alpha * top + beta), 0.0)  # bounds the entries of P'
   if refresh == 'ema':
     kappa, c = 1.0 / gamma, (1.0 - gamma) / (gamma * k)
   else:
     kappa, c = 1.0, 1.0 / k
   # 1 / (c |v_j|^2), floored as rank1_coefficients floors one term
-  inv_w = jnp.maximum(inv_sq / c, MIN_EIGENVALUE * scale[..., None])
+  inv_w = jnp.maximum(inv_sq / c, MIN_EIGENVALUE * bound_p[..., None])
   m = gram + inv_w[..., :, None] * jnp.eye(k, dtype=compute)
   chol = jnp.linalg.cholesky(0.5 * (m + jnp.swapaxes(m, -1, -2)))
   y = jax.scipy.linalg.solve_triangular(chol, jnp.swapaxes(u, -1, -2), lower=True)  # L^-1 U^T
@@ -179,9 +204,12 @@ def refresh_inverse_rank_k_checked(p, v, *, gamma, zeta, epsilon, refresh: str =
   # P (a transposed read that cost more than the rest of the refresh)
   term = jnp.swapaxes(y, -1, -2) @ y
   eye = identity_like(p, widths)
-  base = jnp.where(bad[..., None, None], 0.0, alpha[..., None, None] * p)
+  base = jnp.where(bad[..., None, None], 0.0, alpha[..., None, None] * p_now)
   new = kappa * (base + beta[..., None, None] * eye - term)
-  return _finite_or_kept(new, p, dtype, bad)
+  # |new_ij| <= kappa (|alpha| max|P| + |beta| + |y_i| |y_j|) (Cauchy-Schwarz)
+  bound = kappa * (jnp.where(bad, 0.0, jnp.abs(alpha) * top) + jnp.abs(beta)
+                   + jnp.max(jnp.sum(jnp.square(y), axis=-2), axis=-1))
+  return _bounded_or_kept(new, p, p_now, dtype, bad, bound, keep)
 
 
 def check_stabiliser(gamma, zeta, refresh: str):

@@ -232,3 +232,50 @@ def test_low_rank_sides_refreshed_together_equal_each_refreshed_alone(k):
     np.testing.assert_allclose(got_dense, want_dense, rtol=1e-4, atol=1e-5 * np.abs(want_dense).max())
     np.testing.assert_allclose(rms, want[1], rtol=1e-6)
     np.testing.assert_array_equal(reset, want[2])
+
+
+@pytest.mark.parametrize('k', [1, 4])
+def test_a_result_beyond_float32_keeps_the_inverse_it_started_from(k):
+  """A refresh whose result would overflow (a huge stored inverse, a
+  stabiliser that never fires) returns the inverse it started from and
+  flags the entry; its neighbour in the stack is refreshed as usual, equal
+  to its refresh alone. The finiteness test is a bound on the result's
+  entries, not a pass over them: this is where the bound must hold."""
+  from mkor_optax import rank1
+  rng = np.random.default_rng(3)
+  d = 6
+  ok_p = random_spd(rng, d).astype(np.float32)
+  huge = (3e38 * np.eye(d)).astype(np.float32)
+  p = jnp.asarray(np.stack([ok_p, huge]))
+  v = jnp.asarray(rng.normal(size=(2, k, d)), jnp.float32)
+  rule = dict(gamma=0.5, zeta=0.4, epsilon=np.inf)  # 1/gamma doubles the huge one past float32
+  refresh = (lambda p, v: rank1.refresh_inverse_checked(p, v[:, 0], **rule)) if k == 1 else (
+      lambda p, v: rank1.refresh_inverse_rank_k_checked(p, v, **rule))
+  out, reset = refresh(p, v)
+  alone, alone_reset = refresh(p[:1], v[:1])
+  np.testing.assert_array_equal(np.asarray(out[1]), huge)
+  np.testing.assert_array_equal(np.asarray(reset), [False, True])
+  np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(alone[0]))
+  assert not bool(alone_reset[0]) and np.all(np.isfinite(np.asarray(out)))
+
+
+@pytest.mark.parametrize('k', [1, 4])
+def test_scale_and_keep_equal_a_scaled_inverse_refreshed_then_kept(k):
+  """``scale`` refreshes ``scale * p`` in the rule's one pass, bit for bit as
+  scaling first; ``keep`` returns those entries as given, unflagged."""
+  from mkor_optax import rank1
+  rng = np.random.default_rng(4)
+  d = 5
+  p = jnp.asarray(np.stack([random_spd(rng, d) for _ in range(3)]), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(3, k, d)), jnp.float32)
+  scale = jnp.asarray([0.5, 3.0, 1.7], jnp.float32)
+  keep = jnp.asarray([False, True, False])
+  rule = dict(gamma=0.9, zeta=0.5, epsilon=2.0)
+  refresh = (lambda p, **kw: rank1.refresh_inverse_checked(p, v[:, 0], **rule, **kw)) if k == 1 else (
+      lambda p, **kw: rank1.refresh_inverse_rank_k_checked(p, v, **rule, **kw))
+  got, reset = jax.jit(lambda p: refresh(p, scale=scale, keep=keep))(p)
+  want, want_reset = jax.jit(lambda p: refresh(p * scale[:, None, None]))(p)
+  for i in (0, 2):
+    np.testing.assert_array_equal(np.asarray(got[i]), np.asarray(want[i]))
+  np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(p[1]))
+  np.testing.assert_array_equal(np.asarray(reset), np.asarray(want_reset) & np.asarray(~keep))
