@@ -4,6 +4,7 @@ the same step, Muon, AdamW and LAMB, in one process, over seeds.
 
     make .venv-kfac/.installed   # once: jax 0.9.1, kfac-jax 0.0.8 (its PyPI release)
     .venv-kfac/bin/python benchmarks/adaptive_race.py [--task autoencoder|cnn] [--seeds 0,1,2]
+        [--only 'ROW;ROW' --tag NAME]   # a subset of the adaptive rows, written to adaptive_race_<task>_NAME
 
 (With the main .venv, kfac-jax is skipped.) compare.py's tasks (the digits
 autoencoder, batch 256, 500 steps; the CNN, batch 64, 300 steps; the masked
@@ -37,9 +38,13 @@ import mkor_optax  # noqa: E402
 from common import Autoencoder, run_method  # noqa: E402
 from compare import GRIDS, TASK_METHODS, build, first_at_or_below, smooth  # noqa: E402
 
+# Rows name the sampled pass's statistics: 'adaptive_mkor' passes SKETCH (4
+# sketches, adaptive_inputs' default before 8 became it); the recipe's
+# default (kind=None with fisher=, Sketch(8)) is the row 'adaptive_mkor Sketch(8)'.
 ADAPTIVE = {
     'adaptive_mkor': (lambda: mkor_optax.adaptive_mkor(), mkor_optax.SKETCH),
     'adaptive_mkor Sketch(8)': (lambda: mkor_optax.adaptive_mkor(), mkor_optax.Sketch(8)),
+    'adaptive_mkor Sketch(8, lazy=True)': (lambda: mkor_optax.adaptive_mkor(), mkor_optax.Sketch(8, lazy=True)),
     'adaptive_mkor rescale': (lambda: mkor_optax.adaptive_mkor(rescale=True), mkor_optax.SKETCH),
     # the Gauss-Newton products on the batch's first quarter (adaptive_inputs' curvature_on)
     'adaptive_mkor, curvature on 1/4': (lambda: mkor_optax.adaptive_mkor(), mkor_optax.SKETCH, 4),
@@ -171,7 +176,18 @@ def main(argv=None):
   ap.add_argument('--seeds', default='0,1,2')
   ap.add_argument('--timing-repeats', type=int, default=3)
   ap.add_argument('--out', default='results/adaptive_step')
+  ap.add_argument('--only', default=None,
+                  help="';'-separated adaptive rows to run (default: all; the learning-rate methods "
+                       "and kfac-jax always run)")
+  ap.add_argument('--tag', default=None, help='suffix of the output name (a subset run)')
   args = ap.parse_args(argv)
+  adaptive = dict(ADAPTIVE)
+  if args.only:
+    wanted = [n for n in args.only.split(';') if n]
+    unknown = sorted(set(wanted) - set(ADAPTIVE))
+    if unknown:
+      ap.error(f'--only: unknown rows {unknown}; choose from {sorted(ADAPTIVE)}')
+    adaptive = {n: ADAPTIVE[n] for n in wanted}
   try:
     from kfac_jax_compare import run_kfac_jax
     import kfac_jax  # noqa: F401
@@ -182,7 +198,7 @@ def main(argv=None):
   run_kfac_jax = run_kfac_jax if register else None
   methods = TASK_METHODS[args.task]
   steps = args.steps or build(args.task, False)[3]
-  names = list(LR_METHODS) + (['kfac-jax'] if run_kfac_jax else []) + list(ADAPTIVE)
+  names = list(LR_METHODS) + (['kfac-jax'] if run_kfac_jax else []) + list(adaptive)
   rows = {n: {'steps': [], 'seconds': [], 'ms': [], 'final': [], 'lr': []} for n in names}
   for seed in [int(s) for s in args.seeds.split(',')]:
     params0, make_iter, loss_fn, _ = build(args.task, False, seed)
@@ -203,7 +219,7 @@ def main(argv=None):
       losses, times, _ = run_kfac_jax(model, params0, make_iter, steps, kloss)
       runs['kfac-jax'] = {'lr': 'adaptive', 'losses': losses, 'times': [times]}
       timers['kfac-jax'] = lambda: run_kfac_jax(model, params0, make_iter, steps, kloss)[1]
-    for name, (make, kind, *part) in ADAPTIVE.items():
+    for name, (make, kind, *part) in adaptive.items():
       run = lambda make=make, kind=kind, part=part: train_adaptive(
           model, params0, make_iter, steps, make, kind, loss_of_outputs, fisher, seed,
           FISHER_WEIGHTS.get(args.task), *part)
@@ -248,9 +264,10 @@ def main(argv=None):
   text = '\n'.join(lines)
   print(text)
   os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, f'adaptive_race_{args.task}.md'), 'w') as f:
+  name = f'adaptive_race_{args.task}' + (f'_{args.tag}' if args.tag else '')
+  with open(os.path.join(args.out, name + '.md'), 'w') as f:
     f.write(text + '\n')
-  with open(os.path.join(args.out, f'adaptive_race_{args.task}.json'), 'w') as f:
+  with open(os.path.join(args.out, name + '.json'), 'w') as f:
     json.dump({'jax': jax.__version__, 'seeds': args.seeds, 'rows': rows}, f, indent=1)
 
 

@@ -256,33 +256,43 @@ def readme_demo():
 
 
 RACE = 'adaptive_step/adaptive_race_autoencoder.md'
+# the race's rows name their statistics: the recipe's default (adaptive_inputs
+# with fisher=) is 8 sketches, the row 'adaptive_mkor Sketch(8)'; the row
+# 'adaptive_mkor' passes SKETCH (4 sketches, the default before)
+DEFAULT_ROW, QUARTER_ROW = 'adaptive_mkor Sketch(8)', 'adaptive_mkor Sketch(8), curvature on 1/4'
+ratio_to_kfac_jax = lambda row: (
+    f"{float(cell(RACE, row, 'steps (/ LAMB)', part='value')) / float(cell(RACE, 'kfac-jax', 'steps (/ LAMB)', part='value')):.2f}")
 NUMBERS.update({
     # the adaptive recipe against kfac-jax and the rest (adaptive_race.py), medians over 3 seeds
-    'race_mkor_steps': lambda: cell(RACE, 'adaptive_mkor', 'steps (/ LAMB)', part='value'),
-    'race_mkor_steps_vs_kfac_jax': lambda: (
-        f"{float(cell(RACE, 'adaptive_mkor', 'steps (/ LAMB)', part='value')) / float(cell(RACE, 'kfac-jax', 'steps (/ LAMB)', part='value')):.2f}"),
-    'race_mkor_seconds': lambda: cell(RACE, 'adaptive_mkor', 'seconds (/ LAMB)', part='ratio'),
-    'race_mkor_step_cost': lambda: cell(RACE, 'adaptive_mkor', 'ms/step (/ LAMB)', part='ratio'),
+    'race_mkor_steps': lambda: cell(RACE, DEFAULT_ROW, 'steps (/ LAMB)', part='value'),
+    'race_mkor_steps_vs_kfac_jax': lambda: ratio_to_kfac_jax(DEFAULT_ROW),
+    'race_mkor_seconds': lambda: cell(RACE, DEFAULT_ROW, 'seconds (/ LAMB)', part='ratio'),
+    'race_mkor_step_cost': lambda: cell(RACE, DEFAULT_ROW, 'ms/step (/ LAMB)', part='ratio'),
     'race_kfac_jax_steps': lambda: cell(RACE, 'kfac-jax', 'steps (/ LAMB)', part='value'),
     'race_kfac_jax_seconds': lambda: cell(RACE, 'kfac-jax', 'seconds (/ LAMB)', part='ratio'),
     'race_muon_seconds': lambda: cell(RACE, 'muon', 'seconds (/ LAMB)', part='ratio'),
     'race_adamw_seconds': lambda: cell(RACE, 'adamw', 'seconds (/ LAMB)', part='ratio'),
     'race_lamb_steps': lambda: cell(RACE, 'lamb', 'steps (/ LAMB)', part='value'),
-    # the curvature products on the batch's first quarter (curvature_on)
-    'race_quarter_steps': lambda: cell(RACE, 'adaptive_mkor, curvature on 1/4', 'steps (/ LAMB)',
-                                       part='value'),
-    'race_quarter_seconds': lambda: cell(RACE, 'adaptive_mkor, curvature on 1/4', 'seconds (/ LAMB)',
-                                         part='ratio'),
-    'race_quarter_step_cost': lambda: cell(RACE, 'adaptive_mkor, curvature on 1/4',
-                                           'ms/step (/ LAMB)', part='ratio'),
-    'race_s8_quarter_steps': lambda: cell(RACE, 'adaptive_mkor Sketch(8), curvature on 1/4',
-                                          'steps (/ LAMB)', part='value'),
-    'race_s8_quarter_seconds': lambda: cell(RACE, 'adaptive_mkor Sketch(8), curvature on 1/4',
-                                            'seconds (/ LAMB)', part='ratio'),
-    'race_s8_quarter_step_cost': lambda: cell(RACE, 'adaptive_mkor Sketch(8), curvature on 1/4',
-                                              'ms/step (/ LAMB)', part='ratio'),
-    'race_s8_quarter_steps_vs_kfac_jax': lambda: (
-        f"{float(cell(RACE, 'adaptive_mkor Sketch(8), curvature on 1/4', 'steps (/ LAMB)', part='value')) / float(cell(RACE, 'kfac-jax', 'steps (/ LAMB)', part='value')):.2f}"),
+    # 4 sketches per side (kind=SKETCH, the default before)
+    'race_s4_steps': lambda: cell(RACE, 'adaptive_mkor', 'steps (/ LAMB)', part='value'),
+    'race_s4_steps_vs_kfac_jax': lambda: ratio_to_kfac_jax('adaptive_mkor'),
+    'race_s4_seconds': lambda: cell(RACE, 'adaptive_mkor', 'seconds (/ LAMB)', part='ratio'),
+    'race_s4_step_cost': lambda: cell(RACE, 'adaptive_mkor', 'ms/step (/ LAMB)', part='ratio'),
+    # the curvature products on the batch's first quarter (curvature_on), default statistics
+    'race_quarter_steps': lambda: cell(RACE, QUARTER_ROW, 'steps (/ LAMB)', part='value'),
+    'race_quarter_steps_vs_kfac_jax': lambda: ratio_to_kfac_jax(QUARTER_ROW),
+    'race_quarter_seconds': lambda: cell(RACE, QUARTER_ROW, 'seconds (/ LAMB)', part='ratio'),
+    'race_quarter_step_cost': lambda: cell(RACE, QUARTER_ROW, 'ms/step (/ LAMB)', part='ratio'),
+})
+
+RACE_CNN = 'adaptive_step/adaptive_race_cnn_sketch8.md'
+NUMBERS.update({
+    # the CNN, 3 seeds: 8 sketches (the default) against 4
+    'cnn_race_mkor_steps': lambda: cell(RACE_CNN, DEFAULT_ROW, 'steps (/ LAMB)', part='value'),
+    'cnn_race_mkor_seconds': lambda: cell(RACE_CNN, DEFAULT_ROW, 'seconds (/ LAMB)', part='ratio'),
+    'cnn_race_s4_steps': lambda: cell(RACE_CNN, 'adaptive_mkor', 'steps (/ LAMB)', part='value'),
+    'cnn_race_s4_seconds': lambda: cell(RACE_CNN, 'adaptive_mkor', 'seconds (/ LAMB)', part='ratio'),
+    'cnn_race_adamw_seconds': lambda: cell(RACE_CNN, 'adamw', 'seconds (/ LAMB)', part='ratio'),
 })
 
 RACE_RESNET = 'adaptive_step/adaptive_race_resnet.md'
@@ -307,11 +317,10 @@ def readme_adaptive():
           f"LAMB: {value('race_lamb_steps')}) and {value('race_mkor_seconds')}x LAMB's seconds, "
           f"each step costing {value('race_mkor_step_cost')}x a LAMB step. kfac-jax took "
           f"{value('race_kfac_jax_seconds')}x LAMB's seconds, Muon {value('race_muon_seconds')}x, "
-          f"AdamW {value('race_adamw_seconds')}x. With 8 sketches and the curvature products on a "
-          f"quarter of the batch (`adaptive_inputs(..., kind=mkor_optax.Sketch(8), curvature_on=...)`) "
-          f"it took {value('race_s8_quarter_steps')} steps "
-          f"({value('race_s8_quarter_steps_vs_kfac_jax')}x kfac-jax's) and "
-          f"{value('race_s8_quarter_seconds')}x LAMB's seconds.")
+          f"AdamW {value('race_adamw_seconds')}x. With the curvature products on a quarter of the "
+          f"batch (`adaptive_inputs(..., curvature_on=...)`) it took {value('race_quarter_steps')} "
+          f"steps ({value('race_quarter_steps_vs_kfac_jax')}x kfac-jax's) and "
+          f"{value('race_quarter_seconds')}x LAMB's seconds.")
 
 
 README_BLOCKS = {'measured': readme_measured, 'demo': readme_demo, 'adaptive': readme_adaptive}

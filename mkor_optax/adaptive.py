@@ -40,7 +40,7 @@ from mkor_optax import kronecker as kr
 from mkor_optax.layers import cast_varying, varying_axes
 from mkor_optax.mkor import EPSILON, GAMMA, LOW_RANK, LOW_RANK_MIN_DIM, ZETA, scale_by_mkor
 from mkor_optax.quadratic import gauss_newton, scale_by_quadratic_step
-from mkor_optax.sketch import SKETCH
+from mkor_optax.sketch import SKETCH, Sketch
 
 # Measured on the digits autoencoder, 3 seeds, steps to LAMB's final loss
 # (results/adaptive_step/adaptive_mkor.md): the natural gradient wants less
@@ -48,6 +48,12 @@ from mkor_optax.sketch import SKETCH
 # steps paid for themselves.
 ADAPTIVE_DAMPING = 0.0625
 ADAPTIVE_INV_FREQ = 5
+# The sampled pass's statistic kind (adaptive_inputs with fisher=): 8
+# sketches per side, formed in that pass, which runs on refresh steps only.
+# Over 3 seeds they took 90 steps to LAMB's loss against 4 sketches' 107 on
+# the autoencoder, 104 against 137 on the CNN, at the same cost per step
+# (results/adaptive_step/adaptive_race_autoencoder.md, _cnn_sketch8.md).
+FISHER_KIND = Sketch(8)
 
 
 def _is_nnx_module(x) -> bool:
@@ -60,7 +66,7 @@ def _is_nnx_module(x) -> bool:
 
 def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key=None, *,
                     fisher: Optional[str] = None, weights=None, has_aux: bool = False,
-                    kind: Any = SKETCH, curvature_on: Optional[tuple] = None,
+                    kind: Any = None, curvature_on: Optional[tuple] = None,
                     axis_name: Optional[str] = None, lazy: bool = True):
   r"""The loss, the gradient and every extra argument of :func:`adaptive_mkor`'s update.
 
@@ -115,7 +121,9 @@ def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key
       mutable=['batch_stats'])``, whose new batch statistics are ``aux``.
       The first value returned is then ``(loss, aux)`` (``aux`` of the
       gradient's pass), as ``jax.value_and_grad(..., has_aux=True)`` gives.
-    kind: the statistic kind (:data:`SKETCH` by default).
+    kind: the statistic kind. By default ``Sketch(8)`` with ``fisher``
+      (``mkor_optax.adaptive.FISHER_KIND``: 8 sketches per side, formed in
+      the sampled pass on the steps that refresh), :data:`SKETCH` without.
     curvature_on: ``None`` (the whole batch), or ``(outputs_fn,
       loss_of_outputs)`` of a part of it, such as its first quarter of rows
       (``(lambda p: model.apply({'params': p}, x[:n]), lambda out: loss(out,
@@ -187,6 +195,8 @@ def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key
 
   loss_fn = lambda p: loss_of_outputs(only(of_tree(outputs_fn))(p))
   gram = gauss_newton(only(of_tree(curvature_outputs)), curvature_loss)
+  if kind is None:
+    kind = SKETCH if fisher is None else FISHER_KIND
   if fisher is None:
     value, grads, stats = capture.value_and_grad(model_loss, kind=kind, has_aux=has_aux)(model)
     given = dict(stats=stats)

@@ -444,3 +444,25 @@ def test_has_aux_carries_a_batchnorm_models_new_statistics_through_the_step():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), updates, updates2)
     losses.append(float(loss))
   assert losses[-1] < losses[0]
+
+
+def test_the_sampled_pass_takes_8_sketches_by_default_and_the_gradient_pass_the_default_capture():
+  """With ``fisher`` and no ``kind``, the statistics the transform is handed
+  (``stats_fn``'s, or ``stats`` with ``lazy=False``) are 8 sketches per
+  side (``Sketch(8)``, measured to take fewer steps than 4 at the same cost
+  per step); without ``fisher`` they are the default capture's (SKETCH: a
+  Dense layer's rows)."""
+  params, (x, y) = init_params(), batch(0)
+  apply = lambda p: Net().apply({'params': p}, x)
+  mse = lambda out: jnp.mean((out - y) ** 2)
+  _, _, extra = mkor_optax.adaptive_inputs(apply, mse, params, jax.random.PRNGKey(0),
+                                           fisher='squared_error')
+  stats = extra['stats_fn']()
+  _, _, eager = mkor_optax.adaptive_inputs(apply, mse, params, jax.random.PRNGKey(0),
+                                           fisher='squared_error', lazy=False)
+  for s in (stats, eager['stats']):
+    for layer in s.values():
+      assert layer['a_sketches'].shape[0] == 8 and layer['g_sketches'].shape[0] == 8
+  _, _, own = mkor_optax.adaptive_inputs(apply, mse, params)
+  for layer in own['stats'].values():
+    assert mkor_optax.sketch.ROWS in layer and 'a_sketches' not in layer
