@@ -46,6 +46,7 @@ ADAPTIVE = {
     'adaptive_mkor Sketch(8)': (lambda: mkor_optax.adaptive_mkor(), mkor_optax.Sketch(8)),
     'adaptive_mkor Sketch(8, lazy=True)': (lambda: mkor_optax.adaptive_mkor(), mkor_optax.Sketch(8, lazy=True)),
     'adaptive_mkor rescale': (lambda: mkor_optax.adaptive_mkor(rescale=True), mkor_optax.SKETCH),
+    'adaptive_mkor Sketch(8) rescale': (lambda: mkor_optax.adaptive_mkor(rescale=True), mkor_optax.Sketch(8)),
     # the Gauss-Newton products on the batch's first quarter (adaptive_inputs' curvature_on)
     'adaptive_mkor, curvature on 1/4': (lambda: mkor_optax.adaptive_mkor(), mkor_optax.SKETCH, 4),
     'adaptive_mkor Sketch(8), curvature on 1/4': (lambda: mkor_optax.adaptive_mkor(),
