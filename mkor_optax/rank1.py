@@ -68,9 +68,9 @@ def identity_like(p, widths=None):
   return eye * inside[:, :, None].astype(p.dtype)
 
 
-# A result whose entries are bounded by this (in float32) is finite however
-# its products round: the bound sums at most a few terms of at most it each.
-FINITE_BOUND = 0.25 * float(jnp.finfo(jnp.float32).max)
+# A result whose entries are bounded by this fraction of its dtype's largest
+# number is finite however its products round: the bound sums a few terms.
+FINITE_FRACTION = 0.25
 
 
 def _bounded_or_kept(new, p, p_now, dtype, bad, bound, keep):
@@ -80,7 +80,7 @@ def _bounded_or_kept(new, p, p_now, dtype, bad, bound, keep):
   kept). The bound stands in for a finiteness test of every entry of
   ``new``, which would read the ``(S, d, d)`` result once more and make it
   a separate kernel; with it, the result is written in one pass."""
-  ok = bound < FINITE_BOUND  # False where the bound is not finite
+  ok = bound < FINITE_FRACTION * float(jnp.finfo(new.dtype).max)  # False where it is not finite
   if keep is None:
     keep = jnp.zeros_like(ok)
   out = jnp.where((ok & ~keep)[..., None, None], new, jnp.where(keep[..., None, None], p, p_now))

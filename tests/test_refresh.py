@@ -279,3 +279,22 @@ def test_scale_and_keep_equal_a_scaled_inverse_refreshed_then_kept(k):
     np.testing.assert_array_equal(np.asarray(got[i]), np.asarray(want[i]))
   np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(p[1]))
   np.testing.assert_array_equal(np.asarray(reset), np.asarray(want_reset) & np.asarray(~keep))
+
+
+def test_a_float64_inverse_beyond_float32_range_is_refreshed():
+  """The finiteness bound is its dtype's: a float64 inverse with entries past
+  float32's range refreshes as the float64 formula says, unflagged."""
+  from mkor_optax import rank1
+  with jax.enable_x64(True):
+    d = 4
+    p = jnp.asarray(3e38 * np.eye(d))
+    v = jnp.asarray(np.random.default_rng(5).normal(size=(1, d)))
+    out, reset = rank1.refresh_inverse_checked(p[None], v, gamma=0.5, zeta=0.4, epsilon=np.inf)
+    # Sherman-Morrison in float64 by hand (inverting F itself is too ill-conditioned here)
+    pn, vn, g = np.asarray(p), np.asarray(v[0]), 0.5
+    pv = pn @ vn
+    want = pn / g - ((1 - g) / g ** 2) / (1 + ((1 - g) / g) * vn @ pv) * np.outer(pv, pv)
+    # (to 1e-3: at these magnitudes the rule's cap on the rank-1 weight, relative
+    # to max|P|, moves the result by about 2e-4; kept, it would equal p)
+    np.testing.assert_allclose(np.asarray(out[0]), want, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+    assert not bool(reset[0]) and np.all(np.isfinite(np.asarray(out)))
