@@ -108,7 +108,7 @@ def refresh_inverse(p, v, *, gamma: float, zeta: float, epsilon: float, refresh:
   product of two statistics is formed. A ``P`` that the refresh finds not
   positive definite (``v^T P' v <= 0``) or not finite is reset to ``I``
   before the rank-1 term, and a result that a bound on its entries does not
-  keep within float32 (so possibly not finite) keeps ``p``:
+  keep within its dtype's range (so possibly not finite) keeps ``p``:
   see :func:`refresh_inverse_checked`, which also says which entries were reset.
   """
   return refresh_inverse_checked(p, v, gamma=gamma, zeta=zeta, epsilon=epsilon,
@@ -170,7 +170,7 @@ def refresh_inverse_rank_k_checked(p, v, *, gamma, zeta, epsilon, refresh: str =
   weight is capped as :func:`~mkor_optax.numerics.rank1_coefficients` caps
   it (relative to a bound on ``P'``'s entries), a ``P'`` that is not positive
   definite along a statistic (``v_j^T P' v_j <= 0``) or not finite is reset
-  to ``I`` first, and a result not bounded within float32 keeps ``p``. The result is
+  to ``I`` first, and a result not bounded within its dtype's range keeps ``p``. The result is
   symmetric whenever ``P`` is: the correction ``Y^T Y`` sums the same ``k``
   products for entry ``(i, j)`` as for ``(j, i)`` (exactly, in the order a
   matrix product of inner size ``k`` takes; the tests check it).

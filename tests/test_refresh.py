@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mkor_optax import rank1
 from mkor_optax.mkor import refresh_inverse
 
 NO_STAB = dict(zeta=0.9, epsilon=np.inf)
@@ -241,7 +242,6 @@ def test_a_result_beyond_float32_keeps_the_inverse_it_started_from(k):
   flags the entry; its neighbour in the stack is refreshed as usual, equal
   to its refresh alone. The finiteness test is a bound on the result's
   entries, not a pass over them: this is where the bound must hold."""
-  from mkor_optax import rank1
   rng = np.random.default_rng(3)
   d = 6
   ok_p = random_spd(rng, d).astype(np.float32)
@@ -263,7 +263,6 @@ def test_a_result_beyond_float32_keeps_the_inverse_it_started_from(k):
 def test_scale_and_keep_equal_a_scaled_inverse_refreshed_then_kept(k):
   """``scale`` refreshes ``scale * p`` in the rule's one pass, bit for bit as
   scaling first; ``keep`` returns those entries as given, unflagged."""
-  from mkor_optax import rank1
   rng = np.random.default_rng(4)
   d = 5
   p = jnp.asarray(np.stack([random_spd(rng, d) for _ in range(3)]), jnp.float32)
@@ -284,7 +283,6 @@ def test_scale_and_keep_equal_a_scaled_inverse_refreshed_then_kept(k):
 def test_a_float64_inverse_beyond_float32_range_is_refreshed():
   """The finiteness bound is its dtype's: a float64 inverse with entries past
   float32's range refreshes as the float64 formula says, unflagged."""
-  from mkor_optax import rank1
   with jax.enable_x64(True):
     d = 4
     p = jnp.asarray(3e38 * np.eye(d))
