@@ -34,3 +34,6 @@ def jit_warnings_on():
   import mkor_optax
   with mkor_optax.jit_warnings(True):
     yield
+
+
+from crash_retry import pytest_handlecrashitem, pytest_report_teststatus  # noqa: E402,F401
