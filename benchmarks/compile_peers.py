@@ -58,12 +58,8 @@ def child(task: str, name: str) -> dict:
   batches = [tuple(jnp.asarray(v) for v in next(data)) for _ in range(FIRST + STEADY)]
   model, loss_of_outputs, fisher, register = tasks()[task]
   if name == 'kfac-jax':
-    import kfac_jax
-    kloss = kfac_loss(model, loss_of_outputs, register)
-    opt = kfac_jax.Optimizer(
-        value_and_grad_func=jax.value_and_grad(kloss), l2_reg=0.0, use_adaptive_learning_rate=True,
-        use_adaptive_momentum=True, use_adaptive_damping=True, initial_damping=1.0,
-        multi_device=False, num_burnin_steps=0)
+    from kfac_jax_compare import kfac_jax_optimizer
+    opt = kfac_jax_optimizer(kfac_loss(model, loss_of_outputs, register))
     rng = jax.random.PRNGKey(0)
     t0 = time.perf_counter()
     state = opt.init(params, rng, batches[0])

@@ -3,8 +3,9 @@
 ``adaptive_mkor(step_damping=...)`` with the recipe's statistics
 (``adaptive_inputs``, ``fisher=`` the task's likelihood, ``Sketch(8)``), as
 benchmarks/adaptive_race.py runs it, for each value of ``--dampings``;
-LAMB at its learning rate of that task's race (read from
-``--race``'s json) gives each seed's target, its final loss (EMA 0.9).
+LAMB at its learning rate of that task's race (read from the race's json
+in results/adaptive_step, ``RACES``) gives each seed's target, its final
+loss (EMA 0.9).
 Steps only, no timing (a damping does not change a step's cost).
 
     python benchmarks/step_damping.py --task bert --dampings 1e-3,1e-2
