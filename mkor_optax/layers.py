@@ -16,6 +16,9 @@ Mozaffari et al. 2023):
   kernel gradient of ``sum(conv(x, K))`` for a ones kernel ``K`` with one output
   channel, computed by a clone of the layer itself so that every padding mode
   Flax supports (SAME, VALID, explicit, CIRCULAR, CAUSAL, dilations) is honoured.
+  Its random-sign sketch ``S^T P`` is the same gradient with ``k`` channels,
+  computed as one forward convolution (:mod:`mkor_optax.conv_sketch`) where
+  the clone's convolution takes the input as it is.
 
 * ``nn.OptimizedLSTMCell`` is a *composite* (:mod:`mkor_optax.composites`):
   the capture recomputes it one gate kernel at a time. (``nn.LSTMCell``,
@@ -38,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mkor_optax import conv_sketch
 from mkor_optax.paths import unbox
 
 
@@ -312,6 +316,10 @@ def probe_conv_reader(run, kshape: tuple, x32, has_bias: bool):
   def sketch(signs):
     return kernel_grad(signs.shape[1], lambda y: signs.reshape(y.shape))
 
+  # the same sums as one forward convolution, where the layer's geometry allows
+  with _no_capture():
+    fast = conv_sketch.forward_form(run, kshape, x32, lambda v: cast_varying(v, varying_axes(x32)))
+
   def patch_sum():
     return kernel_grad(1, jnp.ones_like)[0]
 
@@ -321,7 +329,7 @@ def probe_conv_reader(run, kshape: tuple, x32, has_bias: bool):
       out = run(eye)
     return jax.lax.stop_gradient(out.reshape(-1, d_in))
 
-  return conv_reader(patches, patch_sum, kshape, has_bias, sketch)
+  return conv_reader(patches, patch_sum, kshape, has_bias, fast or sketch)
 
 
 def call_innermost(stack: list, module, run):

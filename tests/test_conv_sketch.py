@@ -1,0 +1,97 @@
+"""A convolution's input sketch as one forward convolution
+(mkor_optax.conv_sketch): the float64 patch sketch ``S^T P`` on every
+geometry it takes, computed in the layout that stays fast inside a
+``lax.cond``, and the transposed form kept where the layer's own
+convolution does not take its input as it is."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mkor_optax import layers
+
+FAST = {
+    'same': (dict(kernel_size=(3, 3), padding='SAME'), (4, 8, 8, 3)),
+    'same strided': (dict(kernel_size=(3, 3), strides=2, padding='SAME'), (4, 9, 8, 3)),
+    'valid dilated': (dict(kernel_size=(3, 2), kernel_dilation=2, padding='VALID'), (4, 9, 8, 3)),
+    'explicit pads': (dict(kernel_size=(3, 3), strides=(2, 1), padding=((2, 1), (0, 2))), (4, 9, 8, 3)),
+    'one by one strided': (dict(kernel_size=(1, 1), strides=2, padding='SAME'), (4, 8, 8, 3)),
+    '1-d': (dict(kernel_size=(4,), strides=3, padding='SAME'), (4, 17, 3)),
+    '3-d': (dict(kernel_size=(2, 3, 2), strides=(1, 2, 1), padding='SAME'), (2, 5, 6, 4, 3)),
+}
+# the layer's convolution takes a padded or dilated copy of its input: the transposed form
+KEPT = {
+    'circular': (dict(kernel_size=(3, 3), padding='CIRCULAR'), (4, 8, 8, 3)),
+    'causal': (dict(kernel_size=(3,), padding='CAUSAL'), (4, 8, 3)),
+    'input dilation': (dict(kernel_size=(3, 3), input_dilation=2, padding=1), (4, 5, 5, 3)),
+    'two batch axes': (dict(kernel_size=(3, 3), padding='SAME'), (2, 3, 8, 8, 3)),
+}
+
+
+def layer_call(kwargs, shape, k=4):
+  """``(LayerCall, signs)`` of one nn.Conv call on a random input."""
+  conv = nn.Conv(5, **kwargs)
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  variables = conv.init(jax.random.PRNGKey(1), x)
+  call = layers.conv_adapter(conv.bind(variables), (x,), {})(conv.apply(variables, x))
+  signs = jnp.sign(jax.random.normal(jax.random.PRNGKey(2), (call.rows, k)))
+  return call, signs
+
+
+def is_forward_form(sketch, signs) -> bool:
+  """Whether ``sketch`` is one convolution in the canonical layout
+  (input and output features last, kernel ``(*window, in, out)``)."""
+  convs = [e for e in jax.make_jaxpr(sketch)(signs).jaxpr.eqns
+           if e.primitive.name == 'conv_general_dilated']
+  if len(convs) != 1:
+    return False
+  dims, nd = convs[0].params['dimension_numbers'], len(convs[0].params['window_strides'])
+  return (dims.lhs_spec == (0, nd + 1) + tuple(range(1, nd + 1))
+          and dims.rhs_spec == (nd + 1, nd) + tuple(range(nd)))
+
+
+def reference(call, signs):
+  """``S^T P`` in float64 from the layer's im2col patches."""
+  return np.asarray(signs, np.float64).T @ np.asarray(call.input_rows(), np.float64)
+
+
+@pytest.mark.parametrize('name', sorted(FAST))
+def test_forward_form_is_the_float64_patch_sketch(name):
+  call, signs = layer_call(*FAST[name])
+  assert is_forward_form(call.input_sketch, signs)
+  want = reference(call, signs)
+  np.testing.assert_allclose(call.input_sketch(signs), want, rtol=1e-5,
+                             atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize('name', sorted(KEPT))
+def test_other_geometries_keep_the_transposed_form(name):
+  call, signs = layer_call(*KEPT[name])
+  assert not is_forward_form(call.input_sketch, signs)
+  want = reference(call, signs)
+  np.testing.assert_allclose(call.input_sketch(signs), want, rtol=1e-5,
+                             atol=1e-5 * np.abs(want).max())
+
+
+def test_forward_form_inside_a_cond_and_under_jit():
+  call, signs = layer_call(*FAST['same strided'])
+  want = reference(call, signs)
+  zeros = lambda s: jnp.zeros(want.shape, jnp.float32)
+  got = jax.jit(lambda s, on: jax.lax.cond(on, call.input_sketch, zeros, s))(signs, True)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_nnx_convolution_takes_the_forward_form():
+  from flax import nnx
+  from mkor_optax import nnx_layers
+
+  conv = nnx.Conv(3, 5, kernel_size=(3, 3), strides=2, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 8, 3))
+  call = nnx_layers.conv_adapter(conv, (x,), {})(conv(x))
+  signs = jnp.sign(jax.random.normal(jax.random.PRNGKey(2), (call.rows, 4)))
+  assert is_forward_form(call.input_sketch, signs)
+  want = reference(call, signs)
+  np.testing.assert_allclose(call.input_sketch(signs), want, rtol=1e-5,
+                             atol=1e-5 * np.abs(want).max())
