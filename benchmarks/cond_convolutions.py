@@ -1,16 +1,20 @@
 """Convolutions inside a ``lax.cond``: what XLA:CPU makes of them, and what
-the forward form of the convolutions' input sketch (mkor_optax.conv_sketch)
-saves the steps that run one there.
+the forward forms of mkor_optax.conv_sketch (a convolution's input sketch,
+and its input cotangent in the adaptive recipe's statistics pass) save the
+steps that run one there.
 
 1. One convolution of a ResNet block's shape (64 x 8 x 8 x 16, 3 x 3, 16
-   channels) and its two gradients, and the input sketch (k = 4) in its
+   channels), its two gradients (the input's also in the forward form of
+   ``conv_sketch.input_gradient``) and the input sketch (k = 4) in its
    transposed (``jax.vjp``) and forward forms: microseconds per call at a
    program's top level and inside a taken ``lax.cond`` branch.
 2. Per step against LAMB, in one process with interleaved blocks: default
    ``mkor`` (its sketches formed in the capture, at the top level) and
    ``adaptive_mkor`` (its statistics pass inside a ``lax.cond`` on the steps
-   that refresh), each with the transposed form (``conv_sketch.forward_form``
-   switched off while its step is traced) and the forward form.
+   that refresh): with the transposed forms (``conv_sketch.forward_form``
+   and ``conv_sketch.input_gradient`` switched off while the step is
+   traced), with the forward-form sketch, and (``adaptive_mkor``, whose
+   statistics pass takes them) with the forward-form input cotangents too.
 
     python benchmarks/cond_convolutions.py [--tasks cnn,resnet] [--out results/bench/cond_convolutions.md]
 """
@@ -60,15 +64,18 @@ def kernels() -> dict:
   signs = jnp.sign(jax.random.normal(key[3], (64 * 8 * 8, 4)))
   conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME',
                                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  geometry = lambda x: conv_sketch.geometry(lambda p: conv(x, p), (3, 3, 16, 16), x)
   ops = {  # functions of their inputs (arguments of the jit, not constants it could fold)
       'convolution': lambda x, k, dy, s: conv(x, k),
       'kernel gradient': lambda x, k, dy, s: jax.vjp(lambda k: conv(x, k), k)[1](dy)[0],
       'input gradient': lambda x, k, dy, s: jax.vjp(lambda v: conv(v, k), x)[1](dy)[0],
       'input sketch, transposed form': lambda x, k, dy, s: jax.vjp(
           lambda p: conv(x, p), jnp.zeros((3, 3, 16, 4)))[1](s.reshape(64, 8, 8, 4))[0],
-      # (the geometry read once from x's convolution; the sketch itself is of the argument)
+      # (the geometry read from x's convolution; the sums are of the arguments)
       'input sketch, forward form': lambda x, k, dy, s: conv_sketch.forward_form(
-          lambda p: conv(x, p), (3, 3, 16, 16), x)(s),
+          geometry(x), (3, 3, 16, 16), x)(s),
+      'input gradient, forward form': lambda x, k, dy, s: conv_sketch.input_gradient(
+          geometry(x), (3, 3, 16, 16), x.shape)(dy, k),
   }
   args = (x, kernel, dy, signs)
   out = {}
@@ -104,16 +111,20 @@ def steps(task: str, repeats: int) -> dict:
 
   lamb = optax.lamb(1e-2)
   add('lamb', lamb, make_step(loss_fn, lamb), batch)
-  real = conv_sketch.forward_form
+  real = conv_sketch.forward_form, conv_sketch.input_gradient
+  off = lambda *a, **k: None
+  forms = {'transposed': (off, off), 'forward sketch': (real[0], off),
+           'forward sketch and input gradient': real}
   try:
-    for form, switch in (('transposed form', lambda *a, **k: None), ('forward form', real)):
-      conv_sketch.forward_form = switch
-      mkor = mkor_optax.mkor(1e-2, max_factor_dim=FACTOR_DIM.get(task, 4096))
-      add(f'mkor, {form}', mkor, make_step(loss_fn, mkor, mkor_optax.SKETCH), batch)
+    for form, (sketch, input_gradient) in forms.items():
+      conv_sketch.forward_form, conv_sketch.input_gradient = sketch, input_gradient
+      if form != 'forward sketch and input gradient':  # (mkor's capture takes no input gradient)
+        mkor = mkor_optax.mkor(1e-2, max_factor_dim=FACTOR_DIM.get(task, 4096))
+        add(f'mkor, {form}', mkor, make_step(loss_fn, mkor, mkor_optax.SKETCH), batch)
       opt, step = adaptive_step(task)
       add(f'adaptive_mkor, {form}', opt, step, batch + key)
   finally:
-    conv_sketch.forward_form = real
+    conv_sketch.forward_form, conv_sketch.input_gradient = real
   med = seconds_per_step(fns, carries, repeats=repeats, period=PERIOD)
   return {name: med[name] / med['lamb'] for name in fns} | {'lamb ms': 1e3 * med['lamb']}
 

@@ -37,7 +37,7 @@ import optax
 from mkor_optax import capture, checks, docstrings
 from mkor_optax.fisher import FISHER_LOSSES, sampled_loss
 from mkor_optax import kronecker as kr
-from mkor_optax.layers import cast_varying, varying_axes
+from mkor_optax.layers import cast_varying, statistics_only, varying_axes
 from mkor_optax.mkor import EPSILON, GAMMA, LOW_RANK, LOW_RANK_MIN_DIM, ZETA, scale_by_mkor
 from mkor_optax.quadratic import gauss_newton, scale_by_quadratic_step
 from mkor_optax.sketch import SKETCH, Sketch
@@ -62,6 +62,14 @@ def _is_nnx_module(x) -> bool:
   except ImportError:  # pragma: no cover
     return False
   return isinstance(x, nnx.Module)
+
+
+def _statistics(loss, kind, model):
+  """The layer statistics of ``loss`` at ``model`` alone (no parameter
+  gradient, so a convolution's input cotangent takes the form that stays
+  fast inside the transform's ``lax.cond``: :func:`mkor_optax.layers.statistics_only`)."""
+  with statistics_only():
+    return capture.value_and_grad(loss, kind=kind)(model)[2]
 
 
 def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key=None, *,
@@ -203,7 +211,7 @@ def adaptive_inputs(outputs_fn: Callable, loss_of_outputs: Callable, params, key
   else:
     sampled = lambda m: inside(sampled_loss(fisher, only(outputs_fn)(m), key, weights=weights,
                                             axis_name=axis_name))
-    stats_fn = lambda: capture.value_and_grad(sampled, kind=kind)(capture_from())[2]
+    stats_fn = lambda: _statistics(sampled, kind, capture_from())
     given = dict(stats_fn=stats_fn) if lazy else dict(stats=stats_fn())
     # (one jitted step: XLA merges this forward pass with the curvature's,
     # unless curvature_on gives the curvature a part of the batch)

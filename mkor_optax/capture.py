@@ -107,7 +107,7 @@ def _make_interceptor(mode: str, record: dict, kind: StatKind):
     read = adapter(module, args, kwargs)
     if read is None:
       return next_fun(*args, **kwargs)
-    y, innermost = layers_lib.call_innermost(stack, module, lambda: next_fun(*args, **kwargs))
+    y, innermost = layers_lib.call_innermost(stack, module, layers_lib.layer_run(read, next_fun, args, kwargs))
     if not innermost:
       return y
     dummy = module.get_variable('params', TAP) if module.has_variable('params', TAP) else None

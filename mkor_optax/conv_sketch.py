@@ -34,7 +34,7 @@ import jax.numpy as jnp
 _CONV = 'conv_general_dilated'
 
 
-def _geometry(run: Callable, kshape: tuple, x32, cast: Callable) -> Optional[dict]:
+def geometry(run: Callable, kshape: tuple, x32, cast: Callable = lambda v: v) -> Optional[dict]:
   """The parameters of the one convolution that ``run(kernel)`` applies to
   ``x32`` itself (features last in the input, output and kernel), or ``None``."""
   closed = jax.make_jaxpr(run)(cast(jnp.zeros(tuple(kshape[:-1]) + (1,), jnp.float32)))
@@ -57,13 +57,12 @@ def _geometry(run: Callable, kshape: tuple, x32, cast: Callable) -> Optional[dic
   return dict(p, out_shape=eqn.outvars[0].aval.shape)
 
 
-def forward_form(run: Callable, kshape: tuple, x32, cast: Callable = lambda v: v) -> Optional[Callable]:
-  """``signs (rows, k) -> (k, d_in)``: ``S^T P`` of the convolution
-  ``run(kernel)`` of ``x32`` (the layer's own code with a probe kernel of
-  shape ``kshape[:-1] + (c,)``), as one forward convolution; ``None`` where
-  the layer's convolution is not of the form this computes. ``cast`` makes
-  an array vary like ``x32`` (under ``shard_map``: each device's own sum)."""
-  g = _geometry(run, kshape, x32, cast)
+def forward_form(g: Optional[dict], kshape: tuple, x32, cast: Callable = lambda v: v) -> Optional[Callable]:
+  """``signs (rows, k) -> (k, d_in)``: ``S^T P`` of the convolution of
+  ``x32`` whose :func:`geometry` is ``g`` (the layer's own code with a probe
+  kernel of shape ``kshape[:-1] + (c,)``), as one forward convolution;
+  ``None`` where ``g`` is. ``cast`` makes an array vary like ``x32`` (under
+  ``shard_map``: each device's own sum)."""
   if g is None:
     return None
   dims = g['dimension_numbers']
@@ -97,3 +96,67 @@ def forward_form(run: Callable, kshape: tuple, x32, cast: Callable = lambda v: v
     return jax.lax.stop_gradient(jnp.transpose(out, order).reshape(d_in, k).T)
 
   return sketch
+
+
+def _canonical(g: dict) -> bool:
+  nd = len(g['window_strides'])
+  dims = g['dimension_numbers']
+  return (tuple(dims.lhs_spec) == (0, nd + 1) + tuple(range(1, nd + 1)) == tuple(dims.out_spec)
+          and tuple(dims.rhs_spec) == (nd + 1, nd) + tuple(range(nd)))
+
+
+def input_gradient(g: Optional[dict], kshape: tuple, in_shape: tuple) -> Optional[Callable]:
+  r"""``(dy, kernel) -> dx``, float32: the input's cotangent of the
+  convolution of :func:`geometry` ``g`` (inputs ``in_shape``, features last,
+  kernel ``(*window, in, out)``), as the forward convolution of ``dy``
+  dilated by the strides with the kernel reversed in space and its two
+  feature axes swapped, padded by ``k_eff - 1 - lo`` before each axis
+  (``k_eff = (k - 1) e + 1``): the transpose that :func:`jax.vjp` builds,
+  in a layout XLA:CPU runs as fast inside a ``lax.cond`` as outside it.
+  ``None`` where ``g`` is, for other layouts, and where a padding exceeds
+  the dilated kernel."""
+  if g is None or not _canonical(g):
+    return None
+  nd = len(g['window_strides'])
+  pads = []
+  for i, (lo, _) in enumerate(g['padding']):
+    k_eff = (kshape[i] - 1) * g['rhs_dilation'][i] + 1
+    before = k_eff - 1 - lo
+    after = in_shape[1 + i] - 1 - (g['out_shape'][1 + i] - 1) * g['window_strides'][i] + lo
+    if before < 0 or after < 0:
+      return None
+    pads.append((before, after))
+  dims = jax.lax.ConvDimensionNumbers(lhs_spec=(0, nd + 1) + tuple(range(1, nd + 1)),
+                                      rhs_spec=(nd + 1, nd) + tuple(range(nd)),
+                                      out_spec=(0, nd + 1) + tuple(range(1, nd + 1)))
+  swap = tuple(range(nd)) + (nd + 1, nd)
+
+  def grad(dy, kernel):
+    flipped = jnp.transpose(jnp.flip(kernel.astype(jnp.float32), tuple(range(nd))), swap)
+    return jax.lax.conv_general_dilated(
+        dy.astype(jnp.float32), flipped, window_strides=(1,) * nd, padding=pads,
+        lhs_dilation=g['window_strides'], rhs_dilation=g['rhs_dilation'],
+        dimension_numbers=dims, precision=g['precision'])
+
+  return grad
+
+
+def through_input(y, x, kernel, grad: Callable):
+  """``y`` (computed from ``stop_gradient(x)``) with ``x``'s cotangent
+  ``grad(dy, kernel)``: a zero of ``y``'s shape whose VJP is ``grad``. The
+  kernel gets no cotangent here."""
+  shape, dtype, x_dtype = y.shape, y.dtype, x.dtype
+
+  @jax.custom_vjp
+  def zero(x, kernel):
+    del x, kernel
+    return jnp.zeros(shape, dtype)
+
+  def fwd(x, kernel):
+    return zero(x, kernel), kernel
+
+  def bwd(kernel, dy):
+    return grad(dy, kernel).astype(x_dtype), jnp.zeros_like(kernel)
+
+  zero.defvjp(fwd, bwd)
+  return y + zero(x, jax.lax.stop_gradient(kernel))

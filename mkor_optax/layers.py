@@ -16,9 +16,8 @@ Mozaffari et al. 2023):
   kernel gradient of ``sum(conv(x, K))`` for a ones kernel ``K`` with one output
   channel, computed by a clone of the layer itself so that every padding mode
   Flax supports (SAME, VALID, explicit, CIRCULAR, CAUSAL, dilations) is honoured.
-  Its random-sign sketch ``S^T P`` is the same gradient with ``k`` channels,
-  computed as one forward convolution (:mod:`mkor_optax.conv_sketch`) where
-  the clone's convolution takes the input as it is.
+  Its sketch ``S^T P`` (``k`` channels) is one forward convolution where the
+  clone's convolution takes the input as it is (:mod:`mkor_optax.conv_sketch`).
 
 * ``nn.OptimizedLSTMCell`` is a *composite* (:mod:`mkor_optax.composites`):
   the capture recomputes it one gate kernel at a time. (``nn.LSTMCell``,
@@ -117,6 +116,24 @@ def _no_capture():
 
 def capture_disabled() -> bool:
   return getattr(_local, 'off', False)
+
+
+@contextlib.contextmanager
+def statistics_only():
+  """A capture traced inside serves its statistics alone (no parameter gradient): a
+  convolution's input cotangent may come from :func:`mkor_optax.conv_sketch.input_gradient`."""
+  old = getattr(_local, 'stats_only', False)
+  _local.stats_only = True
+  try:
+    yield
+  finally:
+    _local.stats_only = old
+
+
+def layer_run(read, next_fun, args, kwargs) -> Callable[[], jax.Array]:
+  """The layer's call: ``read``'s own (``run_layer``) in :func:`statistics_only`, else the call."""
+  own = getattr(read, 'run_layer', None) if getattr(_local, 'stats_only', False) else None
+  return (lambda: next_fun(*args, **kwargs)) if own is None else (lambda: own(next_fun))
 
 
 def varying_axes(x) -> frozenset:
@@ -288,7 +305,16 @@ def conv_adapter(module, args, kwargs):
                          dtype=jnp.float32, param_dtype=jnp.float32, mask=None)
     return probe.apply({'params': {'kernel': kernel}}, x32)
 
-  return probe_conv_reader(run, _kernel_shape(module), x32, _has_bias(module))
+  kshape = _kernel_shape(module)
+  read = probe_conv_reader(run, kshape, x32, _has_bias(module))
+  grad = conv_sketch.input_gradient(read.geometry, kshape, x.shape)
+  if grad is not None and getattr(module, 'mask', None) is None:
+    kernel = unbox(module.get_variable('params', 'kernel'))
+    stopped = ((jax.lax.stop_gradient(x),) + tuple(args[1:]), kwargs) if args else (
+        args, dict(kwargs, inputs=jax.lax.stop_gradient(x)))
+    read.run_layer = lambda next_fun: conv_sketch.through_input(
+        next_fun(*stopped[0], **stopped[1]), x, kernel, grad)
+  return read
 
 
 def probe_conv_reader(run, kshape: tuple, x32, has_bias: bool):
@@ -317,8 +343,10 @@ def probe_conv_reader(run, kshape: tuple, x32, has_bias: bool):
     return kernel_grad(signs.shape[1], lambda y: signs.reshape(y.shape))
 
   # the same sums as one forward convolution, where the layer's geometry allows
+  cast = lambda v: cast_varying(v, varying_axes(x32))
   with _no_capture():
-    fast = conv_sketch.forward_form(run, kshape, x32, lambda v: cast_varying(v, varying_axes(x32)))
+    geometry = conv_sketch.geometry(run, kshape, x32, cast)
+  fast = conv_sketch.forward_form(geometry, kshape, x32, cast)
 
   def patch_sum():
     return kernel_grad(1, jnp.ones_like)[0]
@@ -329,7 +357,9 @@ def probe_conv_reader(run, kshape: tuple, x32, has_bias: bool):
       out = run(eye)
     return jax.lax.stop_gradient(out.reshape(-1, d_in))
 
-  return conv_reader(patches, patch_sum, kshape, has_bias, fast or sketch)
+  read = conv_reader(patches, patch_sum, kshape, has_bias, fast or sketch)
+  read.geometry = geometry
+  return read
 
 
 def call_innermost(stack: list, module, run):

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mkor_optax import layers
+import mkor_optax
+from mkor_optax import conv_sketch, layers
 
 FAST = {
     'same': (dict(kernel_size=(3, 3), padding='SAME'), (4, 8, 8, 3)),
@@ -95,3 +96,49 @@ def test_nnx_convolution_takes_the_forward_form():
   want = reference(call, signs)
   np.testing.assert_allclose(call.input_sketch(signs), want, rtol=1e-5,
                              atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize('name', sorted(FAST))
+def test_input_gradient_is_the_transpose_that_jax_builds(name):
+  kwargs, shape = FAST[name]
+  conv = nn.Conv(5, use_bias=False, **kwargs)
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  variables = conv.init(jax.random.PRNGKey(1), x)
+  kernel = variables['params']['kernel']
+  read = layers.conv_adapter(conv.bind(variables), (x,), {})
+  grad = conv_sketch.input_gradient(read.geometry, kernel.shape, x.shape)
+  y, pull = jax.vjp(lambda v: conv.apply(variables, v), x)
+  dy = jax.random.normal(jax.random.PRNGKey(2), y.shape)
+  want = pull(dy)[0]
+  np.testing.assert_allclose(grad(dy, kernel), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+class TwoConvs(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Conv(6, (3, 3), strides=2, padding='SAME', name='c1')(x))
+    h = nn.relu(nn.Conv(5, (3, 3), padding='VALID', name='c2')(h))
+    return nn.Dense(3, name='head')(h.reshape(h.shape[0], -1))
+
+
+def test_statistics_only_capture_gives_the_same_statistics():
+  model = TwoConvs()
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 9, 9, 3))
+  params = model.init(jax.random.PRNGKey(1), x)['params']
+  w = jax.random.normal(jax.random.PRNGKey(2), (4, 3))
+  loss = lambda p: jnp.sum(jnp.tanh(model.apply({'params': p}, x)) * w)
+  capture = mkor_optax.value_and_grad(loss, kind=mkor_optax.COVARIANCE)
+
+  def only():
+    with layers.statistics_only():
+      return capture(params)[2]
+
+  want = jax.jit(lambda: capture(params)[2])()
+  got = jax.jit(only)()
+  # the convolutions' input cotangents came from conv_sketch.input_gradient
+  assert 'custom_vjp' in str(jax.make_jaxpr(only)())
+  assert 'custom_vjp' not in str(jax.make_jaxpr(lambda: capture(params)[2])())
+  for name in want:
+    for key in want[name]:
+      np.testing.assert_allclose(got[name][key], want[name][key], rtol=1e-5,
+                                 atol=1e-6 * np.abs(want[name][key]).max())
