@@ -141,22 +141,23 @@ def input_gradient(g: Optional[dict], kshape: tuple, in_shape: tuple) -> Optiona
   return grad
 
 
-def through_input(y, x, kernel, grad: Callable):
+def through_input(y, x, kernel, grad: Callable, cast: Callable = lambda v: v):
   """``y`` (computed from ``stop_gradient(x)``) with ``x``'s cotangent
   ``grad(dy, kernel)``: a zero of ``y``'s shape whose VJP is ``grad``. The
-  kernel gets no cotangent here."""
+  kernel gets no cotangent here. ``cast`` makes an array vary like ``x``
+  (under ``shard_map``)."""
   shape, dtype, x_dtype = y.shape, y.dtype, x.dtype
 
   @jax.custom_vjp
   def zero(x, kernel):
     del x, kernel
-    return jnp.zeros(shape, dtype)
+    return cast(jnp.zeros(shape, dtype))  # varying like y: its cotangent is this device's
 
   def fwd(x, kernel):
     return zero(x, kernel), kernel
 
   def bwd(kernel, dy):
-    return grad(dy, kernel).astype(x_dtype), jnp.zeros_like(kernel)
+    return cast(grad(cast(dy), cast(kernel)).astype(x_dtype)), jnp.zeros_like(kernel)
 
   zero.defvjp(fwd, bwd)
   return y + zero(x, jax.lax.stop_gradient(kernel))

@@ -313,7 +313,7 @@ def conv_adapter(module, args, kwargs):
     stopped = ((jax.lax.stop_gradient(x),) + tuple(args[1:]), kwargs) if args else (
         args, dict(kwargs, inputs=jax.lax.stop_gradient(x)))
     read.run_layer = lambda next_fun: conv_sketch.through_input(
-        next_fun(*stopped[0], **stopped[1]), x, kernel, grad)
+        next_fun(*stopped[0], **stopped[1]), x, kernel, grad, lambda v: cast_varying(v, varying_axes(x)))
   return read
 
 

@@ -142,3 +142,31 @@ def test_statistics_only_capture_gives_the_same_statistics():
     for key in want[name]:
       np.testing.assert_allclose(got[name][key], want[name][key], rtol=1e-5,
                                  atol=1e-6 * np.abs(want[name][key]).max())
+
+
+def test_statistics_only_under_shard_map_gives_the_same_statistics():
+  """Each device's input cotangent from its own rows: a batch split over 4
+  devices, the loss averaged over them, the same sketches as the usual capture."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  model = TwoConvs()
+  mesh = jax.make_mesh((4,), ('b',))
+  split = NamedSharding(mesh, P('b'))
+  x = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (8, 9, 9, 3)), split)
+  w = jax.device_put(jax.random.normal(jax.random.PRNGKey(2), (8, 3)), split)
+  params = model.init(jax.random.PRNGKey(1), x)['params']
+
+  def stats(p, x, w, only):
+    loss = lambda q: jax.lax.pmean(jnp.mean(jnp.tanh(model.apply({'params': q}, x)) * w), 'b')
+    capture = mkor_optax.value_and_grad(loss, kind=mkor_optax.Sketch(4, seed=3))
+    if only:
+      with layers.statistics_only():
+        return capture(p)[2]
+    return capture(p)[2]
+
+  run = lambda only: jax.jit(jax.shard_map(lambda p, x, w: stats(p, x, w, only), mesh=mesh,
+                                           in_specs=(P(), P('b'), P('b')), out_specs=P()))(params, x, w)
+  want, got = run(False), run(True)
+  for name in want:
+    for key in want[name]:
+      np.testing.assert_allclose(got[name][key], want[name][key], rtol=1e-5,
+                                 atol=1e-6 * np.abs(want[name][key]).max())
