@@ -104,30 +104,29 @@ _local = threading.local()
 
 
 @contextlib.contextmanager
-def _no_capture():
-  """Calls made inside (the adapters' own helper calls) are not captured."""
-  old = getattr(_local, 'off', False)
-  _local.off = True
+def _flag(name: str):
+  """The thread's flag ``name`` set while inside."""
+  old = getattr(_local, name, False)
+  setattr(_local, name, True)
   try:
     yield
   finally:
-    _local.off = old
+    setattr(_local, name, old)
+
+
+def _no_capture():
+  """Calls made inside (the adapters' own helper calls) are not captured."""
+  return _flag('off')
 
 
 def capture_disabled() -> bool:
   return getattr(_local, 'off', False)
 
 
-@contextlib.contextmanager
 def statistics_only():
   """A capture traced inside serves its statistics alone (no parameter gradient): a
   convolution's input cotangent may come from :func:`mkor_optax.conv_sketch.input_gradient`."""
-  old = getattr(_local, 'stats_only', False)
-  _local.stats_only = True
-  try:
-    yield
-  finally:
-    _local.stats_only = old
+  return _flag('stats_only')
 
 
 def layer_run(read, next_fun, args, kwargs) -> Callable[[], jax.Array]:

@@ -58,22 +58,22 @@ def reference(call, signs):
   return np.asarray(signs, np.float64).T @ np.asarray(call.input_rows(), np.float64)
 
 
-@pytest.mark.parametrize('name', sorted(FAST))
-def test_forward_form_is_the_float64_patch_sketch(name):
-  call, signs = layer_call(*FAST[name])
-  assert is_forward_form(call.input_sketch, signs)
+def assert_sketch(call, signs, forward: bool):
+  """The call's input sketch is (or is not) the forward form, and is ``S^T P``."""
+  assert is_forward_form(call.input_sketch, signs) == forward
   want = reference(call, signs)
   np.testing.assert_allclose(call.input_sketch(signs), want, rtol=1e-5,
                              atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize('name', sorted(FAST))
+def test_forward_form_is_the_float64_patch_sketch(name):
+  assert_sketch(*layer_call(*FAST[name]), forward=True)
 
 
 @pytest.mark.parametrize('name', sorted(KEPT))
 def test_other_geometries_keep_the_transposed_form(name):
-  call, signs = layer_call(*KEPT[name])
-  assert not is_forward_form(call.input_sketch, signs)
-  want = reference(call, signs)
-  np.testing.assert_allclose(call.input_sketch(signs), want, rtol=1e-5,
-                             atol=1e-5 * np.abs(want).max())
+  assert_sketch(*layer_call(*KEPT[name]), forward=False)
 
 
 def test_forward_form_inside_a_cond_and_under_jit():
@@ -91,11 +91,7 @@ def test_nnx_convolution_takes_the_forward_form():
   conv = nnx.Conv(3, 5, kernel_size=(3, 3), strides=2, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 8, 3))
   call = nnx_layers.conv_adapter(conv, (x,), {})(conv(x))
-  signs = jnp.sign(jax.random.normal(jax.random.PRNGKey(2), (call.rows, 4)))
-  assert is_forward_form(call.input_sketch, signs)
-  want = reference(call, signs)
-  np.testing.assert_allclose(call.input_sketch(signs), want, rtol=1e-5,
-                             atol=1e-5 * np.abs(want).max())
+  assert_sketch(call, jnp.sign(jax.random.normal(jax.random.PRNGKey(2), (call.rows, 4))), forward=True)
 
 
 @pytest.mark.parametrize('name', sorted(FAST))
