@@ -161,3 +161,17 @@ def through_input(y, x, kernel, grad: Callable, cast: Callable = lambda v: v):
 
   zero.defvjp(fwd, bwd)
   return y + zero(x, jax.lax.stop_gradient(kernel))
+
+
+def reroute(read, x, args, kwargs, kernel, cast: Callable = lambda v: v) -> None:
+  """Gives a convolution's ``read`` (from :func:`mkor_optax.layers.probe_conv_reader`,
+  its ``geometry`` read) a ``run_layer(next_fun)``: the layer's call on
+  ``stop_gradient(x)`` (``x`` the first positional argument, or ``inputs=``),
+  ``x``'s cotangent from :func:`input_gradient` with ``kernel`` (the layer's,
+  unmasked). A capture in :func:`mkor_optax.layers.statistics_only` calls it."""
+  grad = input_gradient(read.geometry, tuple(kernel.shape), x.shape)
+  if grad is None:
+    return
+  stopped = jax.lax.stop_gradient(x)
+  args, kwargs = ((stopped,) + tuple(args[1:]), kwargs) if args else (args, dict(kwargs, inputs=stopped))
+  read.run_layer = lambda next_fun: through_input(next_fun(*args, **kwargs), x, kernel, grad, cast)

@@ -304,15 +304,10 @@ def conv_adapter(module, args, kwargs):
                          dtype=jnp.float32, param_dtype=jnp.float32, mask=None)
     return probe.apply({'params': {'kernel': kernel}}, x32)
 
-  kshape = _kernel_shape(module)
-  read = probe_conv_reader(run, kshape, x32, _has_bias(module))
-  grad = conv_sketch.input_gradient(read.geometry, kshape, x.shape)
-  if grad is not None and getattr(module, 'mask', None) is None:
-    kernel = unbox(module.get_variable('params', 'kernel'))
-    stopped = ((jax.lax.stop_gradient(x),) + tuple(args[1:]), kwargs) if args else (
-        args, dict(kwargs, inputs=jax.lax.stop_gradient(x)))
-    read.run_layer = lambda next_fun: conv_sketch.through_input(
-        next_fun(*stopped[0], **stopped[1]), x, kernel, grad, lambda v: cast_varying(v, varying_axes(x)))
+  read = probe_conv_reader(run, _kernel_shape(module), x32, _has_bias(module))
+  if getattr(module, 'mask', None) is None:  # (statistics-only captures: see statistics_only)
+    conv_sketch.reroute(read, x, args, kwargs, unbox(module.get_variable('params', 'kernel')),
+                        lambda v: cast_varying(v, varying_axes(x)))
   return read
 
 

@@ -77,7 +77,8 @@ def _wrap(original):
     if read is None:
       return original(self, *args, **kwargs)
     stack = record.setdefault('stack', [])
-    y, innermost = layers_lib.call_innermost(stack, self, lambda: original(self, *args, **kwargs))
+    y, innermost = layers_lib.call_innermost(
+        stack, self, layers_lib.layer_run(read, lambda *a, **k: original(self, *a, **k), args, kwargs))
     if not innermost:
       return y
     call = read(y)

@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx as fnnx
 
 from mkor_optax import layout as layout_lib
+from mkor_optax import conv_sketch
 from mkor_optax import layers as layers_lib
 from mkor_optax import tap as tap_lib
 from mkor_optax.layout import Layout
@@ -302,7 +303,11 @@ def conv_adapter(module, args, kwargs):
                  out_features=kernel.shape[-1], preferred_element_type=None)
     return call(types.SimpleNamespace(**attrs), x32)
 
-  return layers_lib.probe_conv_reader(run, _param_shape(module.kernel), x32, _has_bias(module))
+  read = layers_lib.probe_conv_reader(run, _param_shape(module.kernel), x32, _has_bias(module))
+  if getattr(module, 'mask', None) is None:  # (statistics-only captures: see layers.statistics_only)
+    conv_sketch.reroute(read, x, args, kwargs, module.kernel[...],
+                        lambda v: layers_lib.cast_varying(v, layers_lib.varying_axes(x)))
+  return read
 
 
 for _cls, _adapter in ((fnnx.Linear, linear_adapter), (fnnx.LinearGeneral, linear_general_adapter),

@@ -166,3 +166,36 @@ def test_statistics_only_under_shard_map_gives_the_same_statistics():
     for key in want[name]:
       np.testing.assert_allclose(got[name][key], want[name][key], rtol=1e-5,
                                  atol=1e-6 * np.abs(want[name][key]).max())
+
+
+def test_nnx_statistics_only_capture_gives_the_same_statistics(monkeypatch):
+  from flax import nnx
+  calls = []
+  rerouted = conv_sketch.through_input
+  monkeypatch.setattr(conv_sketch, 'through_input', lambda *a: calls.append(1) or rerouted(*a))
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.c1 = nnx.Conv(3, 6, kernel_size=(3, 3), strides=2, rngs=rngs)
+      self.c2 = nnx.Conv(6, 5, kernel_size=(3, 3), padding='VALID', rngs=rngs)
+
+    def __call__(self, x):
+      return jnp.tanh(self.c2(nnx.relu(self.c1(x))))
+
+  model = Net(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 9, 9, 3))
+  w = jax.random.normal(jax.random.PRNGKey(2), (4, 3, 3, 5))
+  capture = mkor_optax.nnx.value_and_grad(lambda m: jnp.sum(m(x) * w), kind=mkor_optax.COVARIANCE)
+
+  def only():
+    with layers.statistics_only():
+      return capture(model)[2]
+
+  want = capture(model)[2]
+  assert not calls
+  got = only()
+  assert len(calls) == 2  # both convolutions' input cotangents came from conv_sketch.input_gradient
+  for name in want:
+    for key in want[name]:
+      np.testing.assert_allclose(got[name][key], want[name][key], rtol=1e-5,
+                                 atol=1e-6 * np.abs(want[name][key]).max())
