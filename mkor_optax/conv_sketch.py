@@ -26,12 +26,21 @@ first, ``nn.ConvTranspose`` dilates it) keeps the transposed form.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
 _CONV = 'conv_general_dilated'
+
+
+def _canonical_dims(nd: int) -> jax.lax.ConvDimensionNumbers:
+  """Features last in the input and output, kernel ``(*window, in, out)``:
+  the layout XLA:CPU runs fast everywhere."""
+  features_last = (0, nd + 1) + tuple(range(1, nd + 1))
+  return jax.lax.ConvDimensionNumbers(lhs_spec=features_last, rhs_spec=(nd + 1, nd) + tuple(range(nd)),
+                                      out_spec=features_last)
 
 
 def geometry(run: Callable, kshape: tuple, x32, cast: Callable = lambda v: v) -> Optional[dict]:
@@ -71,9 +80,7 @@ def forward_form(g: Optional[dict], kshape: tuple, x32, cast: Callable = lambda 
   window = tuple(kshape[a] for a in dims.rhs_spec[2:])
   # the input as c images of n channels, the signs as a kernel (window o, n in, k out)
   image = jnp.transpose(x32, (dims.lhs_spec[1],) + tuple(spatial_in) + (batch,))
-  canonical = jax.lax.ConvDimensionNumbers(lhs_spec=(0, nd + 1) + tuple(range(1, nd + 1)),
-                                           rhs_spec=(nd + 1, nd) + tuple(range(nd)),
-                                           out_spec=(0, nd + 1) + tuple(range(1, nd + 1)))
+  canonical = _canonical_dims(nd)
   out_shape = g['out_shape'][:-1]
   # the result (c, *window, k) placed in the kernel's axes, output axis last
   order = [0] * len(kshape)
@@ -81,9 +88,7 @@ def forward_form(g: Optional[dict], kshape: tuple, x32, cast: Callable = lambda 
   for i, a in enumerate(dims.rhs_spec[2:]):
     order[a] = 1 + i
   order[dims.rhs_spec[0]] = nd + 1
-  d_in = 1
-  for n in kshape[:-1]:
-    d_in *= n
+  d_in = math.prod(kshape[:-1])
 
   def sketch(signs):
     k = signs.shape[1]
@@ -99,10 +104,8 @@ def forward_form(g: Optional[dict], kshape: tuple, x32, cast: Callable = lambda 
 
 
 def _canonical(g: dict) -> bool:
-  nd = len(g['window_strides'])
-  dims = g['dimension_numbers']
-  return (tuple(dims.lhs_spec) == (0, nd + 1) + tuple(range(1, nd + 1)) == tuple(dims.out_spec)
-          and tuple(dims.rhs_spec) == (nd + 1, nd) + tuple(range(nd)))
+  dims, want = g['dimension_numbers'], _canonical_dims(len(g['window_strides']))
+  return all(tuple(a) == tuple(b) for a, b in zip(dims, want))
 
 
 def input_gradient(g: Optional[dict], kshape: tuple, in_shape: tuple) -> Optional[Callable]:
@@ -126,9 +129,7 @@ def input_gradient(g: Optional[dict], kshape: tuple, in_shape: tuple) -> Optiona
     if before < 0 or after < 0:
       return None
     pads.append((before, after))
-  dims = jax.lax.ConvDimensionNumbers(lhs_spec=(0, nd + 1) + tuple(range(1, nd + 1)),
-                                      rhs_spec=(nd + 1, nd) + tuple(range(nd)),
-                                      out_spec=(0, nd + 1) + tuple(range(1, nd + 1)))
+  dims = _canonical_dims(nd)
   swap = tuple(range(nd)) + (nd + 1, nd)
 
   def grad(dy, kernel):
